@@ -1,0 +1,59 @@
+"""sandbox: the OS mechanism that runs a command as a user's uid, in cgroup limits.
+
+Knows nothing of Jupyter or MCP; kernelpool is its only caller. Modules: `identity` (who),
+`limits` (how much), `accounts` (passwd entries), `cgroups` (v1/v2), `launcher` (fork, drop,
+exec), `fs` (the root server's link-proof file access inside a user's folder), `probe`
+(what this host can isolate), `errors`.
+"""
+
+from __future__ import annotations
+
+from sandbox import accounts
+from sandbox.accounts import account_exists, can_manage_accounts, ensure_account, remove_account
+from sandbox.cgroups import Cgroup, CgroupBackend, CgroupV1Backend, CgroupV2Backend, detect
+from sandbox.errors import (
+    AccountError,
+    CgroupError,
+    FileTooLarge,
+    InvalidPath,
+    LaunchError,
+    PathError,
+    PathOutsideRoot,
+    SandboxError,
+)
+from sandbox.fs import Entry, SafeRoot, prepare_dir
+from sandbox.identity import Identity
+from sandbox.launcher import LaunchSpec, enter, spawn
+from sandbox.limits import Limits, parse_memory
+from sandbox.probe import probe
+
+__all__ = [
+    "AccountError",
+    "Cgroup",
+    "CgroupBackend",
+    "CgroupError",
+    "CgroupV1Backend",
+    "CgroupV2Backend",
+    "Entry",
+    "FileTooLarge",
+    "Identity",
+    "InvalidPath",
+    "LaunchError",
+    "LaunchSpec",
+    "Limits",
+    "PathError",
+    "PathOutsideRoot",
+    "SafeRoot",
+    "SandboxError",
+    "account_exists",
+    "accounts",
+    "can_manage_accounts",
+    "detect",
+    "enter",
+    "ensure_account",
+    "parse_memory",
+    "prepare_dir",
+    "probe",
+    "remove_account",
+    "spawn",
+]

@@ -1,0 +1,376 @@
+"""The root server's file access inside one user's folder, immune to links planted by the user.
+
+The user's kernel runs as the user and can create symbolic links, replace a folder by a link
+between two of our calls, or hard-link files. The server runs as root. So every path is
+walked one component at a time with openat(O_PATH | O_NOFOLLOW) from a descriptor of the
+folder: no link is followed anywhere, and a swap between two steps can only make the call
+fail, never redirect it. Callers: kernelpool's notebook and file services (`SafeRoot`), and
+its user service at start-up (`prepare_dir`).
+
+Errors: `PathOutsideRoot` (absolute, '..'), `InvalidPath` (NUL, empty or '.' component,
+a symbolic link on the way or at the end, not a regular file), `FileTooLarge`; and the
+usual OSError subclasses with the relative path as `filename`: FileNotFoundError,
+NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat as st
+from dataclasses import dataclass
+from typing import Literal
+
+from sandbox.errors import FileTooLarge, InvalidPath, PathError, PathOutsideRoot, SandboxError
+
+__all__ = ["Entry", "SafeRoot", "prepare_dir", "PathError", "PathOutsideRoot", "InvalidPath", "FileTooLarge"]
+
+_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO the user planted must not hang the server
+_READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry as `lstat` sees it (links are reported, not followed)."""
+
+    name: str
+    kind: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mtime: float
+
+
+def _entry(name: str, info: os.stat_result) -> Entry:
+    mode = info.st_mode
+    kind: Literal["file", "dir", "symlink", "other"]
+    if st.S_ISREG(mode):
+        kind = "file"
+    elif st.S_ISDIR(mode):
+        kind = "dir"
+    elif st.S_ISLNK(mode):
+        kind = "symlink"
+    else:
+        kind = "other"
+    return Entry(name, kind, info.st_size, info.st_mtime)
+
+
+def _split(relpath: str, *, allow_root: bool = False) -> list[str]:
+    if not isinstance(relpath, str):
+        raise InvalidPath(repr(relpath), "path must be a string")
+    if "\0" in relpath:
+        raise InvalidPath(relpath, "path contains a NUL byte")
+    if relpath == "":
+        if allow_root:
+            return []
+        raise InvalidPath(relpath, "empty path")
+    if relpath.startswith("/"):
+        raise PathOutsideRoot(relpath, "absolute paths are not allowed; give a path relative to the user's folder")
+    parts = relpath.split("/")
+    for part in parts:
+        if part == "..":
+            raise PathOutsideRoot(relpath, "'..' is not allowed")
+        if part == "":
+            raise InvalidPath(relpath, "empty path component ('//', or a leading or trailing '/')")
+        if part == ".":
+            raise InvalidPath(relpath, "'.' components are not allowed")
+    return parts
+
+
+def _oserror(code: int, relpath: str) -> OSError:
+    # OSError(errno, ...) picks the matching subclass (FileNotFoundError, ...)
+    return OSError(code, os.strerror(code), relpath)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class SafeRoot:
+    """Link-proof file operations below `root`, as root, for one user.
+
+    `uid`/`gid` own every file and folder created here (None: leave the creator's). Paths are
+    relative and '/'-separated; see the module docstring for what is refused. Each call opens
+    the root afresh, so a SafeRoot is cheap, stateless and thread-safe.
+    """
+
+    def __init__(self, root: str, uid: int | None = None, gid: int | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.uid = uid
+        self.gid = gid
+
+    def __repr__(self) -> str:
+        return f"SafeRoot({self.root!r}, uid={self.uid}, gid={self.gid})"
+
+    # -- walking ------------------------------------------------------------------------------
+
+    def _open_root(self) -> int:
+        try:
+            return os.open(self.root, _WALK)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.islink(self.root):
+                raise InvalidPath("", f"the folder {self.root} is a symbolic link") from None
+            raise
+
+    def _step(self, dirfd: int, name: str, relpath: str) -> int:
+        try:
+            return os.open(name, _WALK, dir_fd=dirfd)
+        except OSError as exc:
+            raise self._why(exc, dirfd, name, relpath) from None
+
+    def _why(self, exc: OSError, dirfd: int, name: str, relpath: str) -> Exception:
+        """Turn an error on `name` into one that names `relpath` and says if a link was refused."""
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            try:
+                if st.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                    return InvalidPath(relpath, f"{name!r} is a symbolic link; links are not followed")
+            except OSError:
+                pass
+        return _oserror(exc.errno or errno.EIO, relpath)
+
+    def _open_dir(self, relpath: str, parts: list[str]) -> int:
+        fd = self._open_root()
+        try:
+            for name in parts:
+                next_fd = self._step(fd, name, relpath)
+                os.close(fd)
+                fd = next_fd
+        except BaseException:
+            _close(fd)
+            raise
+        return fd
+
+    def _parent(self, relpath: str) -> tuple[int, str]:
+        parts = _split(relpath)
+        return self._open_dir(relpath, parts[:-1]), parts[-1]
+
+    def _chown(self, fd: int) -> None:
+        if self.uid is not None or self.gid is not None:
+            os.fchown(fd, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+
+    @staticmethod
+    def _fsync_dir(dirfd: int) -> None:
+        fd = os.open(".", _READ_DIR, dir_fd=dirfd)  # an O_PATH descriptor cannot be fsync'ed
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def read_bytes(self, relpath: str, max_bytes: int | None = None) -> bytes:
+        """Contents of a regular file; FileTooLarge if it exceeds `max_bytes`."""
+        dirfd, name = self._parent(relpath)
+        try:
+            try:
+                fd = os.open(name, _READ_FILE, dir_fd=dirfd)
+            except OSError as exc:
+                raise self._why(exc, dirfd, name, relpath) from None
+        finally:
+            os.close(dirfd)
+        try:
+            info = os.fstat(fd)
+            if st.S_ISDIR(info.st_mode):
+                raise _oserror(errno.EISDIR, relpath)
+            if not st.S_ISREG(info.st_mode):
+                raise InvalidPath(relpath, "not a regular file")
+            # a hard link to someone else's file (e.g. /etc/shadow) looks like a plain file;
+            # fs.protected_hardlinks normally stops users making one, this is the backstop
+            if self.uid is not None and info.st_nlink > 1 and info.st_uid != self.uid:
+                raise InvalidPath(relpath, "hard link to a file the user does not own")
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise FileTooLarge(relpath, info.st_size, max_bytes)
+            os.set_blocking(fd, True)
+            chunks = []
+            total = 0
+            # the kernel may be appending while we read: stop at the limit whatever fstat said
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise FileTooLarge(relpath, total, max_bytes)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def write_bytes_atomic(self, relpath: str, data: bytes, mode: int = 0o600) -> None:
+        """Replace (or create) a file so that readers see the old or the new content, never a mix.
+
+        The parent folder must exist. The new file belongs to uid/gid with `mode`.
+        """
+        dirfd, name = self._parent(relpath)
+        try:
+            try:
+                existing = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                existing = None
+            if existing is not None and st.S_ISLNK(existing.st_mode):
+                raise InvalidPath(relpath, f"{name!r} is a symbolic link; refusing to replace it")
+            if existing is not None and st.S_ISDIR(existing.st_mode):
+                raise _oserror(errno.EISDIR, relpath)
+            tmp = f".{name[:180]}.{secrets.token_hex(6)}.kptmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+            try:
+                try:
+                    self._chown(fd)
+                    os.fchmod(fd, mode)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dirfd)
+                except OSError:
+                    pass
+                raise
+            self._fsync_dir(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def makedirs(self, relpath: str, mode: int = 0o700) -> None:
+        """Create the folder and any missing parents (owned by uid/gid, `mode`); existing ones are fine."""
+        parts = _split(relpath, allow_root=True)
+        fd = self._open_root()
+        try:
+            for name in parts:
+                try:
+                    os.mkdir(name, mode, dir_fd=fd)
+                    created = True
+                except FileExistsError:
+                    created = False
+                except OSError as exc:
+                    raise _oserror(exc.errno or errno.EIO, relpath) from None
+                if created:
+                    # chown through a descriptor of the new folder, not by name: the name
+                    # could be swapped for a link in between
+                    new = os.open(name, _READ_DIR, dir_fd=fd)
+                    try:
+                        self._chown(new)
+                        os.fchmod(new, mode)  # the umask may have taken bits away
+                    finally:
+                        os.close(new)
+                next_fd = self._step(fd, name, relpath)
+                os.close(fd)
+                fd = next_fd
+        finally:
+            _close(fd)
+
+    def listdir(self, relpath: str = "") -> list[Entry]:
+        """Entries of a folder, sorted by name; links are listed as "symlink", never followed."""
+        dirfd = self._open_dir(relpath, _split(relpath, allow_root=True))
+        try:
+            readable = os.open(".", _READ_DIR, dir_fd=dirfd)
+            try:
+                names = os.listdir(readable)
+            finally:
+                os.close(readable)
+            entries = []
+            for name in sorted(names):
+                try:
+                    entries.append(_entry(name, os.stat(name, dir_fd=dirfd, follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue  # removed while we listed
+            return entries
+        finally:
+            os.close(dirfd)
+
+    def stat(self, relpath: str) -> Entry | None:
+        """The entry at `relpath` (a final link is reported as "symlink"), or None if missing.
+
+        "" is the root folder itself. A link on the way there raises InvalidPath.
+        """
+        parts = _split(relpath, allow_root=True)
+        if not parts:
+            fd = self._open_root()
+            try:
+                return _entry("", os.fstat(fd))
+            finally:
+                os.close(fd)
+        try:
+            dirfd = self._open_dir(relpath, parts[:-1])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return _entry(parts[-1], os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        finally:
+            os.close(dirfd)
+
+    def exists(self, relpath: str) -> bool:
+        """True if something (file, folder, link) is at `relpath`."""
+        return self.stat(relpath) is not None
+
+    def remove(self, relpath: str) -> None:
+        """Unlink a file or link (a link is removed itself, never its target). Not folders."""
+        dirfd, name = self._parent(relpath)
+        try:
+            os.unlink(name, dir_fd=dirfd)
+        except OSError as exc:
+            raise _oserror(exc.errno or errno.EIO, relpath) from None
+        finally:
+            os.close(dirfd)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move `src` to `dst` (replacing a file there, as rename(2) does)."""
+        src_fd, src_name = self._parent(src)
+        try:
+            dst_fd, dst_name = self._parent(dst)
+            try:
+                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                self._fsync_dir(dst_fd)
+            except OSError as exc:
+                raise _oserror(exc.errno or errno.EIO, f"{src} -> {dst}") from None
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+
+
+def prepare_dir(path: str, uid: int | None, gid: int | None, mode: int = 0o700) -> None:
+    """Create the folder `path` (missing parents as root-owned 0755), then set its owner and mode.
+
+    Refuses (InvalidPath) if `path` itself is a symbolic link. Parents are the server's own
+    configuration and may be links. Called by kernelpool for the data folders and for each
+    user's folder and runtime folder.
+    """
+    path = os.path.abspath(path)
+    missing = []
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o755)
+            os.chmod(folder, 0o755)
+        except FileExistsError:
+            pass
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, _READ_DIR)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise InvalidPath(path, "is a symbolic link; refusing to use it as a folder") from None
+        if exc.errno == errno.ENOTDIR:
+            raise InvalidPath(path, "exists and is not a folder") from None
+        raise
+    try:
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.fchmod(fd, mode)
+    except OSError as exc:
+        raise SandboxError(f"cannot set owner/mode of {path}: {exc.strerror}", path=path) from exc
+    finally:
+        os.close(fd)
