@@ -1,0 +1,234 @@
+"""SafeRoot against a real temp folder with links planted the way a user's kernel could."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from sandbox import FileTooLarge, InvalidPath, PathOutsideRoot, SafeRoot, prepare_dir
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret").write_text("top secret")
+    return folder
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "nb.ipynb").write_text("{}")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "a.txt").write_text("a")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/etc/passwd", PathOutsideRoot),
+        ("../outside/secret", PathOutsideRoot),
+        ("sub/../../outside/secret", PathOutsideRoot),
+        ("sub/a\0.txt", InvalidPath),
+        ("sub//a.txt", InvalidPath),
+        ("sub/", InvalidPath),
+        ("./nb.ipynb", InvalidPath),
+        ("", InvalidPath),
+    ],
+)
+def test_bad_paths_are_refused_everywhere(root: Path, path: str, error: type[Exception]) -> None:
+    safe = SafeRoot(str(root))
+    with pytest.raises(error):
+        safe.read_bytes(path)
+    with pytest.raises(error):
+        safe.write_bytes_atomic(path, b"x")
+    with pytest.raises(error):
+        safe.remove(path)
+
+
+def test_reads_and_writes_inside(root: Path) -> None:
+    safe = SafeRoot(str(root))
+    assert safe.read_bytes("sub/a.txt") == b"a"
+    safe.write_bytes_atomic("sub/b.txt", b"bee")
+    assert (root / "sub" / "b.txt").read_bytes() == b"bee"
+    assert safe.exists("sub/b.txt") and not safe.exists("sub/nope")
+    with pytest.raises(FileNotFoundError):
+        safe.read_bytes("sub/nope")
+    with pytest.raises(FileNotFoundError):
+        safe.read_bytes("nope/a.txt")
+    with pytest.raises(IsADirectoryError):
+        safe.read_bytes("sub")
+    with pytest.raises(NotADirectoryError):
+        safe.listdir("nb.ipynb")
+
+
+def test_symlink_as_middle_component_is_refused(root: Path, outside: Path) -> None:
+    os.symlink(outside, root / "evil")
+    os.symlink("/etc", root / "etc")
+    safe = SafeRoot(str(root))
+    with pytest.raises(InvalidPath, match="symbolic link"):
+        safe.read_bytes("evil/secret")
+    with pytest.raises(InvalidPath, match="symbolic link"):
+        safe.read_bytes("etc/passwd")
+    with pytest.raises(InvalidPath):
+        safe.write_bytes_atomic("evil/new", b"pwned")
+    with pytest.raises(InvalidPath):
+        safe.makedirs("evil/deeper")
+    with pytest.raises(InvalidPath):
+        safe.listdir("evil")
+    with pytest.raises(InvalidPath):
+        safe.stat("evil/secret")
+    with pytest.raises(InvalidPath):
+        safe.remove("evil/secret")
+    with pytest.raises(InvalidPath):
+        safe.rename("nb.ipynb", "evil/stolen")
+    assert sorted(os.listdir(outside)) == ["secret"]
+    assert (outside / "secret").read_text() == "top secret"
+
+
+def test_symlink_as_final_component_is_refused(root: Path, outside: Path) -> None:
+    os.symlink(outside / "secret", root / "link.ipynb")
+    os.symlink("/etc/passwd", root / "passwd")
+    safe = SafeRoot(str(root))
+    with pytest.raises(InvalidPath, match="symbolic link"):
+        safe.read_bytes("link.ipynb")
+    with pytest.raises(InvalidPath, match="symbolic link"):
+        safe.read_bytes("passwd")
+    with pytest.raises(InvalidPath):
+        safe.write_bytes_atomic("link.ipynb", b"pwned")
+    assert (outside / "secret").read_text() == "top secret"
+    entry = safe.stat("link.ipynb")
+    assert entry is not None and entry.kind == "symlink"
+    safe.remove("link.ipynb")  # removes the link, not its target
+    assert not (root / "link.ipynb").is_symlink()
+    assert (outside / "secret").read_text() == "top secret"
+
+
+def test_symlinked_root_is_refused(tmp_path: Path, root: Path) -> None:
+    os.symlink(root, tmp_path / "alias")
+    with pytest.raises(InvalidPath):
+        SafeRoot(str(tmp_path / "alias")).read_bytes("nb.ipynb")
+
+
+def test_listdir_reports_links_without_following(root: Path, outside: Path) -> None:
+    os.symlink(outside, root / "dirlink")
+    os.symlink(outside / "secret", root / "filelink")
+    entries = {e.name: e for e in SafeRoot(str(root)).listdir()}
+    assert entries["dirlink"].kind == "symlink"
+    assert entries["filelink"].kind == "symlink"
+    assert entries["sub"].kind == "dir"
+    assert entries["nb.ipynb"].kind == "file" and entries["nb.ipynb"].size == 2
+    assert [e.name for e in SafeRoot(str(root)).listdir("sub")] == ["a.txt"]
+
+
+def test_fifo_is_refused_without_hanging(root: Path) -> None:
+    os.mkfifo(root / "pipe")
+    with pytest.raises(InvalidPath, match="regular file"):
+        SafeRoot(str(root)).read_bytes("pipe")
+
+
+def test_max_bytes(root: Path) -> None:
+    (root / "big").write_bytes(b"x" * 1000)
+    safe = SafeRoot(str(root))
+    assert safe.read_bytes("big", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(FileTooLarge):
+        safe.read_bytes("big", max_bytes=999)
+
+
+def test_atomic_write_readers_see_old_or_new(root: Path) -> None:
+    old, new = b"A" * 300_000, b"B" * 200_000
+    safe = SafeRoot(str(root))
+    safe.write_bytes_atomic("nb.ipynb", old)
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.add((root / "nb.ipynb").read_bytes())
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(30):
+            safe.write_bytes_atomic("nb.ipynb", new if i % 2 == 0 else old)
+    finally:
+        stop.set()
+        thread.join()
+    assert seen <= {old, new}
+    assert sorted(os.listdir(root)) == ["nb.ipynb", "sub"]  # no temp files left behind
+
+
+def test_atomic_write_ownership_and_mode(root: Path, spare_uid: int) -> None:
+    uid = spare_uid
+    safe = SafeRoot(str(root), uid=uid, gid=uid)
+    safe.write_bytes_atomic("nb.ipynb", b"{}")
+    safe.write_bytes_atomic("fresh.ipynb", b"{}")
+    for name in ("nb.ipynb", "fresh.ipynb"):
+        info = os.stat(root / name)
+        assert (info.st_uid, info.st_gid) == (uid, uid)
+        assert stat.S_IMODE(info.st_mode) == 0o600
+    safe.write_bytes_atomic("shared.txt", b"x", mode=0o640)
+    assert stat.S_IMODE(os.stat(root / "shared.txt").st_mode) == 0o640
+
+
+def test_makedirs_owner_mode_and_idempotence(root: Path, spare_uid: int) -> None:
+    uid = spare_uid
+    safe = SafeRoot(str(root), uid=uid, gid=uid)
+    old_umask = os.umask(0o077)
+    try:
+        safe.makedirs("x/y/z")
+        safe.makedirs("x/y/z")
+        safe.makedirs("")
+    finally:
+        os.umask(old_umask)
+    for folder in ("x", "x/y", "x/y/z"):
+        info = os.stat(root / folder)
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (uid, 0o700)
+    with pytest.raises(NotADirectoryError):
+        safe.makedirs("nb.ipynb/inside")
+
+
+def test_hard_link_to_a_file_the_user_does_not_own_is_refused(root: Path, outside: Path, spare_uid: int) -> None:
+    uid = spare_uid
+    os.link(outside / "secret", root / "hard")  # root-owned, nlink 2
+    with pytest.raises(InvalidPath, match="hard link"):
+        SafeRoot(str(root), uid=uid, gid=uid).read_bytes("hard")
+
+
+def test_rename_and_remove(root: Path) -> None:
+    safe = SafeRoot(str(root))
+    safe.rename("nb.ipynb", "sub/moved.ipynb")
+    assert (root / "sub" / "moved.ipynb").read_text() == "{}"
+    safe.remove("sub/moved.ipynb")
+    assert not safe.exists("sub/moved.ipynb")
+    with pytest.raises(FileNotFoundError):
+        safe.remove("sub/moved.ipynb")
+    with pytest.raises(IsADirectoryError):
+        safe.remove("sub")
+    root_entry = safe.stat("")
+    assert root_entry is not None and root_entry.kind == "dir"
+
+
+def test_prepare_dir(tmp_path: Path, outside: Path, spare_uid: int) -> None:
+    uid = spare_uid
+    target = tmp_path / "data" / "users" / "alice"
+    prepare_dir(str(target), uid, uid)
+    info = os.stat(target)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, uid, 0o700)
+    parent = os.stat(tmp_path / "data" / "users")
+    assert (parent.st_uid, stat.S_IMODE(parent.st_mode)) == (0, 0o755)
+    prepare_dir(str(target), uid, uid)  # idempotent
+    os.chmod(target, 0o777)
+    prepare_dir(str(target), uid, uid)  # repairs the mode
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+    os.symlink(outside, tmp_path / "data" / "users" / "mallory")
+    with pytest.raises(InvalidPath, match="symbolic link"):
+        prepare_dir(str(tmp_path / "data" / "users" / "mallory"), uid, uid)
+    assert os.stat(outside).st_uid == 0
