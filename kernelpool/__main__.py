@@ -1,0 +1,3 @@
+from kernelpool.cli import main
+
+raise SystemExit(main())

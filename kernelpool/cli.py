@@ -1,0 +1,280 @@
+"""The `kernelpool` command: serve, users, tokens, audit, doctor.
+
+Commands that print a secret print it alone on stdout; everything else goes to stderr, so that
+`TOKEN=$(kernelpool users add alice)` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kernelpool.config import Settings, load_settings
+from kernelpool.errors import KernelpoolError
+
+log = logging.getLogger("kernelpool")
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def parse_when(text: str) -> float:
+    """'30d', '12h', '15m', '3600s', or an ISO date/time -> epoch seconds (relative ones from now)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return time.time() + float(m.group(1)) * unit
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration (30d, 12h) or ISO date: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def parse_since(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        return 2 * time.time() - parse_when(text)
+    return parse_when(text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (also KERNELPOOL_CONFIG)")
+    p.add_argument("--data-dir", help="data folder (default ./kernelpool-data; also KERNELPOOL_DATA_DIR)")
+    p.add_argument("--insecure-no-sandbox", action="store_true", default=None,
+                   help="run kernels as this server's own user, without cgroups (single-user development only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelpool", description="A sandboxed multi-user Jupyter kernel server over MCP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8765)")
+    serve.add_argument("--kernel-network", choices=["host", "none"], help="'none': kernels get only loopback")
+    serve.add_argument("--pool-size", type=int, help="warm kernels kept per active user")
+    serve.add_argument("--log-json", action="store_true", default=None, help="structured JSON logs")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    p = users.add_parser("add", help="add a user and print its first token (alone, on stdout)")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--expires", type=parse_when, help="token expiry: 30d, 12h, or an ISO date")
+    p = users.add_parser("list", help="list users")
+    _common(p)
+    p = users.add_parser("remove", help="remove a user, its tokens and its Unix account")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--delete-files", action="store_true", help="also delete the user's folder")
+    p = users.add_parser("set-limits", help="override a user's limits (per kernel, and for all its kernels)")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--memory", dest="kernel_memory", help="per kernel, e.g. 2G ('none' for no limit)")
+    p.add_argument("--cpus", dest="kernel_cpus", type=float, help="per kernel, in cores")
+    p.add_argument("--pids", dest="kernel_pids", type=int, help="per kernel")
+    p.add_argument("--user-memory", dest="user_memory", help="all the user's kernels together")
+    p.add_argument("--user-cpus", dest="user_cpus", type=float)
+    p.add_argument("--user-pids", dest="user_pids", type=int)
+
+    tokens = sub.add_parser("tokens", help="manage tokens").add_subparsers(dest="action", required=True)
+    p = tokens.add_parser("create", help="create a token for a user and print it (alone, on stdout)")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--expires", type=parse_when, help="30d, 12h, or an ISO date")
+    p = tokens.add_parser("list", help="list tokens (ids, not secrets)")
+    _common(p)
+    p.add_argument("name", nargs="?")
+    p = tokens.add_parser("revoke", help="revoke a token by its id (or the token itself)")
+    _common(p)
+    p.add_argument("token_id")
+
+    p = sub.add_parser("audit", help="read the audit log")
+    _common(p)
+    p.add_argument("--user")
+    p.add_argument("--since", type=parse_since, help="e.g. 1h, 2d, or an ISO date")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("doctor", help="report what isolation this host gives and what is in force")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings(config=args.config, data_dir=args.data_dir, insecure_no_sandbox=args.insecure_no_sandbox, **extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        handler: Callable[[argparse.Namespace], Awaitable[int]] = {
+            "users": _users, "tokens": _tokens, "audit": _audit, "doctor": _doctor,
+        }[args.command]
+        return asyncio.run(handler(args))
+    except KernelpoolError as exc:
+        _err(f"kernelpool: {exc}")
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        _err(f"kernelpool: {exc}")
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kernelpool.app import create_app
+    from kernelpool.logs import setup_logging
+
+    settings = _settings(
+        args, host=args.host, port=args.port, kernel_network=args.kernel_network, pool_size=args.pool_size,
+        log_json=args.log_json, log_level=args.log_level,
+    )
+    setup_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
+        timeout_graceful_shutdown=10, lifespan="on", access_log=False,
+    )
+    server = uvicorn.Server(config)
+    _err(f"kernelpool {settings.host}:{settings.port}, data in {settings.data_dir}")
+    server.run()
+    return 0
+
+
+async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:
+    from kernelpool.store import Store
+    from kernelpool.users import UserService
+    from sandbox import accounts
+
+    settings = _settings(args)
+    store = await Store(settings.db_path).open()
+    try:
+        isolated = not settings.insecure_no_sandbox and accounts.can_manage_accounts()
+        return await work(settings, store, UserService(settings, store, isolated=isolated))
+    finally:
+        await store.close()
+
+
+async def _users(args: argparse.Namespace) -> int:
+    from kernelpool.auth import create_token
+
+    async def work(settings: Settings, store: Any, users: Any) -> int:
+        if args.action == "add":
+            row = await users.add(args.name)
+            _, token = await create_token(store, row.name, args.expires)
+            _err(f"created user {row.name} (uid {row.uid}); its token follows on stdout")
+            print(token)
+        elif args.action == "list":
+            for row in await store.list_users():
+                limits = " ".join(f"{k}={v}" for k, v in sorted(row.limits.items()))
+                print(f"{row.name}\tuid={row.uid}\t{limits}".rstrip())
+        elif args.action == "remove":
+            await users.remove(args.name, delete_files=args.delete_files)
+            _err(f"removed user {args.name}")
+        elif args.action == "set-limits":
+            given = {k: getattr(args, k) for k in ("kernel_memory", "kernel_cpus", "kernel_pids", "user_memory", "user_cpus", "user_pids")}
+            if all(v is None for v in given.values()):
+                _err("kernelpool: give at least one limit (--memory, --cpus, --pids, --user-memory, ...)")
+                return 2
+            limits = await users.set_limits(args.name, **given)
+            _err(f"limits of {args.name}: {json.dumps(limits)} (new kernels get them)")
+        return 0
+
+    return await _with_store(args, work)
+
+
+async def _tokens(args: argparse.Namespace) -> int:
+    from kernelpool.auth import create_token, hash_token
+    from kernelpool.errors import UserNotFound
+
+    async def work(settings: Settings, store: Any, users: Any) -> int:
+        if args.action == "create":
+            if await store.get_user(args.name) is None:
+                raise UserNotFound(args.name)
+            token_id, token = await create_token(store, args.name, args.expires)
+            _err(f"created token {token_id} for {args.name}")
+            print(token)
+        elif args.action == "list":
+            for t in await store.list_tokens(args.name):
+                state = "revoked" if t.revoked_at else ("expired" if t.expires_at and t.expires_at < time.time() else "active")
+                expires = dt.datetime.fromtimestamp(t.expires_at, dt.timezone.utc).isoformat() if t.expires_at else "never"
+                print(f"{t.id}\t{t.user}\t{state}\texpires={expires}")
+        elif args.action == "revoke":
+            token_id = args.token_id
+            if token_id.startswith("kp_"):
+                row = await store.token_by_hash(hash_token(token_id))
+                token_id = row.id if row else ""
+            if not await store.revoke_token(token_id):
+                _err(f"kernelpool: no active token {args.token_id!r}")
+                return 2
+            _err(f"revoked token {token_id}")
+        return 0
+
+    return await _with_store(args, work)
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    async def work(settings: Settings, store: Any, users: Any) -> int:
+        for row in await store.read_audit(args.user, args.since, args.limit):
+            if args.json:
+                print(json.dumps(row))
+            else:
+                when = dt.datetime.fromtimestamp(row["ts"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+                print(f"{when}\t{row['user']}\t{row['tool']}\t{row['notebook'] or '-'}\t{row['outcome']}\t"
+                      f"{row['duration_ms']:.1f}ms" + (f"\t{row['detail']}" if row["detail"] else ""))
+        return 0
+
+    return await _with_store(args, work)
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from kernelpool.errors import SandboxUnavailable
+    from kernelpool.isolation import decide
+
+    settings = _settings(args)
+    report: dict[str, Any] = {"euid": os.geteuid(), "data_dir": str(settings.data_dir)}
+    try:
+        iso = decide(settings)
+        report["host"] = iso.host
+        report["in_force"] = iso.describe()
+        ok = True
+    except SandboxUnavailable as exc:
+        from sandbox import probe
+
+        report["host"] = probe()
+        report["in_force"] = {"sandboxed": False, "error": str(exc)}
+        ok = False
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        host = report["host"]
+        print(f"running as uid {report['euid']}" + (" (root)" if host.get("root") else ""))
+        print(f"switch uids:         {'yes' if host.get('setuid') else 'NO'}")
+        print(f"create accounts:     {'yes' if host.get('accounts') else 'no'}")
+        cg = host.get("cgroup") or {}
+        print(f"cgroups:             v{cg.get('version')} controllers={','.join(cg.get('controllers') or [])} "
+              f"writable={'yes' if cg.get('writable') else 'NO'}" if cg.get("version") else "cgroups:             NONE usable")
+        print(f"network namespaces:  {'yes' if host.get('netns') else 'no'}")
+        print(f"no_new_privs:        {'yes' if host.get('no_new_privs') else 'no'}")
+        inf = report["in_force"]
+        print("in force:            " + ("sandbox (per-user uid, cgroup limits)" if inf.get("sandboxed")
+                                         else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
+    return 0 if ok or settings.insecure_no_sandbox else 1

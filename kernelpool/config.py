@@ -1,0 +1,115 @@
+"""The one configuration object, built once at start-up and passed into constructors.
+
+Sources, highest priority first: command-line options (passed as keyword arguments),
+environment variables `KERNELPOOL_*`, a TOML file (`--config` / `KERNELPOOL_CONFIG`), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from sandbox.limits import parse_memory
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("kernelpool-data"), description="where the database, users' folders and runtime files live")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8765, ge=0, le=65535, description="port to listen on (0 = any free port)")
+    public_url: str | None = Field(None, description="the URL clients use, when behind a proxy (printed, used for auth metadata)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="extra Host headers to accept (DNS-rebinding protection); host:port or host:*")
+    allowed_origins: list[str] = Field(default_factory=list, description="extra Origin headers to accept")
+
+    first_user: str = Field("default", description="name of the user created on first start, when there is none")
+    insecure_no_sandbox: bool = Field(False, description="run kernels as the server's own user, without cgroups (single-user development only)")
+    uid_min: int = Field(20000, ge=1000, description="first uid/gid handed to kernelpool users")
+    uid_max: int = Field(29999, ge=1000, description="last uid/gid handed to kernelpool users")
+    account_prefix: str = Field("kp-", description="prefix of the Unix account names created for users")
+    cgroup_prefix: str = Field("kernelpool", description="folder name under the server's own cgroup")
+    kernel_network: Literal["host", "none"] = Field("host", description="'none' gives each kernel its own network namespace with only loopback")
+    kernel_memory: str | None = Field("2G", description="memory limit per kernel")
+    kernel_cpus: float | None = Field(1.0, gt=0, description="CPU limit per kernel, in cores")
+    kernel_pids: int | None = Field(256, gt=0, description="process/thread limit per kernel")
+    user_memory: str | None = Field("4G", description="memory limit for all of one user's kernels together")
+    user_cpus: float | None = Field(None, gt=0, description="CPU limit for all of one user's kernels together")
+    user_pids: int | None = Field(1024, gt=0, description="process/thread limit for all of one user's kernels together")
+
+    kernel_python: str | None = Field(None, description="python interpreter for kernels (default: the server's own)")
+    kernel_start_timeout: float = Field(60.0, gt=0, description="seconds a kernel may take to become ready")
+    max_kernels_per_user: int = Field(16, ge=1, description="kernels one user may have at once (pool kernels included)")
+    max_kernels: int = Field(512, ge=1, description="kernels on this server at once")
+    kernel_idle_timeout: float = Field(3600.0, ge=0, description="seconds after which an idle kernel is shut down (0 = never)")
+    session_idle_timeout: float = Field(1800.0, gt=0, description="seconds after which an idle MCP session's context is forgotten")
+    pool_size: int = Field(1, ge=0, description="warm kernels kept ready per active user")
+
+    execute_timeout: float = Field(300.0, gt=0, description="default timeout of one execution, seconds")
+    max_execute_timeout: float = Field(3600.0, gt=0, description="largest timeout a client may ask for, seconds")
+    progress_interval: float = Field(5.0, gt=0, description="seconds between progress notifications of a running execution")
+    max_output_chars: int = Field(20000, ge=100, description="text returned per execution, at most (the notebook keeps more)")
+    max_image_bytes: int = Field(2_000_000, ge=0, description="images larger than this are referenced, not inlined")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_json: bool = Field(False, description="structured JSON logs")
+
+    config_file: Path | None = Field(None, alias="config", description="TOML file read at start-up")
+
+    @field_validator("kernel_memory", "user_memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in ("", "none", "max"):
+            parse_memory(value)
+            return value
+        return None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "kernelpool.db"
+
+    @property
+    def users_dir(self) -> Path:
+        return self.data_dir / "users"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = _config_file_from(init_settings)
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+def _config_file_from(init_settings: PydanticBaseSettingsSource) -> Path | None:
+    given: Any = init_settings().get("config") or os.environ.get("KERNELPOOL_CONFIG")
+    if not given:
+        return None
+    path = Path(given)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    return path
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings; `overrides` are command-line values (None means 'not given')."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = Settings(**given)
+    settings.data_dir = settings.data_dir.absolute()
+    if settings.uid_min > settings.uid_max:
+        raise ValueError("uid_min must not exceed uid_max")
+    return settings

@@ -1,0 +1,90 @@
+"""The few exceptions kernelpool raises; each carries its fields and a message meant for the caller.
+
+They are mapped to MCP tool errors in one place (`tools._fail`), and to CLI messages in `cli`.
+"""
+
+from __future__ import annotations
+
+
+class KernelpoolError(Exception):
+    """Base class: `str(exc)` is the message shown to the client."""
+
+
+class InvalidArgument(KernelpoolError):
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"invalid {name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class NoNotebook(KernelpoolError):
+    def __init__(self) -> None:
+        super().__init__(
+            "no notebook given: pass `notebook` (a path relative to your folder, e.g. 'analysis.ipynb'), "
+            "or call use_notebook first (that works only for clients with an MCP session)"
+        )
+
+
+class NotebookNotFound(KernelpoolError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"notebook not found: {path!r} (use_notebook with mode='create' creates it)")
+        self.path = path
+
+
+class NotebookExists(KernelpoolError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"notebook already exists: {path!r} (use mode='connect')")
+        self.path = path
+
+
+class CorruptNotebook(KernelpoolError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path!r} is not a valid notebook ({reason}); it was left untouched")
+        self.path = path
+        self.reason = reason
+
+
+class CellNotFound(KernelpoolError):
+    def __init__(self, path: str, ref: str, count: int) -> None:
+        super().__init__(f"no cell {ref} in {path!r} (it has {count} cells)")
+        self.path = path
+        self.ref = ref
+
+
+class PathRefused(KernelpoolError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"path refused: {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UserNotFound(KernelpoolError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no such user: {name!r}")
+        self.name = name
+
+
+class UserExists(KernelpoolError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"user already exists: {name!r}")
+        self.name = name
+
+
+class KernelFailed(KernelpoolError):
+    """A kernel could not be started, or died; `cause` says why in words."""
+
+    def __init__(self, notebook: str, cause: str) -> None:
+        super().__init__(f"kernel for {notebook!r}: {cause}")
+        self.notebook = notebook
+        self.cause = cause
+
+
+class LimitReached(KernelpoolError):
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} limit reached ({limit}); shut a kernel down with unuse_notebook first")
+        self.what = what
+        self.limit = limit
+
+
+class SandboxUnavailable(KernelpoolError):
+    pass

@@ -1,0 +1,84 @@
+"""Which isolation this server gives, decided once at start-up from the settings and the host.
+
+Policy, not mechanism: `sandbox.probe()` says what the host can do; this says what we do with
+it. Without `insecure_no_sandbox` the server refuses to start where it cannot switch uids and
+use cgroups, rather than quietly run everyone's code as one user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernelpool.config import Settings
+from kernelpool.errors import SandboxUnavailable
+from sandbox import CgroupBackend, detect, probe
+
+log = logging.getLogger(__name__)
+
+INSECURE_WARNING = (
+    "kernels run WITHOUT isolation (--insecure-no-sandbox): every user's code runs as the server's own "
+    "user with no cgroup limits and can read every other user's files and the server's database"
+)
+
+
+@dataclass
+class Isolation:
+    sandboxed: bool
+    cgroups: CgroupBackend | None
+    host: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sandboxed": self.sandboxed,
+            "uid_switching": self.sandboxed,
+            "cgroup_version": self.cgroups.version if self.cgroups else None,
+            "warnings": self.warnings,
+        }
+
+
+def decide(settings: Settings) -> Isolation:
+    host = probe()
+    if settings.insecure_no_sandbox:
+        log.warning(INSECURE_WARNING)
+        return Isolation(False, None, host, [INSECURE_WARNING])
+    missing = []
+    if not host.get("setuid"):
+        missing.append("switching uids (run as root, or with CAP_SETUID/CAP_SETGID)")
+    backend = detect(prefix=settings.cgroup_prefix)
+    if backend is None:
+        missing.append("writable cgroups with the memory, cpu and pids controllers")
+    blocked = blocked_for_others(settings.kernel_python or sys.executable)
+    if blocked:
+        missing.append(f"a kernel interpreter that other uids can run ({blocked}); install kernelpool into a "
+                       "virtual environment outside /root, or set kernel_python")
+    if settings.kernel_network == "none" and not host.get("netns"):
+        missing.append("network namespaces (for kernel_network = 'none')")
+    if missing:
+        raise SandboxUnavailable(
+            "this host cannot isolate kernels: it lacks " + "; ".join(missing)
+            + ". Run `kernelpool doctor` for details. To run anyway, single-user, start with "
+            "--insecure-no-sandbox (every kernel then runs as this server's own user, without limits)."
+        )
+    return Isolation(True, backend, host)
+
+
+def blocked_for_others(path: str) -> str | None:
+    """Why a uid other than ours could not run `path` (a folder on the way it may not pass), or None."""
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    for i in range(2, len(parts) + 1):
+        step = "/".join(parts[:i]) or "/"
+        try:
+            mode = os.stat(step).st_mode
+        except OSError as exc:
+            return f"{step}: {exc.strerror}"
+        need = stat.S_IXOTH | (stat.S_IROTH if i == len(parts) else 0)
+        if mode & need != need:
+            return f"{step} is mode {stat.filemode(mode)}"
+    return None

@@ -1,0 +1,402 @@
+"""Kernels: one per (user, notebook), started through the sandbox provisioner, kept warm in a pool.
+
+`KernelRegistry` is the only owner of kernel processes. The tool layer asks it for the kernel
+of a (user, notebook); it hands out a warm pool kernel of that user when one is ready, else
+starts one. Pool kernels are started for one user's identity and cgroup and are never handed
+to anyone else: a kernel's uid cannot change once it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+
+from kernelpool.config import Settings
+from kernelpool.errors import KernelFailed, LimitReached
+from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
+from kernelpool.store import KernelRow, Store
+from kernelpool.users import User, UserService
+from sandbox import Cgroup, CgroupBackend
+
+log = logging.getLogger(__name__)
+
+
+class KernelState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+    STOPPING = "stopping"
+
+
+_TRANSITIONS: dict[KernelState, set[KernelState]] = {
+    KernelState.STARTING: {KernelState.IDLE, KernelState.DEAD, KernelState.STOPPING},
+    KernelState.IDLE: {KernelState.BUSY, KernelState.DEAD, KernelState.STOPPING},
+    KernelState.BUSY: {KernelState.IDLE, KernelState.DEAD, KernelState.STOPPING},
+    KernelState.DEAD: {KernelState.STOPPING},
+    KernelState.STOPPING: set(),
+}
+
+
+@dataclass(eq=False)
+class Kernel:
+    id: str
+    user: str
+    manager: AsyncKernelManager
+    cgroup: Cgroup | None
+    memory_limit: int | None
+    notebook: str | None = None
+    client: AsyncKernelClient | None = None
+    state: KernelState = KernelState.STARTING
+    started_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    executions: int = 0
+    death_cause: str | None = None
+    # one execution at a time: the kernel runs them in order anyway, and one reader per channel
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def transition(self, new: KernelState) -> None:
+        if new is self.state:
+            return
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"kernel {self.id}: no transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def pid(self) -> int | None:
+        prov = self.manager.provisioner
+        return getattr(prov, "pid", None) if prov is not None else None
+
+    async def is_alive(self) -> bool:
+        return self.state not in (KernelState.DEAD, KernelState.STOPPING) and await self.manager.is_alive()
+
+    def explain_death(self) -> str:
+        """Why the kernel process is gone, in words: out of memory, a signal, or an exit code."""
+        if self.death_cause:
+            return self.death_cause
+        cause = "the kernel process died"
+        prov = self.manager.provisioner
+        code = getattr(getattr(prov, "process", None), "returncode", None)
+        if self.cgroup is not None and self.cgroup.oom_kills() > 0:
+            limit = f" of {_fmt_bytes(self.memory_limit)}" if self.memory_limit else ""
+            cause = f"the kernel was killed because it ran out of memory (limit{limit})"
+        elif code is not None and code < 0:
+            import signal
+
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            cause = f"the kernel process was killed by {name}"
+        elif code is not None:
+            cause = f"the kernel process exited with code {code}"
+        self.death_cause = cause
+        return cause
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "none"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} B"
+
+
+class KernelRegistry:
+    """Owns every kernel; opened in the app's lifespan, `close()` shuts them all down."""
+
+    def __init__(self, settings: Settings, store: Store, users: UserService, cgroups: CgroupBackend | None) -> None:
+        self._settings = settings
+        self._store = store
+        self._users = users
+        self._cgroups = cgroups
+        self._spec_manager = KernelpoolSpecManager()
+        self._spec_manager.python = settings.kernel_python or sys.executable
+        self._kernels: dict[tuple[str, str], Kernel] = {}
+        self._pools: dict[str, deque[Kernel]] = {}
+        self._starting: dict[str, int] = {}  # user -> kernels being started (pool refills included)
+        self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._refills: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.pool_hits = 0
+        self.pool_misses = 0
+
+    # ---- queries ---------------------------------------------------------------------
+
+    def get(self, user: str, notebook: str) -> Kernel | None:
+        return self._kernels.get((user, notebook))
+
+    def of_user(self, user: str) -> list[Kernel]:
+        return [k for (u, _), k in self._kernels.items() if u == user]
+
+    def all(self) -> list[Kernel]:
+        return list(self._kernels.values())
+
+    def pooled(self, user: str | None = None) -> list[Kernel]:
+        if user is not None:
+            return list(self._pools.get(user, ()))
+        return [k for pool in self._pools.values() for k in pool]
+
+    def count(self, user: str | None = None) -> int:
+        if user is None:
+            return len(self._kernels) + len(self.pooled()) + sum(self._starting.values())
+        return len(self.of_user(user)) + len(self._pools.get(user, ())) + self._starting.get(user, 0)
+
+    # ---- acquiring -------------------------------------------------------------------
+
+    async def acquire(self, user: User, notebook: str) -> Kernel:
+        """The live kernel of (user, notebook): the existing one, a warm one, or a new one."""
+        key = (user.name, notebook)
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            kernel = self._kernels.get(key)
+            if kernel is not None:
+                if await kernel.is_alive():
+                    kernel.last_used = time.monotonic()
+                    return kernel
+                # a dead kernel is replaced by a fresh one on the next call
+                await self._discard(kernel)
+            kernel = await self._take_warm(user)
+            if kernel is None:
+                self.pool_misses += 1
+                self._check_limits(user.name)
+                kernel = await self._start(user)
+            else:
+                self.pool_hits += 1
+            await self._assign(kernel, notebook)
+            self._kernels[key] = kernel
+            self._schedule_refill(user)
+            return kernel
+
+    async def _take_warm(self, user: User) -> Kernel | None:
+        pool = self._pools.get(user.name)
+        while pool:
+            kernel = pool.popleft()
+            if await kernel.is_alive():
+                return kernel
+            await self._discard(kernel)
+        return None
+
+    async def _assign(self, kernel: Kernel, notebook: str) -> None:
+        kernel.notebook = notebook
+        kernel.last_used = time.monotonic()
+        folder = notebook.rpartition("/")[0]
+        if folder:
+            # kernels start in the user's folder; Jupyter runs a notebook's code in the notebook's folder
+            assert kernel.client is not None
+            kernel.client.execute(f"import os as _o; _o.chdir({folder!r}); del _o", silent=True, store_history=False)
+        await self._store.set_kernel_notebook(kernel.id, notebook)
+
+    def _check_limits(self, user: str) -> None:
+        if self.count(user) >= self._settings.max_kernels_per_user:
+            raise LimitReached("kernels per user", self._settings.max_kernels_per_user)
+        if self.count() >= self._settings.max_kernels:
+            raise LimitReached("kernels on this server", self._settings.max_kernels)
+
+    # ---- the pool --------------------------------------------------------------------
+
+    def _schedule_refill(self, user: User) -> None:
+        if self._closed or self._settings.pool_size <= 0:
+            return
+        task = asyncio.get_running_loop().create_task(self._refill(user))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _refill(self, user: User) -> None:
+        pool = self._pools.setdefault(user.name, deque())
+        while (
+            not self._closed
+            and len(pool) + self._starting.get(user.name, 0) < self._settings.pool_size
+            and self.count(user.name) < self._settings.max_kernels_per_user
+            and self.count() < self._settings.max_kernels
+        ):
+            try:
+                kernel = await self._start(user)
+            except Exception as exc:  # a refill that fails must not take anything else down
+                log.warning("pool refill for %s failed: %s", user.name, exc)
+                return
+            if self._closed:
+                await self._stop(kernel)
+                return
+            pool.append(kernel)
+
+    async def warm(self, user: User) -> None:
+        """Fill `user`'s pool now (used by benchmarks and at a user's first request)."""
+        await self._refill(user)
+
+    # ---- starting and stopping --------------------------------------------------------
+
+    async def _start(self, user: User) -> Kernel:
+        kid = uuid.uuid4().hex[:12]
+        self._starting[user.name] = self._starting.get(user.name, 0) + 1
+        try:
+            return await self._start_inner(user, kid)
+        finally:
+            self._starting[user.name] -= 1
+
+    async def _start_inner(self, user: User, kid: str) -> Kernel:
+        runtime = self._users.runtime_folder(user.name)
+        folder = self._users.folder(user.name)
+        cgroup = None
+        if self._cgroups is not None:
+            self._cgroups.create(user.name, user.user_limits)
+            cgroup = self._cgroups.create(f"{user.name}/k-{kid}", user.kernel_limits)
+        manager = AsyncKernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=self._spec_manager,
+            transport="ipc",
+            ip=os.path.join(runtime, f"k-{kid}"),
+            connection_file=os.path.join(runtime, f"k-{kid}.json"),
+            kernel_id=kid,
+        )
+        manager.shutdown_wait_time = 2.0
+        kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, memory_limit=user.kernel_limits.memory_bytes)
+        launch = KernelLaunch(
+            env=self._kernel_env(user, folder, runtime),
+            cwd=folder,
+            identity=user.identity,
+            cgroup=cgroup,
+            network=self._settings.kernel_network,
+        )
+        try:
+            await manager.start_kernel(sandbox=launch)
+            await self._store.add_kernel(KernelRow(
+                id=kid, user=user.name, notebook=None, pid=kernel.pid,
+                cgroup=cgroup.relpath if cgroup else None, connection_file=manager.connection_file,
+                started_at=kernel.started_at,
+            ))
+            client = manager.client()
+            client.start_channels()
+            kernel.client = client
+            await client.wait_for_ready(timeout=self._settings.kernel_start_timeout)
+        except Exception as exc:
+            cause = kernel.explain_death() if kernel.pid else str(exc)
+            await self._stop(kernel)
+            raise KernelFailed("(new kernel)", f"could not start: {cause or type(exc).__name__}") from exc
+        kernel.transition(KernelState.IDLE)
+        log.info("kernel %s started for %s (pid %s)", kid, user.name, kernel.pid)
+        return kernel
+
+    def _kernel_env(self, user: User, folder: str, runtime: str) -> dict[str, str]:
+        # built from nothing: none of the server's own variables (tokens, paths, config) reach a kernel
+        python_bin = os.path.dirname(self._spec_manager.python)
+        account = user.identity.name if user.identity else os.environ.get("USER", "kernelpool")
+        return {
+            "PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": folder,
+            "USER": account,
+            "LOGNAME": account,
+            "LANG": "C.UTF-8",
+            "TMPDIR": runtime,
+            "JUPYTER_RUNTIME_DIR": runtime,
+            "IPYTHONDIR": os.path.join(folder, ".ipython"),
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        }
+
+    async def _stop(self, kernel: Kernel, now: bool = False) -> None:
+        """Shut one kernel down: shutdown request, then SIGKILL to its group, then its cgroup."""
+        with contextlib.suppress(RuntimeError):
+            kernel.transition(KernelState.STOPPING)
+        if kernel.client is not None:
+            kernel.client.stop_channels()
+        try:
+            if kernel.manager.has_kernel:
+                await kernel.manager.shutdown_kernel(now=now)
+            else:
+                await kernel.manager.cleanup_resources()
+        except Exception as exc:
+            log.warning("kernel %s: shutdown: %s", kernel.id, exc)
+        if kernel.cgroup is not None:
+            try:
+                kernel.cgroup.remove()
+            except Exception as exc:
+                log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
+        await self._store.remove_kernel(kernel.id)
+
+    async def _discard(self, kernel: Kernel) -> None:
+        kernel.explain_death()
+        if kernel.notebook is not None and self._kernels.get((kernel.user, kernel.notebook)) is kernel:
+            del self._kernels[(kernel.user, kernel.notebook)]
+        await self._stop(kernel, now=True)
+
+    async def shutdown(self, user: str, notebook: str) -> bool:
+        kernel = self._kernels.pop((user, notebook), None)
+        if kernel is None:
+            return False
+        await self._stop(kernel)
+        return True
+
+    async def restart(self, user: User, notebook: str) -> Kernel:
+        await self.shutdown(user.name, notebook)
+        return await self.acquire(user, notebook)
+
+    async def interrupt(self, kernel: Kernel) -> None:
+        await kernel.manager.interrupt_kernel()
+
+    async def mark_dead(self, kernel: Kernel) -> str:
+        cause = kernel.explain_death()
+        with contextlib.suppress(RuntimeError):
+            kernel.transition(KernelState.DEAD)
+        return cause
+
+    async def cull_idle(self) -> int:
+        """Shut down kernels idle longer than kernel_idle_timeout; returns how many."""
+        timeout = self._settings.kernel_idle_timeout
+        if timeout <= 0:
+            return 0
+        now = time.monotonic()
+        culled = 0
+        for (user, notebook), kernel in list(self._kernels.items()):
+            if kernel.state is KernelState.IDLE and not kernel.lock.locked() and now - kernel.last_used > timeout:
+                log.info("culling idle kernel %s of %s (%s)", kernel.id, user, notebook)
+                await self.shutdown(user, notebook)
+                culled += 1
+        return culled
+
+    async def reap_leftovers(self) -> int:
+        """At start-up: kill what a server that died without cleaning up left behind."""
+        import psutil
+
+        reaped = 0
+        for row in await self._store.list_kernels():
+            if row.pid:
+                with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+                    proc = psutil.Process(row.pid)
+                    if "ipykernel" in " ".join(proc.cmdline()) and abs(proc.create_time() - row.started_at) < 120:
+                        os.killpg(row.pid, 9)
+            if row.cgroup and self._cgroups is not None:
+                cg = self._cgroups.get(row.cgroup)
+                if cg is not None:
+                    with contextlib.suppress(Exception):
+                        cg.remove()
+            if row.connection_file:
+                base = row.connection_file[: -len(".json")]
+                for path in [row.connection_file] + [f"{base}-{i}" for i in range(1, 6)]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            await self._store.remove_kernel(row.id)
+            reaped += 1
+        return reaped
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._refills):
+            task.cancel()
+        await asyncio.gather(*self._refills, return_exceptions=True)
+        kernels = list(self._kernels.values()) + self.pooled()
+        self._kernels.clear()
+        self._pools.clear()
+        await asyncio.gather(*(self._stop(k) for k in kernels), return_exceptions=True)

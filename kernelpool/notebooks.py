@@ -1,0 +1,288 @@
+"""Notebooks on disk: the source of truth.
+
+`NotebookService` reads and writes `.ipynb` files inside a user's folder through
+`sandbox.fs.SafeRoot` (no link or `..` can steer it outside), validates every file it writes
+with nbformat, writes atomically, and serialises edits of one notebook with a lock. The pure
+editing functions below work on an in-memory notebook and are what the tools call inside
+`NotebookService.edit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import nbformat
+from nbformat import NotebookNode
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_raw_cell
+
+from kernelpool.errors import CellNotFound, CorruptNotebook, InvalidArgument, NotebookExists, NotebookNotFound, PathRefused
+from sandbox import SafeRoot
+from sandbox.errors import SandboxError
+
+T = TypeVar("T")
+
+MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
+CELL_TYPES = ("code", "markdown", "raw")
+
+
+def check_notebook_path(path: str) -> str:
+    """Normalise and check a client-given notebook path; raises PathRefused."""
+    if not isinstance(path, str) or not path.strip():
+        raise PathRefused(str(path), "empty path")
+    if "\x00" in path:
+        raise PathRefused(path, "NUL character")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathRefused(path, "not valid UTF-8") from None
+    if path.startswith("/") or path.startswith("\\"):
+        raise PathRefused(path, "absolute paths are not allowed; give a path relative to your folder")
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise PathRefused(path, "'..' is not allowed")
+    if not parts:
+        raise PathRefused(path, "empty path")
+    norm = "/".join(parts)
+    if not norm.endswith(".ipynb"):
+        raise PathRefused(path, "a notebook path must end in .ipynb")
+    return norm
+
+
+def check_dir_path(path: str) -> str:
+    if "\x00" in path:
+        raise PathRefused(path, "NUL character")
+    if path.startswith("/"):
+        raise PathRefused(path, "absolute paths are not allowed; give a path relative to your folder")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise PathRefused(path, "'..' is not allowed")
+    return "/".join(parts)
+
+
+# ---- pure editing functions -------------------------------------------------------------
+
+def new_cell(cell_type: str, source: str) -> NotebookNode:
+    if cell_type == "code":
+        return new_code_cell(source)
+    if cell_type == "markdown":
+        return new_markdown_cell(source)
+    if cell_type == "raw":
+        return new_raw_cell(source)
+    raise InvalidArgument("cell_type", f"{cell_type!r}: use one of {', '.join(CELL_TYPES)}")
+
+
+def cell_position(nb: NotebookNode, path: str, cell_index: int | None, cell_id: str | None) -> int:
+    """The index of the cell named by index (negative counts from the end) or by id."""
+    count = len(nb.cells)
+    if cell_id is not None:
+        for i, cell in enumerate(nb.cells):
+            if cell.get("id") == cell_id:
+                return i
+        raise CellNotFound(path, f"with id {cell_id!r}", count)
+    if cell_index is None:
+        raise InvalidArgument("cell", "give cell_index or cell_id")
+    if isinstance(cell_index, bool) or not isinstance(cell_index, int):
+        raise InvalidArgument("cell_index", "must be an integer")
+    index = cell_index + count if cell_index < 0 else cell_index
+    if not 0 <= index < count:
+        raise CellNotFound(path, f"at index {cell_index}", count)
+    return index
+
+
+def insert_position(nb: NotebookNode, cell_index: int) -> int:
+    """Where `insert_cell(cell_index)` puts a cell: -1 appends; 0..len inserts before that cell."""
+    count = len(nb.cells)
+    if isinstance(cell_index, bool) or not isinstance(cell_index, int):
+        raise InvalidArgument("cell_index", "must be an integer")
+    if cell_index == -1:
+        return count
+    if not 0 <= cell_index <= count:
+        raise InvalidArgument("cell_index", f"{cell_index} is out of range: use 0..{count}, or -1 to append")
+    return cell_index
+
+
+def insert_cell(nb: NotebookNode, cell_index: int, cell_type: str, source: str) -> tuple[int, NotebookNode]:
+    pos = insert_position(nb, cell_index)
+    cell = new_cell(cell_type, source)
+    nb.cells.insert(pos, cell)
+    return pos, cell
+
+
+def clear_outputs(cell: NotebookNode) -> None:
+    if cell.cell_type == "code":
+        cell.outputs = []
+        cell.execution_count = None
+
+
+def set_source(cell: NotebookNode, source: str) -> None:
+    # outputs stay until the cell runs again, as in JupyterLab
+    cell.source = source
+
+
+def edit_source(cell: NotebookNode, old: str, new: str, replace_all: bool) -> int:
+    """Replace `old` by `new`; unless replace_all, `old` must occur exactly once. Returns the count."""
+    if old == "":
+        raise InvalidArgument("old_string", "must not be empty")
+    source = cell.source
+    count = source.count(old)
+    if count == 0:
+        raise InvalidArgument("old_string", "not found in the cell's source")
+    if count > 1 and not replace_all:
+        raise InvalidArgument("old_string", f"occurs {count} times; make it unique or pass replace_all=true")
+    cell.source = source.replace(old, new) if replace_all else source.replace(old, new, 1)
+    return count if replace_all else 1
+
+
+def move_cell(nb: NotebookNode, path: str, src: int, dst: int) -> int:
+    count = len(nb.cells)
+    if isinstance(dst, bool) or not isinstance(dst, int):
+        raise InvalidArgument("new_index", "must be an integer")
+    target = dst + count if dst < 0 else dst
+    if not 0 <= target < count:
+        raise InvalidArgument("new_index", f"{dst} is out of range: use 0..{count - 1}")
+    cell = nb.cells.pop(src)
+    nb.cells.insert(target, cell)
+    return target
+
+
+# ---- files -------------------------------------------------------------------------------
+
+class NotebookService:
+    """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
+
+    def __init__(self, roots: Callable[[str], SafeRoot]) -> None:
+        self._roots = roots
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def lock(self, user: str, path: str) -> asyncio.Lock:
+        key = (user, path)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def exists(self, user: str, path: str) -> bool:
+        return await asyncio.to_thread(self._exists, user, path)
+
+    def _exists(self, user: str, path: str) -> bool:
+        try:
+            return self._roots(user).exists(path)
+        except SandboxError as exc:
+            raise PathRefused(path, str(exc)) from None
+
+    async def load(self, user: str, path: str) -> NotebookNode:
+        return await asyncio.to_thread(self._load, user, path)
+
+    def _load(self, user: str, path: str) -> NotebookNode:
+        try:
+            data = self._roots(user).read_bytes(path, max_bytes=MAX_NOTEBOOK_BYTES)
+        except FileNotFoundError:
+            raise NotebookNotFound(path) from None
+        except SandboxError as exc:
+            raise PathRefused(path, str(exc)) from None
+        except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
+            raise PathRefused(path, exc.strerror or str(exc)) from None
+        try:
+            nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+        except (UnicodeDecodeError, json.JSONDecodeError, nbformat.reader.NotJSONError) as exc:
+            raise CorruptNotebook(path, f"not JSON: {exc}") from None
+        except Exception as exc:  # nbformat raises assorted errors for wrong shapes
+            raise CorruptNotebook(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        try:
+            nbformat.validate(nb)
+        except nbformat.ValidationError as exc:
+            raise CorruptNotebook(path, exc.message) from None
+        # notebooks older than 4.5 get cell ids on upgrade, so that cells can be addressed by id
+        if nb.nbformat_minor < 5:
+            nb.nbformat_minor = 5
+            for cell in nb.cells:
+                if "id" not in cell:
+                    cell.id = new_cell("raw", "").id
+        return nb
+
+    async def save(self, user: str, path: str, nb: NotebookNode) -> None:
+        await asyncio.to_thread(self._save, user, path, nb)
+
+    def _save(self, user: str, path: str, nb: NotebookNode) -> None:
+        nbformat.validate(nb)  # never write a file that JupyterLab would refuse
+        data = nbformat.writes(nb).encode("utf-8")
+        try:
+            root = self._roots(user)
+            parent = path.rpartition("/")[0]
+            if parent:
+                root.makedirs(parent)
+            root.write_bytes_atomic(path, data)
+        except SandboxError as exc:
+            raise PathRefused(path, str(exc)) from None
+
+    async def create(self, user: str, path: str) -> NotebookNode:
+        async with self.lock(user, path):
+            if await self.exists(user, path):
+                raise NotebookExists(path)
+            nb = new_notebook()
+            nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+            nb.metadata["language_info"] = {"name": "python"}
+            await self.save(user, path, nb)
+            return nb
+
+    async def edit(self, user: str, path: str, change: Callable[[NotebookNode], T]) -> T:
+        """Load, apply `change`, save; all under the notebook's lock. A change that raises saves nothing."""
+        async with self.lock(user, path):
+            nb = await self.load(user, path)
+            result = change(nb)
+            await self.save(user, path, nb)
+            return result
+
+    async def list_notebooks(self, user: str, limit: int = 10000) -> list[str]:
+        return await asyncio.to_thread(self._walk, user, "", "*.ipynb", limit)
+
+    async def list_files(self, user: str, path: str, pattern: str | None, limit: int = 2000) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._list, user, path, pattern, limit)
+
+    def _walk(self, user: str, start: str, pattern: str, limit: int) -> list[str]:
+        root = self._roots(user)
+        found: list[str] = []
+        stack = [start]
+        while stack and len(found) < limit:
+            folder = stack.pop()
+            try:
+                entries = root.listdir(folder)
+            except (OSError, SandboxError):
+                continue
+            for entry in sorted(entries, key=lambda e: e.name, reverse=True):
+                rel = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.name.startswith("."):
+                    continue  # .ipynb_checkpoints, .ipython, .local: not the user's notebooks
+                if entry.kind == "dir":
+                    stack.append(rel)
+                elif entry.kind == "file" and fnmatch.fnmatch(entry.name, pattern):
+                    found.append(rel)
+        return sorted(found)
+
+    def _list(self, user: str, path: str, pattern: str | None, limit: int) -> list[dict[str, Any]]:
+        folder = check_dir_path(path)
+        try:
+            entries = self._roots(user).listdir(folder)
+        except FileNotFoundError:
+            raise PathRefused(path, "no such folder") from None
+        except NotADirectoryError:
+            raise PathRefused(path, "not a folder") from None
+        except SandboxError as exc:
+            raise PathRefused(path, str(exc)) from None
+        out = []
+        for entry in sorted(entries, key=lambda e: e.name):
+            if pattern and not fnmatch.fnmatch(entry.name, pattern):
+                continue
+            out.append({
+                "path": f"{folder}/{entry.name}" if folder else entry.name,
+                "type": entry.kind,
+                "size": entry.size,
+                "modified": entry.mtime,
+            })
+            if len(out) >= limit:
+                break
+        return out

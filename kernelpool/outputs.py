@@ -1,0 +1,104 @@
+"""Notebook outputs as MCP content (text and images) and as plain structured data.
+
+Pure functions; the tool layer calls them to format execution results and `read_cell`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mcp.types import ImageContent, TextContent
+from nbformat import NotebookNode
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*(\x07|\x1b\\)")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _text(value: Any) -> str:
+    return "".join(value) if isinstance(value, list) else str(value)
+
+
+def output_text(out: NotebookNode) -> str | None:
+    """The readable text of one output, or None when it has none (an image alone)."""
+    kind = out.get("output_type")
+    if kind == "stream":
+        return strip_ansi(_text(out.get("text", "")))
+    if kind == "error":
+        tb = strip_ansi("\n".join(out.get("traceback", [])))
+        return tb or f"{out.get('ename')}: {out.get('evalue')}"
+    if kind in ("execute_result", "display_data"):
+        data = out.get("data", {})
+        for mime in ("text/markdown", "text/plain", "application/json", "text/html"):
+            if mime in data:
+                value = data[mime]
+                return strip_ansi(value if isinstance(value, str) else _text(value) if isinstance(value, list) else str(value))
+    return None
+
+
+def simplify(out: NotebookNode, max_chars: int) -> dict[str, Any]:
+    """A small JSON shape of one output for structured content."""
+    kind = out.get("output_type")
+    item: dict[str, Any] = {"type": kind}
+    if kind == "stream":
+        item["name"] = out.get("name")
+    if kind == "error":
+        item["ename"] = out.get("ename")
+        item["evalue"] = out.get("evalue")
+    text = output_text(out)
+    if text is not None:
+        item["text"], cut = truncate(text, max_chars)
+        if cut:
+            item["truncated"] = cut
+    if kind in ("execute_result", "display_data"):
+        item["mime_types"] = sorted(out.get("data", {}).keys())
+    return item
+
+
+def truncate(text: str, max_chars: int) -> tuple[str, int]:
+    """At most max_chars of text, keeping head and tail; returns the text and how many chars were cut."""
+    if len(text) <= max_chars:
+        return text, 0
+    head = max_chars * 2 // 3
+    tail = max_chars - head
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[-tail:]}", cut
+
+
+def to_content(
+    outputs: list[NotebookNode], max_chars: int, max_image_bytes: int
+) -> list[TextContent | ImageContent]:
+    """MCP content blocks for a cell's outputs: text (bounded overall) and PNG/JPEG images."""
+    blocks: list[TextContent | ImageContent] = []
+    budget = max_chars
+    for out in outputs:
+        text = output_text(out)
+        data = out.get("data", {}) if out.get("output_type") in ("execute_result", "display_data") else {}
+        image_mime = next((m for m in ("image/png", "image/jpeg") if m in data), None)
+        if image_mime is not None:
+            encoded = _text(data[image_mime]).replace("\n", "")
+            size = _b64_size(encoded)
+            if size <= max_image_bytes:
+                blocks.append(ImageContent(type="image", data=encoded, mime_type=image_mime))
+            else:
+                blocks.append(TextContent(type="text", text=f"[{image_mime} image of {size} bytes, over the "
+                                          f"{max_image_bytes}-byte limit for inline images: not inlined]"))
+            if text is None or text.startswith("<Figure"):
+                continue
+        if text is None:
+            continue
+        if budget <= 0:
+            blocks.append(TextContent(type="text", text="[... more output cut: read the cell with read_cell ...]"))
+            break
+        shown, cut = truncate(text, budget)
+        budget -= len(shown)
+        blocks.append(TextContent(type="text", text=shown))
+    return blocks
+
+
+def _b64_size(encoded: str) -> int:
+    # from the length alone: decoding a 50 MB image only to measure it would cost 50 MB
+    return len(encoded) * 3 // 4 - encoded[-2:].count("=")

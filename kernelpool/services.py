@@ -1,0 +1,25 @@
+"""The services one server holds, opened in the app's lifespan and handed to the tool layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernelpool.config import Settings
+from kernelpool.kernels import KernelRegistry
+from kernelpool.metrics import Metrics
+from kernelpool.notebooks import NotebookService
+from kernelpool.sessions import SessionContexts
+from kernelpool.store import Store
+from kernelpool.users import UserService
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    users: UserService
+    notebooks: NotebookService
+    kernels: KernelRegistry
+    sessions: SessionContexts
+    metrics: Metrics
+    isolation: str  # what is in force, for /healthz and doctor: "sandbox" or "none (insecure)"

@@ -1,0 +1,233 @@
+"""The SQLite store: users, token hashes, kernels and the audit log.
+
+One `Store` is opened in the app's lifespan (and by each CLI command) and closed after. The
+database runs in WAL mode so that the CLI can add users and tokens while the server runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name        TEXT PRIMARY KEY,
+    uid         INTEGER NOT NULL UNIQUE,
+    gid         INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    limits      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    hash        TEXT NOT NULL UNIQUE,
+    created_at  REAL NOT NULL,
+    expires_at  REAL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS kernels (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL,
+    notebook    TEXT,
+    pid         INTEGER,
+    cgroup      TEXT,
+    connection_file TEXT,
+    started_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts          REAL NOT NULL,
+    user        TEXT,
+    tool        TEXT NOT NULL,
+    notebook    TEXT,
+    outcome     TEXT NOT NULL,
+    duration_ms REAL NOT NULL,
+    detail      TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_user_ts ON audit(user, ts);
+"""
+
+
+@dataclass(frozen=True)
+class UserRow:
+    name: str
+    uid: int
+    gid: int
+    created_at: float
+    limits: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: str
+    user: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    id: str
+    user: str
+    notebook: str | None
+    pid: int | None
+    cgroup: str | None
+    connection_file: str | None
+    started_at: float
+
+
+class Store:
+    """Async access to the database: `await store.open()` once, `await store.close()` at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: aiosqlite.Connection | None = None
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RuntimeError("the store is not open")
+        return self._conn
+
+    async def open(self) -> Store:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        db = await aiosqlite.connect(self.path, timeout=30)
+        if fresh:
+            os.chmod(self.path, 0o600)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        self._conn = db
+        return self
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    # users
+    async def add_user(self, name: str, uid: int, gid: int, limits: dict[str, Any] | None = None) -> UserRow:
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO users(name, uid, gid, created_at, limits) VALUES (?, ?, ?, ?, ?)",
+            (name, uid, gid, now, json.dumps(limits or {})),
+        )
+        await self._db.commit()
+        return UserRow(name, uid, gid, now, limits or {})
+
+    async def get_user(self, name: str) -> UserRow | None:
+        async with self._db.execute("SELECT * FROM users WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return _user(row) if row else None
+
+    async def list_users(self) -> list[UserRow]:
+        async with self._db.execute("SELECT * FROM users ORDER BY name") as cur:
+            return [_user(r) for r in await cur.fetchall()]
+
+    async def used_uids(self) -> set[int]:
+        async with self._db.execute("SELECT uid FROM users") as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    async def set_user_limits(self, name: str, limits: dict[str, Any]) -> None:
+        await self._db.execute("UPDATE users SET limits = ? WHERE name = ?", (json.dumps(limits), name))
+        await self._db.commit()
+
+    async def remove_user(self, name: str) -> bool:
+        cur = await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+        await self._db.commit()
+        return cur.rowcount > 0
+
+    # tokens
+    async def add_token(self, token_id: str, user: str, token_hash: str, expires_at: float | None) -> TokenRow:
+        now = time.time()
+        await self._db.execute(
+            "INSERT INTO tokens(id, user, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (token_id, user, token_hash, now, expires_at),
+        )
+        await self._db.commit()
+        return TokenRow(token_id, user, now, expires_at, None)
+
+    async def token_by_hash(self, token_hash: str) -> TokenRow | None:
+        async with self._db.execute(
+            "SELECT id, user, created_at, expires_at, revoked_at FROM tokens WHERE hash = ?", (token_hash,)
+        ) as cur:
+            row = await cur.fetchone()
+        return TokenRow(*row) if row else None
+
+    async def list_tokens(self, user: str | None = None) -> list[TokenRow]:
+        sql = "SELECT id, user, created_at, expires_at, revoked_at FROM tokens"
+        args: tuple[Any, ...] = ()
+        if user is not None:
+            sql += " WHERE user = ?"
+            args = (user,)
+        async with self._db.execute(sql + " ORDER BY created_at", args) as cur:
+            return [TokenRow(*r) for r in await cur.fetchall()]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        cur = await self._db.execute(
+            "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), token_id)
+        )
+        await self._db.commit()
+        return cur.rowcount > 0
+
+    # kernels: what is running, so that a restarted server can find what a dead one left behind
+    async def add_kernel(self, row: KernelRow) -> None:
+        await self._db.execute(
+            "INSERT OR REPLACE INTO kernels(id, user, notebook, pid, cgroup, connection_file, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.user, row.notebook, row.pid, row.cgroup, row.connection_file, row.started_at),
+        )
+        await self._db.commit()
+
+    async def set_kernel_notebook(self, kernel_id: str, notebook: str | None) -> None:
+        await self._db.execute("UPDATE kernels SET notebook = ? WHERE id = ?", (notebook, kernel_id))
+        await self._db.commit()
+
+    async def remove_kernel(self, kernel_id: str) -> None:
+        await self._db.execute("DELETE FROM kernels WHERE id = ?", (kernel_id,))
+        await self._db.commit()
+
+    async def list_kernels(self) -> list[KernelRow]:
+        async with self._db.execute("SELECT * FROM kernels") as cur:
+            return [KernelRow(**dict(r)) for r in await cur.fetchall()]
+
+    # audit
+    async def audit(
+        self, user: str | None, tool: str, notebook: str | None, outcome: str, duration_ms: float,
+        detail: str | None = None,
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), user, tool, notebook, outcome, duration_ms, detail),
+        )
+        await self._db.commit()
+
+    async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if user is not None:
+            clauses.append("user = ?")
+            args.append(user)
+        if since is not None:
+            clauses.append("ts >= ?")
+            args.append(since)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        async with self._db.execute(
+            f"SELECT ts, user, tool, notebook, outcome, duration_ms, detail FROM audit{where} ORDER BY id LIMIT ?",
+            (*args, limit),
+        ) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+
+def _user(row: aiosqlite.Row) -> UserRow:
+    return UserRow(row["name"], row["uid"], row["gid"], row["created_at"], json.loads(row["limits"]))

@@ -1,0 +1,442 @@
+"""The MCP surface: parse arguments, call a service, format the result. Nothing else lives here.
+
+Tool names and arguments follow jupyter-mcp-server where the meaning is the same. Every tool
+that touches a notebook takes `notebook`; without it the MCP session's active notebook is used,
+and without either the call fails (`NoNotebook`): never a shared fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from nbformat import NotebookNode
+
+from kernelpool import notebooks as nbops
+from kernelpool.errors import InvalidArgument, KernelpoolError, NoNotebook
+from kernelpool.execution import ExecutionResult, execute
+from kernelpool.outputs import simplify, to_content
+from kernelpool.services import Services
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[CallToolResult]])
+
+READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+EDIT = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
+RUN = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True)
+
+INSTRUCTIONS = """\
+kernelpool runs Python code in Jupyter notebooks that belong to you alone. Each notebook has its
+own kernel. Pass `notebook` (a path relative to your folder, like 'work/analysis.ipynb') to every
+tool, or call use_notebook once to make a notebook the active one of this session. Cells are
+addressed by `cell_index` (0-based; negative counts from the end) or by `cell_id`."""
+
+
+def _result(text: str, data: dict[str, Any], extra: list[Any] | None = None) -> CallToolResult:
+    content: list[Any] = [TextContent(type="text", text=text)]
+    content.extend(extra or [])
+    return CallToolResult(content=content, structured_content=data)
+
+
+def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
+    """The MCP server with every tool registered; `services` is filled in by the app's lifespan."""
+    server: MCPServer = MCPServer(
+        name="kernelpool", instructions=INSTRUCTIONS, version="0.1.0",
+        token_verifier=token_verifier, auth=auth,
+    )
+    s = services
+
+    def user_name() -> str:
+        token = get_access_token()
+        if token is None:  # the SDK's auth middleware runs first; this is a wiring bug
+            raise ToolError("not authenticated")
+        return token.client_id
+
+    def session_id(ctx: Context) -> str | None:
+        headers = ctx.headers
+        return headers.get("mcp-session-id") if headers else None
+
+    def resolve(ctx: Context, user: str, notebook: str | None) -> str:
+        if notebook is not None:
+            return nbops.check_notebook_path(notebook)
+        active = s.sessions.active_notebook(user, session_id(ctx))
+        if active is None:
+            raise NoNotebook()
+        return active
+
+    def tool(name: str, description: str, annotations: ToolAnnotations) -> Callable[[F], F]:
+        """Register a tool with audit, metrics and the one mapping of our errors to tool errors."""
+
+        def wrap(fn: F) -> F:
+            @functools.wraps(fn)
+            async def run(*args: Any, **kwargs: Any) -> CallToolResult:
+                start = time.monotonic()
+                token = get_access_token()
+                user = token.client_id if token else None
+                outcome, detail = "ok", None
+                try:
+                    if user is not None and not s.users.known(user):
+                        await s.users.load()  # added by the CLI since we last looked
+                    result = await fn(*args, **kwargs)
+                    if result.is_error:
+                        outcome = "error"
+                    return result
+                except KernelpoolError as exc:
+                    outcome, detail = "refused", str(exc)
+                    raise ToolError(str(exc)) from exc
+                except ToolError as exc:
+                    outcome, detail = "refused", str(exc)
+                    raise
+                except Exception as exc:
+                    outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
+                    log.exception("tool %s failed", name)
+                    raise ToolError(f"internal error in {name}: {type(exc).__name__}: {exc}") from exc
+                finally:
+                    duration = (time.monotonic() - start) * 1000
+                    s.metrics.tool_calls.labels(name, outcome).inc()
+                    notebook = kwargs.get("notebook")
+                    try:
+                        await s.store.audit(user, name, notebook if isinstance(notebook, str) else None,
+                                            outcome, duration, detail)
+                    except Exception as exc:  # an audit write must not turn a result into a failure
+                        log.warning("audit write failed: %s", exc)
+
+            server.tool(name=name, description=description, annotations=annotations)(run)
+            return fn
+
+        return wrap
+
+    # ---- files and notebooks -------------------------------------------------------------
+
+    @tool("list_files", "List files and folders in your folder (or a subfolder), optionally filtered by a glob pattern.", READ)
+    async def list_files(path: str = "", pattern: str | None = None) -> CallToolResult:
+        user = user_name()
+        entries = await s.notebooks.list_files(user, path, pattern)
+        lines = [f"{e['type']:7} {e['size']:>10}  {e['path']}" for e in entries] or ["(empty)"]
+        return _result("\n".join(lines), {"path": path, "files": entries})
+
+    @tool("list_notebooks", "List your notebooks, with the state of each one's kernel and which is active in this session.", READ)
+    async def list_notebooks(ctx: Context) -> CallToolResult:
+        user = user_name()
+        active = s.sessions.active_notebook(user, session_id(ctx))
+        items = []
+        for path in await s.notebooks.list_notebooks(user):
+            kernel = s.kernels.get(user, path)
+            items.append({"path": path, "kernel": kernel.state.value if kernel else "none", "active": path == active})
+        lines = [f"{'*' if i['active'] else ' '} {i['path']}  (kernel: {i['kernel']})" for i in items] or ["(no notebooks)"]
+        return _result("\n".join(lines), {"notebooks": items, "active": active})
+
+    @tool("use_notebook", "Open a notebook (mode='connect') or create it (mode='create'), start its kernel, and make it "
+          "this session's active notebook.", EDIT)
+    async def use_notebook(notebook: str, ctx: Context, mode: Literal["connect", "create"] = "connect") -> CallToolResult:
+        user = user_name()
+        path = nbops.check_notebook_path(notebook)
+        if mode == "create":
+            await s.notebooks.create(user, path)
+        else:
+            await s.notebooks.load(user, path)  # exists and is a valid notebook
+        kernel = await s.kernels.acquire(await s.users.get(user), path)
+        sid = session_id(ctx)
+        if sid is not None:
+            s.sessions.set_notebook(user, sid, path)
+            note = f"{path} is now this session's active notebook"
+        else:
+            note = f"{path} is ready; this client has no MCP session, so pass notebook={path!r} to every tool"
+        verb = "created" if mode == "create" else "connected"
+        return _result(f"{verb} {path} (kernel {kernel.id}: {kernel.state.value}). {note}.",
+                       {"notebook": path, "mode": mode, "kernel_id": kernel.id, "active": sid is not None})
+
+    @tool("unuse_notebook", "Shut down a notebook's kernel (its variables are lost; the file stays) and make it "
+          "no longer this session's active notebook.", DESTRUCTIVE)
+    async def unuse_notebook(ctx: Context, notebook: str | None = None) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        stopped = await s.kernels.shutdown(user, path)
+        sid = session_id(ctx)
+        if sid is not None and s.sessions.active_notebook(user, sid) == path:
+            s.sessions.set_notebook(user, sid, None)
+        text = f"kernel of {path} shut down" if stopped else f"{path} had no running kernel"
+        return _result(text, {"notebook": path, "kernel_stopped": stopped})
+
+    @tool("read_notebook", "Read a notebook's cells: brief (index, type, id, first line) or detailed (full source and outputs).", READ)
+    async def read_notebook(
+        ctx: Context, notebook: str | None = None, start_index: int = 0, limit: int = 20,
+        response_format: Literal["brief", "detailed"] = "brief",
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        if start_index < 0:
+            raise InvalidArgument("start_index", "must be 0 or more")
+        if limit < 1:
+            raise InvalidArgument("limit", "must be 1 or more")
+        nb = await s.notebooks.load(user, path)
+        cells = nb.cells[start_index:start_index + limit]
+        items, lines = [], [f"{path}: {len(nb.cells)} cells; showing {start_index}..{start_index + len(cells) - 1}"]
+        for i, cell in enumerate(cells, start=start_index):
+            item = _cell_summary(i, cell)
+            if response_format == "detailed":
+                item["source"] = cell.source
+                if cell.cell_type == "code":
+                    item["outputs"] = [simplify(o, s.settings.max_output_chars) for o in cell.outputs]
+                lines.append(f"--- [{i}] {cell.cell_type} id={cell.id} exec={item.get('execution_count')}\n{cell.source}")
+                for o in item.get("outputs", []):
+                    if "text" in o:
+                        lines.append(f"  > {o['text']}")
+            else:
+                first = cell.source.splitlines()[0] if cell.source else ""
+                lines.append(f"[{i}] {cell.cell_type:8} id={cell.id}  {first[:100]}")
+            items.append(item)
+        return _result("\n".join(lines), {"notebook": path, "total_cells": len(nb.cells), "start_index": start_index, "cells": items})
+
+    @tool("read_cell", "Read one cell (by cell_index or cell_id): its source and, optionally, its outputs.", READ)
+    async def read_cell(
+        ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+        include_outputs: bool = True,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        nb = await s.notebooks.load(user, path)
+        i = nbops.cell_position(nb, path, cell_index, cell_id)
+        cell = nb.cells[i]
+        data = _cell_summary(i, cell) | {"notebook": path, "source": cell.source}
+        extra: list[Any] = []
+        if include_outputs and cell.cell_type == "code":
+            data["outputs"] = [simplify(o, s.settings.max_output_chars) for o in cell.outputs]
+            extra = to_content(cell.outputs, s.settings.max_output_chars, s.settings.max_image_bytes)
+        return _result(f"[{i}] {cell.cell_type} id={cell.id}\n{cell.source}", data, extra)
+
+    @tool("insert_cell", "Insert a cell at cell_index (-1 appends). cell_type: code, markdown or raw.", EDIT)
+    async def insert_cell(
+        ctx: Context, cell_index: int, cell_type: Literal["code", "markdown", "raw"], cell_source: str,
+        notebook: str | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        pos, cell = await s.notebooks.edit(user, path, lambda nb: nbops.insert_cell(nb, cell_index, cell_type, cell_source))
+        return _result(f"inserted {cell_type} cell at index {pos} (id {cell.id})",
+                       {"notebook": path, "cell_index": pos, "cell_id": cell.id})
+
+    @tool("overwrite_cell_source", "Replace a cell's whole source.", EDIT)
+    async def overwrite_cell_source(
+        ctx: Context, cell_source: str, cell_index: int | None = None, cell_id: str | None = None,
+        notebook: str | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+
+        def change(nb: NotebookNode) -> tuple[int, str]:
+            i = nbops.cell_position(nb, path, cell_index, cell_id)
+            nbops.set_source(nb.cells[i], cell_source)
+            return i, nb.cells[i].id
+
+        i, cid = await s.notebooks.edit(user, path, change)
+        return _result(f"overwrote cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})
+
+    @tool("edit_cell_source", "Replace old_string by new_string in a cell's source (old_string must be unique unless replace_all).", EDIT)
+    async def edit_cell_source(
+        ctx: Context, old_string: str, new_string: str, replace_all: bool = False, cell_index: int | None = None,
+        cell_id: str | None = None, notebook: str | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+
+        def change(nb: NotebookNode) -> tuple[int, str, int]:
+            i = nbops.cell_position(nb, path, cell_index, cell_id)
+            n = nbops.edit_source(nb.cells[i], old_string, new_string, replace_all)
+            return i, nb.cells[i].id, n
+
+        i, cid, n = await s.notebooks.edit(user, path, change)
+        return _result(f"replaced {n} occurrence(s) in cell {i} (id {cid})",
+                       {"notebook": path, "cell_index": i, "cell_id": cid, "replacements": n})
+
+    @tool("delete_cell", "Delete a cell.", DESTRUCTIVE)
+    async def delete_cell(
+        ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+
+        def change(nb: NotebookNode) -> tuple[int, NotebookNode]:
+            i = nbops.cell_position(nb, path, cell_index, cell_id)
+            return i, nb.cells.pop(i)
+
+        i, cell = await s.notebooks.edit(user, path, change)
+        return _result(f"deleted {cell.cell_type} cell {i} (id {cell.id})",
+                       {"notebook": path, "cell_index": i, "cell_id": cell.id, "source": cell.source})
+
+    @tool("move_cell", "Move a cell to new_index.", EDIT)
+    async def move_cell(
+        ctx: Context, new_index: int, cell_index: int | None = None, cell_id: str | None = None,
+        notebook: str | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+
+        def change(nb: NotebookNode) -> tuple[int, int, str]:
+            i = nbops.cell_position(nb, path, cell_index, cell_id)
+            cid = nb.cells[i].id
+            return i, nbops.move_cell(nb, path, i, new_index), cid
+
+        i, j, cid = await s.notebooks.edit(user, path, change)
+        return _result(f"moved cell {cid} from {i} to {j}", {"notebook": path, "from": i, "to": j, "cell_id": cid})
+
+    @tool("clear_cell_output", "Clear a code cell's outputs and execution count.", EDIT)
+    async def clear_cell_output(
+        ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+
+        def change(nb: NotebookNode) -> tuple[int, str]:
+            i = nbops.cell_position(nb, path, cell_index, cell_id)
+            nbops.clear_outputs(nb.cells[i])
+            return i, nb.cells[i].id
+
+        i, cid = await s.notebooks.edit(user, path, change)
+        return _result(f"cleared outputs of cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})
+
+    # ---- execution ---------------------------------------------------------------------
+
+    def timeout_of(timeout: float | None) -> float:
+        if timeout is None:
+            return s.settings.execute_timeout
+        if timeout <= 0:
+            raise InvalidArgument("timeout", "must be more than 0 seconds")
+        if timeout > s.settings.max_execute_timeout:
+            raise InvalidArgument("timeout", f"at most {s.settings.max_execute_timeout:g} seconds on this server")
+        return float(timeout)
+
+    async def run(ctx: Context, user: str, path: str, code: str, timeout: float | None,
+                  store_history: bool = True) -> ExecutionResult:
+        limit = timeout_of(timeout)
+        kernel = await s.kernels.acquire(await s.users.get(user), path)
+
+        async def progress(elapsed: float, message: str) -> None:
+            try:
+                await ctx.report_progress(elapsed, None, message)
+            except Exception as exc:  # a client that went away must not stop the execution
+                log.debug("progress not sent: %s", exc)
+
+        result = await execute(s.kernels, kernel, code, limit, progress, s.settings.progress_interval, store_history)
+        s.metrics.executions.labels(result.status).inc()
+        s.metrics.execution_seconds.observe(result.duration)
+        return result
+
+    async def save_outputs(user: str, path: str, cell_id: str, result: ExecutionResult) -> int | None:
+        def change(nb: NotebookNode) -> int | None:
+            for i, cell in enumerate(nb.cells):
+                if cell.get("id") == cell_id and cell.cell_type == "code":
+                    cell.outputs = result.outputs
+                    cell.execution_count = result.execution_count
+                    return i
+            return None  # the cell was deleted while it ran: nothing to save it into
+
+        return await s.notebooks.edit(user, path, change)
+
+    def exec_result(path: str, result: ExecutionResult, cell: dict[str, Any] | None = None) -> CallToolResult:
+        st = s.settings
+        content = to_content(result.outputs, st.max_output_chars, st.max_image_bytes)
+        head = []
+        if result.message:
+            head.append(TextContent(type="text", text=f"[{result.status}] {result.message}"))
+        if not content and not head:
+            content = [TextContent(type="text", text="[no output]")]
+        data: dict[str, Any] = {
+            "notebook": path, "status": result.status, "execution_count": result.execution_count,
+            "outputs": [simplify(o, st.max_output_chars) for o in result.outputs],
+            "duration_ms": round(result.duration * 1000, 3),
+        }
+        if result.message:
+            data["message"] = result.message
+        if cell:
+            data.update(cell)
+        return CallToolResult(content=head + content, structured_content=data, is_error=result.status in ("died",))
+
+    @tool("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and returned.", RUN)
+    async def execute_cell(
+        ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+        timeout: float | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        nb = await s.notebooks.load(user, path)
+        i = nbops.cell_position(nb, path, cell_index, cell_id)
+        cell = nb.cells[i]
+        if cell.cell_type != "code":
+            raise InvalidArgument("cell", f"cell {i} is a {cell.cell_type} cell; only code cells run")
+        result = await run(ctx, user, path, cell.source, timeout)
+        saved_at = await save_outputs(user, path, cell.id, result)
+        return exec_result(path, result, {"cell_index": saved_at if saved_at is not None else i, "cell_id": cell.id,
+                                          "saved": saved_at is not None})
+
+    @tool("insert_execute_code_cell", "Insert a code cell at cell_index (-1 appends), run it, save and return its outputs.", RUN)
+    async def insert_execute_code_cell(
+        ctx: Context, cell_index: int, cell_source: str, notebook: str | None = None, timeout: float | None = None,
+    ) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        timeout_of(timeout)  # a bad timeout must change nothing, so check it before inserting
+        pos, cell = await s.notebooks.edit(user, path, lambda nb: nbops.insert_cell(nb, cell_index, "code", cell_source))
+        result = await run(ctx, user, path, cell_source, timeout)
+        saved_at = await save_outputs(user, path, cell.id, result)
+        return exec_result(path, result, {"cell_index": saved_at if saved_at is not None else pos, "cell_id": cell.id,
+                                          "saved": saved_at is not None})
+
+    @tool("execute_code", "Run code in a notebook's kernel without adding it to the notebook (for inspection, "
+          "installs, quick checks).", RUN)
+    async def execute_code(ctx: Context, code: str, notebook: str | None = None, timeout: float | None = None) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        if not await s.notebooks.exists(user, path):
+            await s.notebooks.load(user, path)  # raises the precise error: not found, or refused
+        result = await run(ctx, user, path, code, timeout, store_history=False)
+        return exec_result(path, result)
+
+    # ---- kernels -----------------------------------------------------------------------
+
+    @tool("list_kernels", "List your running kernels: notebook, state, start time, executions.", READ)
+    async def list_kernels() -> CallToolResult:
+        user = user_name()
+        items = [{
+            "kernel_id": k.id, "notebook": k.notebook, "state": k.state.value, "pid": k.pid,
+            "started_at": k.started_at, "executions": k.executions,
+        } for k in s.kernels.of_user(user)]
+        lines = [f"{k['kernel_id']}  {k['state']:8} {k['notebook']}  executions={k['executions']}" for k in items]
+        return _result("\n".join(lines) or "(no kernels)", {"kernels": items, "warm": len(s.kernels.pooled(user))})
+
+    @tool("restart_notebook", "Restart a notebook's kernel: a fresh kernel, all variables lost; the file stays.", DESTRUCTIVE)
+    async def restart_notebook(ctx: Context, notebook: str | None = None) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        await s.notebooks.load(user, path)
+        kernel = await s.kernels.restart(await s.users.get(user), path)
+        return _result(f"restarted the kernel of {path} (kernel {kernel.id})", {"notebook": path, "kernel_id": kernel.id})
+
+    @tool("interrupt_kernel", "Interrupt what a notebook's kernel is running (like Ctrl-C).", EDIT)
+    async def interrupt_kernel(ctx: Context, notebook: str | None = None) -> CallToolResult:
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        kernel = s.kernels.get(user, path)
+        if kernel is None:
+            return _result(f"{path} has no running kernel", {"notebook": path, "interrupted": False})
+        await s.kernels.interrupt(kernel)
+        return _result(f"interrupted the kernel of {path}", {"notebook": path, "interrupted": True})
+
+    return server
+
+
+def _cell_summary(i: int, cell: NotebookNode) -> dict[str, Any]:
+    item: dict[str, Any] = {"index": i, "id": cell.get("id"), "cell_type": cell.cell_type}
+    if cell.cell_type == "code":
+        item["execution_count"] = cell.get("execution_count")
+    return item
+

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server import KernelpoolServer, make_data_dir, server_env
+
+
+def _sandbox_reason() -> str | None:
+    from sandbox import probe
+
+    host = probe()
+    if not host.get("root"):
+        return "not root: kernels cannot run as other uids here"
+    if not (host.get("cgroup") or {}).get("writable"):
+        return "no writable cgroup hierarchy with memory, cpu and pids on this host"
+    return None
+
+
+SANDBOX_SKIP = _sandbox_reason()
+
+
+@pytest.fixture(scope="session")
+def server_args() -> list[str]:
+    """Extra `serve` options: the sandbox where this host allows it, else the explicit insecure mode."""
+    return [] if SANDBOX_SKIP is None else ["--insecure-no-sandbox"]
+
+
+@pytest.fixture(scope="module")
+def kp(server_args: list[str]) -> Iterator[KernelpoolServer]:
+    """One real server for a test module, with users alice and bob."""
+    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="1"))
+    try:
+        server.add_user("alice")
+        server.add_user("bob")
+        server.start(*server_args)
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def fresh_server(server_args: list[str]) -> Iterator[KernelpoolServer]:
+    server = KernelpoolServer(make_data_dir(), server_env())
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"kernelpool sandbox: {'on' if SANDBOX_SKIP is None else 'OFF (' + SANDBOX_SKIP + ')'}; euid={os.geteuid()}"

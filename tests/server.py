@@ -1,0 +1,135 @@
+"""A real kernelpool server process on a free port, and real MCP clients for it.
+
+Used by the end-to-end tests and the benchmarks. The server runs as `python -m kernelpool serve`
+in its own process; users are created with the real CLI; cleanup removes the Unix accounts and
+cgroups it made, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_data_dir() -> str:
+    # under /tmp, traversable: kernels run as other uids and must reach their folders
+    path = tempfile.mkdtemp(prefix="kp-test-", dir="/tmp")
+    os.chmod(path, 0o711)
+    return path
+
+
+@dataclass
+class KernelpoolServer:
+    data_dir: str
+    env: dict[str, str]
+    port: int = 0
+    proc: subprocess.Popen[str] | None = None
+    tokens: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kernelpool", *args, "--data-dir", self.data_dir],
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd=ROOT,
+        )
+
+    def add_user(self, name: str) -> str:
+        out = self.cli("users", "add", name)
+        token = out.stdout.strip()
+        assert token.startswith("kp_") and "\n" not in token, out
+        self.tokens[name] = token
+        return token
+
+    def start(self, *extra: str, wait: float = 60) -> None:
+        self.port = free_port()
+        self.log_path = os.path.join(self.data_dir, "server.log")
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kernelpool", "serve", "--data-dir", self.data_dir, "--port", str(self.port), *extra],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx2.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not answer /healthz in {wait} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()[-20000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        for name in list(self.tokens):
+            self.cli("users", "remove", name, check=False)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELPOOL_")}
+    env["PYTHONPATH"] = ROOT
+    # test accounts: a range and prefix of their own, so cleanup can never touch anything else
+    env.setdefault("KERNELPOOL_UID_MIN", "62000")
+    env.setdefault("KERNELPOOL_UID_MAX", "62999")
+    env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", "kpt-")
+    env.setdefault("KERNELPOOL_CGROUP_PREFIX", f"kernelpool-test-{os.getpid()}")
+    env.update(extra)
+    return env
+
+
+@contextlib.asynccontextmanager
+async def mcp_client(url: str, token: str | None, mode: str = "legacy") -> AsyncIterator[Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
+    async with http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
+            yield client
