@@ -20,6 +20,7 @@ from typing import Any
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError
+from sandbox.errors import SandboxError
 
 log = logging.getLogger("kernelpool")
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except KernelpoolError as exc:
         _err(f"kernelpool: {exc}")
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, SandboxError) as exc:
         _err(f"kernelpool: {exc}")
         return 2
 

@@ -31,7 +31,7 @@ def server_args() -> list[str]:
 @pytest.fixture(scope="module")
 def kp(server_args: list[str]) -> Iterator[KernelpoolServer]:
     """One real server for a test module, with users alice and bob."""
-    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="1"))
+    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="1", KERNELPOOL_PROGRESS_INTERVAL="1"))
     try:
         server.add_user("alice")
         server.add_user("bob")

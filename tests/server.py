@@ -120,7 +120,7 @@ def server_env(**extra: str) -> dict[str, str]:
     # test accounts: a range and prefix of their own, so cleanup can never touch anything else
     env.setdefault("KERNELPOOL_UID_MIN", "62000")
     env.setdefault("KERNELPOOL_UID_MAX", "62999")
-    env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", "kpt-")
+    env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", f"kpt{os.getpid() % 100000}-")
     env.setdefault("KERNELPOOL_CGROUP_PREFIX", f"kernelpool-test-{os.getpid()}")
     env.update(extra)
     return env
