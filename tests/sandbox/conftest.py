@@ -10,8 +10,10 @@ import os
 import pwd
 import grp
 import secrets
+import shutil
 import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -81,15 +83,20 @@ def user_python() -> str:
 
 
 @pytest.fixture
-def identity(tmp_path_factory: pytest.TempPathFactory) -> Identity:
-    """An unprivileged identity (no passwd entry needed to run as it) with its own 0700 home."""
+def identity() -> Iterator[Identity]:
+    """An unprivileged identity (no passwd entry needed to run as it) with its own 0700 home.
+
+    The home is directly in /tmp: pytest's tmp_path sits below a root-only 0700 folder.
+    """
     require_root()
     uid = free_uid()
-    home = tmp_path_factory.mktemp("home")
-    os.chmod(home.parent, 0o711)
-    os.chown(home, uid, uid)
-    os.chmod(home, 0o700)
-    return Identity(name=f"kptest-{uid}", uid=uid, gid=uid, home=str(home))
+    home = tempfile.mkdtemp(prefix="kptest-home-")
+    try:
+        os.chown(home, uid, uid)
+        os.chmod(home, 0o700)
+        yield Identity(name=f"kptest-{uid}", uid=uid, gid=uid, home=home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
