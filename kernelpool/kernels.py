@@ -389,6 +389,15 @@ class KernelRegistry:
                         os.unlink(path)
             await self._store.remove_kernel(row.id)
             reaped += 1
+        if self._cgroups is not None:
+            # kernel cgroups that no row names (a crash between creating one and recording it)
+            for user in self._cgroups.list_children(""):
+                for leftover in self._cgroups.list_children(user):
+                    cg = self._cgroups.get(leftover)
+                    if cg is not None:
+                        with contextlib.suppress(Exception):
+                            cg.remove()
+                            reaped += 1
         return reaped
 
     async def close(self) -> None:
@@ -400,3 +409,11 @@ class KernelRegistry:
         self._kernels.clear()
         self._pools.clear()
         await asyncio.gather(*(self._stop(k) for k in kernels), return_exceptions=True)
+        if self._cgroups is not None:
+            # the users' cgroups and our prefix folder: a stopped server leaves nothing in the tree
+            root = self._cgroups.get("")
+            if root is not None:
+                try:
+                    root.remove()
+                except Exception as exc:
+                    log.warning("removing cgroups: %s", exc)
