@@ -73,6 +73,13 @@ def spare_uid(root_only: None) -> int:
     return free_uid()
 
 
+@pytest.fixture
+def spare_uids(root_only: None) -> tuple[int, int]:
+    """Two distinct free uids in the test range."""
+    first = free_uid()
+    return first, free_uid(avoid={first})
+
+
 @pytest.fixture(scope="session")
 def user_python() -> str:
     """A python an unprivileged uid can execute (the dev venv's lives under /root, mode 0700)."""

@@ -1,0 +1,151 @@
+"""spawn/enter for real, as root: ids, no_new_privs, umask, cgroup, network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import textwrap
+
+import pytest
+
+from sandbox import CgroupBackend, Identity, LaunchError, LaunchSpec, Limits, spawn
+
+REPORT = """
+import json, os, socket
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+umask = os.umask(0)
+print(json.dumps({
+    "resuid": os.getresuid(), "resgid": os.getresgid(), "groups": os.getgroups(),
+    "umask": umask, "nnp": status["NoNewPrivs"].strip(), "cwd": os.getcwd(),
+    "cgroup": open("/proc/self/cgroup").read(), "env": dict(os.environ),
+    "ifaces": [name for _, name in socket.if_nameindex()], "sid": os.getsid(0), "pid": os.getpid(),
+}))
+"""
+
+ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+
+
+def run(spec: LaunchSpec) -> tuple[int, str]:
+    r, w = os.pipe()
+    try:
+        spec.stdout = spec.stderr = w
+        proc = spawn(spec)
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as out:
+        text = out.read().decode()
+    return proc.wait(timeout=30), text
+
+
+def test_child_runs_as_configured(v1: CgroupBackend, identity: Identity, user_python: str) -> None:
+    cg = v1.create("alice/k-1", Limits(pids=64))
+    os.environ["KPTEST_SERVER_SECRET"] = "must not leak"
+    try:
+        code, out = run(LaunchSpec([user_python, "-c", REPORT], dict(ENV), identity.home, identity, cg))
+    finally:
+        del os.environ["KPTEST_SERVER_SECRET"]
+    assert code == 0, out
+    seen = json.loads(out)
+    assert seen["resuid"] == [identity.uid] * 3
+    assert seen["resgid"] == [identity.gid] * 3
+    assert seen["groups"] == []
+    assert seen["umask"] == 0o077
+    assert seen["nnp"] == "1"
+    assert seen["cwd"] == identity.home
+    assert seen["env"] == ENV
+    assert seen["sid"] == seen["pid"]  # leads its own session
+    lines = dict(line.split(":", 2)[1:] for line in seen["cgroup"].splitlines())
+    for controller in ("memory", "cpu", "pids"):
+        assert lines[controller].endswith(f"/{v1.prefix}/alice/k-1"), lines
+    assert seen["ifaces"] == [name for _, name in socket.if_nameindex()]  # host network by default
+
+
+def test_network_none_has_only_loopback(identity: Identity, user_python: str) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    code_text = f"""
+    import socket
+    print(sorted(name for _, name in socket.if_nameindex()))
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=2)
+        print("reached the host")
+    except OSError as exc:
+        print("refused", type(exc).__name__)
+    own = socket.socket(); own.bind(("127.0.0.1", 0)); own.listen()
+    socket.create_connection(own.getsockname(), timeout=2)
+    print("loopback up")
+    """
+    try:
+        code, out = run(
+            LaunchSpec([user_python, "-c", textwrap.dedent(code_text)], dict(ENV), identity.home, identity, network="none")
+        )
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert code == 0, out
+    assert out.splitlines() == ["['lo']", "refused ConnectionRefusedError", "loopback up"]
+
+
+def test_failure_in_enter_never_execs(identity: Identity) -> None:
+    marker = os.path.join(identity.home, "ran")
+    spec = LaunchSpec(["/usr/bin/touch", marker], dict(ENV), "/nonexistent/dir", identity)
+    with pytest.raises(LaunchError) as caught:
+        spawn(spec)
+    assert caught.value.step == "chdir"
+    assert "No such file" in str(caught.value)
+    assert not os.path.exists(marker)
+
+
+def test_cwd_is_entered_as_the_user_not_as_root(identity: Identity) -> None:
+    # a root-only folder: root could chdir there, the user cannot, so the order is visible
+    private = os.path.join(identity.home, "root-only")
+    os.mkdir(private, 0o700)
+    os.chown(private, 0, 0)
+    marker = os.path.join(identity.home, "ran")
+    with pytest.raises(LaunchError, match="Permission denied") as caught:
+        spawn(LaunchSpec(["/usr/bin/touch", marker], dict(ENV), private, identity))
+    assert caught.value.step == "chdir"
+    assert not os.path.exists(marker)
+
+
+def test_unjoinable_cgroup_never_execs(v1: CgroupBackend, identity: Identity) -> None:
+    cg = v1.create("bob/k-1", Limits())
+    cg.remove()  # the object now points at directories that are gone
+    marker = os.path.join(identity.home, "ran")
+    with pytest.raises(LaunchError) as caught:
+        spawn(LaunchSpec(["/usr/bin/touch", marker], dict(ENV), identity.home, identity, cg))
+    assert caught.value.step == "join cgroup"
+    assert not os.path.exists(marker)
+
+
+def test_dev_mode_without_identity(user_python: str) -> None:
+    code, out = run(LaunchSpec([user_python, "-c", REPORT], dict(ENV), "/", umask=0o027))
+    assert code == 0, out
+    seen = json.loads(out)
+    assert seen["resuid"] == [os.geteuid()] * 3
+    assert seen["nnp"] == "1" and seen["umask"] == 0o027
+
+
+def test_exec_failure_is_an_oserror() -> None:
+    with pytest.raises(FileNotFoundError):
+        spawn(LaunchSpec(["/nonexistent/binary"], dict(ENV), "/"))
+
+
+def test_default_streams_are_devnull(user_python: str) -> None:
+    proc = spawn(LaunchSpec([user_python, "-c", "print('x' * 100000)"], dict(ENV), "/"))
+    assert proc.wait(timeout=30) == 0
+    assert proc.stdin is None and proc.stdout is None
+
+
+def test_spec_is_checked_in_the_parent() -> None:
+    with pytest.raises(LaunchError):
+        spawn(LaunchSpec([], {}, "/"))
+    with pytest.raises(LaunchError):
+        spawn(LaunchSpec(["/bin/true"], {}, "relative"))
+    with pytest.raises(LaunchError):
+        spawn(LaunchSpec(["/bin/true"], {}, "/", network="bridge"))  # type: ignore[arg-type]

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import os
+
+from sandbox import probe
+
+
+def test_probe_reports_this_host() -> None:
+    found = probe()
+    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "no_new_privs"}
+    assert found["root"] == (os.geteuid() == 0)
+    assert found["no_new_privs"] is True  # any Linux since 3.5
+    assert found["cgroup"]["version"] in (1, 2, None)
+    if found["root"]:
+        assert found["setuid"] and found["netns"]
+    if found["cgroup"]["version"] is not None:
+        assert {"memory", "cpu", "pids"} <= set(found["cgroup"]["controllers"]) or found["cgroup"]["version"] == 2
