@@ -40,4 +40,4 @@ def get_no_new_privs() -> bool:
     if value < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return value == 1
+    return bool(value == 1)

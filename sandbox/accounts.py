@@ -44,7 +44,9 @@ def _run(tool: str, args: list[str], name: str) -> subprocess.CompletedProcess[s
 
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
-        raise AccountError(f"invalid account name {name!r}: use a lowercase letter or '_', then up to 31 of [a-z0-9_-]", path=name)
+        raise AccountError(
+            f"invalid account name {name!r}: use a lowercase letter or '_', then up to 31 of [a-z0-9_-]", path=name
+        )
 
 
 def _user(name: str) -> pwd.struct_passwd | None:

@@ -17,268 +17,27 @@ from __future__ import annotations
 
 import errno
 import os
-import re
-import signal
-import time
-from abc import ABC, abstractmethod
 
+from sandbox._cgroupfs import (
+    Cgroup,
+    CgroupBackend,
+    own_cgroup_paths,
+    read_file,
+    read_int,
+    read_keyed,
+    read_pids,
+    split_relpath,
+    write_file,
+)
 from sandbox.errors import CgroupError
 from sandbox.limits import CPU_PERIOD_US, Limits
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$")
+__all__ = ["Cgroup", "CgroupBackend", "CgroupV1Backend", "CgroupV2Backend", "detect"]
+
 # v1 reports "no limit" as a huge page-aligned number (LONG_MAX rounded down), not -1
 _V1_UNLIMITED = 1 << 62
 _V1_CONTROLLERS = ("memory", "cpu", "pids", "cpuacct")  # cpuacct only for cpu_usage_seconds
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
-_KILL_ROUNDS = 100
-_REMOVE_WAIT_S = 3.0
-
-
-def _split(relpath: str, *, allow_empty: bool = False) -> list[str]:
-    if relpath == "" and allow_empty:
-        return []
-    parts = relpath.split("/")
-    for part in parts:
-        if not _COMPONENT.match(part):
-            raise CgroupError(
-                f"invalid cgroup path {relpath!r}: each component must match [A-Za-z0-9_][A-Za-z0-9_.@-]*",
-                path=relpath,
-            )
-    return parts
-
-
-def _write(path: str, value: str) -> None:
-    # one write(2) per value: cgroupfs parses each write on its own
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}", path=path) from exc
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        raise CgroupError(f"cannot read {path}: {exc.strerror}", path=path) from exc
-
-
-def _read_keyed(path: str, key: str) -> int | None:
-    text = _read(path)
-    if text is None:
-        return None
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            return int(value)
-    return None
-
-
-def _read_int(path: str) -> int | None:
-    text = _read(path)
-    return None if text is None or not text.strip() else int(text.split()[0])
-
-
-def _read_pids(path: str) -> list[int]:
-    text = _read(path) or ""
-    return [int(line) for line in text.split()]
-
-
-def _own_paths() -> dict[str, str]:
-    """Controller (v1) or "" (v2) -> this process's cgroup path, from /proc/self/cgroup."""
-    paths: dict[str, str] = {}
-    with open("/proc/self/cgroup", encoding="ascii") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(","):
-                paths[controller] = path
-    return paths
-
-
-class Cgroup:
-    """One cgroup (a user's aggregate or one kernel), in every hierarchy the backend uses.
-
-    Returned by `CgroupBackend.create`/`get`; the launcher writes the child into
-    `procs_files()`, the kernel registry reads usage and OOM kills and calls `remove()`.
-    """
-
-    def __init__(self, backend: CgroupBackend, relpath: str, limits: Limits) -> None:
-        self.backend = backend
-        self.relpath = relpath
-        self.limits = limits
-
-    def __repr__(self) -> str:
-        return f"Cgroup(v{self.backend.version}, {self.relpath!r}, {self.limits})"
-
-    def directories(self) -> list[str]:
-        """Absolute directories of this cgroup: one per v1 hierarchy, one for v2."""
-        return self.backend._dirs(self.relpath)
-
-    def procs_files(self) -> list[str]:
-        """Absolute paths of every cgroup.procs a process must be written into to join."""
-        return [os.path.join(d, "cgroup.procs") for d in self.directories()]
-
-    def add_pid(self, pid: int) -> None:
-        """Move a running process in (the launcher does this itself in the child)."""
-        for path in self.procs_files():
-            _write(path, str(pid))
-
-    def pids(self) -> list[int]:
-        """Processes directly in this cgroup (not its children)."""
-        found: set[int] = set()
-        for path in self.procs_files():
-            found.update(_read_pids(path))
-        return sorted(found)
-
-    def all_pids(self) -> list[int]:
-        """Processes in this cgroup and every cgroup below it."""
-        found: set[int] = set()
-        for top in self.directories():
-            for dirpath, _, _ in os.walk(top):
-                found.update(_read_pids(os.path.join(dirpath, "cgroup.procs")))
-        return sorted(found)
-
-    def oom_kills(self) -> int:
-        """How many processes the OOM killer has killed in this cgroup (0 if unknown).
-
-        v1 counts a kill only in the victim's own cgroup (not its ancestors), also when it was
-        the user's aggregate limit that was hit: ask the kernel's cgroup, not the user's.
-        """
-        return self.backend._oom_kills(self.relpath)
-
-    def memory_current(self) -> int | None:
-        """Bytes charged to this cgroup now (children included), or None if not available."""
-        return self.backend._memory_current(self.relpath)
-
-    def cpu_usage_seconds(self) -> float | None:
-        """CPU time used by this cgroup since creation, or None (v1 without cpuacct)."""
-        return self.backend._cpu_usage(self.relpath)
-
-    def kill_all(self) -> None:
-        """SIGKILL every process in this cgroup and below; returns once none is left or gives up."""
-        self.backend._kill_all(self)
-
-    def remove(self) -> None:
-        """Kill what runs inside, then delete this cgroup and its children. Idempotent."""
-        dirs = [d for d in self.directories() if os.path.isdir(d)]
-        if not dirs:
-            return
-        self.kill_all()
-        deadline = time.monotonic() + _REMOVE_WAIT_S
-        for top in dirs:
-            for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
-                while True:
-                    try:
-                        os.rmdir(dirpath)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError as exc:
-                        # EBUSY: a killed process has not finished exiting yet
-                        if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                            raise CgroupError(f"cannot remove cgroup {dirpath}: {exc.strerror}", path=dirpath) from exc
-                        self.kill_all()
-                        time.sleep(0.02)
-
-
-class CgroupBackend(ABC):
-    """Creates and finds cgroups below `<own cgroup>/<prefix>`; see `detect()`."""
-
-    version: int
-    controllers: set[str]
-    prefix: str
-
-    def create(self, relpath: str, limits: Limits) -> Cgroup:
-        """Create `relpath` ("alice" or "alice/k-1234") and its parents; set `limits` on it.
-
-        Idempotent: an existing cgroup keeps its processes and gets the new limits. Parents
-        that are created here get no limits of their own (create them first for that).
-        Raises CgroupError, also when a limit is asked for a controller this host lacks.
-        """
-        parts = _split(relpath)
-        self._check_controllers(limits, relpath)
-        self._make(parts)
-        self._write_limits(relpath, limits)
-        return Cgroup(self, relpath, limits)
-
-    def get(self, relpath: str) -> Cgroup | None:
-        """The existing cgroup at `relpath` with its limits read back, or None. "" is the prefix dir."""
-        _split(relpath, allow_empty=True)
-        if not os.path.isdir(self._dirs(relpath)[0]):
-            return None
-        return Cgroup(self, relpath, self._read_limits(relpath))
-
-    def list_children(self, relpath: str = "") -> list[str]:
-        """Relative paths of the cgroups directly below `relpath` (e.g. "alice" -> ["alice/k-1"]).
-
-        Used at start-up to find cgroups left behind by a crash.
-        """
-        parts = _split(relpath, allow_empty=True)
-        names: set[str] = set()
-        for top in self._dirs(relpath):
-            try:
-                names.update(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
-            except FileNotFoundError:
-                continue
-        return sorted("/".join([*parts, n]) for n in names)
-
-    def writable(self) -> bool:
-        """Whether we may create our cgroups: the nearest existing ancestor of each prefix dir is writable."""
-        for d in self._dirs(""):
-            while not os.path.exists(d):
-                d = os.path.dirname(d)
-            if not os.access(d, os.W_OK):
-                return False
-        return bool(self._dirs(""))
-
-    def _check_controllers(self, limits: Limits, relpath: str) -> None:
-        wanted = {"memory": limits.memory_bytes, "cpu": limits.cpus, "pids": limits.pids}
-        for controller, value in wanted.items():
-            if value is not None and controller not in self.controllers:
-                raise CgroupError(
-                    f"cannot limit {controller} for {relpath!r}: the {controller} controller is not available here",
-                    path=relpath,
-                )
-
-    def _kill_all(self, cgroup: Cgroup) -> None:
-        # without a freezer a forking process can race us: repeat until nothing is left
-        for _ in range(_KILL_ROUNDS):
-            pids = cgroup.all_pids()
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
-
-    @abstractmethod
-    def _dirs(self, relpath: str) -> list[str]: ...
-
-    @abstractmethod
-    def _make(self, parts: list[str]) -> None: ...
-
-    @abstractmethod
-    def _write_limits(self, relpath: str, limits: Limits) -> None: ...
-
-    @abstractmethod
-    def _read_limits(self, relpath: str) -> Limits: ...
-
-    @abstractmethod
-    def _oom_kills(self, relpath: str) -> int: ...
-
-    @abstractmethod
-    def _memory_current(self, relpath: str) -> int | None: ...
-
-    @abstractmethod
-    def _cpu_usage(self, relpath: str) -> float | None: ...
 
 
 # ---- cgroup v1 -----------------------------------------------------------------------------
@@ -317,7 +76,7 @@ class CgroupV1Backend(CgroupBackend):
         root: str = "/sys/fs/cgroup",
         own_paths: dict[str, str] | None = None,
     ) -> None:
-        _split(prefix)
+        split_relpath(prefix)
         self.prefix = prefix
         if mounts is None:
             found = _v1_mounts(root)
@@ -326,7 +85,7 @@ class CgroupV1Backend(CgroupBackend):
         else:
             mount_points = {c: mp for c, mp in mounts.items() if c in _V1_CONTROLLERS}
             mount_roots = {c: "/" for c in mount_points}
-        own = _own_paths() if own_paths is None else own_paths
+        own = own_cgroup_paths() if own_paths is None else own_paths
         self._bases: dict[str, str] = {}
         for controller, mount_point in mount_points.items():
             path = own.get(controller, "/")
@@ -361,7 +120,7 @@ class CgroupV1Backend(CgroupBackend):
                 # which would let a user's kernels escape the user's aggregate limit
                 for level in range(len(parts) + 1):
                     try:
-                        _write(os.path.join(self._dir(controller, "/".join(parts[:level])), "memory.use_hierarchy"), "1")
+                        write_file(os.path.join(self._dir(controller, "/".join(parts[:level])), "memory.use_hierarchy"), "1")
                     except CgroupError:
                         pass  # read-only once children exist; the default is what we want then
 
@@ -371,42 +130,42 @@ class CgroupV1Backend(CgroupBackend):
         if "cpu" in self._bases:
             self._write_cpu(self._dir("cpu", relpath), limits)
         if "pids" in self._bases:
-            _write(os.path.join(self._dir("pids", relpath), "pids.max"), "max" if limits.pids is None else str(limits.pids))
+            write_file(os.path.join(self._dir("pids", relpath), "pids.max"), "max" if limits.pids is None else str(limits.pids))
 
     def _write_memory(self, path: str, memory_bytes: int | None) -> None:
         limit = os.path.join(path, "memory.limit_in_bytes")
         memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
         value = "-1" if memory_bytes is None else str(memory_bytes)
         if not os.path.exists(memsw):  # swap accounting off: swap is not limited at all then
-            _write(limit, value)
+            write_file(limit, value)
             return
         # the kernel insists on limit <= memsw limit at every moment: when growing, raise the
         # memory+swap limit first; when shrinking, lower the memory limit first
-        current = _read_int(limit) or _V1_UNLIMITED
+        current = read_int(limit) or _V1_UNLIMITED
         target = _V1_UNLIMITED if memory_bytes is None else memory_bytes
         order = [memsw, limit] if target > current else [limit, memsw]
         for file in order:
-            _write(file, value)
+            write_file(file, value)
 
     def _write_cpu(self, path: str, limits: Limits) -> None:
         quota = os.path.join(path, "cpu.cfs_quota_us")
         # unlimit first so that changing the period can never leave an invalid quota/period pair
-        _write(quota, "-1")
-        _write(os.path.join(path, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+        write_file(quota, "-1")
+        write_file(os.path.join(path, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
         wanted = limits.cpu_quota_us(CPU_PERIOD_US)
         if wanted is None:
             return
         # v1 refuses (EINVAL) a quota above an ancestor's; v2 would silently cap it. Cap it
         # the same way here so that "kernel 2 cpus, user 1 cpu" means 1 cpu on both.
         ceiling = self._ancestor_quota(os.path.dirname(path))
-        _write(quota, str(wanted if ceiling is None else min(wanted, ceiling)))
+        write_file(quota, str(wanted if ceiling is None else min(wanted, ceiling)))
 
     def _ancestor_quota(self, path: str) -> int | None:
         # up to the hierarchy's root: above the mount point the files stop existing
         ceiling: int | None = None
         while os.path.exists(os.path.join(path, "cpu.cfs_quota_us")):
-            quota = _read_int(os.path.join(path, "cpu.cfs_quota_us"))
-            period = _read_int(os.path.join(path, "cpu.cfs_period_us"))
+            quota = read_int(os.path.join(path, "cpu.cfs_quota_us"))
+            period = read_int(os.path.join(path, "cpu.cfs_period_us"))
             if quota is not None and quota > 0 and period:
                 scaled = quota * CPU_PERIOD_US // period
                 ceiling = scaled if ceiling is None else min(ceiling, scaled)
@@ -418,31 +177,31 @@ class CgroupV1Backend(CgroupBackend):
     def _read_limits(self, relpath: str) -> Limits:
         memory = cpus = pids = None
         if "memory" in self._bases:
-            value = _read_int(os.path.join(self._dir("memory", relpath), "memory.limit_in_bytes"))
+            value = read_int(os.path.join(self._dir("memory", relpath), "memory.limit_in_bytes"))
             memory = value if value is not None and value < _V1_UNLIMITED else None
         if "cpu" in self._bases:
-            quota = _read_int(os.path.join(self._dir("cpu", relpath), "cpu.cfs_quota_us"))
-            period = _read_int(os.path.join(self._dir("cpu", relpath), "cpu.cfs_period_us"))
+            quota = read_int(os.path.join(self._dir("cpu", relpath), "cpu.cfs_quota_us"))
+            period = read_int(os.path.join(self._dir("cpu", relpath), "cpu.cfs_period_us"))
             cpus = quota / period if quota is not None and quota > 0 and period else None
         if "pids" in self._bases:
-            text = (_read(os.path.join(self._dir("pids", relpath), "pids.max")) or "max").strip()
+            text = (read_file(os.path.join(self._dir("pids", relpath), "pids.max")) or "max").strip()
             pids = None if text == "max" else int(text)
         return Limits(memory, cpus, pids)
 
     def _oom_kills(self, relpath: str) -> int:
         if "memory" not in self._bases:
             return 0
-        return _read_keyed(os.path.join(self._dir("memory", relpath), "memory.oom_control"), "oom_kill") or 0
+        return read_keyed(os.path.join(self._dir("memory", relpath), "memory.oom_control"), "oom_kill") or 0
 
     def _memory_current(self, relpath: str) -> int | None:
         if "memory" not in self._bases:
             return None
-        return _read_int(os.path.join(self._dir("memory", relpath), "memory.usage_in_bytes"))
+        return read_int(os.path.join(self._dir("memory", relpath), "memory.usage_in_bytes"))
 
     def _cpu_usage(self, relpath: str) -> float | None:
         if "cpuacct" not in self._bases:
             return None
-        ns = _read_int(os.path.join(self._dir("cpuacct", relpath), "cpuacct.usage"))
+        ns = read_int(os.path.join(self._dir("cpuacct", relpath), "cpuacct.usage"))
         return None if ns is None else ns / 1e9
 
 
@@ -458,13 +217,13 @@ class CgroupV2Backend(CgroupBackend):
     version = 2
 
     def __init__(self, root: str = "/sys/fs/cgroup", prefix: str = "kernelpool", own_path: str | None = None) -> None:
-        _split(prefix)
+        split_relpath(prefix)
         self.prefix = prefix
         if own_path is None:
-            own_path = _own_paths().get("", "/")
+            own_path = own_cgroup_paths().get("", "/")
         self.own = os.path.join(root, own_path.lstrip("/")).rstrip("/") or "/"
         self.root = os.path.join(self.own, prefix)
-        available = (_read(os.path.join(self.own, "cgroup.controllers")) or "").split()
+        available = (read_file(os.path.join(self.own, "cgroup.controllers")) or "").split()
         self.controllers = set(_V2_CONTROLLERS) & set(available)
 
     def _dirs(self, relpath: str) -> list[str]:
@@ -486,13 +245,13 @@ class CgroupV2Backend(CgroupBackend):
 
     def _enable_subtree(self, path: str) -> None:
         control = os.path.join(path, "cgroup.subtree_control")
-        enabled = set((_read(control) or "").replace("+", "").split())
+        enabled = set((read_file(control) or "").replace("+", "").split())
         missing = sorted(self.controllers - enabled, key=_V2_CONTROLLERS.index)
         if not missing:
             return
         value = " ".join("+" + c for c in missing)
         try:
-            _write(control, value)
+            write_file(control, value)
         except CgroupError as exc:
             cause = exc.__cause__
             if path != self.own or not isinstance(cause, OSError) or cause.errno != errno.EBUSY:
@@ -501,14 +260,14 @@ class CgroupV2Backend(CgroupBackend):
             # still holds processes, the server among them. Move them into a leaf next to our
             # prefix dir, as container init systems do, then try again.
             self._evacuate_own()
-            _write(control, value)
+            write_file(control, value)
 
     def _evacuate_own(self) -> None:
         leaf = os.path.join(self.own, f"{self.prefix}-server")
         os.makedirs(leaf, exist_ok=True)
-        for pid in _read_pids(os.path.join(self.own, "cgroup.procs")):
+        for pid in read_pids(os.path.join(self.own, "cgroup.procs")):
             try:
-                _write(os.path.join(leaf, "cgroup.procs"), str(pid))
+                write_file(os.path.join(leaf, "cgroup.procs"), str(pid))
             except CgroupError as exc:
                 if not (isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ESRCH):
                     raise
@@ -516,22 +275,22 @@ class CgroupV2Backend(CgroupBackend):
     def _write_limits(self, relpath: str, limits: Limits) -> None:
         path = self._dirs(relpath)[0]
         if "memory" in self.controllers:
-            _write(os.path.join(path, "memory.max"), "max" if limits.memory_bytes is None else str(limits.memory_bytes))
+            write_file(os.path.join(path, "memory.max"), "max" if limits.memory_bytes is None else str(limits.memory_bytes))
             swap = os.path.join(path, "memory.swap.max")
             if os.path.exists(swap):  # absent without swap accounting
                 # a kernel that swaps is slower than one that is killed and restarted
-                _write(swap, "0")
+                write_file(swap, "0")
         if "cpu" in self.controllers:
             quota = limits.cpu_quota_us(CPU_PERIOD_US)
-            _write(os.path.join(path, "cpu.max"), f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
+            write_file(os.path.join(path, "cpu.max"), f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
         if "pids" in self.controllers:
-            _write(os.path.join(path, "pids.max"), "max" if limits.pids is None else str(limits.pids))
+            write_file(os.path.join(path, "pids.max"), "max" if limits.pids is None else str(limits.pids))
 
     def _read_limits(self, relpath: str) -> Limits:
         path = self._dirs(relpath)[0]
-        memory = (_read(os.path.join(path, "memory.max")) or "max").strip()
-        cpu = (_read(os.path.join(path, "cpu.max")) or "max").split()
-        pids = (_read(os.path.join(path, "pids.max")) or "max").strip()
+        memory = (read_file(os.path.join(path, "memory.max")) or "max").strip()
+        cpu = (read_file(os.path.join(path, "cpu.max")) or "max").split()
+        pids = (read_file(os.path.join(path, "pids.max")) or "max").strip()
         return Limits(
             None if memory == "max" else int(memory),
             None if cpu[0] == "max" else int(cpu[0]) / int(cpu[1] if len(cpu) > 1 else CPU_PERIOD_US),
@@ -541,17 +300,17 @@ class CgroupV2Backend(CgroupBackend):
     def _kill_all(self, cgroup: Cgroup) -> None:
         kill = os.path.join(self._dirs(cgroup.relpath)[0], "cgroup.kill")
         if os.path.exists(kill):  # Linux 5.14+: atomic, races no fork
-            _write(kill, "1")
+            write_file(kill, "1")
         super()._kill_all(cgroup)
 
     def _oom_kills(self, relpath: str) -> int:
-        return _read_keyed(os.path.join(self._dirs(relpath)[0], "memory.events"), "oom_kill") or 0
+        return read_keyed(os.path.join(self._dirs(relpath)[0], "memory.events"), "oom_kill") or 0
 
     def _memory_current(self, relpath: str) -> int | None:
-        return _read_int(os.path.join(self._dirs(relpath)[0], "memory.current"))
+        return read_int(os.path.join(self._dirs(relpath)[0], "memory.current"))
 
     def _cpu_usage(self, relpath: str) -> float | None:
-        usec = _read_keyed(os.path.join(self._dirs(relpath)[0], "cpu.stat"), "usage_usec")
+        usec = read_keyed(os.path.join(self._dirs(relpath)[0], "cpu.stat"), "usage_usec")
         return None if usec is None else usec / 1e6
 
 

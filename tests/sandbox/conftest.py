@@ -6,9 +6,9 @@ to this test run, removed in teardown even when a test fails.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
-import grp
 import secrets
 import shutil
 import stat
