@@ -7,10 +7,13 @@ assertions are on what the backend writes.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
 
+import sandbox._cgroupfs as cgroupfs
+import sandbox.cgroups as cgroups
 from sandbox import CgroupError, CgroupV2Backend, Limits
 
 
@@ -111,3 +114,23 @@ def test_stats_from_interface_files(tree: Path) -> None:
 def test_bad_relpaths_are_refused(tree: Path, bad: str) -> None:
     with pytest.raises(CgroupError):
         CgroupV2Backend(root=str(tree), own_path="").create(bad, Limits())
+
+
+def test_own_cgroup_with_processes_is_evacuated(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # v2's "no internal processes" rule: enabling controllers below a cgroup that holds
+    # processes (ours, in a container) fails with EBUSY until they move to a leaf
+    (tree / "cgroup.procs").write_text("101\n")
+    real_write = cgroupfs.write_file
+    moved: list[str] = []
+
+    def kernel_like_write(path: str, value: str) -> None:
+        if path == str(tree / "cgroup.subtree_control") and not moved:
+            raise CgroupError("busy", path=path) from OSError(errno.EBUSY, "Device or resource busy")
+        if path.endswith("kernelpool-server/cgroup.procs"):
+            moved.append(value)
+        real_write(path, value)
+
+    monkeypatch.setattr(cgroups, "write_file", kernel_like_write)
+    CgroupV2Backend(root=str(tree), own_path="").create("gus/k-1", Limits())
+    assert moved == ["101"]
+    assert tokens(tree / "cgroup.subtree_control") == {"+memory", "+cpu", "+pids"}
