@@ -128,7 +128,7 @@ def test_cpu_quota_throttles(v1: CgroupBackend, identity: Identity, user_python:
     )
     assert code == 0, out
     used = cg.cpu_usage_seconds()
-    assert used is not None and 0.05 < used < 0.45, used
+    assert used is not None and 0 < used < 0.45, used  # unthrottled it would be about 1.0
 
 
 def test_remove_kills_and_cleans_up(v1: CgroupBackend) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from sandbox import probe
 
@@ -15,3 +17,13 @@ def test_probe_reports_this_host() -> None:
         assert found["setuid"] and found["netns"]
     if found["cgroup"]["version"] is not None:
         assert {"memory", "cpu", "pids"} <= set(found["cgroup"]["controllers"]) or found["cgroup"]["version"] == 2
+
+
+def test_sandbox_imports_nothing_of_the_layers_above() -> None:
+    code = (
+        "import sys, sandbox\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('kernelpool', 'jupyter_client', 'ipykernel', 'mcp', 'zmq')]\n"
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
