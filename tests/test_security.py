@@ -1,0 +1,321 @@
+"""The attack suite: code run in alice's kernel, through the MCP tools, tries to reach bob and
+the server. Runs as root where the host can isolate; skipped, with the reason, elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import SANDBOX_SKIP
+from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+
+pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox tests need isolation: {SANDBOX_SKIP}")
+
+MEMORY = 256 * 1024 * 1024
+PIDS = 64
+
+
+@pytest.fixture(scope="module")
+def sec() -> Iterator[KernelpoolServer]:
+    server = KernelpoolServer(make_data_dir(), server_env(
+        KERNELPOOL_KERNEL_MEMORY="256M", KERNELPOOL_KERNEL_PIDS=str(PIDS), KERNELPOOL_KERNEL_CPUS="1",
+        KERNELPOOL_POOL_SIZE="0", KERNELPOOL_EXECUTE_TIMEOUT="60",
+    ))
+    try:
+        server.add_user("alice")
+        server.add_user("bob")
+        server.start()
+        asyncio.run(_bob_setup(server))
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def _bob_setup(server: KernelpoolServer) -> None:
+    async with mcp_client(server.url, server.tokens["bob"], mode="auto") as b:
+        await b.call_tool("use_notebook", {"notebook": "secret.ipynb", "mode": "create"})
+        await b.call_tool("insert_execute_code_cell", {"notebook": "secret.ipynb", "cell_index": -1,
+                                                        "cell_source": "SECRET = 'bob-secret'; print('ok')"})
+
+
+def text(result) -> str:
+    return "".join(c.text for c in result.content if c.type == "text")
+
+
+async def run_as(server: KernelpoolServer, user: str, code: str, notebook: str = "attack.ipynb", **extra) -> dict:
+    """Run `code` in `user`'s kernel; the code prints one JSON line, which is returned parsed."""
+    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
+        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
+        if r.is_error and "already exists" not in text(r):
+            raise AssertionError(text(r))
+        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code, **extra})
+        assert not r.is_error, text(r)
+        out = text(r)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+async def kernel_pid(server: KernelpoolServer, user: str, notebook: str) -> int:
+    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
+        kernels = (await c.call_tool("list_kernels", {})).structured_content["kernels"]
+    return next(k["pid"] for k in kernels if k["notebook"] == notebook)
+
+
+ATTEMPT = '''
+import json, os
+def attempt(f):
+    try:
+        f()
+        return "ALLOWED"
+    except Exception as e:
+        return type(e).__name__
+'''
+
+
+async def test_kernel_runs_as_the_user_with_nothing_else(sec: KernelpoolServer) -> None:
+    code = '''
+import json, os
+status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\\t" in l)
+open("umask-check", "w").close()
+print(json.dumps({"res": os.getresuid(), "resg": os.getresgid(), "groups": os.getgroups(),
+  "nnp": status["NoNewPrivs"].strip(), "mode": oct(os.stat("umask-check").st_mode & 0o777),
+  "cwd": os.getcwd(), "env": sorted(os.environ), "cgroup": open("/proc/self/cgroup").read()}))
+'''
+    got = await run_as(sec, "alice", code)
+    account = pwd.getpwnam(f"{sec.env['KERNELPOOL_ACCOUNT_PREFIX']}alice")
+    assert got["res"] == [account.pw_uid] * 3
+    assert got["resg"] == [account.pw_gid] * 3
+    assert got["groups"] == []
+    assert got["nnp"] == "1"
+    assert got["mode"] == "0o600"
+    assert got["cwd"] == os.path.join(sec.data_dir, "users", "alice")
+    assert not [k for k in got["env"] if k.startswith("KERNELPOOL") or "TOKEN" in k]
+    assert account.pw_dir == os.path.join(sec.data_dir, "users", "alice")
+    # the kernel's cgroup carries the configured limits
+    memory_line = next(line for line in got["cgroup"].splitlines() if ":memory:" in line)
+    cg_dir = "/sys/fs/cgroup/memory" + memory_line.split(":", 2)[2]
+    assert sec.env["KERNELPOOL_CGROUP_PREFIX"] in cg_dir and "/alice/" in cg_dir
+    assert int(open(f"{cg_dir}/memory.limit_in_bytes").read()) == MEMORY
+    pids_line = next(line for line in got["cgroup"].splitlines() if ":pids:" in line)
+    assert int(open("/sys/fs/cgroup/pids" + pids_line.split(":", 2)[2] + "/pids.max").read()) == PIDS
+    cpu_line = next(line for line in got["cgroup"].splitlines() if ":cpu," in line or ":cpu:" in line or ",cpu:" in line)
+    cpu_dir = "/sys/fs/cgroup/cpu" + cpu_line.split(":", 2)[2]
+    assert int(open(f"{cpu_dir}/cpu.cfs_quota_us").read()) == int(open(f"{cpu_dir}/cpu.cfs_period_us").read())
+
+
+async def test_cannot_touch_another_users_files(sec: KernelpoolServer) -> None:
+    bob = os.path.join(sec.data_dir, "users", "bob")
+    code = ATTEMPT + f'''
+bob = {bob!r}
+print(json.dumps({{
+  "read": attempt(lambda: open(bob + "/secret.ipynb").read()),
+  "list": attempt(lambda: os.listdir(bob)),
+  "write": attempt(lambda: open(bob + "/planted.ipynb", "w").write("x")),
+  "db": attempt(lambda: open({os.path.join(sec.data_dir, "kernelpool.db")!r}, "rb").read(10)),
+  "wal": attempt(lambda: open({os.path.join(sec.data_dir, "kernelpool.db-wal")!r}, "rb").read(10)),
+  "users_dir": attempt(lambda: os.listdir({os.path.join(sec.data_dir, "users")!r})),
+  "run_dir": attempt(lambda: os.listdir({os.path.join(sec.data_dir, "run", "bob")!r})),
+  "shadow": attempt(lambda: open("/etc/shadow").read()),
+}}))
+'''
+    got = await run_as(sec, "alice", code)
+    assert all(v == "PermissionError" for v in got.values()), got
+    assert not os.path.exists(os.path.join(bob, "planted.ipynb"))
+
+
+async def test_cannot_signal_or_inspect_another_users_kernel_or_the_server(sec: KernelpoolServer) -> None:
+    bob_pid = await kernel_pid(sec, "bob", "secret.ipynb")
+    code = ATTEMPT + f'''
+import signal
+print(json.dumps({{
+  "kill": attempt(lambda: os.kill({bob_pid}, signal.SIGKILL)),
+  "stop": attempt(lambda: os.kill({bob_pid}, signal.SIGSTOP)),
+  "killpg": attempt(lambda: os.killpg({bob_pid}, signal.SIGKILL)),
+  "kill_server": attempt(lambda: os.kill({sec.proc.pid}, signal.SIGTERM)),
+  "bob_environ": attempt(lambda: open("/proc/{bob_pid}/environ").read()),
+  "server_environ": attempt(lambda: open("/proc/{sec.proc.pid}/environ").read()),
+  "bob_mem": attempt(lambda: open("/proc/{bob_pid}/mem", "rb").read(1)),
+  "server_fds": attempt(lambda: os.listdir("/proc/{sec.proc.pid}/fd")),
+}}))
+'''
+    got = await run_as(sec, "alice", code)
+    assert all(v == "PermissionError" for v in got.values()), got
+    async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
+        r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "SECRET"})
+        assert text(r) == "'bob-secret'", "bob's kernel lives on, its state intact"
+
+
+async def test_cannot_connect_to_another_users_kernel_sockets(sec: KernelpoolServer) -> None:
+    run_bob = os.path.join(sec.data_dir, "run", "bob")
+    sockets = [os.path.join(run_bob, n) for n in os.listdir(run_bob) if not n.endswith(".json")]
+    assert sockets, "bob's kernel has ipc sockets"
+    code = ATTEMPT + f'''
+import socket
+def connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    finally:
+        s.close()
+def zmq_connect(path):
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect("ipc://" + path)
+    s.send(b"x")
+    s.close(); ctx.term()
+    os.stat(path)  # zmq connects lazily; whether the path is even visible tells the truth
+conn = {os.path.join(run_bob, [n for n in os.listdir(run_bob) if n.endswith('.json')][0])!r}
+print(json.dumps({{
+  "unix": [attempt(lambda p=p: connect(p)) for p in {sockets!r}],
+  "zmq": [attempt(lambda p=p: zmq_connect(p)) for p in {sockets!r}],
+  "connection_file": attempt(lambda: open(conn).read()),
+}}))
+'''
+    got = await run_as(sec, "alice", code)
+    assert set(got["unix"]) == {"PermissionError"}, got
+    assert set(got["zmq"]) == {"PermissionError"}, got
+    assert got["connection_file"] == "PermissionError"
+
+
+async def test_links_planted_by_a_kernel_do_not_steer_the_server(sec: KernelpoolServer) -> None:
+    bob_nb = os.path.join(sec.data_dir, "users", "bob", "secret.ipynb")
+    before = open(bob_nb).read()
+    code = f'''
+import os, json
+os.symlink({bob_nb!r}, "evil.ipynb")
+os.symlink({os.path.join(sec.data_dir, "users", "bob")!r}, "bobdir")
+os.symlink("/etc", "etcdir")
+os.symlink("/etc/shadow", "shadow.ipynb")
+print(json.dumps("planted"))
+'''
+    assert await run_as(sec, "alice", code) == "planted"
+    async with mcp_client(sec.url, sec.tokens["alice"], mode="auto") as c:
+        for tool, args in [
+            ("read_notebook", {"notebook": "evil.ipynb"}),
+            ("read_notebook", {"notebook": "bobdir/secret.ipynb"}),
+            ("read_notebook", {"notebook": "shadow.ipynb"}),
+            ("insert_cell", {"notebook": "evil.ipynb", "cell_index": -1, "cell_type": "code", "cell_source": "x"}),
+            ("insert_cell", {"notebook": "bobdir/secret.ipynb", "cell_index": -1, "cell_type": "code", "cell_source": "x"}),
+            ("use_notebook", {"notebook": "bobdir/new.ipynb", "mode": "create"}),
+            ("use_notebook", {"notebook": "etcdir/new.ipynb", "mode": "create"}),
+            ("list_files", {"path": "bobdir"}),
+            ("list_files", {"path": "etcdir"}),
+        ]:
+            r = await c.call_tool(tool, args)
+            assert r.is_error, (tool, args, text(r))
+            assert "bob-secret" not in text(r) and "root:" not in text(r)
+        listed = (await c.call_tool("list_notebooks", {})).structured_content["notebooks"]
+        assert not {n["path"] for n in listed} & {"evil.ipynb", "shadow.ipynb", "bobdir/secret.ipynb"}
+    assert open(bob_nb).read() == before
+    assert not os.path.exists(os.path.join(sec.data_dir, "users", "bob", "new.ipynb"))
+    assert not os.path.exists("/etc/new.ipynb")
+
+
+async def test_memory_exhaustion_kills_only_that_kernel(sec: KernelpoolServer) -> None:
+    async with mcp_client(sec.url, sec.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "oom.ipynb", "mode": "create"})
+        await c.call_tool("insert_execute_code_cell", {"notebook": "oom.ipynb", "cell_index": -1, "cell_source": "before = 1"})
+        r = await c.call_tool("insert_execute_code_cell", {
+            "notebook": "oom.ipynb", "cell_index": -1,
+            "cell_source": "print('allocating', flush=True)\nblocks = []\nwhile True:\n    blocks.append(bytearray(16 * 2**20))",
+        })
+        assert r.is_error
+        msg = r.structured_content["message"]
+        assert "out of memory" in msg and "256 MiB" in msg, msg
+        assert r.structured_content["status"] == "died"
+        # the next call gets a fresh kernel
+        r = await c.call_tool("execute_code", {"notebook": "oom.ipynb", "code": "'before' in dir()"})
+        assert text(r) == "False"
+    nb_path = os.path.join(sec.data_dir, "users", "alice", "oom.ipynb")
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    nbformat.validate(nb)
+    assert [c.source.splitlines()[0] for c in nb.cells] == ["before = 1", "print('allocating', flush=True)"]
+    async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
+        r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "SECRET"})
+        assert text(r) == "'bob-secret'"
+
+
+async def test_fork_bomb_is_bounded(sec: KernelpoolServer) -> None:
+    code = '''
+import os, json, time
+children, error = 0, None
+try:
+    for _ in range(10000):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children += 1
+except OSError as e:
+    error = type(e).__name__
+print(json.dumps({"children": children, "error": error}))
+'''
+    got = await run_as(sec, "alice", code, notebook="forkbomb.ipynb")
+    assert got["error"] == "BlockingIOError" and got["children"] < PIDS, got
+    async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
+        r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "SECRET"})
+        assert text(r) == "'bob-secret'"
+    async with mcp_client(sec.url, sec.tokens["alice"], mode="auto") as c:
+        assert not (await c.call_tool("unuse_notebook", {"notebook": "forkbomb.ipynb"})).is_error
+
+
+async def test_cpu_hog_does_not_starve_another_user(sec: KernelpoolServer) -> None:
+    hog = '''
+import multiprocessing as mp, time, json
+def spin(seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
+procs = [mp.Process(target=spin, args=(8,)) for _ in range(4)]
+[p.start() for p in procs]; [p.join() for p in procs]
+print(json.dumps("done"))
+'''
+    async with mcp_client(sec.url, sec.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "hog.ipynb", "mode": "create"})
+        task = asyncio.create_task(c.call_tool("execute_code", {"notebook": "hog.ipynb", "code": hog}))
+        await asyncio.sleep(1.0)
+        latencies = []
+        async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
+            for _ in range(10):
+                t = time.monotonic()
+                r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "1+1"})
+                latencies.append(time.monotonic() - t)
+                assert text(r) == "2"
+                await asyncio.sleep(0.2)
+        assert not task.done(), "the hog was still running while bob worked"
+        r = await task
+        assert '"done"' in text(r)
+    # alice's kernel is held to 1 core of 2: bob's trivial cells keep answering promptly
+    assert sorted(latencies)[len(latencies) // 2] < 0.5, latencies
+    assert max(latencies) < 3.0, latencies
+
+
+async def test_network_none_gives_only_loopback(server_args: list[str]) -> None:
+    from sandbox import probe
+
+    if not probe().get("netns"):
+        pytest.skip("this host cannot create network namespaces")
+    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="0"))
+    try:
+        server.add_user("carol")
+        server.start("--kernel-network", "none")
+        code = ATTEMPT + f'''
+import socket
+def connect():
+    socket.create_connection(("127.0.0.1", {server.port}), timeout=2).close()
+print(json.dumps({{"ifaces": sorted(n for _, n in socket.if_nameindex()), "server": attempt(connect)}}))
+'''
+        got = await run_as(server, "carol", code)
+        assert got["ifaces"] == ["lo"]
+        assert got["server"] == "ConnectionRefusedError"
+    finally:
+        server.cleanup()
