@@ -110,19 +110,20 @@ class CgroupV1Backend(CgroupBackend):
 
     def _make(self, parts: list[str]) -> None:
         for controller in self._bases:
-            path = self._dir(controller, "/".join(parts))
-            try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}", path=path) from exc
-            if controller == "memory":
-                # always on since Linux 5.x, but older kernels default to flat accounting,
-                # which would let a user's kernels escape the user's aggregate limit
-                for level in range(len(parts) + 1):
+            # level by level: older kernels only accept memory.use_hierarchy before children exist
+            for level in range(len(parts) + 1):
+                path = self._dir(controller, "/".join(parts[:level]))
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as exc:
+                    raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}", path=path) from exc
+                if controller == "memory":
+                    # always on since Linux 5.x; older kernels default to flat accounting,
+                    # which would let a user's kernels escape the user's aggregate limit
                     try:
-                        write_file(os.path.join(self._dir(controller, "/".join(parts[:level])), "memory.use_hierarchy"), "1")
+                        write_file(os.path.join(path, "memory.use_hierarchy"), "1")
                     except CgroupError:
-                        pass  # read-only once children exist; the default is what we want then
+                        pass  # refused once children exist; nothing better to do then
 
     def _write_limits(self, relpath: str, limits: Limits) -> None:
         if "memory" in self._bases:
