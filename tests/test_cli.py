@@ -1,0 +1,149 @@
+"""The `kernelpool` command as a user runs it: real processes, a real data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx2
+import pytest
+
+from tests.conftest import SANDBOX_SKIP
+from tests.server import ROOT, KernelpoolServer, free_port, mcp_client
+
+
+def test_users_and_tokens(fresh_server: KernelpoolServer) -> None:
+    kp = fresh_server
+    out = kp.cli("users", "add", "dana")
+    assert re.fullmatch(r"kp_[0-9a-f]{8}_[A-Za-z0-9_-]{43}\n", out.stdout), "the token alone on stdout"
+    assert "created user dana" in out.stderr
+    kp.tokens["dana"] = out.stdout.strip()
+    assert kp.cli("users", "list").stdout.split("\t")[0] == "dana"
+
+    dup = kp.cli("users", "add", "dana", check=False)
+    assert dup.returncode == 2 and "already exists" in dup.stderr and dup.stdout == ""
+    bad = kp.cli("users", "add", "../etc", check=False)
+    assert bad.returncode == 2 and "invalid user name" in bad.stderr
+    assert kp.cli("users", "list").stdout.count("\n") == 1, "bad input added nothing"
+
+    second = kp.cli("tokens", "create", "dana", "--expires", "30d").stdout.strip()
+    listed = kp.cli("tokens", "list", "dana").stdout.splitlines()
+    assert len(listed) == 2 and all("\tactive\t" in line for line in listed)
+    token_id = second.split("_")[1]
+    kp.cli("tokens", "revoke", token_id)
+    states = sorted(line.split("\t")[2] for line in kp.cli("tokens", "list", "dana").stdout.splitlines())
+    assert states == ["active", "revoked"]
+    again = kp.cli("tokens", "revoke", token_id, check=False)
+    assert again.returncode == 2
+    nouser = kp.cli("tokens", "create", "nobody-here", check=False)
+    assert nouser.returncode == 2 and "no such user" in nouser.stderr
+    # only hashes are stored: the token text is nowhere in the database
+    db = open(os.path.join(kp.data_dir, "kernelpool.db"), "rb").read()
+    assert kp.tokens["dana"].encode() not in db and second.encode() not in db
+
+    limits = kp.cli("users", "set-limits", "dana", "--memory", "nonsense", check=False)
+    assert limits.returncode == 2 and "memory" in limits.stderr.lower()
+    kp.cli("users", "set-limits", "dana", "--memory", "512M", "--cpus", "0.5", "--pids", "100")
+    assert "kernel_memory=512M" in kp.cli("users", "list").stdout
+
+    kp.cli("users", "remove", "dana")
+    del kp.tokens["dana"]
+    assert kp.cli("users", "list").stdout == ""
+    gone = kp.cli("users", "remove", "dana", check=False)
+    assert gone.returncode == 2 and "no such user" in gone.stderr
+
+
+async def test_first_start_creates_a_user_and_prints_its_token_once(fresh_server: KernelpoolServer, server_args: list[str]) -> None:
+    kp = fresh_server
+    kp.start(*server_args)
+    printed = kp.log()
+    match = re.search(r"created user 'default'.*?\n\s+(kp_\S+)\n", printed, re.S)
+    assert match, printed
+    kp.tokens["default"] = match.group(1)
+    assert f"http://127.0.0.1:{kp.port}/mcp" in printed
+    async with mcp_client(kp.url, kp.tokens["default"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "hello.ipynb", "mode": "create"})
+        r = await c.call_tool("insert_execute_code_cell", {"notebook": "hello.ipynb", "cell_index": -1, "cell_source": "1+1"})
+        assert [b.text for b in r.content] == ["2"]
+    kp.stop()
+    kp.start(*server_args)
+    assert kp.log().count("created user") == 1, "a second start creates nobody"
+
+
+async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: KernelpoolServer) -> None:
+    if SANDBOX_SKIP:
+        pytest.skip(f"needs cgroups: {SANDBOX_SKIP}")
+    kp = fresh_server
+    kp.add_user("erin")
+    kp.cli("users", "set-limits", "erin", "--memory", "300M", "--pids", "77")
+    kp.start()
+    code = ("import json\ncg = dict(l.split(':', 2)[1:] for l in open('/proc/self/cgroup').read().splitlines())\n"
+            "print(json.dumps({k: v for k, v in cg.items() if k in ('memory', 'pids')}))")
+    async with mcp_client(kp.url, kp.tokens["erin"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "l.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "l.ipynb", "code": code})
+        cg = json.loads(r.content[0].text)
+    assert int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read()) == 300 * 2**20
+    assert open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip() == "77"
+
+
+def test_serving_without_isolation_is_refused_unless_asked_for(fresh_server: KernelpoolServer) -> None:
+    kp = fresh_server
+    kp.add_user("fay")
+    # an interpreter that other uids cannot run stands for a host that cannot isolate
+    env = kp.env | {"KERNELPOOL_KERNEL_PYTHON": "/root/no-such/python"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernelpool", "serve", "--data-dir", kp.data_dir, "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "cannot isolate kernels" in proc.stderr and "--insecure-no-sandbox" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_insecure_mode_says_so(fresh_server: KernelpoolServer) -> None:
+    kp = fresh_server
+    kp.add_user("gus")
+    kp.start("--insecure-no-sandbox")
+    health = httpx2.get(f"{kp.base}/healthz").json()
+    assert health["isolation"]["sandboxed"] is False
+    assert any("WITHOUT isolation" in w for w in health["isolation"]["warnings"])
+    assert "WITHOUT isolation" in kp.log()
+
+
+def test_doctor_reports_the_host(fresh_server: KernelpoolServer) -> None:
+    out = fresh_server.cli("doctor", "--json", check=False)
+    report = json.loads(out.stdout)
+    assert report["host"]["root"] == (os.geteuid() == 0)
+    if SANDBOX_SKIP is None:
+        assert out.returncode == 0
+        assert report["in_force"]["sandboxed"] is True
+        assert report["in_force"]["cgroup_version"] in (1, 2)
+    else:
+        assert out.returncode == 1 and "cannot isolate" in report["in_force"]["error"]
+    text = fresh_server.cli("doctor", check=False).stdout
+    assert "switch uids:" in text and "in force:" in text
+
+
+async def test_configuration_file(fresh_server: KernelpoolServer, server_args: list[str], tmp_path) -> None:
+    kp = fresh_server
+    cfg = tmp_path / "kp.toml"
+    cfg.write_text('first_user = "zed"\nmax_output_chars = 150\n')
+    kp.start("--config", str(cfg), *server_args)
+    match = re.search(r"created user 'zed'.*?\n\s+(kp_\S+)\n", kp.log(), re.S)
+    assert match, kp.log()
+    kp.tokens["zed"] = match.group(1)
+    async with mcp_client(kp.url, kp.tokens["zed"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "big.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "big.ipynb", "code": "print('x' * 1000)"})
+        shown = r.content[0].text
+        assert len(shown) < 300 and "characters cut" in shown
+    bad = tmp_path / "bad.toml"
+    bad.write_text('no_such_setting = 1\n')
+    proc = subprocess.run([sys.executable, "-m", "kernelpool", "serve", "--config", str(bad), "--data-dir", kp.data_dir],
+                          env=kp.env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "no_such_setting" in proc.stderr
