@@ -25,6 +25,7 @@ from kernelpool import __version__
 from kernelpool.auth import SCOPE, StoreTokenVerifier, create_token
 from kernelpool.config import Settings
 from kernelpool.isolation import Isolation, decide
+from kernelpool.jobs import JobService
 from kernelpool.kernels import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import NotebookService
@@ -36,9 +37,6 @@ from kernelpool.users import UserService
 from sandbox import SafeRoot
 
 log = logging.getLogger(__name__)
-
-_HOUSEKEEPING_INTERVAL = 30.0
-
 
 def base_url(settings: Settings) -> str:
     if settings.public_url:
@@ -60,9 +58,11 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
         uid, gid = users.owner(user)
         return SafeRoot(users.folder(user), uid, gid)
 
+    notebooks = NotebookService(root_of)
+    kernels = KernelRegistry(settings, store, users, iso.cgroups)
     services = Services(
-        settings=settings, store=store, users=users, notebooks=NotebookService(root_of),
-        kernels=KernelRegistry(settings, store, users, iso.cgroups),
+        settings=settings, store=store, users=users, notebooks=notebooks, kernels=kernels,
+        jobs=JobService(settings, kernels, notebooks, users, metrics),
         sessions=SessionContexts(settings.session_idle_timeout), metrics=metrics,
         isolation="sandbox" if iso.sandboxed else "none (insecure)",
     )
@@ -118,6 +118,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                 housekeeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await housekeeping
+                await services.jobs.close()
                 await services.kernels.close()
         finally:
             await store.close()
@@ -137,7 +138,7 @@ def _print(text: str) -> None:
 
 async def _housekeeping(services: Services) -> None:
     while True:
-        await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
+        await asyncio.sleep(services.settings.housekeeping_interval)
         try:
             services.sessions.expire()
             await services.kernels.cull_idle()

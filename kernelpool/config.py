@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     progress_interval: float = Field(5.0, gt=0, description="seconds between progress notifications of a running execution")
     max_output_chars: int = Field(20000, ge=100, description="text returned per execution, at most (the notebook keeps more)")
     max_image_bytes: int = Field(2_000_000, ge=0, description="images larger than this are referenced, not inlined")
+    max_saved_output_chars: int = Field(2_000_000, ge=1000, description="text kept per output in the notebook (the middle is dropped)")
+    max_saved_image_bytes: int = Field(10_000_000, ge=0, description="images larger than this are not kept in the notebook")
+    housekeeping_interval: float = Field(30.0, gt=0, description="seconds between idle-kernel culls and session expiry")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_json: bool = Field(False, description="structured JSON logs")

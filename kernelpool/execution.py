@@ -11,12 +11,13 @@ import asyncio
 import logging
 import queue
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nbformat import NotebookNode
-from nbformat.v4 import output_from_msg
+from nbformat.v4 import new_output, output_from_msg
 
 from kernelpool.kernels import Kernel, KernelRegistry, KernelState
 
@@ -38,13 +39,85 @@ class ExecutionResult:
     duration: float = 0.0
 
 
-class _Outputs:
-    """Accumulates iopub messages into notebook outputs the way JupyterLab does."""
+@dataclass(frozen=True)
+class OutputLimits:
+    """What one execution may keep: the notebook gets a bounded, valid copy of the outputs."""
 
-    def __init__(self) -> None:
-        self.items: list[NotebookNode] = []
+    stream_chars: int = 2_000_000  # per stream output; the middle is dropped beyond it
+    outputs: int = 500  # outputs per cell beyond which further ones are counted, not kept
+    image_bytes: int = 10_000_000  # larger images are replaced by a note
+
+
+class _Stream:
+    """The text of one stream output, bounded: the first and the last half of the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self._half = max(1, limit // 2)
+        self._head: list[str] = []
+        self._head_len = 0
+        self._tail: deque[str] = deque()
+        self._tail_len = 0
+        self._dropped = 0
+
+    def add(self, text: str) -> None:
+        if self._head_len < self._half:
+            take = min(len(text), self._half - self._head_len)
+            self._head.append(text[:take])
+            self._head_len += take
+            text = text[take:]
+        if not text:
+            return
+        self._tail.append(text)
+        self._tail_len += len(text)
+        while len(self._tail) > 1 and self._tail_len - len(self._tail[0]) >= self._half:
+            first = self._tail.popleft()
+            self._tail_len -= len(first)
+            self._dropped += len(first)
+        if self._tail_len > 2 * self._half:  # one huge chunk
+            first = self._tail.popleft()
+            cut = self._tail_len - self._half
+            self._tail.appendleft(first[cut:])
+            self._tail_len -= cut
+            self._dropped += cut
+
+    def text(self) -> str:
+        tail = "".join(self._tail)
+        dropped = self._dropped
+        if len(tail) > self._half:
+            dropped += len(tail) - self._half
+            tail = tail[-self._half:]
+        head = "".join(self._head)
+        if not dropped:
+            return head + tail
+        return f"{head}\n[... {dropped} characters of output dropped: over the limit kept per output ...]\n{tail}"
+
+
+class _Outputs:
+    """Accumulates iopub messages into notebook outputs the way JupyterLab does, within limits."""
+
+    def __init__(self, limits: OutputLimits) -> None:
+        self._limits = limits
+        self._items: list[NotebookNode] = []
+        self._streams: dict[int, _Stream] = {}
         self._clear_pending = False
         self._display_ids: dict[str, list[int]] = {}
+        self._dropped_outputs = 0
+
+    @property
+    def items(self) -> list[NotebookNode]:
+        for i, stream in self._streams.items():
+            self._items[i].text = stream.text()
+        items = list(self._items)
+        if self._dropped_outputs:
+            items.append(new_output("stream", name="stderr", text=(
+                f"[... {self._dropped_outputs} more outputs dropped: over the limit of "
+                f"{self._limits.outputs} outputs kept per cell ...]\n")))
+        return items
+
+    def remove_errors(self, ename: str) -> None:
+        keep = [i for i, o in enumerate(self._items) if not (o.output_type == "error" and o.ename == ename)]
+        self._streams = {keep.index(i): s for i, s in self._streams.items() if i in keep}
+        self._items = [self._items[i] for i in keep]
 
     def add(self, msg: dict[str, Any]) -> None:
         kind = msg["msg_type"]
@@ -58,27 +131,51 @@ class _Outputs:
         if kind == "update_display_data":
             display_id = content.get("transient", {}).get("display_id")
             for i in self._display_ids.get(display_id, []):
-                out = self.items[i]
-                out["data"] = content.get("data", {})
+                out = self._items[i]
+                out["data"] = self._bounded_data(content.get("data", {}))
                 out["metadata"] = content.get("metadata", {})
             return
         if kind not in ("stream", "display_data", "execute_result", "error"):
             return
         if self._clear_pending:
             self._clear()
-        out = output_from_msg(msg)
-        if kind == "stream" and self.items and self.items[-1].output_type == "stream" and self.items[-1].name == out.name:
-            self.items[-1].text += out.text
+        if kind == "stream":
+            last = len(self._items) - 1
+            if last >= 0 and last in self._streams and self._items[last].name == content.get("name"):
+                self._streams[last].add(content.get("text", ""))
+                return
+        if len(self._items) >= self._limits.outputs:
+            self._dropped_outputs += 1
             return
+        out = output_from_msg(msg)
+        if kind == "stream":
+            stream = _Stream(self._limits.stream_chars)
+            stream.add(out.text)
+            self._streams[len(self._items)] = stream
+        elif "data" in out:
+            out["data"] = self._bounded_data(out["data"])
         display_id = content.get("transient", {}).get("display_id")
         if display_id:
-            self._display_ids.setdefault(display_id, []).append(len(self.items))
-        self.items.append(out)
+            self._display_ids.setdefault(display_id, []).append(len(self._items))
+        self._items.append(out)
+
+    def _bounded_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        kept = {}
+        for mime, value in data.items():
+            if mime.startswith("image/") and isinstance(value, str) and len(value) * 3 // 4 > self._limits.image_bytes:
+                note = (f"[{mime} image of about {len(value) * 3 // 4} bytes dropped: over the "
+                        f"{self._limits.image_bytes}-byte limit kept in notebooks]")
+                kept["text/plain"] = note if "text/plain" not in data else f"{data['text/plain']}\n{note}"
+                continue
+            kept.setdefault(mime, value)
+        return kept
 
     def _clear(self) -> None:
-        self.items = []
+        self._items = []
+        self._streams = {}
         self._display_ids = {}
         self._clear_pending = False
+        self._dropped_outputs = 0
 
 
 async def execute(
@@ -89,6 +186,7 @@ async def execute(
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,
+    limits: OutputLimits = OutputLimits(),
 ) -> ExecutionResult:
     """Run `code` in `kernel`; never raises for what the code does, only reports it."""
     async with kernel.lock:
@@ -102,7 +200,7 @@ async def execute(
         start = time.monotonic()
         deadline = start + timeout
         next_progress = start + progress_interval
-        outputs = _Outputs()
+        outputs = _Outputs(limits)
         msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
         status: Status = "ok"
         message: str | None = None
@@ -155,9 +253,9 @@ async def execute(
         if status != "died" and kernel.state is KernelState.BUSY:
             count = await _reply_count(client, msg_id)
         _back_to_idle(kernel)
-        if status == "timeout" and any(o.output_type == "error" and o.ename == "KeyboardInterrupt" for o in outputs.items):
+        if status == "timeout":
             # the KeyboardInterrupt traceback is our doing, not the user's code: say so once, in `message`
-            outputs.items = [o for o in outputs.items if not (o.output_type == "error" and o.ename == "KeyboardInterrupt")]
+            outputs.remove_errors("KeyboardInterrupt")
         return ExecutionResult(status, count, outputs.items, message, time.monotonic() - start)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernelpool.config import Settings
+from kernelpool.jobs import JobService
 from kernelpool.kernels import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import NotebookService
@@ -20,6 +21,7 @@ class Services:
     users: UserService
     notebooks: NotebookService
     kernels: KernelRegistry
+    jobs: JobService
     sessions: SessionContexts
     metrics: Metrics
     isolation: str  # what is in force, for /healthz and doctor: "sandbox" or "none (insecure)"

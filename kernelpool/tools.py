@@ -7,6 +7,8 @@ and without either the call fails (`NoNotebook`): never a shared fallback.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -21,7 +23,7 @@ from nbformat import NotebookNode
 
 from kernelpool import notebooks as nbops
 from kernelpool.errors import InvalidArgument, KernelpoolError, NoNotebook
-from kernelpool.execution import ExecutionResult, execute
+from kernelpool.jobs import Job
 from kernelpool.outputs import simplify, to_content
 from kernelpool.services import Services
 
@@ -306,19 +308,13 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
 
     # ---- execution ---------------------------------------------------------------------
 
-    def timeout_of(timeout: float | None) -> float:
-        if timeout is None:
-            return s.settings.execute_timeout
-        if timeout <= 0:
-            raise InvalidArgument("timeout", "must be more than 0 seconds")
-        if timeout > s.settings.max_execute_timeout:
-            raise InvalidArgument("timeout", f"at most {s.settings.max_execute_timeout:g} seconds on this server")
-        return float(timeout)
-
-    async def run(ctx: Context, user: str, path: str, code: str, timeout: float | None,
-                  store_history: bool = True) -> ExecutionResult:
-        limit = timeout_of(timeout)
-        kernel = await s.kernels.acquire(await s.users.get(user), path)
+    async def run(ctx: Context, job: Job) -> CallToolResult:
+        if job.background:
+            return _result(
+                f"started execution {job.id} in {job.notebook}; fetch its result with "
+                f"get_execution(execution_id={job.id!r})",
+                {"notebook": job.notebook, "execution_id": job.id, "status": "running", "cell_id": job.cell_id},
+            )
 
         async def progress(elapsed: float, message: str) -> None:
             try:
@@ -326,23 +322,20 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
             except Exception as exc:  # a client that went away must not stop the execution
                 log.debug("progress not sent: %s", exc)
 
-        result = await execute(s.kernels, kernel, code, limit, progress, s.settings.progress_interval, store_history)
-        s.metrics.executions.labels(result.status).inc()
-        s.metrics.execution_seconds.observe(result.duration)
-        return result
+        await s.jobs.wait(job, progress)
+        return job_result(job)
 
-    async def save_outputs(user: str, path: str, cell_id: str, result: ExecutionResult) -> int | None:
-        def change(nb: NotebookNode) -> int | None:
-            for i, cell in enumerate(nb.cells):
-                if cell.get("id") == cell_id and cell.cell_type == "code":
-                    cell.outputs = result.outputs
-                    cell.execution_count = result.execution_count
-                    return i
-            return None  # the cell was deleted while it ran: nothing to save it into
-
-        return await s.notebooks.edit(user, path, change)
-
-    def exec_result(path: str, result: ExecutionResult, cell: dict[str, Any] | None = None) -> CallToolResult:
+    def job_result(job: Job) -> CallToolResult:
+        if job.error is not None:
+            raise ToolError(job.error)
+        base: dict[str, Any] = {"notebook": job.notebook, "execution_id": job.id}
+        if job.cell_id is not None:
+            base |= {"cell_id": job.cell_id, "cell_index": job.saved_index, "saved": job.saved_index is not None}
+        result = job.result
+        if result is None:  # still running
+            elapsed = time.time() - job.started_at
+            return _result(f"execution {job.id} is still running ({elapsed:.0f} s so far)",
+                           base | {"status": "running", "elapsed_s": round(elapsed, 3)})
         st = s.settings
         content = to_content(result.outputs, st.max_output_chars, st.max_image_bytes)
         head = []
@@ -350,21 +343,20 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
             head.append(TextContent(type="text", text=f"[{result.status}] {result.message}"))
         if not content and not head:
             content = [TextContent(type="text", text="[no output]")]
-        data: dict[str, Any] = {
-            "notebook": path, "status": result.status, "execution_count": result.execution_count,
+        data = base | {
+            "status": result.status, "execution_count": result.execution_count,
             "outputs": [simplify(o, st.max_output_chars) for o in result.outputs],
             "duration_ms": round(result.duration * 1000, 3),
         }
         if result.message:
             data["message"] = result.message
-        if cell:
-            data.update(cell)
-        return CallToolResult(content=head + content, structured_content=data, is_error=result.status in ("died",))
+        return CallToolResult(content=head + content, structured_content=data, is_error=result.status == "died")
 
-    @tool("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and returned.", RUN)
+    @tool("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and returned. "
+          "background=true returns an execution_id at once (see get_execution).", RUN)
     async def execute_cell(
         ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, background: bool = False,
     ) -> CallToolResult:
         user = user_name()
         path = resolve(ctx, user, notebook)
@@ -373,33 +365,52 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         cell = nb.cells[i]
         if cell.cell_type != "code":
             raise InvalidArgument("cell", f"cell {i} is a {cell.cell_type} cell; only code cells run")
-        result = await run(ctx, user, path, cell.source, timeout)
-        saved_at = await save_outputs(user, path, cell.id, result)
-        return exec_result(path, result, {"cell_index": saved_at if saved_at is not None else i, "cell_id": cell.id,
-                                          "saved": saved_at is not None})
+        return await run(ctx, s.jobs.start(user, path, cell.source, timeout, cell_id=cell.id, background=background))
 
-    @tool("insert_execute_code_cell", "Insert a code cell at cell_index (-1 appends), run it, save and return its outputs.", RUN)
+    @tool("insert_execute_code_cell", "Insert a code cell at cell_index (-1 appends), run it, save and return its outputs. "
+          "background=true returns an execution_id at once (see get_execution).", RUN)
     async def insert_execute_code_cell(
         ctx: Context, cell_index: int, cell_source: str, notebook: str | None = None, timeout: float | None = None,
+        background: bool = False,
     ) -> CallToolResult:
         user = user_name()
         path = resolve(ctx, user, notebook)
-        timeout_of(timeout)  # a bad timeout must change nothing, so check it before inserting
-        pos, cell = await s.notebooks.edit(user, path, lambda nb: nbops.insert_cell(nb, cell_index, "code", cell_source))
-        result = await run(ctx, user, path, cell_source, timeout)
-        saved_at = await save_outputs(user, path, cell.id, result)
-        return exec_result(path, result, {"cell_index": saved_at if saved_at is not None else pos, "cell_id": cell.id,
-                                          "saved": saved_at is not None})
+        s.jobs.timeout_of(timeout)  # a bad timeout must change nothing, so check it before inserting
+        _, cell = await s.notebooks.edit(user, path, lambda nb: nbops.insert_cell(nb, cell_index, "code", cell_source))
+        return await run(ctx, s.jobs.start(user, path, cell_source, timeout, cell_id=cell.id, background=background))
 
     @tool("execute_code", "Run code in a notebook's kernel without adding it to the notebook (for inspection, "
           "installs, quick checks).", RUN)
-    async def execute_code(ctx: Context, code: str, notebook: str | None = None, timeout: float | None = None) -> CallToolResult:
+    async def execute_code(
+        ctx: Context, code: str, notebook: str | None = None, timeout: float | None = None, background: bool = False,
+    ) -> CallToolResult:
         user = user_name()
         path = resolve(ctx, user, notebook)
         if not await s.notebooks.exists(user, path):
             await s.notebooks.load(user, path)  # raises the precise error: not found, or refused
-        result = await run(ctx, user, path, code, timeout, store_history=False)
-        return exec_result(path, result)
+        return await run(ctx, s.jobs.start(user, path, code, timeout, store_history=False, background=background))
+
+    @tool("get_execution", "The status, and when finished the outputs, of an execution started with background=true; "
+          "wait (seconds) waits for it to finish first.", READ)
+    async def get_execution(ctx: Context, execution_id: str, wait: float = 0) -> CallToolResult:
+        user = user_name()
+        job = s.jobs.get(user, execution_id)
+        if wait < 0 or wait > 600:
+            raise InvalidArgument("wait", "use 0 to 600 seconds")
+        if wait and job.task is not None and not job.done:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(job.task), wait)
+        return job_result(job)
+
+    @tool("cancel_execution", "Interrupt a running execution (its outputs so far are saved).", EDIT)
+    async def cancel_execution(ctx: Context, execution_id: str) -> CallToolResult:
+        user = user_name()
+        job = s.jobs.get(user, execution_id)
+        running = not job.done
+        if running:
+            await s.jobs.cancel(job)
+        return _result(f"execution {job.id} " + ("interrupted" if running else "had already finished"),
+                       {"execution_id": job.id, "interrupted": running})
 
     # ---- kernels -----------------------------------------------------------------------
 

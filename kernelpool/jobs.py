@@ -1,0 +1,171 @@
+"""Execution jobs: one run of code in a notebook's kernel, from request to saved outputs.
+
+A job runs in a task of its own, so that a client that cancels or goes away does not lose
+the outputs: cancellation interrupts the kernel, the job collects what the kernel still
+sends, and the outputs are saved into the notebook all the same. A job can also be started
+in the background and fetched later by id (`get_execution`), so that an hour-long cell needs
+no open request. Callers: the tool layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from nbformat import NotebookNode
+
+from kernelpool.config import Settings
+from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached
+from kernelpool.execution import ExecutionResult, OutputLimits, Progress, execute
+from kernelpool.kernels import Kernel, KernelRegistry
+from kernelpool.metrics import Metrics
+from kernelpool.notebooks import NotebookService
+from kernelpool.users import UserService
+
+log = logging.getLogger(__name__)
+
+_KEEP_FINISHED = 3600.0  # seconds a finished background job's result stays fetchable
+_MAX_JOBS_PER_USER = 100
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    user: str
+    notebook: str
+    cell_id: str | None
+    background: bool
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    kernel: Kernel | None = None
+    result: ExecutionResult | None = None
+    error: str | None = None
+    saved_index: int | None = None
+    cancelled: bool = False
+    progress: Progress | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+
+class JobService:
+    def __init__(self, settings: Settings, kernels: KernelRegistry, notebooks: NotebookService,
+                 users: UserService, metrics: Metrics) -> None:
+        self._settings = settings
+        self._kernels = kernels
+        self._notebooks = notebooks
+        self._users = users
+        self._metrics = metrics
+        self._jobs: dict[str, Job] = {}
+        self.limits = OutputLimits(
+            stream_chars=settings.max_saved_output_chars, image_bytes=settings.max_saved_image_bytes,
+        )
+
+    def timeout_of(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self._settings.execute_timeout
+        if timeout <= 0:
+            raise InvalidArgument("timeout", "must be more than 0 seconds")
+        if timeout > self._settings.max_execute_timeout:
+            raise InvalidArgument("timeout", f"at most {self._settings.max_execute_timeout:g} seconds on this server")
+        return float(timeout)
+
+    def start(self, user: str, notebook: str, code: str, timeout: float | None, cell_id: str | None = None,
+              store_history: bool = True, background: bool = False) -> Job:
+        limit = self.timeout_of(timeout)
+        self._prune()
+        if background and sum(1 for j in self._jobs.values() if j.user == user and not j.done) >= _MAX_JOBS_PER_USER:
+            raise LimitReached("running background executions per user", _MAX_JOBS_PER_USER)
+        job = Job(id=uuid.uuid4().hex[:16], user=user, notebook=notebook, cell_id=cell_id, background=background)
+        job.task = asyncio.get_running_loop().create_task(self._run(job, code, limit, store_history))
+        self._jobs[job.id] = job
+        return job
+
+    async def wait(self, job: Job, progress: Progress | None = None) -> Job:
+        """Wait for `job` on behalf of a request; if the request is cancelled, interrupt the kernel
+        (the job still saves what was produced) and let the cancellation go on."""
+        assert job.task is not None
+        job.progress = progress
+        try:
+            await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            job.progress = None
+            job.cancelled = True
+            if job.kernel is not None and not job.done:
+                with contextlib.suppress(Exception):
+                    await self._kernels.interrupt(job.kernel)
+            raise
+        return job
+
+    def get(self, user: str, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.user != user:
+            raise InvalidArgument("execution_id", f"no execution {job_id!r} (results are kept {_KEEP_FINISHED:g} s)")
+        return job
+
+    def of_user(self, user: str) -> list[Job]:
+        return [j for j in self._jobs.values() if j.user == user]
+
+    async def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        if job.kernel is not None and not job.done:
+            await self._kernels.interrupt(job.kernel)
+
+    async def close(self) -> None:
+        tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, job: Job, code: str, timeout: float, store_history: bool) -> None:
+        try:
+            job.kernel = await self._kernels.acquire(await self._users.get(job.user), job.notebook)
+
+            async def progress(elapsed: float, message: str) -> None:
+                if job.progress is not None:
+                    await job.progress(elapsed, message)
+
+            result = await execute(self._kernels, job.kernel, code, timeout, progress,
+                                   self._settings.progress_interval, store_history, self.limits)
+            if job.cancelled and result.status in ("ok", "error"):
+                result.status = "interrupted"
+                result.message = "cancelled by the client: the kernel was interrupted"
+            job.result = result
+            self._metrics.executions.labels(result.status).inc()
+            self._metrics.execution_seconds.observe(result.duration)
+            if job.cell_id is not None:
+                job.saved_index = await self._save(job.user, job.notebook, job.cell_id, result)
+        except KernelpoolError as exc:
+            job.error = str(exc)
+        except asyncio.CancelledError:
+            job.error = "the server is shutting down"
+            raise
+        except Exception as exc:
+            log.exception("execution %s failed", job.id)
+            job.error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            job.finished_at = time.time()
+
+    async def _save(self, user: str, path: str, cell_id: str, result: ExecutionResult) -> int | None:
+        def change(nb: NotebookNode) -> int | None:
+            for i, cell in enumerate(nb.cells):
+                if cell.get("id") == cell_id and cell.cell_type == "code":
+                    cell.outputs = result.outputs
+                    cell.execution_count = result.execution_count
+                    return i
+            return None  # the cell was deleted while it ran: nothing to save it into
+
+        return await self._notebooks.edit(user, path, change)
+
+    def _prune(self) -> None:
+        cutoff = time.time() - _KEEP_FINISHED
+        for job_id, job in list(self._jobs.items()):
+            if job.done and (not job.background or (job.finished_at or 0) < cutoff):
+                del self._jobs[job_id]
+
