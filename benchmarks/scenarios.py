@@ -209,10 +209,13 @@ async def _clients(url: str, tokens: list[str], mode: str) -> AsyncIterator[list
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
 
 
-def _kp_run(client: Any, path: str) -> Run:
+def _kp_run(client: Any, path: str, tool: str) -> Run:
     async def run(tag: str) -> Verdict:
-        r = await client.call_tool("insert_execute_code_cell",
-                                   {"notebook": path, "cell_index": -1, "cell_source": f'print("{tag}")'})
+        code = f'print("{tag}")'
+        if tool == "execute_code":
+            r = await client.call_tool("execute_code", {"notebook": path, "code": code})
+        else:
+            r = await client.call_tool("insert_execute_code_cell", {"notebook": path, "cell_index": -1, "cell_source": code})
         text = texts(r)
         if r.is_error:
             return Verdict(False, f"tool error: {text[:200]}")
@@ -261,12 +264,12 @@ async def _stock_level(n: int, duration: float, max_cells: int, at_once: int, ru
 
 
 async def _kp_level(bench: Bench, d: DataDir, n: int, duration: float, max_cells: int, mode: str, pool: int,
-                    run_id: str, problems: list[str]) -> dict[str, Any]:
+                    tool: str, run_id: str, problems: list[str]) -> dict[str, Any]:
     users = [f"u{j // 2}" for j in range(n)]  # two notebooks per user
     paths = [f"c{n}/s{j}.ipynb" for j in range(n)]
     n_users = len(set(users))
     settings = {"pool_size": str(pool), "max_kernels_per_user": str(max(16, 2 + pool + 1))}
-    out: dict[str, Any] = {"users": n_users, "mode": mode, "pool_size": pool}
+    out: dict[str, Any] = {"users": n_users, "mode": mode, "pool_size": pool, "tool": tool}
     async with bench.server(d, **settings) as srv:
         async with _clients(srv.url, [d.tokens[u] for u in users], mode) as clients:
             t0 = time.perf_counter()
@@ -284,14 +287,15 @@ async def _kp_level(bench: Bench, d: DataDir, n: int, duration: float, max_cells
             await asyncio.sleep(1)
             out["healthz_idle"] = await srv.health()
             out["kernels_idle"] = memory_of(srv.kernels())
-            runs = [_kp_run(clients[j], paths[j]) for j in range(n)]
+            runs = [_kp_run(clients[j], paths[j], tool) for j in range(n)]
             opened = await open_loop(runs, run_id + "k", duration)
             closed = await closed_loop(runs, run_id + "k", duration, max_cells)
             out.update(_phases([opened, closed], problems, f"kernelpool x{n}"))
         # every notebook on disk holds its own cells only, each with its own output
         checks = {"notebooks": n, "misplaced": 0, "wrong_output": 0, "missing": 0, "duplicated": 0, "examples": []}
         for j in range(n):
-            answered = opened.sent[j] + closed.sent[j]
+            # execute_code adds no cell: then the notebook must hold none of the tags at all
+            answered = opened.sent[j] + closed.sent[j] if tool != "execute_code" else []
             r = check_notebook(os.path.join(d.path, "users", users[j], paths[j]), j, answered)
             for key in ("misplaced", "wrong_output", "missing", "duplicated"):
                 checks[key] += len(r[key])
@@ -305,7 +309,7 @@ async def _kp_level(bench: Bench, d: DataDir, n: int, duration: float, max_cells
 
 
 async def concurrency(bench: Bench, levels: list[int], duration: float, max_cells: int, mode: str, pool: int,
-                      at_once: int, problems: list[str], log: Any) -> dict[str, Any]:
+                      at_once: int, tool: str, problems: list[str], log: Any) -> dict[str, Any]:
     """At each level N: bare jupyter_client driving N kernels, then a fresh kernelpool server
     with N MCP sessions (N/2 users x 2 notebooks); open loop, then closed loop, each `duration` s."""
     n_users = math.ceil(max(levels) / 2)
@@ -314,7 +318,7 @@ async def concurrency(bench: Bench, levels: list[int], duration: float, max_cell
     out: dict[str, Any] = {
         "what": f"open loop: one cell per session every 2 s for {duration:g} s (latency from the scheduled "
                 f"start); closed loop: next cell when the last answered, {duration:g} s or {max_cells} cells per "
-                "session. kernelpool: insert_execute_code_cell(print(tag)) on the session's notebook; "
+                f"session. kernelpool: {tool}(print(tag)) on the session's notebook (mode={mode}); "
                 "stock: jupyter_client execute(print(tag)) on its kernel",
         "levels": {},
     }
@@ -322,7 +326,7 @@ async def concurrency(bench: Bench, levels: list[int], duration: float, max_cell
         log(f"  concurrency x{n}: stock jupyter_client")
         stock = await _stock_level(n, duration, max_cells, at_once, f"{run_id}n{n}", problems)
         log(f"  concurrency x{n}: kernelpool")
-        kp = await _kp_level(bench, d, n, duration, max_cells, mode, pool, f"{run_id}n{n}", problems)
+        kp = await _kp_level(bench, d, n, duration, max_cells, mode, pool, tool, f"{run_id}n{n}", problems)
         out["levels"][str(n)] = {"kernelpool": kp, "stock": stock}
     return out
 

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cells", type=int, default=300, help="concurrency: closed-loop cells per session at most (300)")
     p.add_argument("--mode", default="legacy", choices=["legacy", "auto"], help="concurrency: client mode (legacy)")
     p.add_argument("--pool-size", type=int, default=1, help="concurrency: the server's KERNELPOOL_POOL_SIZE (1, the default)")
+    p.add_argument("--tool", default="insert_execute_code_cell", choices=["insert_execute_code_cell", "execute_code"],
+                   help="concurrency: the tool each cell runs through (insert_execute_code_cell: the cell is saved)")
     p.add_argument("--stock-at-once", type=int, default=10, help="concurrency: stock kernels started together (10)")
     p.add_argument("--idle-kernels", type=int, help="memory: kernels of each kind (default 10; quick 4)")
     p.add_argument("--json", dest="json_path", help="where to write the results (default benchmarks/results/<timestamp>.json)")
@@ -115,7 +117,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                                                                     args.rounds, modes, problems)
                 elif name == "concurrency":
                     results[name] = await scenarios.concurrency(bench, levels, duration, args.max_cells, args.mode,
-                                                                args.pool_size, args.stock_at_once, problems, log)
+                                                                args.pool_size, args.stock_at_once, args.tool, problems, log)
                 elif name == "memory":
                     results[name] = await scenarios.idle_memory(bench, args.idle_kernels or (4 if q else 10), problems)
             except scenarios.WrongResult as exc:
