@@ -34,6 +34,7 @@ from kernelpool.sessions import SessionContexts
 from kernelpool.store import Store
 from kernelpool.tools import build_mcp
 from kernelpool.users import UserService
+from kernelpool.zygote import ForkServer
 from sandbox import SafeRoot
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
             reaped = await services.kernels.reap_leftovers()
             if reaped:
                 log.warning("cleaned up %d kernel(s) left behind by a previous server", reaped)
+            fork_server = await _start_fork_server(settings, services.kernels)
             housekeeping = asyncio.get_running_loop().create_task(_housekeeping(services))
             try:
                 async with mcp.session_manager.run():
@@ -120,6 +122,8 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                     await housekeeping
                 await services.jobs.close()
                 await services.kernels.close()
+                if fork_server is not None:
+                    await fork_server.close()
         finally:
             await store.close()
 
@@ -129,6 +133,20 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     )
     app.state.services = services
     return app
+
+
+async def _start_fork_server(settings: Settings, kernels: KernelRegistry) -> ForkServer | None:
+    # without one (off, or it cannot start) kernels start the stock way: slower, not less safe
+    if not settings.fork_server:
+        return None
+    fork_server = ForkServer(settings.kernel_python or sys.executable)
+    try:
+        await fork_server.start()
+    except Exception as exc:
+        log.error("fork server did not start, kernels will start without it: %s", exc)
+        return None
+    kernels.fork_server = fork_server
+    return fork_server
 
 
 def _print(text: str) -> None:

@@ -27,6 +27,7 @@ from kernelpool.errors import KernelFailed, LimitReached
 from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
 from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
+from kernelpool.zygote import ForkServer
 from sandbox import Cgroup, CgroupBackend
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class Kernel:
         if self.cgroup is not None and self.cgroup.oom_kills() > 0:
             limit = f" of {_fmt_bytes(self.memory_limit)}" if self.memory_limit else ""
             cause = f"the kernel was killed because it ran out of memory (limit{limit})"
+        elif getattr(getattr(prov, "process", None), "exit_unknown", False):
+            cause = "the kernel process ended; its exit status was lost with the fork server that started it"
         elif code is not None and code < 0:
             import signal
 
@@ -132,6 +135,7 @@ class KernelRegistry:
         self._closed = False
         self.pool_hits = 0
         self.pool_misses = 0
+        self.fork_server: ForkServer | None = None  # set by the app's lifespan when one runs
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -260,6 +264,7 @@ class KernelRegistry:
             ip=os.path.join(runtime, f"k-{kid}"),
             connection_file=os.path.join(runtime, f"k-{kid}.json"),
             kernel_id=kid,
+            client_class="kernelpool.client.KernelpoolClient",
         )
         manager.shutdown_wait_time = 2.0
         kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, memory_limit=user.kernel_limits.memory_bytes)
@@ -269,6 +274,7 @@ class KernelRegistry:
             identity=user.identity,
             cgroup=cgroup,
             network=self._settings.kernel_network,
+            extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )
         try:
             await manager.start_kernel(sandbox=launch)
@@ -375,7 +381,8 @@ class KernelRegistry:
             if row.pid:
                 with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
                     proc = psutil.Process(row.pid)
-                    if "ipykernel" in " ".join(proc.cmdline()) and abs(proc.create_time() - row.started_at) < 120:
+                    cmdline = " ".join(proc.cmdline())  # a forked kernel shows its zygote's
+                    if ("ipykernel" in cmdline or "kernelpool._zygote" in cmdline) and abs(proc.create_time() - row.started_at) < 120:
                         os.killpg(row.pid, 9)
             if row.cgroup and self._cgroups is not None:
                 cg = self._cgroups.get(row.cgroup)

@@ -1,5 +1,9 @@
 """The launch seam: a `jupyter_client` kernel provisioner that starts kernels through `sandbox`.
 
+With a fork server (`KernelLaunch.extra["zygote"]`), the kernel is forked from it (the same
+`sandbox.enter` runs in the child); without one, or while it is unavailable, `sandbox.spawn`
+starts it the stock way.
+
 `KernelRegistry` passes a `KernelLaunch` as `start_kernel(sandbox=...)`; jupyter_client hands
 the keyword on to `pre_launch`, where we take it. Everything the sandbox does (uid, cgroup,
 network namespace, umask, scrubbed environment) happens in `sandbox.spawn`; this class only
@@ -8,6 +12,7 @@ translates between jupyter_client's expectations and it.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +21,10 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.provisioning import LocalProvisioner
 
+from kernelpool.zygote import ForkServer, ZygoteUnavailable
 from sandbox import Cgroup, Identity, LaunchSpec, spawn
+
+log = logging.getLogger(__name__)
 
 PROVISIONER_NAME = "kernelpool-sandbox"
 KERNEL_NAME = "kernelpool-python3"
@@ -31,7 +39,7 @@ class KernelLaunch:
     identity: Identity | None
     cgroup: Cgroup | None
     network: str = "host"
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
 
 
 class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
@@ -53,16 +61,26 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         launch = self._launch
         assert launch is not None
-        self.process = spawn(
-            LaunchSpec(
-                argv=cmd,
-                env=launch.env,
-                cwd=launch.cwd,
-                identity=launch.identity,
-                cgroup=launch.cgroup,
-                network=launch.network,  # type: ignore[arg-type]
-            )
+        spec = LaunchSpec(
+            argv=cmd,
+            env=launch.env,
+            cwd=launch.cwd,
+            identity=launch.identity,
+            cgroup=launch.cgroup,
+            network=launch.network,  # type: ignore[arg-type]
         )
+        self.process = None
+        zygote = launch.extra.get("zygote")
+        if isinstance(zygote, ForkServer):
+            try:
+                self.process = await zygote.spawn(spec)
+            except ZygoteUnavailable as exc:
+                log.warning("starting a kernel without the fork server: %s", exc)
+                if launch.cgroup is not None:
+                    # a child the zygote may have forked before it died must not share this kernel's files
+                    launch.cgroup.kill_all()
+        if self.process is None:
+            self.process = spawn(spec)
         self.pid = self.process.pid
         self.pgid = self.process.pid  # spawn starts a new session: the kernel leads its process group
         self.cwd = launch.cwd

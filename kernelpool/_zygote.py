@@ -1,0 +1,347 @@
+"""The fork server's own process: `python -m kernelpool._zygote --fd N` (started by `kernelpool.zygote`).
+
+It imports what a kernel needs (ipykernel, IPython, the debugger, ...), freezes those objects
+out of the garbage collector so that forked kernels keep sharing their pages, and then only
+forks. It never runs user code and never even reads a kernel's launch spec: the server sends,
+with each fork request, one end of a fresh socket pair over which the *child* receives its spec
+and reports whether sandboxing worked. So no user's environment, paths or names ever sit in
+the zygote's memory, where a later user's child would inherit them.
+
+Control channel (an inherited SOCK_SEQPACKET socket pair end; nothing on disk, so nobody but the
+server can reach it), JSON messages:
+
+    server -> zygote   {"op": "fork", "id": N}  + SCM_RIGHTS [spec socket]
+    zygote -> server   {"op": "ready", "pid": P}                         once, after preloading
+                       {"op": "forked", "id": N, "pid": P} + SCM_RIGHTS [pidfd of the child]
+                       {"op": "failed", "id": N, "error": "..."}          fork itself failed
+                       {"op": "exited", "pid": P, "returncode": R}        a child was reaped
+
+Spec socket, server <-> child: the server writes one JSON spec; the child answers b"ok" once
+`sandbox.enter` succeeded, or b"step\\0message" (then exits 127) if it did not.
+
+The child: closes every inherited descriptor but its spec socket, resets signal handling,
+calls `sandbox.enter` (cgroup, network namespace, uid/gid, no_new_privs, umask, chdir) before it
+has created any socket, thread or event loop, starts a new session, points stdio at /dev/null,
+replaces the environment with exactly the spec's, re-seeds what forked state would share, and
+runs ipykernel's launcher code. When the server's end of the control socket closes (the server
+died or stopped), the zygote kills its remaining children's process groups and exits.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+from typing import Any
+
+# Modules a kernel imports while it starts (measured: `sys.modules` of a started kernel); the
+# ones that read the environment at import time are listed in `zygote._zygote_env`. Not
+# matplotlib: it reads MPLBACKEND at import.
+PRELOAD = (
+    "ipykernel.kernelapp",
+    "ipykernel.ipkernel",
+    "ipykernel.zmqshell",
+    "ipykernel.iostream",
+    "ipykernel.heartbeat",
+    "ipykernel.parentpoller",
+    "ipykernel.debugger",
+    "ipykernel.comm",
+    "ipykernel.eventloops",
+    "ipykernel.subshell_manager",
+    "ipykernel.shellchannel",
+    "ipykernel.control",
+    "ipykernel.displayhook",
+    "ipykernel.compiler",
+    "ipykernel.jsonutil",
+    "ipykernel.pickleutil",
+    "ipykernel.serialize",
+    "ipykernel.datapub",
+    "IPython",
+    "IPython.core.interactiveshell",
+    "IPython.core.completer",
+    "IPython.core.magics",
+    "IPython.core.history",
+    "IPython.core.formatters",
+    "IPython.display",
+    "jupyter_client.session",
+    "jupyter_client.connect",
+    "zmq",
+    "zmq.asyncio",
+    "tornado.ioloop",
+    "tornado.queues",
+    "comm",
+    "jedi",
+    "pygments",
+    "pygments.lexers.python",
+    "pygments.formatters.terminal256",
+    "psutil",
+    "uuid",
+    "random",
+    "tempfile",
+    "sqlite3",
+    "multiprocessing",
+    "ipykernel_launcher",
+)
+
+_MSG_MAX = 65536
+_FDS = socket.CMSG_SPACE(4)
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an optional module missing only costs start-up time
+            print(f"kernelpool zygote: not preloaded {name}: {exc}", file=sys.stderr, flush=True)
+
+
+def _neutral_sys_path(added: list[str]) -> None:
+    # A `python -m ipykernel_launcher` started in the user's folder has the folder first in
+    # sys.path, which the launcher removes (IPython's init_path adds '' back). Our [0] is the
+    # server's working directory, and PYTHONPATH (set only so that this module can be found)
+    # is not in a kernel's environment: neither belongs in a kernel's path.
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+    for entry in added:
+        if entry in sys.path:
+            sys.path.remove(entry)
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
+    data = json.dumps(msg).encode()
+    if fd is None:
+        sock.sendmsg([data])
+    else:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
+
+
+def _set_pdeathsig(sig: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class _Zygote:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stopping = False
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        sel = selectors.DefaultSelector()
+        sel.register(self.control, selectors.EVENT_READ)
+        sel.register(self.wake_r, selectors.EVENT_READ)
+        _send(self.control, {"op": "ready", "pid": os.getpid()})
+        while not self.stopping:
+            for key, _ in sel.select():
+                if key.fd == self.wake_r:
+                    self._drain_wakeup()
+                elif not self._on_control():
+                    self.stopping = True
+            self._reap()
+        self._kill_children()
+
+    def _stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_control(self) -> bool:
+        try:
+            data, ancdata, _, _ = self.control.recvmsg(_MSG_MAX, _FDS)
+        except InterruptedError:
+            return True
+        fds = [int.from_bytes(d[:4], sys.byteorder) for level, kind, d in ancdata
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS]
+        if not data:
+            return False  # the server is gone
+        msg = json.loads(data)
+        if msg.get("op") == "fork" and len(fds) == 1:
+            self._fork(int(msg["id"]), fds[0])
+        else:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _fork(self, req: int, spec_fd: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(spec_fd)
+            _send(self.control, {"op": "failed", "id": req, "error": f"fork: {exc.strerror}"})
+            return
+        if pid == 0:
+            _child(spec_fd)  # never returns
+        os.close(spec_fd)
+        self.children.add(pid)
+        # not reaped before this (reaping happens only in the main loop): the pid is still ours
+        pidfd = os.pidfd_open(pid)
+        try:
+            _send(self.control, {"op": "forked", "id": req, "pid": pid}, pidfd)
+        finally:
+            os.close(pidfd)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            try:
+                _send(self.control, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+            except OSError:
+                pass
+
+    def _kill_children(self) -> None:
+        # the server is gone: its kernels would be unreachable, so they go too (each leads its
+        # own process group: that takes what they started as well)
+        for pid in list(self.children):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+class _ChildCgroup:
+    def __init__(self, procs: list[str]) -> None:
+        self._procs = procs
+
+    def procs_files(self) -> list[str]:
+        return self._procs
+
+
+class _ChildSpec:
+    def __init__(self, raw: dict[str, Any]) -> None:
+        from sandbox.identity import Identity
+
+        ident = raw.get("identity")
+        self.identity = Identity(**ident) if ident else None
+        procs = raw.get("cgroup_procs")
+        self.cgroup = _ChildCgroup(list(procs)) if procs is not None else None
+        self.cwd: str = raw["cwd"]
+        self.network: str = raw.get("network", "host")
+        self.umask: int = int(raw.get("umask", 0o077))
+        self.env: dict[str, str] = dict(raw["env"])
+        self.kernel_args: list[str] = list(raw["kernel_args"])
+
+
+def _child(spec_fd: int) -> None:
+    """The forked kernel: sandbox first, then become a fresh ipykernel. Never returns."""
+    code = 127
+    reported = False
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+        # nothing of the zygote's stays open: the control socket, the wakeup pipe, ...
+        os.closerange(3, spec_fd)
+        os.closerange(spec_fd + 1, 1 << 20)
+        os.set_blocking(spec_fd, True)
+        raw = os.read(spec_fd, 1 << 20)
+        if not raw:
+            os._exit(127)
+        spec = _ChildSpec(json.loads(raw))
+
+        from sandbox.launcher import enter
+
+        try:
+            enter(spec, spec_fd)
+        except BaseException:
+            os._exit(127)  # enter wrote "step\0message" to spec_fd
+        os.setsid()
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        _fresh_state(spec)
+        os.write(spec_fd, b"ok")
+        reported = True
+        os.close(spec_fd)
+        code = _run_kernel(spec)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException as exc:
+        if not reported:
+            try:
+                os.write(spec_fd, f"start\0{type(exc).__name__}: {exc}".encode()[:4000])
+            except OSError:
+                pass
+    finally:
+        os._exit(code)
+
+
+def _fresh_state(spec: _ChildSpec) -> None:
+    """Whatever the zygote computed at start-up from its own process, recomputed for this kernel."""
+    import random
+    import site
+    import tempfile
+
+    os.environ.clear()
+    os.environ.update(spec.env)
+    random.seed()  # CPython also re-seeds at fork; explicit, and covers a `random` imported later
+    tempfile.tempdir = None  # cached from the zygote's TMPDIR
+    if getattr(site, "ENABLE_USER_SITE", False):
+        # user site-packages follow HOME, which the zygote did not share with this user
+        site.USER_BASE = None
+        site.USER_SITE = None
+        site.addusersitepackages(set(sys.path))
+    # the preloaded objects stay frozen: the collector never writes to their pages, so they stay shared
+
+
+def _run_kernel(spec: _ChildSpec) -> int:
+    # what `python -m ipykernel_launcher ARGS` does after its sys.path fix-up
+    import ipykernel_launcher
+    from ipykernel import kernelapp
+
+    sys.argv = [ipykernel_launcher.__file__, *spec.kernel_args]
+    kernelapp.launch_new_instance(argv=spec.kernel_args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "--fd":
+        print("usage: python -m kernelpool._zygote --fd N", file=sys.stderr)
+        raise SystemExit(2)
+    control = socket.socket(fileno=int(args[1]))
+    os.set_inheritable(control.fileno(), False)
+    _set_pdeathsig(signal.SIGTERM)
+    added = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    _preload()
+    import sandbox.launcher  # noqa: F401  (the child needs it before it may import anything else)
+
+    _neutral_sys_path(added)
+    gc.collect()
+    gc.freeze()
+    _Zygote(control).run()
+
+
+if __name__ == "__main__":
+    main()
