@@ -24,7 +24,7 @@ from nbformat import NotebookNode
 from kernelpool import notebooks as nbops
 from kernelpool.errors import InvalidArgument, KernelpoolError, NoNotebook
 from kernelpool.jobs import Job
-from kernelpool.outputs import simplify, to_content
+from kernelpool.outputs import output_text, simplify, to_content
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
@@ -199,10 +199,12 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
             items.append(item)
         return _result("\n".join(lines), {"notebook": path, "total_cells": len(nb.cells), "start_index": start_index, "cells": items})
 
-    @tool("read_cell", "Read one cell (by cell_index or cell_id): its source and, optionally, its outputs.", READ)
+    @tool("read_cell", "Read one cell (by cell_index or cell_id): its source and, optionally, its outputs. "
+          "For output too long for one reply, pass output_offset (0, then each reply's next_offset) to page "
+          "through the outputs' text, max_chars at a time.", READ)
     async def read_cell(
         ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
-        include_outputs: bool = True,
+        include_outputs: bool = True, output_offset: int | None = None, max_chars: int | None = None,
     ) -> CallToolResult:
         user = user_name()
         path = resolve(ctx, user, notebook)
@@ -210,6 +212,18 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         i = nbops.cell_position(nb, path, cell_index, cell_id)
         cell = nb.cells[i]
         data = _cell_summary(i, cell) | {"notebook": path, "source": cell.source}
+        if output_offset is not None:
+            if output_offset < 0:
+                raise InvalidArgument("output_offset", "must be 0 or more")
+            size = s.settings.max_output_chars if max_chars is None else max_chars
+            if not 1 <= size <= s.settings.max_output_chars:
+                raise InvalidArgument("max_chars", f"use 1..{s.settings.max_output_chars}")
+            whole = "".join(output_text(o) or "" for o in cell.get("outputs", []))
+            page = whole[output_offset:output_offset + size]
+            end = output_offset + len(page)
+            data |= {"output_text": page, "output_offset": output_offset, "total_chars": len(whole),
+                     "next_offset": end if end < len(whole) else None}
+            return _result(page, data)
         extra: list[Any] = []
         if include_outputs and cell.cell_type == "code":
             data["outputs"] = [simplify(o, s.settings.max_output_chars) for o in cell.outputs]
