@@ -1,0 +1,64 @@
+"""Pure functions and small objects, tested directly."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kernelpool.cli import parse_when
+from kernelpool.errors import PathRefused
+from kernelpool.execution import _Stream
+from kernelpool.notebooks import check_notebook_path
+from kernelpool.outputs import strip_ansi, truncate
+from kernelpool.sessions import SessionContexts
+
+
+def test_session_contexts_are_per_user_and_expire() -> None:
+    ctx = SessionContexts(idle_timeout=0.2)
+    ctx.set_notebook("alice", "s1", "a.ipynb")
+    assert ctx.active_notebook("alice", "s1") == "a.ipynb"
+    assert ctx.active_notebook("bob", "s1") is None, "a session id under another user's token finds nothing"
+    assert ctx.active_notebook("alice", None) is None
+    time.sleep(0.3)
+    assert ctx.expire() == 1
+    assert ctx.active_notebook("alice", "s1") is None
+
+
+@pytest.mark.parametrize("path, norm", [("a.ipynb", "a.ipynb"), ("./x//y/b.ipynb", "x/y/b.ipynb")])
+def test_notebook_paths_normalise(path: str, norm: str) -> None:
+    assert check_notebook_path(path) == norm
+
+
+@pytest.mark.parametrize("path", ["", "/abs.ipynb", "../up.ipynb", "a/../../b.ipynb", "nul\x00.ipynb", "x.txt",
+                                  "bad\udc80.ipynb", "a/..", "."])
+def test_notebook_paths_refused(path: str) -> None:
+    with pytest.raises(PathRefused):
+        check_notebook_path(path)
+
+
+def test_stream_keeps_head_and_tail_within_its_limit() -> None:
+    s = _Stream(1000)
+    for i in range(100_000):
+        s.add(f"{i}\n")
+    text = s.text()
+    assert text.startswith("0\n1\n2\n") and text.endswith("99998\n99999\n")
+    assert len(text) < 1200 and "characters of output dropped" in text
+    small = _Stream(1000)
+    small.add("abc")
+    small.add("def")
+    assert small.text() == "abcdef"
+
+
+def test_truncate_and_ansi() -> None:
+    assert truncate("x" * 10, 20) == ("x" * 10, 0)
+    cut, n = truncate("a" * 100 + "b" * 100, 30)
+    assert n == 170 and cut.startswith("a" * 20) and cut.endswith("b" * 10)
+    assert strip_ansi("\x1b[0;31mValueError\x1b[0m: boom") == "ValueError: boom"
+
+
+def test_parse_when() -> None:
+    assert abs(parse_when("2h") - (time.time() + 7200)) < 5
+    assert parse_when("2001-01-01T00:00:00") == 978307200.0
+    with pytest.raises(Exception):
+        parse_when("soon")
