@@ -184,3 +184,12 @@ def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
     misses = GaugeMetricFamily("kernelpool_pool_misses", "kernels started on demand")
     misses.add_metric([], services.kernels.pool_misses)
     yield misses
+    memory = GaugeMetricFamily("kernelpool_user_memory_bytes", "memory of a user's kernels", labels=["user"])
+    cpu = GaugeMetricFamily("kernelpool_user_cpu_seconds", "CPU time of a user's kernels", labels=["user"])
+    for user, (mem, secs) in services.kernels.usage().items():
+        if mem is not None:
+            memory.add_metric([user], mem)
+        if secs is not None:
+            cpu.add_metric([user], secs)
+    yield memory
+    yield cpu

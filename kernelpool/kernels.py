@@ -407,6 +407,27 @@ class KernelRegistry:
                             reaped += 1
         return reaped
 
+    def usage(self) -> dict[str, tuple[int | None, float | None]]:
+        """Per user: memory in bytes and CPU seconds of all its kernels (from its cgroup, else the processes)."""
+        import psutil
+
+        users = {k.user for k in self.all()} | {k.user for k in self.pooled()}
+        out: dict[str, tuple[int | None, float | None]] = {}
+        for user in users:
+            cg = self._cgroups.get(user) if self._cgroups is not None else None
+            if cg is not None:
+                out[user] = (cg.memory_current(), cg.cpu_usage_seconds())
+                continue
+            memory, cpu = 0, 0.0
+            for kernel in self.of_user(user) + self.pooled(user):
+                with contextlib.suppress(psutil.Error, TypeError, ValueError):
+                    proc = psutil.Process(kernel.pid)
+                    memory += proc.memory_info().rss
+                    times = proc.cpu_times()
+                    cpu += times.user + times.system
+            out[user] = (memory, cpu)
+        return out
+
     async def close(self) -> None:
         self._closed = True
         for task in list(self._refills):

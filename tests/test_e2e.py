@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 
 import httpx2
 import nbformat
@@ -305,11 +306,18 @@ async def test_files_belong_to_the_user(kp: KernelpoolServer) -> None:
 
 
 async def test_healthz_and_metrics(kp: KernelpoolServer) -> None:
+    async with mcp_client(kp.url, kp.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "metrics.ipynb", "mode": "create"})
+        await c.call_tool("insert_execute_code_cell", {"notebook": "metrics.ipynb", "cell_index": -1, "cell_source": "1"})
     async with httpx2.AsyncClient() as http:
         health = (await http.get(f"{kp.base}/healthz")).json()
         assert health["status"] == "ok"
         metrics = (await http.get(f"{kp.base}/metrics")).text
         assert "kernelpool_tool_calls_total" in metrics
+        assert 'kernelpool_kernels{state="idle",user="alice"}' in metrics
+        assert re.search(r'kernelpool_user_memory_bytes\{user="alice"\} [1-9]', metrics), metrics
+        assert 'kernelpool_executions_total{status="ok"}' in metrics
+        assert "kernelpool_execution_seconds_bucket" in metrics
     rows = [json.loads(line) for line in kp.cli("audit", "--user", "alice", "--json").stdout.splitlines()]
     assert rows and {r["user"] for r in rows} == {"alice"}
     assert {"use_notebook", "insert_execute_code_cell"} <= {r["tool"] for r in rows}
