@@ -130,8 +130,9 @@ def _set_pdeathsig(sig: int) -> None:
 
 
 class _Zygote:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, import_env: dict[str, str]) -> None:
         self.control = control
+        self.import_env = import_env
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
@@ -191,7 +192,7 @@ class _Zygote:
             _send(self.control, {"op": "failed", "id": req, "error": f"fork: {exc.strerror}"})
             return
         if pid == 0:
-            _child(spec_fd)  # never returns
+            _child(spec_fd, self.import_env)  # never returns
         os.close(spec_fd)
         self.children.add(pid)
         # not reaped before this (reaping happens only in the main loop): the pid is still ours
@@ -252,7 +253,7 @@ class _ChildSpec:
         self.kernel_args: list[str] = list(raw["kernel_args"])
 
 
-def _child(spec_fd: int) -> None:
+def _child(spec_fd: int, import_env: dict[str, str]) -> None:
     """The forked kernel: sandbox first, then become a fresh ipykernel. Never returns."""
     code = 127
     reported = False
@@ -280,7 +281,7 @@ def _child(spec_fd: int) -> None:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        _fresh_state(spec)
+        _fresh_state(spec, import_env)
         os.write(spec_fd, b"ok")
         reported = True
         os.close(spec_fd)
@@ -297,7 +298,7 @@ def _child(spec_fd: int) -> None:
         os._exit(code)
 
 
-def _fresh_state(spec: _ChildSpec) -> None:
+def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
     """Whatever the zygote computed at start-up from its own process, recomputed for this kernel."""
     import random
     import site
@@ -305,6 +306,8 @@ def _fresh_state(spec: _ChildSpec) -> None:
 
     os.environ.clear()
     os.environ.update(spec.env)
+    for key, value in import_env.items():
+        os.environ.setdefault(key, value)
     random.seed()  # CPython also re-seeds at fork; explicit, and covers a `random` imported later
     tempfile.tempdir = None  # cached from the zygote's TMPDIR
     if getattr(site, "ENABLE_USER_SITE", False):
@@ -334,13 +337,17 @@ def main(argv: list[str] | None = None) -> None:
     os.set_inheritable(control.fileno(), False)
     _set_pdeathsig(signal.SIGTERM)
     added = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    before = dict(os.environ)
     _preload()
+    # what imports put into the environment (debugpy: PYDEVD_USE_FRAME_EVAL=NO), a stock
+    # kernel has too; each child gets it back after its environment is replaced
+    import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
     import sandbox.launcher  # noqa: F401  (the child needs it before it may import anything else)
 
     _neutral_sys_path(added)
     gc.collect()
     gc.freeze()
-    _Zygote(control).run()
+    _Zygote(control, import_env).run()
 
 
 if __name__ == "__main__":
