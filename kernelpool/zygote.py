@@ -89,12 +89,9 @@ class ZygoteProcess:
             return self.returncode
         if not self._has_ended():
             return None
-        if self._conn.alive:
-            # the zygote reaps it and reports its status within moments
-            self._conn.pump(timeout=0.2, until=lambda: self.returncode is not None)
-            if self.returncode is None and not self._conn.alive:
-                self._exited(EXIT_UNKNOWN, unknown=True)
-        else:
+        # the zygote reaps it and reports its status within moments, unless the zygote is gone
+        self._conn.pump(timeout=0.2, until=lambda: self.returncode is not None)
+        if self.returncode is None and (self._conn.eof or not self._conn.alive):
             self._exited(EXIT_UNKNOWN, unknown=True)
         return self.returncode
 
@@ -128,7 +125,9 @@ class _Connection:
     proc: subprocess.Popen[bytes]
     sock: socket.socket
     pid: int = 0
+    loop: asyncio.AbstractEventLoop | None = None  # the event loop that owns this connection
     alive: bool = True
+    eof: bool = False
     pending: dict[int, asyncio.Future[tuple[int, int]]] = field(default_factory=dict)
     children: dict[int, ZygoteProcess] = field(default_factory=dict)
     early_exits: dict[int, int] = field(default_factory=dict)
@@ -137,7 +136,7 @@ class _Connection:
     def pump(self, timeout: float = 0.0, until: Any = None) -> None:
         """Read and handle what the zygote sent; used by the event loop's reader and by `poll`."""
         deadline = time.monotonic() + timeout
-        while self.alive:
+        while self.alive and not self.eof:
             left = deadline - time.monotonic()
             if not select.select([self.sock], [], [], max(0.0, left))[0]:
                 return
@@ -157,7 +156,9 @@ class _Connection:
         if not data:
             for fd in fds:
                 os.close(fd)
-            self.lost()
+            self.eof = True  # the zygote is gone: it will report nothing more
+            if _running_loop() is self.loop:
+                self.lost()
             return
         msg = json.loads(data)
         op = msg.get("op")
@@ -187,8 +188,9 @@ class _Connection:
         if not self.alive:
             return
         self.alive = False
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         for fut in self.pending.values():
             if not fut.done():
@@ -248,8 +250,8 @@ class ForkServer:
         finally:
             theirs.close()
         ours.setblocking(False)
-        conn = _Connection(proc=proc, sock=ours, on_lost=self._on_lost)
         loop = asyncio.get_running_loop()
+        conn = _Connection(proc=proc, sock=ours, loop=loop, on_lost=self._on_lost)
         ready: asyncio.Future[None] = loop.create_future()
 
         def on_readable() -> None:
@@ -367,6 +369,13 @@ class ForkServer:
             conn.on_lost = None
             conn.lost()
             await asyncio.to_thread(_stop_proc, conn.proc)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _stop_proc(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
