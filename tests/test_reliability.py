@@ -264,9 +264,12 @@ def _cgroup_dirs(kp: KernelpoolServer) -> list[str]:
     return out
 
 
-async def test_sigkill_then_restart_leaves_nothing_behind(fresh_server: KernelpoolServer, server_args: list[str]) -> None:
+@pytest.mark.parametrize("fork_server", ["0", "1"])
+async def test_sigkill_then_restart_leaves_nothing_behind(fresh_server: KernelpoolServer, server_args: list[str],
+                                                          fork_server: str) -> None:
     kp = fresh_server
     kp.env["KERNELPOOL_POOL_SIZE"] = "1"
+    kp.env["KERNELPOOL_FORK_SERVER"] = fork_server
     kp.add_user("jo")
     kp.start(*server_args)
 
@@ -285,7 +288,11 @@ async def test_sigkill_then_restart_leaves_nothing_behind(fresh_server: Kernelpo
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     left = _kernel_pids(kp)
-    assert left, "the kernels outlived the killed server (they are in sessions of their own)"
+    if fork_server == "1":
+        # the fork server dies with its server and takes its kernels with it
+        assert all(_gone(pid, 10) for pid in left), "kernels of the fork server end with it"
+    else:
+        assert left, "directly spawned kernels outlive a killed server (sessions of their own)"
     kp.start(*server_args)
     assert "left behind by a previous server" in kp.log()
     assert _kernel_pids(kp) == [] or set(_kernel_pids(kp)).isdisjoint(left)
