@@ -1,0 +1,33 @@
+"""The documentation stays true to the code: the configuration table of docs/deployment.md is
+what scripts/config-table prints from kernelpool.config.Settings, and names every setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from kernelpool.config import Settings
+from tests.server import ROOT
+
+
+def test_config_table_is_generated_from_settings() -> None:
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "config-table")],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    with open(os.path.join(ROOT, "docs", "deployment.md")) as f:
+        doc = f.read()
+    start = "<!-- config-table:start (scripts/config-table --write) -->\n"
+    documented = doc.split(start, 1)[1].split("<!-- config-table:end -->", 1)[0]
+    assert documented == out, "docs/deployment.md is stale: run scripts/config-table --write"
+    for name, field in Settings.model_fields.items():
+        assert f"`KERNELPOOL_{(field.alias or name).upper()}`" in out
+
+
+def test_docs_name_the_image_settings() -> None:
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        dockerfile = f.read()
+    with open(os.path.join(ROOT, "docs", "deployment.md")) as f:
+        doc = f.read()
+    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert base in doc
+    assert 'ENTRYPOINT ["tini", "-e", "143"' in dockerfile and "tini -e 143" in doc
