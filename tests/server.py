@@ -108,8 +108,13 @@ class KernelpoolServer:
             return self.proc.wait(10)
 
     def cleanup(self) -> None:
+        """Stop the server and remove every user it has (their Unix accounts too), then the data folder."""
         self.stop()
-        for name in list(self.tokens):
+        names = set(self.tokens)
+        if os.path.exists(os.path.join(self.data_dir, "kernelpool.db")):
+            listed = self.cli("users", "list", check=False).stdout
+            names |= {line.split("\t")[0] for line in listed.splitlines() if line}
+        for name in sorted(names):
             self.cli("users", "remove", name, check=False)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
