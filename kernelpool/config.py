@@ -6,12 +6,19 @@ environment variables `KERNELPOOL_*`, a TOML file (`--config` / `KERNELPOOL_CONF
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from sandbox.limits import parse_memory
 
@@ -23,8 +30,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8765, ge=0, le=65535, description="port to listen on (0 = any free port)")
     public_url: str | None = Field(None, description="the URL clients use, when behind a proxy (printed, used for auth metadata)")
-    allowed_hosts: list[str] = Field(default_factory=list, description="extra Host headers to accept (DNS-rebinding protection); host:port or host:*")
-    allowed_origins: list[str] = Field(default_factory=list, description="extra Origin headers to accept")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="extra Host headers to accept (DNS-rebinding protection): host:port or host:*, comma-separated")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra Origin headers to accept, comma-separated")
 
     first_user: str = Field("default", description="name of the user created on first start, when there is none")
     insecure_no_sandbox: bool = Field(False, description="run kernels as the server's own user, without cgroups (single-user development only)")
@@ -58,10 +68,21 @@ class Settings(BaseSettings):
     max_saved_image_bytes: int = Field(10_000_000, ge=0, description="images larger than this are not kept in the notebook")
     housekeeping_interval: float = Field(30.0, gt=0, description="seconds between idle-kernel culls and session expiry")
 
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level of the server")
     log_json: bool = Field(False, description="structured JSON logs")
 
     config_file: Path | None = Field(None, alias="config", description="TOML file read at start-up")
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # from the environment: "a.example:*,b.example:443", or a JSON list
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @field_validator("kernel_memory", "user_memory")
     @classmethod

@@ -34,6 +34,10 @@ def _try_in_child() -> tuple[bool, bool]:
         code = 0
         try:
             _libc.unshare(_libc.CLONE_NEWNET)
+            # a namespace whose loopback cannot be brought up (no CAP_NET_ADMIN) is no use to a kernel
+            from sandbox.launcher import _loopback_up
+
+            _loopback_up()
             code |= 1
         except BaseException:
             pass
