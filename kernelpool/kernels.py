@@ -132,6 +132,7 @@ class KernelRegistry:
         self._starting: dict[str, int] = {}  # user -> kernels being started (pool refills included)
         self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._refills: set[asyncio.Task[None]] = set()
+        self._last_acquire: dict[str, float] = {}
         self._closed = False
         self.pool_hits = 0
         self.pool_misses = 0
@@ -181,6 +182,7 @@ class KernelRegistry:
                 self.pool_hits += 1
             await self._assign(kernel, notebook)
             self._kernels[key] = kernel
+            self._last_acquire[user.name] = time.monotonic()
             self._schedule_refill(user)
             return kernel
 
@@ -370,6 +372,14 @@ class KernelRegistry:
                 log.info("culling idle kernel %s of %s (%s)", kernel.id, user, notebook)
                 await self.shutdown(user, notebook)
                 culled += 1
+        # warm kernels follow activity: a user who has not opened a kernel for as long goes without
+        for user, pool in list(self._pools.items()):
+            if pool and now - self._last_acquire.get(user, 0.0) > timeout:
+                while pool:
+                    kernel = pool.popleft()
+                    log.info("retiring warm kernel %s of inactive user %s", kernel.id, user)
+                    await self._stop(kernel)
+                    culled += 1
         return culled
 
     async def reap_leftovers(self) -> int:

@@ -215,18 +215,31 @@ async def test_kernel_limit_per_user(fresh_server: KernelpoolServer, server_args
 
 async def test_idle_kernels_are_culled(fresh_server: KernelpoolServer, server_args: list[str]) -> None:
     kp = fresh_server
-    kp.env |= {"KERNELPOOL_KERNEL_IDLE_TIMEOUT": "1", "KERNELPOOL_HOUSEKEEPING_INTERVAL": "0.5", "KERNELPOOL_POOL_SIZE": "0"}
+    kp.env |= {"KERNELPOOL_KERNEL_IDLE_TIMEOUT": "2", "KERNELPOOL_HOUSEKEEPING_INTERVAL": "0.5", "KERNELPOOL_POOL_SIZE": "1"}
     kp.add_user("ida")
     kp.start(*server_args)
     async with mcp_client(kp.url, kp.tokens["ida"], mode="auto") as c:
         await c.call_tool("use_notebook", {"notebook": "idle.ipynb", "mode": "create"})
         await c.call_tool("execute_code", {"notebook": "idle.ipynb", "code": "v = 5"})
-        pid = (await c.call_tool("list_kernels", {})).structured_content["kernels"][0]["pid"]
+        warm_seen = False
+        for _ in range(30):  # the refill runs in the background, within the idle timeout
+            listed = (await c.call_tool("list_kernels", {})).structured_content
+            if listed["warm"] == 1:
+                warm_seen = True
+                break
+            await asyncio.sleep(0.05)
+        assert warm_seen, "the pool refilled after the first kernel was handed out"
+        pid = listed["kernels"][0]["pid"]
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (await c.call_tool("list_kernels", {})).structured_content["kernels"]:
             await asyncio.sleep(0.3)
-        assert (await c.call_tool("list_kernels", {})).structured_content["kernels"] == []
+        listed = (await c.call_tool("list_kernels", {})).structured_content
+        assert listed["kernels"] == []
         assert _gone(pid, 10), "the culled kernel's process ends"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (await c.call_tool("list_kernels", {})).structured_content["warm"]:
+            await asyncio.sleep(0.3)
+        assert (await c.call_tool("list_kernels", {})).structured_content["warm"] == 0, "an inactive user's warm kernel retires"
         r = await c.call_tool("execute_code", {"notebook": "idle.ipynb", "code": "'v' in dir()"})
         assert texts(r) == ["False"]
 
