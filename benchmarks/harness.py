@@ -153,6 +153,7 @@ class Bench:
             running.rss_result = await running.rss.stop()
             code = await asyncio.to_thread(kp.stop)
             running.exit_code = code
+            running.log_tail = kp.log()[-6000:]
             running.leftovers = await self.wait_no_leftovers(running.cgroup_root, self._uids(list(d.tokens)))
 
     def _uids(self, users: list[str] | None = None) -> set[int]:
@@ -216,6 +217,7 @@ class RunningServer:
     rss_result: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     leftovers: list[str] = field(default_factory=list)
+    log_tail: str = ""
 
     def __post_init__(self) -> None:
         assert self.kp.proc is not None
@@ -232,6 +234,13 @@ class RunningServer:
 
     def kernels(self) -> list[psutil.Process]:
         return kernel_processes(self.pid, self.cgroup_root)
+
+    def helpers(self) -> list[psutil.Process]:
+        """The server's descendants that are not kernels (a fork server, for one)."""
+        kernels = {p.pid for p in self.kernels()}
+        with contextlib.suppress(psutil.Error):
+            return [c for c in psutil.Process(self.pid).children(recursive=True) if c.pid not in kernels]
+        return []
 
     async def health(self) -> dict[str, Any]:
         async with httpx2.AsyncClient(timeout=5) as http:

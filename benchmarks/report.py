@@ -69,7 +69,10 @@ def render(r: dict[str, Any]) -> str:
         rows = []
         for n, lv in c.get("levels", {}).items():
             for who in ("stock", "kernelpool"):
-                x = lv[who]
+                x = lv.get(who)
+                if x is None or "failed" in x:
+                    rows.append([n, who, "FAILED: " + (x or {}).get("failed", "not run")[:200]] + [""] * 7)
+                    continue
                 o, cl = x["open"], x["closed"]
                 tput = cl["throughput_per_s"]
                 rel = "-"

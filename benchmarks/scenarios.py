@@ -44,7 +44,10 @@ async def call(client: Any, tool: str, args: dict[str, Any]) -> Any:
 def _server_report(srv: RunningServer, problems: list[str], what: str) -> dict[str, Any]:
     if srv.leftovers:
         problems.append(f"{what}: left behind after the server stopped: {srv.leftovers[:5]}")
-    return {"server_rss": srv.rss_result, "exit_code": srv.exit_code, "leftovers": srv.leftovers}
+    out = {"server_rss": srv.rss_result, "exit_code": srv.exit_code, "leftovers": srv.leftovers}
+    if any(w in srv.log_tail for w in ("ERROR", "Traceback", "WARNING")):
+        out["server_log_tail"] = srv.log_tail[-3000:]
+    return out
 
 
 # ---- 1. time to first result -----------------------------------------------------------
@@ -264,33 +267,59 @@ async def _stock_level(n: int, duration: float, max_cells: int, at_once: int, ru
 
 
 async def _kp_level(bench: Bench, d: DataDir, n: int, duration: float, max_cells: int, mode: str, pool: int,
-                    tool: str, run_id: str, problems: list[str]) -> dict[str, Any]:
+                    tool: str, run_id: str, problems: list[str], log: Any) -> dict[str, Any]:
     users = [f"u{j // 2}" for j in range(n)]  # two notebooks per user
     paths = [f"c{n}/s{j}.ipynb" for j in range(n)]
     n_users = len(set(users))
     settings = {"pool_size": str(pool), "max_kernels_per_user": str(max(16, 2 + pool + 1))}
     out: dict[str, Any] = {"users": n_users, "mode": mode, "pool_size": pool, "tool": tool}
+    srv_box: list[RunningServer] = []
+    try:
+        await _kp_level_on(bench, d, n, duration, max_cells, mode, pool, tool, run_id, problems, log,
+                           users, paths, settings, out, srv_box)
+    except WrongResult as exc:
+        if srv_box:
+            exc.args = (f"{exc}; {_server_report(srv_box[0], problems, f'kernelpool x{n}').get('server_log_tail', '')[-1500:]}",)
+        raise
+    return out
+
+
+async def _kp_level_on(bench: Bench, d: DataDir, n: int, duration: float, max_cells: int, mode: str, pool: int,
+                       tool: str, run_id: str, problems: list[str], log: Any, users: list[str], paths: list[str],
+                       settings: dict[str, str], out: dict[str, Any], srv_box: list[RunningServer]) -> None:
+    n_users = len(set(users))
     async with bench.server(d, **settings) as srv:
+        srv_box.append(srv)
         async with _clients(srv.url, [d.tokens[u] for u in users], mode) as clients:
             t0 = time.perf_counter()
             each: list[float] = []
+            failed: list[str] = []
 
             async def open_one(j: int) -> None:
-                await call(clients[j], "use_notebook", {"notebook": paths[j], "mode": "create"})
-                each.append(time.perf_counter() - t0)
+                try:
+                    await call(clients[j], "use_notebook", {"notebook": paths[j], "mode": "create"})
+                    each.append(time.perf_counter() - t0)
+                except (WrongResult, TimeoutError) as exc:
+                    failed.append(f"{paths[j]}: {exc}")
 
             await asyncio.gather(*(open_one(j) for j in range(n)))
             out["all_ready_s"] = round(time.perf_counter() - t0, 3)
             out["ready_ms"] = summary(each)
-            settle = await srv.wait_warm(n_users * pool, 180) if pool else 0.0
+            log(f"    {n - len(failed)}/{n} notebooks ready in {out['all_ready_s']:.1f} s")
+            if failed:
+                raise WrongResult(f"{len(failed)} of {n} use_notebook calls failed, e.g. {failed[:2]}")
+            settle = await srv.wait_warm(n_users * pool, 30) if pool else 0.0  # not settling is reported, not waited out
             out["pool_settled_after_s"] = None if settle is None else round(settle, 3)
+            log(f"    pool settled: {out['pool_settled_after_s']} s")
             await asyncio.sleep(1)
             out["healthz_idle"] = await srv.health()
             out["kernels_idle"] = memory_of(srv.kernels())
+            out["helpers_idle"] = memory_of(srv.helpers())
             runs = [_kp_run(clients[j], paths[j], tool) for j in range(n)]
             opened = await open_loop(runs, run_id + "k", duration)
             closed = await closed_loop(runs, run_id + "k", duration, max_cells)
             out.update(_phases([opened, closed], problems, f"kernelpool x{n}"))
+            log(f"    loops done: open {len(opened.latencies)} cells, closed {len(closed.latencies)} cells")
         # every notebook on disk holds its own cells only, each with its own output
         checks = {"notebooks": n, "misplaced": 0, "wrong_output": 0, "missing": 0, "duplicated": 0, "examples": []}
         for j in range(n):
@@ -305,7 +334,6 @@ async def _kp_level(bench: Bench, d: DataDir, n: int, duration: float, max_cells
         if checks["misplaced"] or checks["wrong_output"] or checks["missing"] or checks["duplicated"]:
             problems.append(f"kernelpool x{n}: notebooks on disk wrong: {checks}")
     out.update(_server_report(srv, problems, f"kernelpool x{n}"))
-    return out
 
 
 async def concurrency(bench: Bench, levels: list[int], duration: float, max_cells: int, mode: str, pool: int,
@@ -323,11 +351,19 @@ async def concurrency(bench: Bench, levels: list[int], duration: float, max_cell
         "levels": {},
     }
     for n in levels:
-        log(f"  concurrency x{n}: stock jupyter_client")
-        stock = await _stock_level(n, duration, max_cells, at_once, f"{run_id}n{n}", problems)
-        log(f"  concurrency x{n}: kernelpool")
-        kp = await _kp_level(bench, d, n, duration, max_cells, mode, pool, tool, f"{run_id}n{n}", problems)
-        out["levels"][str(n)] = {"kernelpool": kp, "stock": stock}
+        level: dict[str, Any] = {}
+        for who in ("stock", "kernelpool"):
+            log(f"  concurrency x{n}: {who}")
+            try:
+                if who == "stock":
+                    level[who] = await _stock_level(n, duration, max_cells, at_once, f"{run_id}n{n}", problems)
+                else:
+                    level[who] = await _kp_level(bench, d, n, duration, max_cells, mode, pool, tool,
+                                                 f"{run_id}n{n}", problems, log)
+            except WrongResult as exc:  # one level failing must not lose the others
+                problems.append(f"concurrency x{n} {who}: {exc}")
+                level[who] = {"failed": str(exc)}
+        out["levels"][str(n)] = level
     return out
 
 
@@ -347,6 +383,7 @@ async def idle_memory(bench: Bench, k: int, problems: list[str]) -> dict[str, An
                     raise WrongResult(f"1+1 answered {texts(r)!r}")
             await asyncio.sleep(2)
             out["kernelpool"] = memory_of(srv.kernels())
+            out["kernelpool_helpers"] = memory_of(srv.helpers())  # e.g. a fork server: its pages are shared
             if out["kernelpool"]["processes"] != k:
                 out["kernelpool"]["note"] = f"found {out['kernelpool']['processes']} kernel processes, expected {k}"
     out["kernelpool_server"] = _server_report(srv, problems, "idle-memory")

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="execute: interleaved rounds (default 5)")
     p.add_argument("--modes", default="legacy,auto", help="execute: client modes (default legacy,auto)")
     p.add_argument("--levels", help="concurrency: session counts (default 1,10,50,100; quick 1,10)")
-    p.add_argument("--duration", type=float, help="concurrency: seconds per loop phase (default 10; quick 4)")
+    p.add_argument("--duration", type=float, help="concurrency: seconds per loop phase (default 8; quick 4)")
     p.add_argument("--max-cells", type=int, default=300, help="concurrency: closed-loop cells per session at most (300)")
     p.add_argument("--mode", default="legacy", choices=["legacy", "auto"], help="concurrency: client mode (legacy)")
     p.add_argument("--pool-size", type=int, default=1, help="concurrency: the server's KERNELPOOL_POOL_SIZE (1, the default)")
@@ -66,12 +66,24 @@ def machine() -> dict[str, Any]:
     from importlib.metadata import version
 
     return {
+        "kernelpool_commit": _git("rev-parse", "HEAD"),
+        "kernelpool_uncommitted": _git("status", "--short", "--", "kernelpool", "sandbox") or None,
         "host": platform.node(), "kernel": platform.release(), "python": platform.python_version(),
         "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / (1 << 30), 1),
         "cpu_model": _cpu_model(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "mcp": version("mcp"), "jupyter_client": jupyter_client.__version__, "ipykernel": ipykernel.__version__,
         "pyzmq": zmq.__version__,
     }
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], cwd=os.path.dirname(RESULTS) + "/..", capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _cpu_model() -> str | None:
@@ -96,7 +108,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     levels = [int(x) for x in (args.levels or ("1,10" if q else "1,10,50,100")).split(",")]
-    duration = args.duration or (4.0 if q else 10.0)
+    duration = args.duration or (4.0 if q else 8.0)
     problems: list[str] = []
     results: dict[str, Any] = {
         "started_at": dt.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
