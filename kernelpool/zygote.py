@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ class ZygoteProcess:
         self.returncode: int | None = None
         self.exit_unknown = False
         self._pidfd: int | None = pidfd
+        self._fd_lock = threading.Lock()
         self._conn = conn
 
     def __repr__(self) -> str:
@@ -75,14 +77,19 @@ class ZygoteProcess:
         if self.returncode is None:
             self.returncode = returncode
             self.exit_unknown = unknown
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        with self._fd_lock:
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
 
     def _has_ended(self) -> bool:
-        if self._pidfd is None:
+        fd = self._pidfd
+        if fd is None or self.returncode is not None:
             return True
-        return bool(select.select([self._pidfd], [], [], 0)[0])
+        try:
+            return bool(select.select([fd], [], [], 0)[0])
+        except OSError:  # closed by `_exited` in another thread: the exit has been reported
+            return True
 
     def poll(self) -> int | None:
         if self.returncode is not None:
@@ -98,18 +105,22 @@ class ZygoteProcess:
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
-            if self._pidfd is not None:
+            fd = self._pidfd
+            if fd is not None:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                select.select([self._pidfd], [], [], 0.05 if left is None else min(left, 0.05))
+                with contextlib.suppress(OSError):  # closed by `_exited` meanwhile: poll() sees it
+                    select.select([fd], [], [], 0.05 if left is None else min(left, 0.05))
             if deadline is not None and time.monotonic() >= deadline and self.poll() is None:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
         assert self.returncode is not None
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None and self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, sig)
+        # under the lock: a pidfd closed and its number reused meanwhile would name another process
+        with self._fd_lock:
+            if self.returncode is None and self._pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
