@@ -280,7 +280,7 @@ def _child(spec_fd: int, import_env: dict[str, str]) -> None:
         from sandbox.launcher import enter
 
         try:
-            enter(spec, spec_fd)
+            enter(spec, spec_fd)  # type: ignore[arg-type]  # _ChildCgroup has what enter() uses of a Cgroup
         except BaseException:
             os._exit(127)  # enter wrote "step\0message" to spec_fd
         os.setsid()

@@ -16,6 +16,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -70,7 +71,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     verifier = StoreTokenVerifier(store, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc())
     url = base_url(settings)
     auth = AuthSettings(
-        issuer_url=url, resource_server_url=f"{url}/mcp", required_scopes=[SCOPE],
+        issuer_url=AnyHttpUrl(url), resource_server_url=AnyHttpUrl(f"{url}/mcp"), required_scopes=[SCOPE],
         validate_token_resource=False,  # our tokens are minted for this server only
     )
     mcp = build_mcp(services, verifier, auth)

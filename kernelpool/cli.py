@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kernelpool.config import Settings, load_settings
@@ -40,7 +40,7 @@ def parse_when(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration (30d, 12h) or ISO date: {text!r}") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()
 
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
-        handler: Callable[[argparse.Namespace], Awaitable[int]] = {
+        handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = {
             "users": _users, "tokens": _tokens, "audit": _audit, "doctor": _doctor,
         }[args.command]
         return asyncio.run(handler(args))
@@ -216,7 +216,7 @@ async def _tokens(args: argparse.Namespace) -> int:
         elif args.action == "list":
             for t in await store.list_tokens(args.name):
                 state = "revoked" if t.revoked_at else ("expired" if t.expires_at and t.expires_at < time.time() else "active")
-                expires = dt.datetime.fromtimestamp(t.expires_at, dt.timezone.utc).isoformat() if t.expires_at else "never"
+                expires = dt.datetime.fromtimestamp(t.expires_at, dt.UTC).isoformat() if t.expires_at else "never"
                 print(f"{t.id}\t{t.user}\t{state}\texpires={expires}")
         elif args.action == "revoke":
             token_id = args.token_id
@@ -238,7 +238,7 @@ async def _audit(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(row))
             else:
-                when = dt.datetime.fromtimestamp(row["ts"], dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+                when = dt.datetime.fromtimestamp(row["ts"], dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
                 print(f"{when}\t{row['user']}\t{row['tool']}\t{row['notebook'] or '-'}\t{row['outcome']}\t"
                       f"{row['duration_ms']:.1f}ms" + (f"\t{row['detail']}" if row["detail"] else ""))
         return 0

@@ -19,7 +19,14 @@ import nbformat
 from nbformat import NotebookNode
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_raw_cell
 
-from kernelpool.errors import CellNotFound, CorruptNotebook, InvalidArgument, NotebookExists, NotebookNotFound, PathRefused
+from kernelpool.errors import (
+    CellNotFound,
+    CorruptNotebook,
+    InvalidArgument,
+    NotebookExists,
+    NotebookNotFound,
+    PathRefused,
+)
 from sandbox import SafeRoot
 from sandbox.errors import SandboxError
 

@@ -73,7 +73,7 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         zygote = launch.extra.get("zygote")
         if isinstance(zygote, ForkServer):
             try:
-                self.process = await zygote.spawn(spec)
+                self.process = await zygote.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
             except ZygoteUnavailable as exc:
                 log.warning("starting a kernel without the fork server: %s", exc)
                 if launch.cgroup is not None:

@@ -214,7 +214,8 @@ class Store:
         await self._db.commit()
 
     async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if user is not None:
             clauses.append("user = ?")
             args.append(user)

@@ -364,7 +364,8 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         }
         if result.message:
             data["message"] = result.message
-        return CallToolResult(content=head + content, structured_content=data, is_error=result.status == "died")
+        blocks: list[Any] = [*head, *content]
+        return CallToolResult(content=blocks, structured_content=data, is_error=result.status == "died")
 
     @tool("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and returned. "
           "background=true returns an execution_id at once (see get_execution).", RUN)

@@ -147,8 +147,8 @@ class UserService:
         )
 
     async def _free_uid(self) -> int:
-        import pwd
         import grp
+        import pwd
 
         used = await self._store.used_uids()
         for uid in range(self._settings.uid_min, self._settings.uid_max + 1):

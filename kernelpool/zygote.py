@@ -244,7 +244,7 @@ class ForkServer:
             raise ZygoteUnavailable("the fork server is not running")
         try:
             return await asyncio.wait_for(asyncio.shield(self._starting), wait)
-        except (asyncio.TimeoutError, Exception) as exc:
+        except (TimeoutError, Exception) as exc:
             raise ZygoteUnavailable(f"the fork server is restarting: {exc!r}") from exc
 
     async def _launch(self) -> _Connection:

@@ -166,7 +166,7 @@ async def test_progress_is_reported_during_long_executions(kp: KernelpoolServer)
                               progress_callback=on_progress)
         assert texts(r) == ["'done'"]
     assert len(seen) >= 2, seen  # the module's server reports every second
-    assert all(b[0] > a[0] for a, b in zip(seen, seen[1:])), "progress increases"
+    assert all(b[0] > a[0] for a, b in zip(seen, seen[1:], strict=False)), "progress increases"
 
 
 async def test_kernels_are_listed_per_user_and_can_be_restarted(kp: KernelpoolServer) -> None:

@@ -8,7 +8,8 @@ import os
 import tempfile
 
 import nbformat
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kernelpool import notebooks as nbops

@@ -7,7 +7,14 @@ import pwd
 
 import pytest
 
-from sandbox import AccountError, Identity, account_exists, can_manage_accounts, ensure_account, remove_account
+from sandbox import (
+    AccountError,
+    Identity,
+    account_exists,
+    can_manage_accounts,
+    ensure_account,
+    remove_account,
+)
 
 
 @pytest.fixture(autouse=True)
