@@ -117,7 +117,7 @@ async def run_session(kp: KernelpoolServer, s: Session, stop_at: float, drop_eve
                     await asyncio.sleep(rng.uniform(0.05, 0.3))
         except AssertionError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - a killed server or kernel: reconnect and go on
+        except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             s.errors += 1
