@@ -197,7 +197,7 @@ async def _clients(url: str, tokens: list[str], mode: str) -> AsyncIterator[list
                 clients[i] = c
                 ready[i].set()
                 await done.wait()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             failures.append(exc)
             ready[i].set()
 

@@ -57,13 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
     import ipykernel
     import jupyter_client
-    import mcp
     import psutil
     import zmq
-
-    from importlib.metadata import version
 
     return {
         "kernelpool_commit": _git("rev-parse", "HEAD"),
