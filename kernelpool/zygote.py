@@ -52,6 +52,17 @@ _RESTART_WAIT = 10.0  # a start waits this long for a restarting zygote, then st
 EXIT_UNKNOWN = 255
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` is readable within `timeout` seconds. poll(), not select(): a server with
+    hundreds of kernels has descriptors above select()'s limit of 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = poller.poll(timeout * 1000)
+    if any(ev & select.POLLNVAL for _, ev in events):
+        raise OSError(9, "bad file descriptor")
+    return bool(events)
+
+
 class ZygoteUnavailable(Exception):
     """The fork server is not running (or died during a request); start the kernel another way."""
 
@@ -87,7 +98,7 @@ class ZygoteProcess:
         if fd is None or self.returncode is not None:
             return True
         try:
-            return bool(select.select([fd], [], [], 0)[0])
+            return _readable(fd, 0)
         except OSError:  # closed by `_exited` in another thread: the exit has been reported
             return True
 
@@ -109,7 +120,7 @@ class ZygoteProcess:
             if fd is not None:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 with contextlib.suppress(OSError):  # closed by `_exited` meanwhile: poll() sees it
-                    select.select([fd], [], [], 0.05 if left is None else min(left, 0.05))
+                    _readable(fd, 0.05 if left is None else min(left, 0.05))
             if deadline is not None and time.monotonic() >= deadline and self.poll() is None:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
         assert self.returncode is not None
@@ -149,7 +160,7 @@ class _Connection:
         deadline = time.monotonic() + timeout
         while self.alive and not self.eof:
             left = deadline - time.monotonic()
-            if not select.select([self.sock], [], [], max(0.0, left))[0]:
+            if not _readable(self.sock.fileno(), max(0.0, left)):
                 return
             self._read_one()
             if until is not None and until():
