@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,8 @@ from sandbox.errors import SandboxError
 T = TypeVar("T")
 
 MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
+_CACHE_ENTRIES = 512  # parsed notebooks kept in memory
+_CACHE_MAX_FILE = 8 * 1024 * 1024  # larger notebooks are parsed each time rather than held
 CELL_TYPES = ("code", "markdown", "raw")
 
 
@@ -164,6 +167,9 @@ class NotebookService:
     def __init__(self, roots: Callable[[str], SafeRoot]) -> None:
         self._roots = roots
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # (user, path) -> ((size, mtime) of the file as last read or written, the parsed notebook).
+        # Callers of `load` must not change the notebook they get; `edit` is the way to change it.
+        self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
 
     def lock(self, user: str, path: str) -> asyncio.Lock:
         key = (user, path)
@@ -184,7 +190,22 @@ class NotebookService:
     async def load(self, user: str, path: str) -> NotebookNode:
         return await asyncio.to_thread(self._load, user, path)
 
+    def _stamp(self, user: str, path: str) -> tuple[int, float] | None:
+        """(size, mtime) of the notebook file, without following links; None when it is not a file."""
+        try:
+            entry = self._roots(user).stat(path)
+        except (SandboxError, OSError):
+            return None
+        return (entry.size, entry.mtime) if entry is not None and entry.kind == "file" else None
+
     def _load(self, user: str, path: str) -> NotebookNode:
+        # the parsed notebook is kept while the file on disk is the one we last read or wrote:
+        # reading, parsing and validating a big notebook on every call costs milliseconds
+        stamp = self._stamp(user, path)
+        cached = self._cache.get((user, path))
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            self._cache.move_to_end((user, path))
+            return cached[1]
         try:
             data = self._roots(user).read_bytes(path, max_bytes=MAX_NOTEBOOK_BYTES)
         except FileNotFoundError:
@@ -193,38 +214,56 @@ class NotebookService:
             raise PathRefused(path, str(exc)) from None
         except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
             raise PathRefused(path, exc.strerror or str(exc)) from None
+        invalid: dict[str, Any] = {}
         try:
-            nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+            nb = nbformat.reads(data.decode("utf-8"), as_version=4, capture_validation_error=invalid)
         except (UnicodeDecodeError, json.JSONDecodeError, nbformat.reader.NotJSONError) as exc:
             raise CorruptNotebook(path, f"not JSON: {exc}") from None
         except Exception as exc:  # nbformat raises assorted errors for wrong shapes
             raise CorruptNotebook(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        try:
-            nbformat.validate(nb)
-        except nbformat.ValidationError as exc:
-            raise CorruptNotebook(path, exc.message) from None
+        if "ValidationError" in invalid:
+            raise CorruptNotebook(path, invalid["ValidationError"].message)
         # notebooks older than 4.5 get cell ids on upgrade, so that cells can be addressed by id
         if nb.nbformat_minor < 5:
             nb.nbformat_minor = 5
             for cell in nb.cells:
                 if "id" not in cell:
                     cell.id = new_cell("raw", "").id
+        if stamp is not None and stamp == self._stamp(user, path):
+            self._remember(user, path, stamp, nb)
         return nb
 
     async def save(self, user: str, path: str, nb: NotebookNode) -> None:
         await asyncio.to_thread(self._save, user, path, nb)
 
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
-        nbformat.validate(nb)  # never write a file that JupyterLab would refuse
-        data = nbformat.writes(nb).encode("utf-8")
+        # nbformat.writes validates; a notebook JupyterLab would refuse is never written
+        invalid: dict[str, Any] = {}
+        text = nbformat.writes(nb, capture_validation_error=invalid)
+        if "ValidationError" in invalid:
+            raise ValueError(f"refusing to write an invalid notebook: {invalid['ValidationError'].message}")
         try:
             root = self._roots(user)
             parent = path.rpartition("/")[0]
             if parent:
                 root.makedirs(parent)
-            root.write_bytes_atomic(path, data)
+            root.write_bytes_atomic(path, text.encode("utf-8"))
         except SandboxError as exc:
+            self._cache.pop((user, path), None)
             raise PathRefused(path, str(exc)) from None
+        stamp = self._stamp(user, path)
+        if stamp is not None:
+            self._remember(user, path, stamp, nb)
+
+    def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode) -> None:
+        key = (user, path)
+        if stamp[0] > _CACHE_MAX_FILE:
+            self._cache.pop(key, None)
+            return
+        self._cache[key] = (stamp, nb)
+        self._cache.move_to_end(key)
+        while len(self._cache) > _CACHE_ENTRIES:
+            self._cache.popitem(last=False)
 
     async def create(self, user: str, path: str) -> NotebookNode:
         async with self.lock(user, path):
@@ -240,8 +279,13 @@ class NotebookService:
         """Load, apply `change`, save; all under the notebook's lock. A change that raises saves nothing."""
         async with self.lock(user, path):
             nb = await self.load(user, path)
-            result = change(nb)
-            await self.save(user, path, nb)
+            try:
+                result = change(nb)
+                await self.save(user, path, nb)
+            except BaseException:
+                # the change may have half-happened in memory: the file is the truth, read it again
+                self._cache.pop((user, path), None)
+                raise
             return result
 
     async def list_notebooks(self, user: str, limit: int = 10000) -> list[str]:

@@ -321,3 +321,21 @@ async def test_healthz_and_metrics(kp: KernelpoolServer) -> None:
     rows = [json.loads(line) for line in kp.cli("audit", "--user", "alice", "--json").stdout.splitlines()]
     assert rows and {r["user"] for r in rows} == {"alice"}
     assert {"use_notebook", "insert_execute_code_cell"} <= {r["tool"] for r in rows}
+
+
+async def test_changes_made_on_disk_are_seen(kp: KernelpoolServer) -> None:
+    """The server keeps parsed notebooks in memory; a file changed by someone else (here the
+    user's own kernel) is read again, not served stale."""
+    async with mcp_client(kp.url, kp.tokens["bob"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "ext.ipynb", "mode": "create"})
+        await c.call_tool("insert_cell", {"notebook": "ext.ipynb", "cell_index": -1, "cell_type": "code", "cell_source": "a"})
+        assert [x["id"] for x in (await c.call_tool("read_notebook", {"notebook": "ext.ipynb"})).structured_content["cells"]]
+        code = ("import nbformat\nnb = nbformat.read('ext.ipynb', as_version=4)\n"
+                "nb.cells.append(nbformat.v4.new_markdown_cell('written by the kernel'))\n"
+                "nbformat.write(nb, 'ext.ipynb')")
+        r = await c.call_tool("execute_code", {"notebook": "ext.ipynb", "code": code})
+        assert not r.is_error, texts(r)
+        r = await c.call_tool("read_notebook", {"notebook": "ext.ipynb", "response_format": "detailed"})
+        assert [x["source"] for x in r.structured_content["cells"]] == ["a", "written by the kernel"]
+        await c.call_tool("insert_cell", {"notebook": "ext.ipynb", "cell_index": -1, "cell_type": "code", "cell_source": "b"})
+    assert [x.source for x in on_disk(kp, "bob", "ext.ipynb").cells] == ["a", "written by the kernel", "b"]
