@@ -125,7 +125,12 @@ class JobService:
 
     async def _run(self, job: Job, code: str, timeout: float, store_history: bool) -> None:
         try:
-            job.kernel = await self._kernels.acquire(await self._users.get(job.user), job.notebook)
+            kernel = self._kernels.get(job.user, job.notebook)
+            if kernel is not None and await kernel.is_alive():
+                kernel.last_used = time.monotonic()  # the common case: no database look-up
+            else:
+                kernel = await self._kernels.acquire(await self._users.get(job.user), job.notebook)
+            job.kernel = kernel
 
             async def progress(elapsed: float, message: str) -> None:
                 if job.progress is not None:

@@ -6,6 +6,7 @@ database runs in WAL mode so that the CLI can add users and tokens while the ser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+_AUDIT_DELAY = 0.05  # seconds an audit row may wait to be written with others
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -89,6 +92,8 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
+        self._audit_rows: list[tuple[Any, ...]] = []
+        self._audit_flush: asyncio.Task[None] | None = None
 
     @property
     def _db(self) -> aiosqlite.Connection:
@@ -112,7 +117,10 @@ class Store:
         return self
 
     async def close(self) -> None:
+        if self._audit_flush is not None and not self._audit_flush.done():
+            self._audit_flush.cancel()
         if self._conn is not None:
+            await self.flush_audit()
             await self._conn.close()
             self._conn = None
 
@@ -207,11 +215,24 @@ class Store:
         self, user: str | None, tool: str, notebook: str | None, outcome: str, duration_ms: float,
         detail: str | None = None,
     ) -> None:
-        await self._db.execute(
-            "INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), user, tool, notebook, outcome, duration_ms, detail),
-        )
-        await self._db.commit()
+        """Record one tool call. Rows are written in batches a moment later, off the request's path;
+        `flush_audit` (and `close`) write what is pending."""
+        self._audit_rows.append((time.time(), user, tool, notebook, outcome, duration_ms, detail))
+        if self._audit_flush is None or self._audit_flush.done():
+            self._audit_flush = asyncio.get_running_loop().create_task(self._flush_audit_soon())
+
+    async def _flush_audit_soon(self) -> None:
+        await asyncio.sleep(_AUDIT_DELAY)
+        await self.flush_audit()
+
+    async def flush_audit(self) -> None:
+        rows, self._audit_rows = self._audit_rows, []
+        if rows:
+            await self._db.executemany(
+                "INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            await self._db.commit()
 
     async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         clauses: list[str] = []
