@@ -146,3 +146,14 @@ async def test_configuration_file(fresh_server: KernelpoolServer, server_args: l
     proc = subprocess.run([sys.executable, "-m", "kernelpool", "serve", "--config", str(bad), "--data-dir", kp.data_dir],
                           env=kp.env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "no_such_setting" in proc.stderr
+
+
+def test_json_logs(fresh_server: KernelpoolServer, server_args: list[str]) -> None:
+    kp = fresh_server
+    kp.add_user("lee")
+    kp.start("--log-json", *server_args)
+    kp.stop()
+    lines = [line for line in kp.log().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert records and all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any("Application startup complete" in r["message"] for r in records)

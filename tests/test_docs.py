@@ -1,4 +1,4 @@
-"""The documentation stays true to the code: the configuration table of docs/deployment.md is
+"""The documentation stays true to the code: the configuration table of README.md is
 what scripts/config-table prints from kernelpool.config.Settings, and names every setting."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from tests.server import ROOT
 def test_config_table_is_generated_from_settings() -> None:
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "config-table")],
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    with open(os.path.join(ROOT, "docs", "deployment.md")) as f:
+    with open(os.path.join(ROOT, "README.md")) as f:
         doc = f.read()
     start = "<!-- config-table:start (scripts/config-table --write) -->\n"
     documented = doc.split(start, 1)[1].split("<!-- config-table:end -->", 1)[0]
-    assert documented == out, "docs/deployment.md is stale: run scripts/config-table --write"
+    assert documented == out, "README.md is stale: run scripts/config-table --write"
     for name, field in Settings.model_fields.items():
         assert f"`KERNELPOOL_{(field.alias or name).upper()}`" in out
 
