@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import nbformat
 from nbformat import NotebookNode
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_raw_cell
+from nbformat.v4 import nbjson, new_code_cell, new_markdown_cell, new_notebook, new_raw_cell
 
 from kernelpool.errors import (
     CellNotFound,
@@ -159,6 +159,40 @@ def move_cell(nb: NotebookNode, path: str, src: int, dst: int) -> int:
     return target
 
 
+# ---- validation --------------------------------------------------------------------------
+
+_CELL_PARTS = ("source", "outputs", "metadata", "attachments")
+
+
+def _fingerprint(cell: NotebookNode) -> tuple[Any, ...]:
+    """What a change to a cell replaces: edits assign new objects to these keys (never change
+    them in place), so holding the objects and comparing with `is` tells a changed cell."""
+    return (cell, len(cell), cell.get("cell_type"), cell.get("id"), cell.get("execution_count"),
+            *(cell.get(k) for k in _CELL_PARTS))
+
+
+def _unchanged(cell: NotebookNode, known: tuple[Any, ...] | None) -> bool:
+    if known is None:
+        return False
+    now = _fingerprint(cell)
+    return all(a is b or (type(a) in (int, str, type(None)) and a == b) for a, b in zip(now, known, strict=True))
+
+
+def _check(nb: NotebookNode, validated: dict[int, tuple[Any, ...]]) -> None:
+    """Validate `nb` with nbformat, re-checking only the cells changed since it was validated
+    (whole-notebook validation grows with the notebook and was most of an edit's cost)."""
+    changed = [c for c in nb.cells if not _unchanged(c, validated.get(id(c)))]
+    skeleton = NotebookNode({k: v for k, v in nb.items() if k != "cells"})
+    skeleton["cells"] = changed
+    try:
+        nbformat.validate(skeleton)
+    except nbformat.ValidationError as exc:
+        raise ValueError(f"refusing to write an invalid notebook: {exc.message}") from None
+    ids = [c.get("id") for c in nb.cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError("refusing to write a notebook with duplicate cell ids")
+
+
 # ---- files -------------------------------------------------------------------------------
 
 class NotebookService:
@@ -170,6 +204,8 @@ class NotebookService:
         # (user, path) -> ((size, mtime) of the file as last read or written, the parsed notebook).
         # Callers of `load` must not change the notebook they get; `edit` is the way to change it.
         self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
+        # id(cached notebook) -> {id(cell): fingerprint of the cell as last validated}
+        self._validated: dict[int, dict[int, tuple[Any, ...]]] = {}
 
     def lock(self, user: str, path: str) -> asyncio.Lock:
         key = (user, path)
@@ -237,11 +273,10 @@ class NotebookService:
         await asyncio.to_thread(self._save, user, path, nb)
 
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
-        # nbformat.writes validates; a notebook JupyterLab would refuse is never written
-        invalid: dict[str, Any] = {}
-        text = nbformat.writes(nb, capture_validation_error=invalid)
-        if "ValidationError" in invalid:
-            raise ValueError(f"refusing to write an invalid notebook: {invalid['ValidationError'].message}")
+        # a notebook JupyterLab would refuse is never written: every cell changed since the
+        # notebook was last validated, and everything outside the cells, is validated now
+        _check(nb, self._validated.get(id(nb), {}))
+        text = nbjson.writes(nb)
         try:
             root = self._roots(user)
             parent = path.rpartition("/")[0]
@@ -249,21 +284,31 @@ class NotebookService:
                 root.makedirs(parent)
             root.write_bytes_atomic(path, text.encode("utf-8"))
         except SandboxError as exc:
-            self._cache.pop((user, path), None)
+            self._forget(user, path)
             raise PathRefused(path, str(exc)) from None
         stamp = self._stamp(user, path)
         if stamp is not None:
             self._remember(user, path, stamp, nb)
 
+    def _forget(self, user: str, path: str) -> None:
+        dropped = self._cache.pop((user, path), None)
+        if dropped is not None:
+            self._validated.pop(id(dropped[1]), None)
+
     def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode) -> None:
+        """Keep `nb` (valid: just read or written) as the parsed form of the file at `stamp`."""
         key = (user, path)
+        old = self._cache.pop(key, None)
+        if old is not None and old[1] is not nb:
+            self._validated.pop(id(old[1]), None)
         if stamp[0] > _CACHE_MAX_FILE:
-            self._cache.pop(key, None)
+            self._validated.pop(id(nb), None)
             return
         self._cache[key] = (stamp, nb)
-        self._cache.move_to_end(key)
+        self._validated[id(nb)] = {id(c): _fingerprint(c) for c in nb.cells}
         while len(self._cache) > _CACHE_ENTRIES:
-            self._cache.popitem(last=False)
+            _, (_, dropped) = self._cache.popitem(last=False)
+            self._validated.pop(id(dropped), None)
 
     async def create(self, user: str, path: str) -> NotebookNode:
         async with self.lock(user, path):
@@ -284,7 +329,7 @@ class NotebookService:
                 await self.save(user, path, nb)
             except BaseException:
                 # the change may have half-happened in memory: the file is the truth, read it again
-                self._cache.pop((user, path), None)
+                self._forget(user, path)
                 raise
             return result
 

@@ -62,3 +62,33 @@ def test_parse_when() -> None:
     assert parse_when("2001-01-01T00:00:00") == 978307200.0
     with pytest.raises(Exception):
         parse_when("soon")
+
+
+async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) -> None:
+    import nbformat
+
+    from kernelpool.notebooks import NotebookService, insert_cell
+    from sandbox import SafeRoot
+
+    svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
+    await svc.create("u", "n.ipynb")
+    for i in range(5):
+        await svc.edit("u", "n.ipynb", lambda nb, i=i: insert_cell(nb, -1, "code", f"x = {i}"))
+    before = (tmp_path / "n.ipynb").read_bytes()
+
+    def break_outputs(nb):
+        nb.cells[2].outputs = [{"output_type": "stream"}]  # no name, no text
+
+    def duplicate_id(nb):
+        nb.cells[3]["id"] = nb.cells[1]["id"]
+
+    def break_metadata(nb):
+        nb["metadata"] = {"kernelspec": 5}
+
+    for change in (break_outputs, duplicate_id, break_metadata):
+        with pytest.raises(ValueError):
+            await svc.edit("u", "n.ipynb", change)
+        assert (tmp_path / "n.ipynb").read_bytes() == before
+    nb = await svc.load("u", "n.ipynb")
+    nbformat.validate(nb)
+    assert [c.source for c in nb.cells] == [f"x = {i}" for i in range(5)]
