@@ -268,6 +268,8 @@ def main() -> int:
     p.add_argument("--restart", choices=["sigterm", "sigkill", "none"], default="sigkill")
     p.add_argument("--json", help="write the report here too")
     args = p.parse_args()
+    # a SIGTERM (a timeout, a CI stop) must still run the clean-up: users, accounts, cgroups
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = asyncio.run(soak(args))
     print(json.dumps(report, indent=2))
     if args.json:
