@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -270,6 +271,8 @@ def main() -> int:
     args = p.parse_args()
     # a SIGTERM (a timeout, a CI stop) must still run the clean-up: users, accounts, cgroups
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # dropped clients are the point here: the client library's tracebacks about them are noise
+    logging.getLogger("mcp").setLevel(logging.CRITICAL)
     report = asyncio.run(soak(args))
     print(json.dumps(report, indent=2))
     if args.json:

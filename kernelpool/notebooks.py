@@ -147,7 +147,7 @@ def edit_source(cell: NotebookNode, old: str, new: str, replace_all: bool) -> in
     return count if replace_all else 1
 
 
-def move_cell(nb: NotebookNode, path: str, src: int, dst: int) -> int:
+def move_cell(nb: NotebookNode, src: int, dst: int) -> int:
     count = len(nb.cells)
     if isinstance(dst, bool) or not isinstance(dst, int):
         raise InvalidArgument("new_index", "must be an integer")

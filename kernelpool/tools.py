@@ -241,20 +241,28 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         return _result(f"inserted {cell_type} cell at index {pos} (id {cell.id})",
                        {"notebook": path, "cell_index": pos, "cell_id": cell.id})
 
+    async def edit_cell(
+        ctx: Context, notebook: str | None, cell_index: int | None, cell_id: str | None,
+        apply: Callable[[NotebookNode, int], Any],
+    ) -> tuple[str, int, str, Any]:
+        """Change the cell named by index or id under the notebook's lock; (path, index, id, what apply returned)."""
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+
+        def change(nb: NotebookNode) -> tuple[int, str, Any]:
+            i = nbops.cell_position(nb, path, cell_index, cell_id)
+            return i, nb.cells[i].id, apply(nb, i)
+
+        i, cid, out = await s.notebooks.edit(user, path, change)
+        return path, i, cid, out
+
     @tool("overwrite_cell_source", "Replace a cell's whole source.", EDIT)
     async def overwrite_cell_source(
         ctx: Context, cell_source: str, cell_index: int | None = None, cell_id: str | None = None,
         notebook: str | None = None,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-
-        def change(nb: NotebookNode) -> tuple[int, str]:
-            i = nbops.cell_position(nb, path, cell_index, cell_id)
-            nbops.set_source(nb.cells[i], cell_source)
-            return i, nb.cells[i].id
-
-        i, cid = await s.notebooks.edit(user, path, change)
+        path, i, cid, _ = await edit_cell(ctx, notebook, cell_index, cell_id,
+                                          lambda nb, i: nbops.set_source(nb.cells[i], cell_source))
         return _result(f"overwrote cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})
 
     @tool("edit_cell_source", "Replace old_string by new_string in a cell's source (old_string must be unique unless replace_all).", EDIT)
@@ -262,15 +270,9 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         ctx: Context, old_string: str, new_string: str, replace_all: bool = False, cell_index: int | None = None,
         cell_id: str | None = None, notebook: str | None = None,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-
-        def change(nb: NotebookNode) -> tuple[int, str, int]:
-            i = nbops.cell_position(nb, path, cell_index, cell_id)
-            n = nbops.edit_source(nb.cells[i], old_string, new_string, replace_all)
-            return i, nb.cells[i].id, n
-
-        i, cid, n = await s.notebooks.edit(user, path, change)
+        path, i, cid, n = await edit_cell(
+            ctx, notebook, cell_index, cell_id,
+            lambda nb, i: nbops.edit_source(nb.cells[i], old_string, new_string, replace_all))
         return _result(f"replaced {n} occurrence(s) in cell {i} (id {cid})",
                        {"notebook": path, "cell_index": i, "cell_id": cid, "replacements": n})
 
@@ -278,46 +280,25 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     async def delete_cell(
         ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-
-        def change(nb: NotebookNode) -> tuple[int, NotebookNode]:
-            i = nbops.cell_position(nb, path, cell_index, cell_id)
-            return i, nb.cells.pop(i)
-
-        i, cell = await s.notebooks.edit(user, path, change)
-        return _result(f"deleted {cell.cell_type} cell {i} (id {cell.id})",
-                       {"notebook": path, "cell_index": i, "cell_id": cell.id, "source": cell.source})
+        path, i, cid, cell = await edit_cell(ctx, notebook, cell_index, cell_id, lambda nb, i: nb.cells.pop(i))
+        return _result(f"deleted {cell.cell_type} cell {i} (id {cid})",
+                       {"notebook": path, "cell_index": i, "cell_id": cid, "source": cell.source})
 
     @tool("move_cell", "Move a cell to new_index.", EDIT)
     async def move_cell(
         ctx: Context, new_index: int, cell_index: int | None = None, cell_id: str | None = None,
         notebook: str | None = None,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-
-        def change(nb: NotebookNode) -> tuple[int, int, str]:
-            i = nbops.cell_position(nb, path, cell_index, cell_id)
-            cid = nb.cells[i].id
-            return i, nbops.move_cell(nb, path, i, new_index), cid
-
-        i, j, cid = await s.notebooks.edit(user, path, change)
+        path, i, cid, j = await edit_cell(ctx, notebook, cell_index, cell_id,
+                                          lambda nb, i: nbops.move_cell(nb, i, new_index))
         return _result(f"moved cell {cid} from {i} to {j}", {"notebook": path, "from": i, "to": j, "cell_id": cid})
 
     @tool("clear_cell_output", "Clear a code cell's outputs and execution count.", EDIT)
     async def clear_cell_output(
         ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-
-        def change(nb: NotebookNode) -> tuple[int, str]:
-            i = nbops.cell_position(nb, path, cell_index, cell_id)
-            nbops.clear_outputs(nb.cells[i])
-            return i, nb.cells[i].id
-
-        i, cid = await s.notebooks.edit(user, path, change)
+        path, i, cid, _ = await edit_cell(ctx, notebook, cell_index, cell_id,
+                                          lambda nb, i: nbops.clear_outputs(nb.cells[i]))
         return _result(f"cleared outputs of cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})
 
     # ---- execution ---------------------------------------------------------------------

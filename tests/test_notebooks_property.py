@@ -114,7 +114,7 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes, to=indexes)
     def move(self, index: int, to: int) -> None:
-        got = self.edit(lambda nb: nbops.move_cell(nb, PATH, nbops.cell_position(nb, PATH, index, None), to))
+        got = self.edit(lambda nb: nbops.move_cell(nb, nbops.cell_position(nb, PATH, index, None), to))
         j, k = self.valid_index(index), self.valid_index(to)
         if j is None or k is None:
             assert got is None
