@@ -29,6 +29,9 @@ class KernelpoolClient(AsyncKernelClient):  # type: ignore[misc]
     def start_channels(self, *args: Any, **kwargs: Any) -> None:
         # default for every socket this client's context creates from now on
         self.context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
+        # no heartbeat thread: a dead kernel is seen through its process (the provisioner's
+        # poll), and a thread per kernel costs every request the GIL with hundreds of kernels
+        kwargs.setdefault("hb", False)
         super().start_channels(*args, **kwargs)
 
     async def wait_for_ready(self, timeout: float | None = None) -> None:

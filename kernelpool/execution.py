@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nbformat import NotebookNode
-from nbformat.v4 import new_output, output_from_msg
+from nbformat import NotebookNode, from_dict
+from nbformat.v4 import new_output
 
 from kernelpool.kernels import Kernel, KernelRegistry, KernelState
 
@@ -46,6 +46,21 @@ class OutputLimits:
     stream_chars: int = 2_000_000  # per stream output; the middle is dropped beyond it
     outputs: int = 500  # outputs per cell beyond which further ones are counted, not kept
     image_bytes: int = 10_000_000  # larger images are replaced by a note
+
+
+def _output(kind: str, content: dict[str, Any]) -> NotebookNode:
+    """A notebook output from an iopub message's content, as nbformat's output_from_msg makes it
+    but without its per-output schema validation (the notebook is validated when it is saved)."""
+    if kind == "stream":
+        out = {"output_type": kind, "name": content.get("name", "stdout"), "text": content.get("text", "")}
+    elif kind == "error":
+        out = {"output_type": kind, "ename": content.get("ename", ""), "evalue": content.get("evalue", ""),
+               "traceback": list(content.get("traceback", []))}
+    else:
+        out = {"output_type": kind, "data": dict(content.get("data", {})), "metadata": dict(content.get("metadata", {}))}
+        if kind == "execute_result":
+            out["execution_count"] = content.get("execution_count")
+    return from_dict(out)
 
 
 class _Stream:
@@ -147,7 +162,7 @@ class _Outputs:
         if len(self._items) >= self._limits.outputs:
             self._dropped_outputs += 1
             return
-        out = output_from_msg(msg)
+        out = _output(kind, content)
         if kind == "stream":
             stream = _Stream(self._limits.stream_chars)
             stream.add(out.text)
