@@ -66,7 +66,6 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
         settings=settings, store=store, users=users, notebooks=notebooks, kernels=kernels,
         jobs=JobService(settings, kernels, notebooks, users, metrics),
         sessions=SessionContexts(settings.session_idle_timeout), metrics=metrics,
-        isolation="sandbox" if iso.sandboxed else "none (insecure)",
     )
     verifier = StoreTokenVerifier(store, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc())
     url = base_url(settings)

@@ -238,10 +238,6 @@ class KernelRegistry:
                 return
             pool.append(kernel)
 
-    async def warm(self, user: User) -> None:
-        """Fill `user`'s pool now (used by benchmarks and at a user's first request)."""
-        await self._refill(user)
-
     # ---- starting and stopping --------------------------------------------------------
 
     async def _start(self, user: User) -> Kernel:

@@ -24,4 +24,3 @@ class Services:
     jobs: JobService
     sessions: SessionContexts
     metrics: Metrics
-    isolation: str  # what is in force, for /healthz and doctor: "sandbox" or "none (insecure)"

@@ -36,12 +36,6 @@ class SessionContexts:
         ctx.notebook = notebook
         ctx.last_used = time.monotonic()
 
-    def forget_notebook(self, user: str, notebook: str) -> None:
-        """A notebook's kernel went away: no session of this user has it active any more."""
-        for (u, _), ctx in self._contexts.items():
-            if u == user and ctx.notebook == notebook:
-                ctx.notebook = None
-
     def active_notebook(self, user: str, session_id: str | None) -> str | None:
         ctx = self.get(user, session_id)
         return ctx.notebook if ctx else None
