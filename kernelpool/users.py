@@ -147,23 +147,9 @@ class UserService:
         )
 
     async def _free_uid(self) -> int:
-        import grp
-        import pwd
-
         used = await self._store.used_uids()
         for uid in range(self._settings.uid_min, self._settings.uid_max + 1):
-            if uid in used:
-                continue
-            # a uid that the host already gives to someone else is not ours to hand out
-            try:
-                pwd.getpwuid(uid)
-                continue
-            except KeyError:
-                pass
-            try:
-                grp.getgrgid(uid)
-                continue
-            except KeyError:
-                pass
-            return uid
+            # a uid (or gid) that the host already gives to someone else is not ours to hand out
+            if uid not in used and not accounts.id_in_use(uid):
+                return uid
         raise InvalidArgument("uid range", f"no free uid left in {self._settings.uid_min}-{self._settings.uid_max}")

@@ -138,6 +138,17 @@ def remove_account(name: str) -> None:
             raise AccountError(f"groupdel {name!r} failed: {done.stderr.strip() or done.returncode}", path=name)
 
 
+def id_in_use(number: int) -> bool:
+    """Whether the host already gives `number` to a user (as uid) or a group (as gid)."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(number)
+            return True
+        except KeyError:
+            pass
+    return False
+
+
 def account_exists(name: str) -> bool:
     """True if a passwd entry with this name exists."""
     return _user(name) is not None

@@ -6,9 +6,7 @@ to this test run, removed in teardown even when a test fails.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import secrets
 import shutil
 import stat
@@ -31,19 +29,8 @@ def require_root() -> None:
 def free_uid(avoid: set[int] | frozenset[int] = frozenset()) -> int:
     """A uid (also free as a gid) in the test range that the host does not use."""
     for uid in UID_RANGE:
-        if uid in avoid:
-            continue
-        try:
-            pwd.getpwuid(uid)
-            continue
-        except KeyError:
-            pass
-        try:
-            grp.getgrgid(uid)
-            continue
-        except KeyError:
-            pass
-        return uid
+        if uid not in avoid and not accounts.id_in_use(uid):
+            return uid
     pytest.skip("no free uid in 61000-61999 for a test identity")
 
 
