@@ -199,6 +199,16 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
             items.append(item)
         return _result("\n".join(lines), {"notebook": path, "total_cells": len(nb.cells), "start_index": start_index, "cells": items})
 
+    async def load_cell(
+        ctx: Context, notebook: str | None, cell_index: int | None, cell_id: str | None,
+    ) -> tuple[str, str, int, NotebookNode]:
+        """The cell named by index or id, read-only: (user, path, index, cell)."""
+        user = user_name()
+        path = resolve(ctx, user, notebook)
+        nb = await s.notebooks.load(user, path)
+        i = nbops.cell_position(nb, path, cell_index, cell_id)
+        return user, path, i, nb.cells[i]
+
     @tool("read_cell", "Read one cell (by cell_index or cell_id): its source and, optionally, its outputs. "
           "For output too long for one reply, pass output_offset (0, then each reply's next_offset) to page "
           "through the outputs' text, max_chars at a time.", READ)
@@ -206,11 +216,7 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
         include_outputs: bool = True, output_offset: int | None = None, max_chars: int | None = None,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-        nb = await s.notebooks.load(user, path)
-        i = nbops.cell_position(nb, path, cell_index, cell_id)
-        cell = nb.cells[i]
+        _, path, i, cell = await load_cell(ctx, notebook, cell_index, cell_id)
         data = _cell_summary(i, cell) | {"notebook": path, "source": cell.source}
         if output_offset is not None:
             if output_offset < 0:
@@ -354,11 +360,7 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         ctx: Context, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
         timeout: float | None = None, background: bool = False,
     ) -> CallToolResult:
-        user = user_name()
-        path = resolve(ctx, user, notebook)
-        nb = await s.notebooks.load(user, path)
-        i = nbops.cell_position(nb, path, cell_index, cell_id)
-        cell = nb.cells[i]
+        user, path, i, cell = await load_cell(ctx, notebook, cell_index, cell_id)
         if cell.cell_type != "code":
             raise InvalidArgument("cell", f"cell {i} is a {cell.cell_type} cell; only code cells run")
         return await run(ctx, s.jobs.start(user, path, cell.source, timeout, cell_id=cell.id, background=background))
