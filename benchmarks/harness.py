@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ import httpx2
 import psutil
 
 from benchmarks.procs import RssSampler, cgroup_tree_dirs, kernel_processes, memory_cgroup_of
-from tests.server import ROOT, KernelpoolServer, server_env
+from tests.server import NEUTRAL_CWD, KernelpoolServer, kernelpool_command, server_env
 
 UID_MIN, UID_MAX = 63000, 63999
 _CLI_WORKERS = 4  # users are added by several CLI processes at once, each in a uid slice of its own
@@ -52,8 +51,8 @@ class DataDir:
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "kernelpool", *args, "--data-dir", self.path],
-            env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+            [*kernelpool_command(), *args, "--data-dir", self.path],
+            env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=NEUTRAL_CWD,
         )
 
     def _add(self, name: str, uid_lo: int, uid_hi: int) -> None:

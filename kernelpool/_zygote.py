@@ -108,16 +108,12 @@ def _preload() -> None:
             print(f"kernelpool zygote: not preloaded {name}: {exc}", file=sys.stderr, flush=True)
 
 
-def _neutral_sys_path(added: list[str]) -> None:
-    # A `python -m ipykernel_launcher` started in the user's folder has the folder first in
-    # sys.path, which the launcher removes (IPython's init_path adds '' back). Our [0] is the
-    # server's working directory, and PYTHONPATH (set only so that this module can be found)
-    # is not in a kernel's environment: neither belongs in a kernel's path.
-    if sys.path and sys.path[0] in ("", os.getcwd()):
-        del sys.path[0]
-    for entry in added:
-        if entry in sys.path:
-            sys.path.remove(entry)
+def _kernel_sys_path(stock: list[str]) -> None:
+    # A kernel's path is what a stock `python -m ipykernel_launcher` from the same interpreter
+    # has (the server read it off the interpreter: `zygote._zygote_env`), not ours: ours began
+    # with the zygote's working folder and, from a source checkout, the PYTHONPATH that found
+    # this module. IPython's init_path adds '' in the kernel, as in a stock one.
+    sys.path[:] = stock
 
 
 def _send(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
@@ -317,6 +313,11 @@ def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
         os.environ.setdefault(key, value)
     random.seed()  # CPython also re-seeds at fork; explicit, and covers a `random` imported later
     tempfile.tempdir = None  # cached from the zygote's TMPDIR
+    # a stock interpreter puts PYTHONPATH right after its first entry, which ipykernel_launcher
+    # drops: so at the front of the path, in order
+    extra = [p for p in spec.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if extra:
+        sys.path[:0] = [os.path.abspath(p) for p in extra]
     if getattr(site, "ENABLE_USER_SITE", False):
         # user site-packages follow HOME, which the zygote did not share with this user
         site.USER_BASE = None
@@ -337,13 +338,14 @@ def _run_kernel(spec: _ChildSpec) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "--fd":
-        print("usage: python -m kernelpool._zygote --fd N", file=sys.stderr)
+    if len(args) != 4 or args[0] != "--fd" or args[2] != "--kernel-path":
+        print("usage: python -m kernelpool._zygote --fd N --kernel-path JSON", file=sys.stderr)
         raise SystemExit(2)
     control = socket.socket(fileno=int(args[1]))
     os.set_inheritable(control.fileno(), False)
     _set_pdeathsig(signal.SIGTERM)
-    added = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    stock_path = json.loads(args[3])
+    os.environ.pop("PYTHONPATH", None)  # found this module; a kernel's own PYTHONPATH comes with its spec
     before = dict(os.environ)
     _preload()
     # what imports put into the environment (debugpy: PYDEVD_USE_FRAME_EVAL=NO), a stock
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
     import sandbox.launcher  # noqa: F401  (the child needs it before it may import anything else)
 
-    _neutral_sys_path(added)
+    _kernel_sys_path(stock_path)
     gc.collect()
     gc.freeze()
     _Zygote(control, import_env).run()

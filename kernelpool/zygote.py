@@ -259,11 +259,12 @@ class ForkServer:
             raise ZygoteUnavailable(f"the fork server is restarting: {exc!r}") from exc
 
     async def _launch(self) -> _Connection:
+        env, kernel_path = await asyncio.to_thread(_zygote_env, self.python)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [self.python, "-m", "kernelpool._zygote", "--fd", str(theirs.fileno())],
-                env=_zygote_env(self.python), cwd="/", pass_fds=[theirs.fileno()],
+                [self.python, "-m", "kernelpool._zygote", "--fd", str(theirs.fileno()), "--kernel-path", kernel_path],
+                env=env, cwd="/", pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
             )
         except BaseException:
@@ -410,16 +411,50 @@ def _stop_proc(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         proc.wait(5)
 
 
-def _zygote_env(python: str) -> dict[str, str]:
+_PATH_PROBE = """
+import importlib.util, json, os, sys
+def origin(name):
+    try:
+        spec = importlib.util.find_spec(name)
+    except Exception:
+        return None
+    return os.path.realpath(spec.origin) if spec is not None and spec.origin else None
+print(json.dumps({"path": sys.path[1:], "kernelpool": origin("kernelpool"), "sandbox": origin("sandbox")}))
+"""
+
+
+def _base_env(python: str) -> dict[str, str]:
     # built from nothing, like a kernel's: no server variable (tokens, config) is in the zygote,
     # so none can be in the memory its children inherit. What is here is read at import time
     # by what the zygote preloads, so it must already be what a kernel's environment says.
-    env = {
+    return {
         "PATH": f"{os.path.dirname(python)}:/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "HOME": "/nonexistent",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
-    # only for finding kernelpool._zygote and sandbox; the zygote removes it from sys.path
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(kernelpool.__file__)))
-    return env
+
+
+def _zygote_env(python: str) -> tuple[dict[str, str], str]:
+    """The zygote's environment, and the `sys.path` its kernels must have (JSON).
+
+    A stock kernel is `python -m ipykernel_launcher` with an environment built from nothing:
+    its `sys.path` is the interpreter's own (stdlib, the venv's site-packages with its .pth
+    files), whatever the server's working folder or PYTHONPATH. That path is read off the
+    interpreter here, started the same way, and the zygote takes it as its kernels' path once it
+    has imported what it preloads. PYTHONPATH is set only when the interpreter would not find
+    this very `kernelpool` by itself (a source checkout): it serves the zygote's own imports and
+    never reaches a kernel.
+    """
+    env = _base_env(python)
+    ours = os.path.dirname(os.path.realpath(kernelpool.__file__))
+    probe = subprocess.run([python, "-c", _PATH_PROBE], env=env, cwd="/", capture_output=True,
+                           text=True, timeout=60, check=False)
+    if probe.returncode != 0:
+        raise ZygoteUnavailable(f"{python} cannot run: {probe.stderr.strip()[-500:]}")
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    # both packages from where the server has them, or the zygote would run another version
+    ours_sandbox = os.path.join(os.path.dirname(ours), "sandbox", "__init__.py")
+    if found["kernelpool"] != os.path.join(ours, "__init__.py") or found["sandbox"] != ours_sandbox:
+        env["PYTHONPATH"] = os.path.dirname(ours)
+    return env, json.dumps(found["path"])

@@ -1,8 +1,12 @@
 """A real kernelpool server process on a free port, and real MCP clients for it.
 
-Used by the end-to-end tests and the benchmarks. The server runs as `python -m kernelpool serve`
-in its own process; users are created with the real CLI; cleanup removes the Unix accounts and
-cgroups it made, also when a test fails.
+Used by the end-to-end tests and the benchmarks. The server is what users install: the
+`kernelpool` console script of the virtual environment that runs the tests (scripts/test
+installs a wheel built from this checkout into it), started from a neutral working folder with
+no PYTHONPATH, so it imports the installed package, never this source tree. For quick local
+runs, KERNELPOOL_TEST_FROM_SOURCE=1 starts `python -m kernelpool` from the checkout instead.
+Users are created with the real CLI; cleanup removes the Unix accounts and cgroups it made,
+also when a test fails.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FROM_SOURCE = os.environ.get("KERNELPOOL_TEST_FROM_SOURCE") == "1"
+# where the server and the CLI run: nothing importable there
+NEUTRAL_CWD = ROOT if FROM_SOURCE else "/"
+
+
+def kernelpool_command() -> list[str]:
+    """The command that runs the `kernelpool` CLI under test."""
+    if FROM_SOURCE:
+        return [sys.executable, "-m", "kernelpool"]
+    script = os.path.join(os.path.dirname(sys.executable), "kernelpool")
+    if not os.access(script, os.X_OK):
+        raise RuntimeError(f"{script} is missing: install kernelpool into this venv (scripts/test does)")
+    return [script]
 
 
 def free_port() -> int:
@@ -48,6 +65,7 @@ class KernelpoolServer:
     proc: subprocess.Popen[str] | None = None
     tokens: dict[str, str] = field(default_factory=dict)
     log_path: str = ""
+    command: list[str] = field(default_factory=kernelpool_command)
 
     @property
     def url(self) -> str:
@@ -59,8 +77,8 @@ class KernelpoolServer:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "kernelpool", *args, "--data-dir", self.data_dir],
-            env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd=ROOT,
+            [*self.command, *args, "--data-dir", self.data_dir],
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd=NEUTRAL_CWD,
         )
 
     def add_user(self, name: str) -> str:
@@ -75,8 +93,8 @@ class KernelpoolServer:
         self.log_path = os.path.join(self.data_dir, "server.log")
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelpool", "serve", "--data-dir", self.data_dir, "--port", str(self.port), *extra],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            [*self.command, "serve", "--data-dir", self.data_dir, "--port", str(self.port), *extra],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=NEUTRAL_CWD,
         )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -121,7 +139,9 @@ class KernelpoolServer:
 
 def server_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELPOOL_")}
-    env["PYTHONPATH"] = ROOT
+    env.pop("PYTHONPATH", None)
+    if FROM_SOURCE:
+        env["PYTHONPATH"] = ROOT
     # test accounts: a range and prefix of their own, so cleanup can never touch anything else
     env.setdefault("KERNELPOOL_UID_MIN", "62000")
     env.setdefault("KERNELPOOL_UID_MAX", "62999")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import pytest
 
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+from tests.server import KernelpoolServer, kernelpool_command, make_data_dir, mcp_client, server_env
 
 pytestmark = [
     pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox unavailable: {SANDBOX_SKIP}"),
@@ -28,17 +27,9 @@ class CappedServer(KernelpoolServer):
     caps: list[str] = []
 
     def start(self, *extra: str, wait: float = 60) -> None:
-        real = sys.executable
         bounding = "-all," + ",".join(f"+{c}" for c in self.caps)
-        wrapper = os.path.join(self.data_dir, "python-capped")
-        with open(wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nexec setpriv --bounding-set {bounding} -- {real} "$@"\n')
-        os.chmod(wrapper, 0o755)
-        sys.executable = wrapper  # start() runs `sys.executable -m kernelpool serve`
-        try:
-            super().start(*extra, wait=wait)
-        finally:
-            sys.executable = real
+        self.command = ["setpriv", "--bounding-set", bounding, "--", *kernelpool_command()]
+        super().start(*extra, wait=wait)
 
 
 def _capped(caps: list[str]) -> CappedServer:

@@ -6,13 +6,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import httpx2
 import pytest
 
 from tests.conftest import SANDBOX_SKIP
-from tests.server import ROOT, KernelpoolServer, free_port, mcp_client
+from tests.server import NEUTRAL_CWD, KernelpoolServer, free_port, mcp_client
 
 
 def test_users_and_tokens(fresh_server: KernelpoolServer) -> None:
@@ -96,8 +95,8 @@ def test_serving_without_isolation_is_refused_unless_asked_for(fresh_server: Ker
     # an interpreter that other uids cannot run stands for a host that cannot isolate
     env = kp.env | {"KERNELPOOL_KERNEL_PYTHON": "/root/no-such/python"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kernelpool", "serve", "--data-dir", kp.data_dir, "--port", str(free_port())],
-        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        [*kp.command, "serve", "--data-dir", kp.data_dir, "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=60, cwd=NEUTRAL_CWD,
     )
     assert proc.returncode != 0
     assert "cannot isolate kernels" in proc.stderr and "--insecure-no-sandbox" in proc.stderr
@@ -143,8 +142,8 @@ async def test_configuration_file(fresh_server: KernelpoolServer, server_args: l
         assert len(shown) < 300 and "characters cut" in shown
     bad = tmp_path / "bad.toml"
     bad.write_text('no_such_setting = 1\n')
-    proc = subprocess.run([sys.executable, "-m", "kernelpool", "serve", "--config", str(bad), "--data-dir", kp.data_dir],
-                          env=kp.env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run([*kp.command, "serve", "--config", str(bad), "--data-dir", kp.data_dir],
+                          env=kp.env, capture_output=True, text=True, timeout=60, cwd=NEUTRAL_CWD)
     assert proc.returncode == 2 and "no_such_setting" in proc.stderr
 
 

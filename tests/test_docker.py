@@ -93,7 +93,7 @@ def entry_env() -> dict[str, str]:
     )
     if SANDBOX_SKIP is not None:
         env["KERNELPOOL_INSECURE_NO_SANDBOX"] = "true"
-    env.pop("PYTHONPATH")  # the image has kernelpool installed; so has this venv
+    env.pop("PYTHONPATH", None)  # the image has kernelpool installed; so has this venv
     return env
 
 
