@@ -113,10 +113,14 @@ def _neutral_sys_path(added: list[str]) -> None:
     # sys.path, which the launcher removes (IPython's init_path adds '' back). Our [0] is the
     # server's working directory, and PYTHONPATH (set only so that this module can be found)
     # is not in a kernel's environment: neither belongs in a kernel's path.
+    import site
+
+    keep = {os.path.realpath(p) for p in site.getsitepackages()}
     if sys.path and sys.path[0] in ("", os.getcwd()):
         del sys.path[0]
     for entry in added:
-        if entry in sys.path:
+        # never a site-packages folder: in an installed kernelpool, that is where it came from
+        if entry in sys.path and os.path.realpath(entry) not in keep:
             sys.path.remove(entry)
 
 

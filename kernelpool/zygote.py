@@ -420,6 +420,18 @@ def _zygote_env(python: str) -> dict[str, str]:
         "HOME": "/nonexistent",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
-    # only for finding kernelpool._zygote and sandbox; the zygote removes it from sys.path
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(kernelpool.__file__)))
+    # only for finding kernelpool._zygote and sandbox when the target python cannot import them
+    # on its own (a source tree); the zygote removes it from sys.path. In an installed
+    # kernelpool that folder is site-packages, which must stay.
+    if not _importable(python, env):
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(kernelpool.__file__)))
     return env
+
+
+def _importable(python: str, env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run([python, "-c", "import kernelpool._zygote, sandbox.launcher"], env=env, cwd="/",
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
