@@ -319,6 +319,10 @@ def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
     os.environ.update(spec.env)
     for key, value in import_env.items():
         os.environ.setdefault(key, value)
+    # PYTHONPATH as Python's start-up applies it: made absolute, ahead of the standard library
+    # and site-packages (where `python -m ipykernel_launcher` has it once it drops its cwd entry)
+    extra = [os.path.abspath(p) for p in spec.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [p for i, p in enumerate(extra) if p not in sys.path and p not in extra[:i]]
     random.seed()  # CPython also re-seeds at fork; explicit, and covers a `random` imported later
     tempfile.tempdir = None  # cached from the zygote's TMPDIR
     if getattr(site, "ENABLE_USER_SITE", False):
