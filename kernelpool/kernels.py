@@ -412,14 +412,17 @@ class KernelRegistry:
             await self._store.remove_kernel(row.id)
             reaped += 1
         if self._cgroups is not None:
-            # kernel cgroups that no row names (a crash between creating one and recording it)
-            for user in self._cgroups.list_children(""):
-                for leftover in self._cgroups.list_children(user):
-                    cg = self._cgroups.get(leftover)
-                    if cg is not None:
-                        with contextlib.suppress(Exception):
-                            cg.remove()
-                            reaped += 1
+            # no kernel of ours runs yet, so everything below our prefix is left over: cgroups no
+            # row names (a crash between creating one and recording it), and whatever layout an
+            # older version used (other names, other depths). Processes in them are killed.
+            root = self._cgroups.get("")
+            if root is not None:
+                stale = [d for top in root.directories() for d, _, _ in os.walk(top) if d != top]
+                try:
+                    root.remove()
+                    reaped += len(stale)
+                except Exception as exc:
+                    log.warning("removing leftover cgroups: %s", exc)
         return reaped
 
     def usage(self) -> dict[str, tuple[int | None, float | None]]:
