@@ -92,6 +92,7 @@ PRELOAD = (
     "sqlite3",
     "multiprocessing",
     "ipykernel_launcher",
+    "kernelpool.kernel_pip",  # the IPython extension every kernel loads (per-user pip)
 )
 
 _MSG_MAX = 65536

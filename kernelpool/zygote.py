@@ -430,7 +430,9 @@ def _zygote_env(python: str) -> dict[str, str]:
 
 def _importable(python: str, env: dict[str, str]) -> bool:
     try:
-        return subprocess.run([python, "-c", "import kernelpool._zygote, sandbox.launcher"], env=env, cwd="/",
+        # find_spec, not import: quick, and no process whose command line names the zygote's module
+        check = "import sys, importlib.util as u; sys.exit(not (u.find_spec('kernelpool') and u.find_spec('sandbox')))"
+        return subprocess.run([python, "-c", check], env=env, cwd="/",
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
