@@ -92,6 +92,7 @@ PRELOAD = (
     "sqlite3",
     "multiprocessing",
     "ipykernel_launcher",
+    "kernelpool.kernel_pip",  # the IPython extension every kernel loads (per-user pip)
 )
 
 _MSG_MAX = 65536
@@ -311,13 +312,12 @@ def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
     os.environ.update(spec.env)
     for key, value in import_env.items():
         os.environ.setdefault(key, value)
+    # PYTHONPATH as Python's start-up applies it: made absolute, ahead of the standard library
+    # and site-packages (where `python -m ipykernel_launcher` has it once it drops its cwd entry)
+    extra = [os.path.abspath(p) for p in spec.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:0] = [p for i, p in enumerate(extra) if p not in sys.path and p not in extra[:i]]
     random.seed()  # CPython also re-seeds at fork; explicit, and covers a `random` imported later
     tempfile.tempdir = None  # cached from the zygote's TMPDIR
-    # a stock interpreter puts PYTHONPATH right after its first entry, which ipykernel_launcher
-    # drops: so at the front of the path, in order
-    extra = [p for p in spec.env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if extra:
-        sys.path[:0] = [os.path.abspath(p) for p in extra]
     if getattr(site, "ENABLE_USER_SITE", False):
         # user site-packages follow HOME, which the zygote did not share with this user
         site.USER_BASE = None

@@ -107,10 +107,14 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                     f"MCP URL: {url}/mcp  (header  Authorization: Bearer <token>)\n"
                 )
                 rows = [row]
-            await users.load()  # folders, and passwd entries that a new container lacks
+            # what an earlier server (maybe an older version, with another layout) left behind:
+            # its kernels and cgroups, then the runtime folder, before users' folders are made
             reaped = await services.kernels.reap_leftovers()
             if reaped:
-                log.warning("cleaned up %d kernel(s) left behind by a previous server", reaped)
+                log.warning("cleaned up %d kernel(s) or cgroup(s) left behind by a previous server", reaped)
+            if users.clean_runtime():
+                log.info("emptied %s, left by a previous server", settings.run_dir)
+            await users.load()  # folders, and passwd entries that a new container lacks
             fork_server = await _start_fork_server(settings, services.kernels)
             housekeeping = asyncio.get_running_loop().create_task(_housekeeping(services))
             try:

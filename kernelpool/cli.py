@@ -143,12 +143,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kernelpool.app import create_app
     from kernelpool.logs import setup_logging
+    from kernelpool.store import check_not_newer
 
     settings = _settings(
         args, host=args.host, port=args.port, kernel_network=args.kernel_network, pool_size=args.pool_size,
         log_json=args.log_json, log_level=args.log_level,
     )
     setup_logging(settings.log_level, settings.log_json)
+    # before anything is built: a data folder of a newer kernelpool is refused untouched
+    check_not_newer(settings.db_path)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,

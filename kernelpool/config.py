@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     kernel_idle_timeout: float = Field(3600.0, ge=0, description="seconds after which an idle kernel is shut down (0 = never)")
     session_idle_timeout: float = Field(1800.0, gt=0, description="seconds after which an idle MCP session's context is forgotten")
     pool_size: int = Field(1, ge=0, description="warm kernels kept ready per active user")
+    user_packages: bool = Field(
+        True, description="%pip / !pip in a kernel install into the user's own folder (~/.local), seen by that user's kernels only")
     fork_server: bool = Field(True, description="fork kernels from a pre-imported process (faster start, shared memory); off = start each the stock way")
 
     execute_timeout: float = Field(300.0, gt=0, description="default timeout of one execution, seconds")

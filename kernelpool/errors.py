@@ -88,3 +88,15 @@ class LimitReached(KernelpoolError):
 
 class SandboxUnavailable(KernelpoolError):
     pass
+
+
+class DataFromNewerVersion(KernelpoolError):
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        super().__init__(
+            f"the data folder's database {path} was written by a newer kernelpool (schema version {found}; "
+            f"this kernelpool knows versions up to {supported}). Run that newer kernelpool on it; this one "
+            "refuses, and has changed nothing in the folder"
+        )
+        self.path = path
+        self.found = found
+        self.supported = supported

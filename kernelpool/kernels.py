@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
+from kernelpool import packages
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
 from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
 from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
 from kernelpool.zygote import ForkServer
-from sandbox import Cgroup, CgroupBackend
+from sandbox import Cgroup, CgroupBackend, SafeRoot
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class KernelRegistry:
         self._cgroups = cgroups
         self._spec_manager = KernelpoolSpecManager()
         self._spec_manager.python = settings.kernel_python or sys.executable
+        if settings.user_packages:
+            self._spec_manager.extensions = [packages.EXTENSION]
         self._kernels: dict[tuple[str, str], Kernel] = {}
         self._pools: dict[str, deque[Kernel]] = {}
         self._starting: dict[str, int] = {}  # user -> kernels being started (pool refills included)
@@ -252,6 +255,9 @@ class KernelRegistry:
         runtime = self._users.runtime_folder(user.name)
         folder = self._users.folder(user.name)
         cgroup = None
+        if self._settings.user_packages:
+            uid, gid = (user.identity.uid, user.identity.gid) if user.identity else (None, None)
+            await asyncio.to_thread(packages.ensure_folders, self._spec_manager.python, SafeRoot(folder, uid, gid))
         if self._cgroups is not None:
             self._cgroups.create(user.name, user.user_limits)
             cgroup = self._cgroups.create(f"{user.name}/k-{kid}", user.kernel_limits)
@@ -297,8 +303,11 @@ class KernelRegistry:
         # built from nothing: none of the server's own variables (tokens, paths, config) reach a kernel
         python_bin = os.path.dirname(self._spec_manager.python)
         account = user.identity.name if user.identity else os.environ.get("USER", "kernelpool")
+        own = packages.kernel_env(self._spec_manager.python, folder) if self._settings.user_packages else {}
+        first = own.pop("PATH", None)
         return {
-            "PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin",
+            **own,
+            "PATH": ":".join(p for p in (first, python_bin, "/usr/local/bin:/usr/bin:/bin") if p),
             "HOME": folder,
             "USER": account,
             "LOGNAME": account,
@@ -403,14 +412,17 @@ class KernelRegistry:
             await self._store.remove_kernel(row.id)
             reaped += 1
         if self._cgroups is not None:
-            # kernel cgroups that no row names (a crash between creating one and recording it)
-            for user in self._cgroups.list_children(""):
-                for leftover in self._cgroups.list_children(user):
-                    cg = self._cgroups.get(leftover)
-                    if cg is not None:
-                        with contextlib.suppress(Exception):
-                            cg.remove()
-                            reaped += 1
+            # no kernel of ours runs yet, so everything below our prefix is left over: cgroups no
+            # row names (a crash between creating one and recording it), and whatever layout an
+            # older version used (other names, other depths). Processes in them are killed.
+            root = self._cgroups.get("")
+            if root is not None:
+                stale = [d for top in root.directories() for d, _, _ in os.walk(top) if d != top]
+                try:
+                    root.remove()
+                    reaped += len(stale)
+                except Exception as exc:
+                    log.warning("removing leftover cgroups: %s", exc)
         return reaped
 
     def usage(self) -> dict[str, tuple[int | None, float | None]]:

@@ -96,6 +96,7 @@ class KernelpoolSpecManager(KernelSpecManager):
     """Serves the one kernel spec kernelpool uses, built from settings rather than found on disk."""
 
     python: str = ""
+    extensions: list[str] = []  # IPython extensions every kernel loads (kernelpool.kernel_pip)
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         if kernel_name != KERNEL_NAME:
@@ -109,6 +110,7 @@ class KernelpoolSpecManager(KernelSpecManager):
                 self.python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                 # one history database per user would be shared by all its kernels and lock up
                 "--HistoryManager.hist_file=:memory:",
+                *(f"--IPKernelApp.extensions={name}" for name in self.extensions),
             ],
             metadata={"kernel_provisioner": {"provisioner_name": PROVISIONER_NAME}},
         )

@@ -16,6 +16,8 @@ from typing import Any
 
 import aiosqlite
 
+from kernelpool.errors import DataFromNewerVersion
+
 _AUDIT_DELAY = 0.05  # seconds an audit row may wait to be written with others
 
 _SCHEMA = """
@@ -55,6 +57,57 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_user_ts ON audit(user, ts);
 """
+
+
+# The schema's version, kept in the database header (PRAGMA user_version). _MIGRATIONS[n] takes a
+# database from version n to n + 1; all pending ones run at start, in one transaction. Version
+# 0 is both a new, empty file and a database made before there were versions (up to commit
+# bcda1e3), whose tables migration 1's IF NOT EXISTS statements leave as they were. Append a
+# migration for every change of what is stored; never edit one that has shipped.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    tuple(statement.strip() for statement in _SCHEMA.split(";") if statement.strip()),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def schema_version_on_disk(path: Path) -> int | None:
+    """The schema version in the database file's header, read without SQLite (so without writing
+    anything, not even the shared-memory file); None when there is no database there yet."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except FileNotFoundError:
+        return None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return None  # empty, or not a database: SQLite itself will say what is wrong
+    return int.from_bytes(header[60:64], "big", signed=True)
+
+
+def check_not_newer(path: Path) -> None:
+    """Raise DataFromNewerVersion when the database was written by a newer kernelpool. Called by
+    `Store.open` and by `kernelpool serve` before it builds anything."""
+    found = schema_version_on_disk(path)
+    if found is not None and found > SCHEMA_VERSION:
+        raise DataFromNewerVersion(str(path), found, SCHEMA_VERSION)
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    await db.execute("BEGIN IMMEDIATE")  # also keeps a CLI command started meanwhile from migrating too
+    try:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:  # the header said otherwise: a newer server's write-ahead log
+            raise DataFromNewerVersion(str(path), found, SCHEMA_VERSION)
+        for version in range(found, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version]:
+                await db.execute(statement)
+        if found != SCHEMA_VERSION:
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.commit()
+    except BaseException:
+        await db.rollback()
+        raise
 
 
 @dataclass(frozen=True)
@@ -102,17 +155,23 @@ class Store:
         return self._conn
 
     async def open(self) -> Store:
+        """Open the database and bring its schema up to SCHEMA_VERSION; raises DataFromNewerVersion
+        (having written nothing) for a database of a newer kernelpool."""
+        check_not_newer(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists()
         db = await aiosqlite.connect(self.path, timeout=30)
-        if fresh:
-            os.chmod(self.path, 0o600)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.executescript(_SCHEMA)
-        await db.commit()
+        try:
+            if fresh:
+                os.chmod(self.path, 0o600)
+            db.row_factory = aiosqlite.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await _migrate(db, self.path)
+        except BaseException:
+            await db.close()
+            raise
         self._conn = db
         return self
 

@@ -7,6 +7,9 @@ remove, set-limits) and the app at start-up (first user; folders of existing use
 
 from __future__ import annotations
 
+import logging
+import os
+import pwd
 import re
 import shutil
 from dataclasses import dataclass
@@ -16,6 +19,8 @@ from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, UserExists, UserNotFound
 from kernelpool.store import Store, UserRow
 from sandbox import Identity, Limits, accounts, parse_memory, prepare_dir
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 
@@ -113,6 +118,7 @@ class UserService:
         """Create the user's account (where isolated) and folders, owned by the user's uid."""
         identity = self._identity(row)
         if identity is not None and accounts.can_manage_accounts():
+            self._adopt_account(identity)
             accounts.ensure_account(identity)
         uid = identity.uid if identity else None
         gid = identity.gid if identity else None
@@ -121,6 +127,39 @@ class UserService:
             prepare_dir(str(parent), None, None, mode=0o711)
         prepare_dir(self.folder(row.name), uid, gid)
         prepare_dir(self.runtime_folder(row.name), uid, gid)
+
+    def clean_runtime(self) -> int:
+        """At start-up, before any kernel runs: empty the runtime folder (DATA/run). What is there
+        was left by an earlier server, maybe of an older version with another layout; `load`
+        recreates each user's folder. Returns how many entries were removed."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self._settings.run_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                # rmtree walks by descriptor and never follows a link a kernel may have planted
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except OSError as exc:
+                log.warning("cannot remove %s left by an earlier server: %s", entry.path, exc)
+        self._known.clear()  # every user's runtime folder must be made again
+        return removed
+
+    def _adopt_account(self, identity: Identity) -> None:
+        # an account an earlier server made for this user under another name (an older version's
+        # naming, or another account_prefix): it holds our uid and our user's folder as its home
+        try:
+            old = pwd.getpwuid(identity.uid)
+        except KeyError:
+            return
+        if old.pw_name != identity.name and os.path.realpath(old.pw_dir) == os.path.realpath(identity.home):
+            log.info("replacing account %s (uid %d) of an earlier kernelpool with %s", old.pw_name, identity.uid, identity.name)
+            accounts.remove_account(old.pw_name)
 
     def _account_name(self, name: str) -> str:
         return f"{self._settings.account_prefix}{name}"
