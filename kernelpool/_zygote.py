@@ -34,6 +34,7 @@ import json
 import os
 import selectors
 import signal
+import site
 import socket
 import sys
 from typing import Any
@@ -115,8 +116,10 @@ def _neutral_sys_path(added: list[str]) -> None:
     # is not in a kernel's environment: neither belongs in a kernel's path.
     if sys.path and sys.path[0] in ("", os.getcwd()):
         del sys.path[0]
+    # site-packages stays whatever put it there: a kernel of an installed copy needs it
+    keep = {os.path.realpath(p) for p in site.getsitepackages()}
     for entry in added:
-        if entry in sys.path:
+        if entry in sys.path and os.path.realpath(entry) not in keep:
             sys.path.remove(entry)
 
 
@@ -308,7 +311,6 @@ def _child(spec_fd: int, import_env: dict[str, str]) -> None:
 def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
     """Whatever the zygote computed at start-up from its own process, recomputed for this kernel."""
     import random
-    import site
     import tempfile
 
     os.environ.clear()

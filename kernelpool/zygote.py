@@ -420,6 +420,18 @@ def _zygote_env(python: str) -> dict[str, str]:
         "HOME": "/nonexistent",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
-    # only for finding kernelpool._zygote and sandbox; the zygote removes it from sys.path
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(kernelpool.__file__)))
+    # Only for finding kernelpool._zygote and sandbox when `python` would not import this very
+    # copy on its own (a source checkout); the zygote removes it from sys.path again. In an
+    # installed copy that folder is site-packages, which kernels must keep.
+    if not _imports_this_kernelpool(python, env):
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(kernelpool.__file__)))
     return env
+
+
+def _imports_this_kernelpool(python: str, env: dict[str, str]) -> bool:
+    probe = subprocess.run(
+        [python, "-c", "import kernelpool; print(kernelpool.__file__)"],
+        env=env, cwd="/", capture_output=True, text=True, timeout=60, check=False,
+    )
+    found = probe.stdout.strip()
+    return probe.returncode == 0 and bool(found) and os.path.samefile(found, kernelpool.__file__)
