@@ -28,6 +28,6 @@ def test_docs_name_the_image_settings() -> None:
         dockerfile = f.read()
     with open(os.path.join(ROOT, "docs", "deployment.md")) as f:
         doc = f.read()
-    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    base = next(line.split("=", 1)[1] for line in dockerfile.splitlines() if line.startswith("ARG BASE="))
     assert base in doc
     assert 'ENTRYPOINT ["tini", "-e", "143"' in dockerfile and "tini -e 143" in doc
