@@ -77,27 +77,29 @@ def engine() -> Iterator[None]:
     missing = [pkg for pkg, cmd in (("docker.io", "dockerd"), ("debootstrap", "debootstrap")) if not shutil.which(cmd)]
     if missing:
         _apt_install(*missing)
-    started: subprocess.Popen[bytes] | None = None
-    if not _engine_answers():
-        log = open(f"/tmp/{RUN}-dockerd.log", "wb")
+    if _engine_answers():  # someone else's daemon: use it, leave it running
+        yield
+        return
+    log_path = f"/tmp/{RUN}-dockerd.log"
+    with open(log_path, "wb") as log:
         started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
         deadline = time.monotonic() + 90
         while not _engine_answers():
             if started.poll() is not None or time.monotonic() > deadline:
-                started.kill()
-                with open(log.name) as f:
+                with open(log_path) as f:
                     pytest.fail(f"dockerd did not come up:\n{f.read()[-3000:]}")
             time.sleep(0.5)
-    try:
         yield
     finally:
-        if started is not None:
-            started.send_signal(signal.SIGTERM)
-            try:
-                started.wait(60)
-            except subprocess.TimeoutExpired:
-                started.kill()
-                started.wait(10)
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(60)
+        except subprocess.TimeoutExpired:
+            started.kill()  # its log stays, for whoever looks into why
+            started.wait(10)
+        else:
+            os.unlink(log_path)
 
 
 # ---- the images ---------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def test_documented_line_is_what_runs() -> None:
 
 # ---- the checks, in order -----------------------------------------------------------------------
 
-def test_users_and_tokens_via_docker_exec(dep: Deployment) -> None:
+async def test_users_and_tokens_via_docker_exec(dep: Deployment) -> None:
     logs = dep.logs()
     assert "mounted cgroup v1 memory read-write" in logs or "remounted /sys/fs/cgroup read-write" in logs, logs
     assert re.search(r"kp_\S+", logs), "the first start prints the token of the user it created"
@@ -330,11 +332,15 @@ def test_users_and_tokens_via_docker_exec(dep: Deployment) -> None:
     assert created.startswith("kp_")
     listed = dep.exec("kernelpool", "tokens", "list", "alice").stdout
     assert created not in listed and dep.tokens["alice"] not in listed  # ids and states, never secrets
+    async with mcp_client(dep.url, created, mode="auto") as c:
+        r = await c.call_tool("list_notebooks", {})
+        assert not r.is_error, text(r)
+    dep.exec("kernelpool", "tokens", "revoke", created.split("_")[1])
     body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
     accept = {"Accept": "application/json, text/event-stream"}
-    assert httpx2.post(dep.url, json=body, headers=accept).status_code == 401
-    assert httpx2.post(dep.url, json=body, headers=accept | {"Authorization": "Bearer kp_nope"}).status_code == 401
-    assert httpx2.post(dep.url, json=body, headers=accept | {"Authorization": f"Bearer {created}"}).status_code != 401
+    for token in (None, "kp_nope", created):
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        assert httpx2.post(dep.url, json=body, headers=accept | auth).status_code == 401, token
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
