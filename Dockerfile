@@ -1,7 +1,11 @@
 # kernelpool: one container, one server, one Jupyter kernel per (user, notebook), each run as
 # that user's own uid in a cgroup. See docs/deployment.md for the `docker run` line and the
 # privileges it needs.
-FROM python:3.11.14-slim-bookworm
+#
+# BASE: any Debian bookworm image with Python 3.11 and its venv module as `python3`. The default
+# is the official image; CI builds on a stand-in made with debootstrap (no registry there).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -20,7 +24,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-RUN python -m venv /opt/venv && chmod 755 /opt/venv
+# `python3`: the official image has it in /usr/local/bin, Debian's own python in /usr/bin.
+RUN python3 -m venv /opt/venv && chmod 755 /opt/venv
 
 # Dependencies first (exact pins, wheels only), so code changes do not reinstall them.
 COPY requirements.lock /tmp/requirements.lock

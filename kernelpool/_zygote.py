@@ -34,6 +34,7 @@ import json
 import os
 import selectors
 import signal
+import site
 import socket
 import sys
 from typing import Any
@@ -305,7 +306,6 @@ def _child(spec_fd: int, import_env: dict[str, str]) -> None:
 def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
     """Whatever the zygote computed at start-up from its own process, recomputed for this kernel."""
     import random
-    import site
     import tempfile
 
     os.environ.clear()

@@ -28,6 +28,18 @@ def test_docs_name_the_image_settings() -> None:
         dockerfile = f.read()
     with open(os.path.join(ROOT, "docs", "deployment.md")) as f:
         doc = f.read()
-    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    base = next(line.split("=", 1)[1] for line in dockerfile.splitlines() if line.startswith("ARG BASE="))
     assert base in doc
     assert 'ENTRYPOINT ["tini", "-e", "143"' in dockerfile and "tini -e 143" in doc
+
+
+def test_readme_docker_quick_start_is_the_documented_line() -> None:
+    """The README's `docker run` is docs/deployment.md's (the one CI runs) without its hostname settings."""
+    from tests.test_docker_image import documented_run_line
+
+    docs = documented_run_line()
+    readme = documented_run_line(os.path.join(ROOT, "README.md"))
+    hostname = {i for i, arg in enumerate(docs) if arg == "-e" and docs[i + 1].split("=")[0] in
+                ("KERNELPOOL_PUBLIC_URL", "KERNELPOOL_ALLOWED_HOSTS")}
+    assert len(hostname) == 2
+    assert readme == [arg for i, arg in enumerate(docs) if i not in hostname and i - 1 not in hostname]

@@ -14,6 +14,7 @@ import pwd
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -318,3 +319,29 @@ async def test_only_kernels_are_forked(fork_server: ForkServer) -> None:
 
     with pytest.raises(ZygoteUnavailable):
         await fork_server.spawn(LaunchSpec(argv=[sys.executable, "-c", "print(1)"], env={}, cwd="/"))
+
+
+def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
+    """PYTHONPATH (which the zygote removes from sys.path again) is set only when the kernels'
+    python would not import this very kernelpool by itself: a source checkout. In an installed
+    copy that folder is site-packages, which kernels must keep (issue 9)."""
+    from kernelpool import zygote
+
+    source = os.path.dirname(os.path.dirname(os.path.abspath(zygote.__file__)))
+    installed = subprocess.run(
+        [sys.executable, "-c", "import kernelpool, os; print(os.path.dirname(kernelpool.__file__))"],
+        env={"PATH": os.environ["PATH"]}, cwd="/", capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()
+    if os.path.samefile(installed, os.path.dirname(zygote.__file__)):
+        pytest.skip("kernelpool is imported from where this python installs it (editable install)")
+    # imported from the source tree (tests/server.py's PYTHONPATH): the zygote needs the path
+    env, kernel_path = zygote._zygote_env(sys.executable)
+    assert env["PYTHONPATH"] == source
+    # ...and never reaches the kernels, whose path is the interpreter's own, site-packages included
+    assert source not in json.loads(kernel_path) and sysconfig.get_paths()["purelib"] in json.loads(kernel_path)
+    # imported from site-packages, as an installed server does: no PYTHONPATH
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; from kernelpool import zygote; print(json.dumps(zygote._zygote_env(zygote.sys.executable)[0]))"],
+        env={"PATH": os.environ["PATH"]}, cwd="/", capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert "PYTHONPATH" not in json.loads(out.stdout), out.stdout

@@ -1,0 +1,488 @@
+"""The image, built and run on this machine with the exact `docker run` line of docs/deployment.md.
+
+No image registry can be reached here, so the base is a stand-in: a Debian bookworm root made with
+debootstrap (cached in /var/cache/kernelpool-ci between runs), given the host's CA bundle and
+imported with `docker import`; the Dockerfile's `ARG BASE` points the build at it. The engine is
+Debian's docker.io, installed with apt when missing; the test starts `dockerd` when none runs and
+stops it at the end only if it started it. Everything it makes carries a per-run name (containers,
+images, host folders) and is removed afterwards, also when a test fails.
+
+The tests run in order against one deployment (users, tokens and notebooks made by the earlier
+ones are checked after `docker restart`, and after a switch to a derived image on the same volumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx2
+import nbformat
+import pytest
+
+from tests.server import ROOT, free_port, mcp_client
+
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.timeout(1200),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the image test needs root: it runs dockerd, debootstrap and apt"),
+]
+
+RUN = f"kpci{os.getpid()}"  # every name this module makes carries it
+CACHE = os.environ.get("KERNELPOOL_CI_CACHE", "/var/cache/kernelpool-ci")
+ROOTFS = os.path.join(CACHE, "bookworm-rootfs")
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+EXTRA_PACKAGE = ("tabulate", "0.9.0")  # small, pure Python, not among kernelpool's dependencies
+MEMORY_LIMIT = "256M"
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and out.returncode != 0:
+        raise AssertionError(f"docker {shlex.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def text(result: object) -> str:
+    return "".join(c.text for c in result.content if c.type == "text")  # type: ignore[attr-defined]
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+def _apt_install(*packages: str) -> None:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            pytest.skip(f"cannot install {' '.join(packages)} with apt: {out.stderr.strip()[-300:]}")
+
+
+def _engine_answers() -> bool:
+    with contextlib.suppress(subprocess.TimeoutExpired, FileNotFoundError):
+        return docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=20).returncode == 0
+    return False
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[None]:
+    missing = [pkg for pkg, cmd in (("docker.io", "dockerd"), ("debootstrap", "debootstrap")) if not shutil.which(cmd)]
+    if missing:
+        _apt_install(*missing)
+    if _engine_answers():  # someone else's daemon: use it, leave it running
+        yield
+        return
+    log_path = f"/tmp/{RUN}-dockerd.log"
+    with open(log_path, "wb") as log:
+        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _engine_answers():
+            if started.poll() is not None or time.monotonic() > deadline:
+                with open(log_path) as f:
+                    pytest.fail(f"dockerd did not come up:\n{f.read()[-3000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(60)
+        except subprocess.TimeoutExpired:
+            started.kill()  # its log stays, for whoever looks into why
+            started.wait(10)
+        else:
+            os.unlink(log_path)
+
+
+# ---- the images ---------------------------------------------------------------------------------
+
+def _debian_mirror() -> str:
+    """The mirror apt uses on this host (its bookworm suite), for debootstrap."""
+    with contextlib.suppress(OSError):
+        with open("/etc/apt/sources.list.d/debian.sources") as f:
+            for stanza in f.read().split("\n\n"):
+                fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
+                if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
+                    return fields["URIs"].split()[0]
+    with contextlib.suppress(OSError):
+        with open("/etc/apt/sources.list") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
+                    return parts[1]
+    return "http://deb.debian.org/debian"
+
+
+def _stand_in_rootfs() -> str:
+    """debootstrap's bookworm root, made once and kept in CACHE (about 80 s, 265 MB)."""
+    if os.path.isfile(os.path.join(ROOTFS, "usr", "bin", "python3")):
+        return ROOTFS
+    os.makedirs(CACHE, exist_ok=True)
+    partial = f"{ROOTFS}.{RUN}"
+    try:
+        out = subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates",
+             "bookworm", partial, _debian_mirror()],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert out.returncode == 0, f"debootstrap failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        shutil.rmtree(ROOTFS, ignore_errors=True)
+        os.rename(partial, ROOTFS)  # whole or not at all: a run cut short leaves no half root behind
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return ROOTFS
+
+
+@dataclass
+class Images:
+    base: str = f"kernelpool-ci-base:{RUN}"
+    image: str = f"kernelpool-ci:{RUN}"
+    derived: str = f"kernelpool-ci-derived:{RUN}"
+
+
+@pytest.fixture(scope="module")
+def images(engine: None) -> Iterator[Images]:
+    names = Images()
+    try:
+        rootfs = _stand_in_rootfs()
+        # pip inside `docker build` and `%pip` in kernels (whose environment is built from nothing,
+        # so PIP_CERT does not reach them) must trust what the host trusts
+        shutil.copyfile(CA_BUNDLE, os.path.join(rootfs, CA_BUNDLE.lstrip("/")))
+        with open(os.path.join(rootfs, "etc", "pip.conf"), "w") as f:
+            f.write(f"[global]\ncert = {CA_BUNDLE}\n")
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", names.base,
+               stdin=tar.stdout, timeout=600)
+        assert tar.wait(60) == 0
+        docker("build", "--build-arg", f"BASE={names.base}", "-t", names.image, ROOT, timeout=900,
+               env=dict(os.environ, DOCKER_BUILDKIT="0"))
+        yield names
+    finally:
+        for name in (names.derived, names.image, names.base):
+            docker("rmi", "-f", name, check=False)
+
+
+# ---- the documented `docker run` line -----------------------------------------------------------
+
+def documented_run_line(markdown: str = os.path.join(ROOT, "docs", "deployment.md")) -> list[str]:
+    """The `docker run` command of docs/deployment.md (or another page), split into arguments."""
+    with open(markdown) as f:
+        doc = f.read()
+    blocks = re.findall(r"```sh\n(.*?)```", doc, re.S)
+    block = next(b for b in blocks if "docker run " in b)
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("docker run "))
+    command = []
+    for line in lines[start:]:
+        command.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    return shlex.split(" ".join(command))
+
+
+def swap_run_line(args: list[str], name: str, port: int, volumes: dict[str, str], image: str) -> list[str]:
+    """The documented line with only the container name, host port, host folders and image swapped.
+    `volumes` maps a container path to its host folder; every `-v` of the line must be in it."""
+    assert args[:2] == ["docker", "run"], args
+    out, i, swapped = ["docker", "run"], 2, set()
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--name", "-p", "-v") and i + 1 < len(args):
+            value = args[i + 1]
+            if arg == "--name":
+                value = name
+            elif arg == "-p":
+                host_ip, _, container_port = value.split(":")
+                assert host_ip == "127.0.0.1", "the documented port is published on loopback only"
+                value = f"{host_ip}:{port}:{container_port}"
+            else:
+                _, target = value.split(":", 1)
+                value = f"{volumes[target]}:{target}"
+            swapped.add(arg)
+            out += [arg, value]
+            i += 2
+        elif i == len(args) - 1:
+            assert arg.startswith("kernelpool:"), f"the image is the last argument: {arg}"
+            out.append(image)
+            i += 1
+        else:
+            out.append(arg)
+            i += 1
+    assert swapped == {"--name", "-p", "-v"}, args
+    return out
+
+
+@dataclass
+class Deployment:
+    images: Images
+    volumes: dict[str, str]
+    run_line: list[str] = field(default_factory=list)
+    name: str = ""
+    port: int = 0
+    tokens: dict[str, str] = field(default_factory=dict)
+    uids: dict[str, int] = field(default_factory=dict)
+    containers: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def host_path(self, user: str, *parts: str) -> str:
+        return os.path.join(self.volumes[f"/data/users/{user}"], *parts)
+
+    def run(self, image: str) -> None:
+        """Start a container of `image` with the documented line, and wait for /healthz."""
+        self.name = f"{RUN}-{len(self.containers)}"
+        self.port = free_port()
+        line = swap_run_line(documented_run_line(), self.name, self.port, self.volumes, image)
+        self.containers.append(self.name)
+        docker(*line[1:])
+        self.run_line = line
+        self.wait_healthz()
+
+    def wait_healthz(self, wait: float = 90) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            state = json.loads(docker("inspect", "--format", "{{json .State}}", self.name).stdout)
+            assert state["Status"] in ("running", "created", "restarting"), (state, self.logs())
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200:
+                    return
+            assert time.monotonic() < deadline, f"no /healthz in {wait} s:\n{self.logs()}"
+            time.sleep(0.3)
+
+    def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return docker("exec", self.name, *args, check=check)
+
+    def logs(self) -> str:
+        out = docker("logs", self.name, check=False)
+        return (out.stdout + out.stderr)[-6000:]
+
+    def add_user(self, user: str) -> None:
+        out = self.exec("kernelpool", "users", "add", user)
+        token = out.stdout.strip()
+        assert token.startswith("kp_") and "\n" not in token, out
+        self.tokens[user] = token
+        listed = self.exec("kernelpool", "users", "list").stdout
+        found = re.search(rf"^{user}\tuid=(\d+)", listed, re.M)
+        assert found, listed
+        self.uids[user] = int(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def dep(images: Images) -> Iterator[Deployment]:
+    top = f"/tmp/{RUN}"
+    volumes = {"/data": f"{top}/state"}
+    for target in documented_volume_targets():
+        if target != "/data":
+            volumes[target] = f"{top}/{os.path.basename(target)}"
+    for path in volumes.values():
+        os.makedirs(path)
+    deployment = Deployment(images, volumes)
+    try:
+        deployment.run(images.image)
+        for user in ("alice", "bob"):
+            deployment.add_user(user)
+        # before alice has any kernel: limits apply to kernels started later, warm ones included
+        deployment.exec("kernelpool", "users", "set-limits", "alice", "--memory", MEMORY_LIMIT)
+        yield deployment
+    finally:
+        for name in deployment.containers:
+            docker("rm", "-f", "-v", name, check=False)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def documented_volume_targets() -> list[str]:
+    line = documented_run_line()
+    return [line[i + 1].split(":", 1)[1] for i, arg in enumerate(line) if arg == "-v"]
+
+
+def test_documented_line_is_what_runs() -> None:
+    """The line parsed from the docs is the documented one: per-user volumes, the privileges of
+    the table, a private cgroup namespace, a stop timeout, loopback publishing."""
+    line = documented_run_line()
+    assert documented_volume_targets() == ["/data", "/data/users/alice", "/data/users/bob"]
+    for flag in ("--cgroupns=private", "--cap-drop=ALL", "--cap-add=SYS_ADMIN", "--stop-timeout", "-d"):
+        assert flag in line, line
+    assert "--privileged" not in line
+    swapped = swap_run_line(line, "n", 1234, {t: f"/x{t}" for t in documented_volume_targets()}, "img:1")
+    assert len(swapped) == len(line) and swapped[-1] == "img:1" and "127.0.0.1:1234:8765" in swapped
+
+
+# ---- the checks, in order -----------------------------------------------------------------------
+
+async def test_users_and_tokens_via_docker_exec(dep: Deployment) -> None:
+    logs = dep.logs()
+    assert "mounted cgroup v1 memory read-write" in logs or "remounted /sys/fs/cgroup read-write" in logs, logs
+    assert re.search(r"kp_\S+", logs), "the first start prints the token of the user it created"
+    doctor = dep.exec("kernelpool", "doctor").stdout
+    assert re.search(r"cgroups:\s+v[12] .*writable=yes", doctor), doctor
+    assert "in force:            sandbox" in doctor, doctor
+    assert set(dep.uids) == {"alice", "bob"} and dep.uids["alice"] != dep.uids["bob"]
+
+    created = dep.exec("kernelpool", "tokens", "create", "alice", "--expires", "30d").stdout.strip()
+    assert created.startswith("kp_")
+    listed = dep.exec("kernelpool", "tokens", "list", "alice").stdout
+    assert created not in listed and dep.tokens["alice"] not in listed  # ids and states, never secrets
+    async with mcp_client(dep.url, created, mode="auto") as c:
+        r = await c.call_tool("list_notebooks", {})
+        assert not r.is_error, text(r)
+    dep.exec("kernelpool", "tokens", "revoke", created.split("_")[1])
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    accept = {"Accept": "application/json, text/event-stream"}
+    for token in (None, "kp_nope", created):
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        assert httpx2.post(dep.url, json=body, headers=accept | auth).status_code == 401, token
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_mcp_clients_from_the_host_write_notebooks_on_user_volumes(dep: Deployment, mode: str) -> None:
+    for user in ("alice", "bob"):
+        nb = f"{mode}-{user}.ipynb"
+        async with mcp_client(dep.url, dep.tokens[user], mode=mode) as c:
+            r = await c.call_tool("use_notebook", {"notebook": nb, "mode": "create"})
+            assert not r.is_error, text(r)
+            args = {"cell_index": -1, "cell_source": "import os; print(os.getuid(), os.getcwd())"}
+            if mode == "auto":  # sessionless: no active notebook, every call names it
+                args["notebook"] = nb
+            r = await c.call_tool("insert_execute_code_cell", args)
+            assert not r.is_error, text(r)
+            assert text(r).strip() == f"{dep.uids[user]} /data/users/{user}"
+        path = dep.host_path(user, nb)
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (dep.uids[user], dep.uids[user])
+        folder = os.stat(dep.host_path(user))
+        assert folder.st_uid == dep.uids[user] and folder.st_mode & 0o777 == 0o700
+        saved = nbformat.read(path, as_version=4)
+        nbformat.validate(saved)
+        assert saved.cells[-1].outputs[0]["text"].strip() == f"{dep.uids[user]} /data/users/{user}"
+
+
+async def test_kernel_imports_the_image_venv_and_shows_ordinary_tracebacks(dep: Deployment) -> None:
+    code = ("import sys, json, aiosqlite, stack_data\n"
+            "print(json.dumps({'path': sys.path, 'aiosqlite': aiosqlite.__file__}))")
+    async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "imports.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "imports.ipynb", "code": code})
+        assert not r.is_error, text(r)
+        got = json.loads(text(r).strip().splitlines()[-1])
+        assert "/opt/venv/lib/python3.11/site-packages" in got["path"], got
+        assert got["aiosqlite"].startswith("/opt/venv/lib/python3.11/site-packages/"), got
+        r = await c.call_tool("execute_code", {"notebook": "imports.ipynb", "code": "def f():\n    return 1/0\nf()"})
+        tb = text(r)
+        assert "ZeroDivisionError" in tb and "return 1/0" in tb, tb
+        assert "Unexpected exception formatting exception" not in tb, tb
+
+
+async def test_one_users_kernel_cannot_write_another_users_volume(dep: Deployment) -> None:
+    code = ("import json, os\nres = {}\n"
+            "for what, fn in [('write', lambda: open('/data/users/bob/from-alice.txt', 'w')),\n"
+            "                 ('list', lambda: os.listdir('/data/users/bob')),\n"
+            "                 ('chmod', lambda: os.chmod('/data/users/bob', 0o777))]:\n"
+            "    try:\n        fn(); res[what] = 'done'\n"
+            "    except OSError as e:\n        res[what] = type(e).__name__\n"
+            "print(json.dumps(res))")
+    async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "reach.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "reach.ipynb", "code": code})
+        assert not r.is_error, text(r)
+    got = json.loads(text(r).strip().splitlines()[-1])
+    assert got == {"write": "PermissionError", "list": "PermissionError", "chmod": "PermissionError"}, got
+    assert not os.path.exists(dep.host_path("bob", "from-alice.txt"))
+    assert os.stat(dep.host_path("bob")).st_mode & 0o777 == 0o700
+
+
+async def test_memory_limit_kills_the_kernel_inside_the_container(dep: Deployment) -> None:
+    assert f"kernel_memory={MEMORY_LIMIT}" in dep.exec("kernelpool", "users", "list").stdout
+    async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "oom.ipynb", "mode": "create"})
+        r = await c.call_tool("insert_execute_code_cell", {
+            "notebook": "oom.ipynb", "cell_index": -1,
+            "cell_source": "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 2**20))",
+        })
+        assert r.is_error, text(r)
+        assert r.structured_content["status"] == "died", r.structured_content
+        msg = r.structured_content["message"]
+        assert "out of memory" in msg and "256 MiB" in msg, msg
+        r = await c.call_tool("execute_code", {"notebook": "oom.ipynb", "code": "'blocks' in dir()"})
+        assert text(r) == "False"  # a fresh kernel
+    async with mcp_client(dep.url, dep.tokens["bob"], mode="auto") as b:
+        r = await b.call_tool("execute_code", {"notebook": "auto-bob.ipynb", "code": "21 * 2"})
+        assert text(r) == "42"  # bob's kernel lived through it
+
+
+def test_healthcheck_reports_healthy(dep: Deployment) -> None:
+    # the image checks every 30 s; the first result comes after one interval
+    deadline = time.monotonic() + 120
+    while True:
+        health = json.loads(docker("inspect", "--format", "{{json .State.Health}}", dep.name).stdout)
+        if health["Status"] == "healthy":
+            break
+        assert health["Status"] == "starting" and time.monotonic() < deadline, health
+        time.sleep(2)
+    assert health["Log"][-1]["ExitCode"] == 0, health
+
+
+async def test_restart_keeps_tokens_and_notebooks(dep: Deployment) -> None:
+    before = {u: open(dep.host_path(u, f"legacy-{u}.ipynb")).read() for u in ("alice", "bob")}
+    docker("restart", dep.name, timeout=120)
+    dep.wait_healthz()
+    assert docker("inspect", "--format", "{{.RestartCount}} {{.State.Status}}", dep.name).stdout.split()[1] == "running"
+    for user in ("alice", "bob"):
+        assert open(dep.host_path(user, f"legacy-{user}.ipynb")).read() == before[user]
+        async with mcp_client(dep.url, dep.tokens[user], mode="legacy") as c:
+            r = await c.call_tool("read_notebook", {"notebook": f"legacy-{user}.ipynb", "response_format": "detailed"})
+            assert not r.is_error, text(r)
+            assert f"{dep.uids[user]} /data/users/{user}" in text(r)
+            r = await c.call_tool("execute_cell", {"notebook": f"legacy-{user}.ipynb", "cell_index": -1})
+            assert not r.is_error and text(r).strip() == f"{dep.uids[user]} /data/users/{user}", text(r)
+    listed = dep.exec("kernelpool", "users", "list").stdout
+    assert re.search(rf"^alice\tuid={dep.uids['alice']}\b", listed, re.M), listed
+
+
+async def test_stop_is_clean_and_well_within_the_stop_timeout(dep: Deployment) -> None:
+    line = dep.run_line
+    stop_timeout = int(line[line.index("--stop-timeout") + 1])
+    async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:  # a kernel is running
+        r = await c.call_tool("execute_code", {"notebook": "legacy-alice.ipynb", "code": "x = 1"})
+        assert not r.is_error, text(r)
+    started = time.monotonic()
+    docker("stop", dep.name, timeout=stop_timeout + 60)
+    took = time.monotonic() - started
+    state = json.loads(docker("inspect", "--format", "{{json .State}}", dep.name).stdout)
+    assert state["Status"] == "exited" and state["ExitCode"] == 0, (state, dep.logs())
+    assert not state["OOMKilled"]
+    assert took < stop_timeout / 2, f"docker stop took {took:.1f} s of its {stop_timeout} s"
+    logs = dep.logs()
+    assert "Application shutdown complete" in logs and "Traceback" not in logs, logs
+
+
+async def test_derived_image_gives_kernels_its_package(dep: Deployment) -> None:
+    """`FROM kernelpool` + `RUN pip install X`, run with the same line on the same volumes (an
+    upgrade in place): X imports in kernels; users, tokens and notebooks are all still there."""
+    pkg, version = EXTRA_PACKAGE
+    if docker("inspect", "--format", "{{.State.Running}}", dep.name).stdout.strip() == "true":
+        docker("stop", dep.name, timeout=120)  # one server per data folder
+    dockerfile = f"FROM {dep.images.image}\nRUN pip install {pkg}=={version}\n"
+    docker("build", "-t", dep.images.derived, "-", input=dockerfile, timeout=600,
+           env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    dep.run(dep.images.derived)
+    async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:
+        r = await c.call_tool("execute_code", {
+            "notebook": "legacy-alice.ipynb",
+            "code": f"import {pkg}; print({pkg}.__version__, {pkg}.__file__)",
+        })
+        assert not r.is_error, text(r)
+        got_version, got_file = text(r).split()
+        assert got_version == version and got_file.startswith("/opt/venv/lib/python3.11/site-packages/"), text(r)
+        r = await c.call_tool("read_notebook", {"notebook": "oom.ipynb"})
+        assert not r.is_error, text(r)
+    docker("stop", dep.name, timeout=120)
