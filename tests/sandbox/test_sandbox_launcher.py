@@ -149,3 +149,55 @@ def test_spec_is_checked_in_the_parent() -> None:
         spawn(LaunchSpec(["/bin/true"], {}, "relative"))
     with pytest.raises(LaunchError):
         spawn(LaunchSpec(["/bin/true"], {}, "/", network="bridge"))  # type: ignore[arg-type]
+
+
+VIEWS = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    return "ok" if libc.syscall(nr, *args) >= 0 else errno.errorcode[ctypes.get_errno()]
+st = os.statvfs("/tmp")
+print(json.dumps({
+    "tmp": os.listdir("/tmp"), "shm": os.listdir("/dev/shm"), "tmp_size": st.f_blocks * st.f_frsize,
+    "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "pid": os.getpid(),
+    "cgroup": open("/proc/self/cgroup").read(), "cgroupfs": sorted(os.listdir("/sys/fs/cgroup")),
+    "memory_below": [d for d in os.listdir("/sys/fs/cgroup/memory") if os.path.isdir("/sys/fs/cgroup/memory/" + d)],
+    "seccomp": open("/proc/self/status").read().split("Seccomp:")[1].split()[0],
+    "unshare_userns": call(272, 0x10000000), "io_uring_setup": call(425, 1, ctypes.create_string_buffer(120)),
+}))
+"""
+
+
+def test_private_views_and_seccomp(v1: CgroupBackend, identity: Identity, user_python: str) -> None:
+    cg = v1.create("u1/kviews", Limits(memory_bytes=256 << 20))
+    marker = f"/tmp/kptest-host-{os.getpid()}"
+    open(marker, "w").close()
+    try:
+        spec = LaunchSpec([user_python, "-c", VIEWS], dict(ENV), identity.home, identity, cg,
+                          private_views=True, tmpfs_bytes=8 << 20, seccomp=True)
+        code, out = run(spec)
+        assert code == 0, out
+        seen = json.loads(out)
+    finally:
+        os.unlink(marker)
+    # a fresh tmpfs, not the host's /tmp: only the way to the child's own folder (the test's home is there)
+    home_top = identity.home.split("/")[2] if identity.home.startswith("/tmp/") else None
+    assert seen["tmp"] == ([home_top] if home_top else []) and seen["shm"] == [], seen["tmp"]
+    assert seen["tmp_size"] == 8 << 20
+    assert seen["pids"] == [seen["pid"]], "hidepid: this test (root) is invisible to the child"
+    assert all(line.endswith(":/") for line in seen["cgroup"].splitlines()), seen["cgroup"]
+    assert {"memory", "cpu", "pids"} <= set(seen["cgroupfs"]) and seen["memory_below"] == []
+    assert seen["seccomp"] == "2" and seen["unshare_userns"] == seen["io_uring_setup"] == "EPERM"
+    assert "hidepid" not in open("/proc/self/mountinfo").read(), "nothing leaked into the host's mounts"
+
+
+def test_failing_view_step_is_named_and_never_execs(v1: CgroupBackend, identity: Identity, user_python: str,
+                                                     tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cg = v1.create("u1/kbad", Limits())
+    ran = tmp_path / "ran"
+    spec = LaunchSpec([user_python, "-c", f"open({str(ran)!r}, 'w')"], dict(ENV), identity.home, identity, cg,
+                      private_views=True, keep_paths=("/tmp/kptest-no-such-folder/x",))
+    with pytest.raises(LaunchError) as info:
+        spawn(spec)
+    assert info.value.step == "private /tmp"
+    assert not ran.exists()
