@@ -111,22 +111,25 @@ def joined_hierarchies(procs_files: list[str], mountinfo: str) -> list[tuple[str
     return found
 
 
-def private_cgroupfs(procs_files: list[str]) -> None:
-    """Replace /sys/fs/cgroup with the joined hierarchies, seen from the cgroup namespace."""
+def private_cgroupfs(procs_files: list[str], root: str = CGROUP_ROOT) -> None:
+    """Replace `root` (/sys/fs/cgroup) with the joined hierarchies, seen from the cgroup namespace."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         joined = joined_hierarchies(procs_files, f.read())
-    unified = [m for m in joined if m[0].rstrip("/") == CGROUP_ROOT]
-    _detach(CGROUP_ROOT)
-    if unified:  # cgroup v2: the one tree is the whole of /sys/fs/cgroup
-        _libc.mount("cgroup2", CGROUP_ROOT, "cgroup2", _MNT_FLAGS | _libc.MS_NOEXEC, unified[0][2] or None)
+    unified = [m for m in joined if m[0].rstrip("/") == root]
+    _detach(root)
+    flags = _MNT_FLAGS | _libc.MS_NOEXEC
+    if unified:
+        # cgroup v2: the one tree is the whole of /sys/fs/cgroup. No options: the host's
+        # (nsdelegate, ...) are set from the initial cgroup namespace only
+        _libc.mount("cgroup2", root, "cgroup2", flags, None)
         return
     # cgroup v1 (or none): a small tmpfs holding one folder per joined hierarchy
-    _libc.mount("tmpfs", CGROUP_ROOT, "tmpfs", _MNT_FLAGS | _libc.MS_NOEXEC, "size=64k,mode=755")
+    _libc.mount("tmpfs", root, "tmpfs", flags, "size=64k,mode=755")
     for point, fstype, data in joined:
-        if os.path.dirname(point.rstrip("/")) != CGROUP_ROOT:
+        if os.path.dirname(point.rstrip("/")) != root:
             continue  # a hierarchy mounted elsewhere stays as the host has it
         os.mkdir(point, 0o755)
-        _libc.mount(fstype, point, fstype, _MNT_FLAGS | _libc.MS_NOEXEC, data or None)
+        _libc.mount(fstype, point, fstype, flags, (data or None) if fstype == "cgroup" else None)
 
 
 def _detach(path: str) -> None:

@@ -201,3 +201,44 @@ def test_failing_view_step_is_named_and_never_execs(v1: CgroupBackend, identity:
         spawn(spec)
     assert info.value.step == "private /tmp"
     assert not ran.exists()
+
+
+def test_cgroup_v2_view_is_rooted_at_the_kernels_cgroup(root_only: None) -> None:
+    # a cgroup v2 host's layout (the unified tree is all of the root) cannot be had on this v1 host:
+    # its cgroup2 mount at /sys/fs/cgroup/unified (no controllers) stands in for /sys/fs/cgroup
+    from sandbox import views
+
+    unified = "/sys/fs/cgroup/unified"
+    if not os.path.exists(os.path.join(unified, "cgroup.procs")):
+        pytest.skip("no cgroup2 mount at /sys/fs/cgroup/unified on this host")
+    top = os.path.join(unified, f"kptest-v2-{os.getpid()}")
+    leaf = os.path.join(top, "u1", "k1")
+    os.makedirs(leaf)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+                    f.write("0")
+                views.enter_mount_namespace()
+                views.enter_cgroup_namespace()
+                views.private_cgroupfs([os.path.join(leaf, "cgroup.procs")], root=unified)
+                below = [d for d in os.listdir(unified) if os.path.isdir(os.path.join(unified, d))]
+                os.write(w, json.dumps({"below": below, "procs": open(os.path.join(unified, "cgroup.procs")).read().split(),
+                                        "self": open("/proc/self/cgroup").read()}).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as out:
+            seen = json.loads(out.read())
+        os.waitpid(pid, 0)
+    finally:
+        if w != -1:
+            os.close(w)
+        for path in (leaf, os.path.dirname(leaf), top):
+            os.rmdir(path)
+    assert seen["below"] == [], "no other cgroup listed"
+    assert seen["procs"] == [str(pid)], "the root of the view is the child's own cgroup"
+    assert seen["self"].strip().endswith("0::/")
