@@ -367,3 +367,14 @@ def test_doctor_reports_mount_pid_and_seccomp_isolation() -> None:
             assert line in plain, plain
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_tmpfs_size_setting_is_checked() -> None:
+    from pydantic import ValidationError
+
+    from kernelpool.config import Settings
+
+    assert Settings(kernel_tmpfs_size="64M").tmpfs_bytes == 64 << 20
+    for bad in ("lots", "100K", "-1G"):
+        with pytest.raises(ValidationError, match="kernel_tmpfs_size"):
+            Settings(kernel_tmpfs_size=bad)
