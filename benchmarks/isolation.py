@@ -5,20 +5,25 @@ seccomp filter built) and times every step of `enter` on its own, in the order `
 joining a real cgroup, the mount namespace, the private /tmp and /dev/shm, the hidepid /proc, the
 cgroup namespace and cgroupfs, dropping to a uid, no_new_privs, and loading the seccomp filter.
 Prints median and 90th percentile per step in microseconds, and the total of the steps issue 10
-added. Needs root and writable cgroups; makes one cgroup of its own (removed at the end) and uses
-a uid that no account has.
+added. Then, through kernelpool's real fork server: the time from asking it for a kernel to the
+child reporting itself sandboxed, with and without those steps (interleaved, so that load on a
+shared machine hits both alike). Needs root and writable cgroups; makes one cgroup of its own
+(removed at the end) and uses a uid that no account has.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
-from sandbox import _libc, seccomp, views
+from sandbox import Identity, LaunchSpec, _libc, seccomp, views
 from sandbox.accounts import id_in_use
 from sandbox.cgroups import detect
 from sandbox.limits import Limits
@@ -100,6 +105,44 @@ def measure(rounds: int) -> dict[str, list[int]]:
     return samples
 
 
+async def fork_server_starts(rounds: int) -> dict[str, list[float]]:
+    """Seconds from `ForkServer.spawn` to the child's "sandboxed" report, per variant."""
+    from kernelpool.zygote import ForkServer
+
+    backend = detect(prefix=f"kp-bench-isolation-{os.getpid()}")
+    if backend is None:
+        raise SystemExit("needs writable cgroups (run as root)")
+    uid = next(u for u in range(64990, 64000, -1) if not id_in_use(u))
+    folder = tempfile.mkdtemp(prefix="kp-bench-", dir="/var/tmp")
+    os.chmod(folder, 0o700)
+    os.chown(folder, uid, uid)
+    ident = Identity(f"kp-bench-{uid}", uid, uid, folder)
+    fs = ForkServer(sys.executable)
+    await fs.start()
+    backend.create("u0", Limits(None, None, None))
+    out: dict[str, list[float]] = {"without views and seccomp": [], "with views and seccomp": []}
+    try:
+        for i in range(rounds * 2):
+            on = i % 2 == 1
+            cg = backend.create(f"u0/k{i}", Limits(1 << 30, None, 256))
+            spec = LaunchSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", os.path.join(folder, f"k{i}.json")],
+                              env={"PATH": "/usr/bin:/bin"}, cwd=folder, identity=ident, cgroup=cg,
+                              private_views=on, tmpfs_bytes=64 << 20, seccomp=on)
+            t = time.perf_counter()
+            child = await fs.spawn(spec)
+            out["with views and seccomp" if on else "without views and seccomp"].append(time.perf_counter() - t)
+            child.kill()
+            await asyncio.to_thread(child.wait, 10)
+            cg.remove()
+    finally:
+        await fs.close()
+        root = backend.get("")
+        if root is not None:
+            root.remove()
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.isolation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     totals = [sum(samples[s][i] for s in NEW_STEPS) for i in range(args.rounds)]
     q = statistics.quantiles(totals, n=10)
     print(f"{'added (issue 10)':<18} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
+    print()
+    print(f"{'fork server: spawn -> sandboxed':<34} {'median ms':>10} {'p90 ms':>10}")
+    for name, secs in asyncio.run(fork_server_starts(args.rounds)).items():
+        q = statistics.quantiles(secs, n=10)
+        print(f"{name:<34} {statistics.median(secs) * 1000:>10.2f} {q[8] * 1000:>10.2f}")
     return 0
 
 
