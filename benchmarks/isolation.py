@@ -28,8 +28,8 @@ from sandbox.accounts import id_in_use
 from sandbox.cgroups import detect
 from sandbox.limits import Limits
 
-NEW_STEPS = ("mount namespace", "private /tmp", "private /dev/shm", "private /proc", "cgroup namespace",
-             "private cgroupfs", "seccomp")
+NEW_STEPS = ("mount namespace", "hide other mounts", "private /tmp", "private /dev/shm", "private /proc",
+             "cgroup namespace", "private cgroupfs", "seccomp")
 
 
 def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> None:
@@ -53,6 +53,8 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
 
     step("join cgroup", join)
     step("mount namespace", views.enter_mount_namespace)
+    # with no volume below (per other user's volume, one umount more)
+    step("hide other mounts", lambda: views.hide_mounts(["/var/lib/kp-bench-none"], ["/var/lib/kp-bench-none/x"]))
     step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))
     step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))
     step("private /proc", views.private_proc)

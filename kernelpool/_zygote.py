@@ -261,6 +261,7 @@ class _ChildSpec:
         self.private_views: bool = bool(raw.get("private_views", False))
         self.tmpfs_bytes: int = int(raw.get("tmpfs_bytes", 512 << 20))
         self.keep_paths: tuple[str, ...] = tuple(raw.get("keep_paths", ()))
+        self.hide_mounts_below: tuple[str, ...] = tuple(raw.get("hide_mounts_below", ()))
         self.seccomp: bool = bool(raw.get("seccomp", False))
         self.env: dict[str, str] = dict(raw["env"])
         self.kernel_args: list[str] = list(raw["kernel_args"])

@@ -291,6 +291,8 @@ class KernelRegistry:
             tmpfs_bytes=self._settings.tmpfs_bytes,
             # the interpreter's environment (sys.prefix) may lie below /tmp too, as in a test venv
             keep_paths=(runtime, os.path.dirname(os.path.dirname(self._spec_manager.python))),
+            # other users' volumes (Docker: one per user at DATA/users/NAME): not even their names
+            hide_mounts_below=(str(self._settings.users_dir), str(self._settings.run_dir)),
             seccomp=user.identity is not None,
             extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )

@@ -42,6 +42,7 @@ class KernelLaunch:
     private_views: bool = False  # own mount and cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
     tmpfs_bytes: int = 512 << 20
     keep_paths: tuple[str, ...] = ()  # folders the kernel needs besides its cwd (kept visible under a private /tmp)
+    hide_mounts_below: tuple[str, ...] = ()  # where other users' mounts (volumes) are detached in its namespace
     seccomp: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
 
@@ -75,6 +76,7 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             private_views=launch.private_views,
             tmpfs_bytes=launch.tmpfs_bytes,
             keep_paths=launch.keep_paths,
+            hide_mounts_below=launch.hide_mounts_below,
             seccomp=launch.seccomp,
         )
         self.process = None

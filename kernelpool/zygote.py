@@ -344,6 +344,7 @@ class ForkServer:
             "private_views": spec.private_views,
             "tmpfs_bytes": spec.tmpfs_bytes,
             "keep_paths": list(spec.keep_paths),
+            "hide_mounts_below": list(spec.hide_mounts_below),
             "seccomp": spec.seccomp,
         }).encode()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

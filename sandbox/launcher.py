@@ -43,6 +43,7 @@ class LaunchSpec:
     private_views: bool = False  # own mount + cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
     tmpfs_bytes: int = 512 << 20  # size cap of each of the private /tmp and /dev/shm
     keep_paths: tuple[str, ...] = ()  # folders besides cwd that stay visible if below /tmp (runtime, interpreter)
+    hide_mounts_below: tuple[str, ...] = ()  # folders whose mounts, but cwd's and keep_paths', are detached
     seccomp: bool = False  # load `sandbox.seccomp`'s filter last
     stdout: int | None = None  # fd, or None for /dev/null; stderr likewise
     stderr: int | None = None
@@ -66,6 +67,8 @@ class _SpecLike(Protocol):
     @property
     def keep_paths(self) -> tuple[str, ...]: ...
     @property
+    def hide_mounts_below(self) -> tuple[str, ...]: ...
+    @property
     def seccomp(self) -> bool: ...
 
 
@@ -79,7 +82,7 @@ def enter(spec: _SpecLike, errfd: int | None = None, filter_program: bytes | Non
     """Sandbox the calling process; runs in the child between fork and exec.
 
     Order: join cgroup; network namespace (+ loopback up); private views (mount namespace,
-    /tmp, /dev/shm, /proc, cgroup namespace, cgroupfs); drop supplementary groups, gid, uid
+    other users' mounts detached, /tmp, /dev/shm, /proc, cgroup namespace, cgroupfs); drop supplementary groups, gid, uid
     (and check root cannot be regained); no_new_privs; umask; chdir; seccomp filter (last: it
     forbids mount and unshare, and needs no_new_privs). `filter_program` is
     `sandbox.seccomp.program()`, built by the caller before it forked. Raises on the first
@@ -137,6 +140,10 @@ def _private_views(spec: _SpecLike, step: _Steps) -> None:
         return
     step.name = "mount namespace"
     views.enter_mount_namespace()
+    if spec.hide_mounts_below:
+        # before /tmp is replaced: a data folder under /tmp keeps its volumes reachable until then
+        step.name = "hide other mounts"
+        views.hide_mounts(spec.hide_mounts_below, keep=(spec.cwd, *spec.keep_paths))
     step.name = "private /tmp"
     views.private_tmpfs("/tmp", spec.tmpfs_bytes, keep=(spec.cwd, *spec.keep_paths))
     step.name = "private /dev/shm"

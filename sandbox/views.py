@@ -5,21 +5,23 @@ to the user's uid, each step a small function in this order:
 
 1. `enter_mount_namespace`: a mount namespace of its own, with every mount made a slave of the
    host's (host mounts and unmounts still reach it; nothing it mounts reaches the host);
-2. `private_tmpfs` on /tmp and /dev/shm: empty, mode 1777, capped at a size, but for the folders
+2. `hide_mounts`: mounts below the data folders that belong to others (in Docker, each user's
+   volume at DATA/users/NAME) are detached, so that not even /proc/self/mountinfo names them;
+3. `private_tmpfs` on /tmp and /dev/shm: empty, mode 1777, capped at a size, but for the folders
    the kernel needs (its own working and runtime folders, its interpreter) where they lie below
    (a data folder under /tmp): those are bind-mounted back at the same paths. tmpfs pages are
    charged to the memory cgroup of the process that first touches them, so what a kernel stores
    there counts against its own (and its user's) memory limit; the namespace, and with it the
    tmpfs, goes away with the kernel's last process;
-3. `private_proc`: a fresh procfs with `hidepid=invisible`, so that only processes the kernel may
+4. `private_proc`: a fresh procfs with `hidepid=invisible`, so that only processes the kernel may
    ptrace (its own uid's, dumpable ones) are listed at all: not other users', not the server's.
    (A PID namespace was the alternative: with the fork server the kernel is already forked, so
    CLONE_NEWPID would apply to its children only, whose first one would become that namespace's
    init; and pids the server tracks would change meaning. hidepid gives the same visibility with
    no change to process bookkeeping. Pid numbers stay global.)
-4. `enter_cgroup_namespace`: after joining the cgroup, so that the kernel's cgroup is the root of
+5. `enter_cgroup_namespace`: after joining the cgroup, so that the kernel's cgroup is the root of
    what it sees and /proc/self/cgroup shows "/" for every hierarchy;
-5. `private_cgroupfs`: /sys/fs/cgroup replaced by the hierarchies the kernel joined, mounted from
+6. `private_cgroupfs`: /sys/fs/cgroup replaced by the hierarchies the kernel joined, mounted from
    inside its cgroup namespace, so each shows the kernel's own cgroup as its root (its limits
    and usage are readable; no other cgroup, no user name, no kernel id).
 
@@ -75,6 +77,34 @@ def _open_kept(path: str, keep: list[str] | tuple[str, ...]) -> list[tuple[str, 
     return kept
 
 
+def hide_mounts(below: list[str] | tuple[str, ...], keep: list[str] | tuple[str, ...]) -> int:
+    """Detach, in this namespace, every mount under the folders `below` but those a kept folder
+    needs (itself, what contains it, what it contains): other users' volumes, so that not even
+    /proc/self/mountinfo names them. Returns how many mount trees were detached."""
+    roots = [os.path.normpath(b).rstrip("/") + "/" for b in below]
+    kept = [os.path.normpath(k) for k in keep]
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not any(f" {r}" in text for r in roots):
+        return 0  # the usual case: no volume below them at all
+    points = sorted({_unescape(line.split()[4]) for line in text.splitlines() if len(line.split()) > 4}, key=len)
+    detached: list[str] = []
+    for point in points:
+        if not any(point.startswith(r) for r in roots):
+            continue
+        if any(point == k or k.startswith(point + "/") or point.startswith(k + "/") for k in kept):
+            continue
+        if any(point.startswith(d + "/") for d in detached):
+            continue  # went with its parent
+        try:
+            _libc.umount2(point, _libc.MNT_DETACH)
+        except OSError as exc:
+            if exc.errno not in (2, 22):  # ENOENT, EINVAL: covered by another mount, out of reach already
+                raise
+        detached.append(point)
+    return len(detached)
+
+
 def private_proc() -> None:
     # mounted over the host's /proc (whose own submounts, e.g. binfmt_misc, stay hidden below)
     _libc.mount("proc", "/proc", "proc", _MNT_FLAGS | _libc.MS_NOEXEC, "hidepid=invisible")
@@ -91,6 +121,8 @@ def joined_hierarchies(procs_files: list[str], mountinfo: str) -> list[tuple[str
     """
     mounts: list[tuple[str, str, str]] = []
     for line in mountinfo.splitlines():
+        if " - cgroup" not in line:
+            continue
         fields = line.split()
         if "-" not in fields:
             continue

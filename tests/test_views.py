@@ -312,6 +312,47 @@ print(json.dumps({{"cwd": os.getcwd(), "tmp": sorted(os.listdir("/tmp")), "users
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+# ---- one volume per user, as in Docker --------------------------------------------------------------
+
+@needs_sandbox
+async def test_other_users_volumes_are_not_even_named() -> None:
+    data_dir = tempfile.mkdtemp(prefix="kp-views-vol-", dir="/var/tmp")
+    os.chmod(data_dir, 0o711)
+    server = KernelpoolServer(data_dir, server_env(
+        KERNELPOOL_ACCOUNT_PREFIX=f"kpv{os.getpid() % 10000}4-", KERNELPOOL_UID_MIN="64200", KERNELPOOL_UID_MAX="64249",
+        KERNELPOOL_CGROUP_PREFIX=f"kernelpool-vtest-{os.getpid()}-4", KERNELPOOL_POOL_SIZE="0"))
+    mounted: list[str] = []
+    try:
+        for user in ("alice", "bob"):
+            server.add_user(user)
+            folder = os.path.join(data_dir, "users", user)
+            uid = uid_of(server, user)
+            # a volume of the user's own, as `-v /srv/kp/NAME:/data/users/NAME` gives it
+            _libc.mount("tmpfs", folder, "tmpfs", 0, f"size=16m,mode=0700,uid={uid},gid={uid}")
+            mounted.append(folder)
+        server.start()
+        await _bob_setup(server)
+        got = await run_as(server, "alice", VOLUME_PROBE)
+        assert "/users/bob" not in got["mountinfo"], "bob's volume is not listed in alice's mount table"
+        assert "/users/alice" in got["mountinfo"], "alice's own volume is there"
+        assert got["cwd"] == mounted[0]
+        assert os.path.exists(os.path.join(mounted[0], "on-my-volume.txt")), "written to the volume"
+        await bob_lives_on(server)
+    finally:
+        server.stop()
+        for folder in mounted:
+            _libc.umount2(folder, _libc.MNT_DETACH)
+        server.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+VOLUME_PROBE = """
+import json, os
+open("on-my-volume.txt", "w").write("x")
+print(json.dumps({"mountinfo": open("/proc/self/mountinfo").read(), "cwd": os.getcwd()}))
+"""
+
+
 # ---- the pieces on their own ---------------------------------------------------------------------
 
 MOUNTINFO_V1 = """\
