@@ -234,7 +234,9 @@ SYSCALLS = '''
 import ctypes, errno, json, os, socket, subprocess, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
 def call(nr, *args):
-    r = libc.syscall(nr, *args)
+    # every integer as a full register: a C int would leave the upper half undefined
+    args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    r = libc.syscall(ctypes.c_long(nr), *args)
     return "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]
 # x86-64 numbers
 got = {
@@ -249,6 +251,12 @@ got = {
   "setns": call(308, os.open("/proc/self/ns/net", os.O_RDONLY), 0),
   "seccomp_mode": open("/proc/self/status").read().split("Seccomp:")[1].split()[0],
 }
+# two that an unprivileged process may use without a filter: reading its own memory that way, and
+# a file handle for a path (struct file_handle: handle_bytes = 128, then type and the handle)
+buf = ctypes.create_string_buffer(8); iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+got["process_vm_readv"] = call(310, os.getpid(), iov, 1, iov, 1, 0)
+handle = ctypes.create_string_buffer((128).to_bytes(4, sys.byteorder) + bytes(132)); mount_id = ctypes.c_int()
+got["name_to_handle_at"] = call(303, -100, b"/tmp", handle, ctypes.byref(mount_id), 0)
 # in a child process, as exploit code would: a new user namespace, by unshare and by clone
 child = subprocess.run([sys.executable, "-c",
   "import ctypes, errno; l = ctypes.CDLL(None, use_errno=True); r = l.unshare(0x10000000); "
@@ -278,7 +286,7 @@ async def test_seccomp_filter_is_in_force(srv: KernelpoolServer) -> None:
     got = await run_as(srv, "alice", SYSCALLS)
     assert got["seccomp_mode"] == "2", "a filter is loaded"
     for name in ("io_uring_setup", "userfaultfd", "mount", "bpf", "perf_event_open", "keyctl", "ptrace", "setns",
-                 "child_unshare_userns", "clone_newuser"):
+                 "child_unshare_userns", "clone_newuser", "process_vm_readv", "name_to_handle_at"):
         assert got[name] == "EPERM", (name, got[name])
     assert got["clone3"] == "ENOSYS", "clone3 cannot be argument-filtered: glibc falls back to clone"
     assert got["unshare_cmd"] != 0
