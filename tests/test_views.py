@@ -323,12 +323,15 @@ print(json.dumps({{"cwd": os.getcwd(), "tmp": sorted(os.listdir("/tmp")), "users
 # ---- one volume per user, as in Docker --------------------------------------------------------------
 
 @needs_sandbox
-async def test_other_users_volumes_are_not_even_named() -> None:
+@pytest.mark.parametrize("fork_server", ["true", "false"])
+async def test_other_users_volumes_are_not_even_named(fork_server: str) -> None:
     data_dir = tempfile.mkdtemp(prefix="kp-views-vol-", dir="/var/tmp")
     os.chmod(data_dir, 0o711)
+    n = 4 if fork_server == "true" else 5
     server = KernelpoolServer(data_dir, server_env(
-        KERNELPOOL_ACCOUNT_PREFIX=f"kpv{os.getpid() % 10000}4-", KERNELPOOL_UID_MIN="64200", KERNELPOOL_UID_MAX="64249",
-        KERNELPOOL_CGROUP_PREFIX=f"kernelpool-vtest-{os.getpid()}-4", KERNELPOOL_POOL_SIZE="0"))
+        KERNELPOOL_ACCOUNT_PREFIX=f"kpv{os.getpid() % 10000}{n}-", KERNELPOOL_UID_MIN=str(64000 + 50 * n),
+        KERNELPOOL_UID_MAX=str(64000 + 50 * n + 49), KERNELPOOL_CGROUP_PREFIX=f"kernelpool-vtest-{os.getpid()}-{n}",
+        KERNELPOOL_POOL_SIZE="0", KERNELPOOL_FORK_SERVER=fork_server))
     mounted: list[str] = []
     try:
         for user in ("alice", "bob"):
