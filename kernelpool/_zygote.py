@@ -20,7 +20,8 @@ Spec socket, server <-> child: the server writes one JSON spec; the child answer
 `sandbox.enter` succeeded, or b"step\\0message" (then exits 127) if it did not.
 
 The child: closes every inherited descriptor but its spec socket, resets signal handling,
-calls `sandbox.enter` (cgroup, network namespace, uid/gid, no_new_privs, umask, chdir) before it
+calls `sandbox.enter` (cgroup, network namespace, private /tmp, /dev/shm, /proc and cgroup
+views, uid/gid, no_new_privs, umask, chdir, seccomp filter) before it
 has created any socket, thread or event loop, starts a new session, points stdio at /dev/null,
 replaces the environment with exactly the spec's, re-seeds what forked state would share, and
 runs ipykernel's launcher code. When the server's end of the control socket closes (the server
@@ -135,9 +136,10 @@ def _set_pdeathsig(sig: int) -> None:
 
 
 class _Zygote:
-    def __init__(self, control: socket.socket, import_env: dict[str, str]) -> None:
+    def __init__(self, control: socket.socket, import_env: dict[str, str], filter_program: bytes | None) -> None:
         self.control = control
         self.import_env = import_env
+        self.filter_program = filter_program  # the seccomp filter, built once; None if libseccomp is unusable
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
@@ -197,7 +199,7 @@ class _Zygote:
             _send(self.control, {"op": "failed", "id": req, "error": f"fork: {exc.strerror}"})
             return
         if pid == 0:
-            _child(spec_fd, self.import_env)  # never returns
+            _child(spec_fd, self.import_env, self.filter_program)  # never returns
         os.close(spec_fd)
         self.children.add(pid)
         # not reaped before this (reaping happens only in the main loop): the pid is still ours
@@ -254,11 +256,16 @@ class _ChildSpec:
         self.cwd: str = raw["cwd"]
         self.network: str = raw.get("network", "host")
         self.umask: int = int(raw.get("umask", 0o077))
+        self.private_views: bool = bool(raw.get("private_views", False))
+        self.tmpfs_bytes: int = int(raw.get("tmpfs_bytes", 512 << 20))
+        self.keep_paths: tuple[str, ...] = tuple(raw.get("keep_paths", ()))
+        self.hide_mounts_below: tuple[str, ...] = tuple(raw.get("hide_mounts_below", ()))
+        self.seccomp: bool = bool(raw.get("seccomp", False))
         self.env: dict[str, str] = dict(raw["env"])
         self.kernel_args: list[str] = list(raw["kernel_args"])
 
 
-def _child(spec_fd: int, import_env: dict[str, str]) -> None:
+def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | None) -> None:
     """The forked kernel: sandbox first, then become a fresh ipykernel. Never returns."""
     code = 127
     reported = False
@@ -275,12 +282,17 @@ def _child(spec_fd: int, import_env: dict[str, str]) -> None:
             os._exit(127)
         spec = _ChildSpec(json.loads(raw))
 
+        from sandbox import _libc
         from sandbox.launcher import enter
 
         try:
-            enter(spec, spec_fd)  # type: ignore[arg-type]  # _ChildCgroup has what enter() uses of a Cgroup
+            enter(spec, spec_fd, filter_program)  # type: ignore[arg-type]  # _ChildCgroup has what enter() uses of a Cgroup
         except BaseException:
             os._exit(127)  # enter wrote "step\0message" to spec_fd
+        # as exec would: changing uid made the process undumpable, which hides it from its own
+        # subprocesses in a hidepid /proc and roots its /proc/PID files. Safe here, not in the stock
+        # start: the zygote's memory holds nothing of the server's or of another user's.
+        _libc.set_dumpable(True)
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
@@ -352,11 +364,18 @@ def main(argv: list[str] | None = None) -> None:
     # kernel has too; each child gets it back after its environment is replaced
     import_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
     import sandbox.launcher  # noqa: F401  (the child needs it before it may import anything else)
+    from sandbox import seccomp
+
+    try:
+        filter_program: bytes | None = seccomp.program()
+    except OSError as exc:  # a child asked for the filter then fails to start and says why
+        print(f"kernelpool zygote: no seccomp filter: {exc}", file=sys.stderr, flush=True)
+        filter_program = None
 
     _kernel_sys_path(stock_path)
     gc.collect()
     gc.freeze()
-    _Zygote(control, import_env).run()
+    _Zygote(control, import_env, filter_program).run()
 
 
 if __name__ == "__main__":

@@ -278,7 +278,13 @@ async def _doctor(args: argparse.Namespace) -> int:
               f"writable={'yes' if cg.get('writable') else 'NO'}" if cg.get("version") else "cgroups:             NONE usable")
         print(f"network namespaces:  {'yes' if host.get('netns') else 'no'}")
         print(f"no_new_privs:        {'yes' if host.get('no_new_privs') else 'no'}")
+        print(f"mount isolation:     {'yes' if host.get('mount_namespace') else 'NO'} (mount namespace, private /tmp and /dev/shm)")
+        print(f"pid isolation:       {'yes' if host.get('proc_hidepid') else 'NO'} (own /proc with hidepid=invisible)")
+        print(f"cgroup namespaces:   {'yes' if host.get('cgroup_namespace') else 'NO'}")
+        print(f"seccomp:             {'yes' if host.get('seccomp') else 'NO'}"
+              + (f" ({host['seccomp_error']})" if host.get("seccomp_error") else ""))
         inf = report["in_force"]
-        print("in force:            " + ("sandbox (per-user uid, cgroup limits)" if inf.get("sandboxed")
+        print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc and "
+                                          "cgroup views, seccomp filter)" if inf.get("sandboxed")
                                          else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
     return 0 if ok or settings.insecure_no_sandbox else 1

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     kernel_memory: str | None = Field("2G", description="memory limit per kernel")
     kernel_cpus: float | None = Field(1.0, gt=0, description="CPU limit per kernel, in cores")
     kernel_pids: int | None = Field(256, gt=0, description="process/thread limit per kernel")
+    kernel_tmpfs_size: str = Field(
+        "512M", description="size cap of each kernel's private /tmp and of its /dev/shm (tmpfs: what is stored there counts against the kernel's memory limit)")
     user_memory: str | None = Field("4G", description="memory limit for all of one user's kernels together")
     user_cpus: float | None = Field(None, gt=0, description="CPU limit for all of one user's kernels together")
     user_pids: int | None = Field(1024, gt=0, description="process/thread limit for all of one user's kernels together")
@@ -93,6 +95,17 @@ class Settings(BaseSettings):
             parse_memory(value)
             return value
         return None
+
+    @field_validator("kernel_tmpfs_size")
+    @classmethod
+    def _tmpfs_size(cls, value: str) -> str:
+        if parse_memory(value) < 1 << 20:
+            raise ValueError("kernel_tmpfs_size must be a size of at least 1M, such as 512M")
+        return value
+
+    @property
+    def tmpfs_bytes(self) -> int:
+        return parse_memory(self.kernel_tmpfs_size)
 
     @property
     def db_path(self) -> Path:

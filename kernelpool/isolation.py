@@ -38,6 +38,11 @@ class Isolation:
             "sandboxed": self.sandboxed,
             "uid_switching": self.sandboxed,
             "cgroup_version": self.cgroups.version if self.cgroups else None,
+            # per kernel, whenever kernels run as their user's uid (see sandbox.views, sandbox.seccomp)
+            "private_mounts": self.sandboxed,  # own mount namespace: private /tmp and /dev/shm
+            "pid_isolation": "proc hidepid=invisible" if self.sandboxed else None,
+            "cgroup_namespace": self.sandboxed,
+            "seccomp": self.sandboxed,
             "warnings": self.warnings,
         }
 
@@ -59,6 +64,14 @@ def decide(settings: Settings) -> Isolation:
                        "virtual environment outside /root, or set kernel_python")
     if settings.kernel_network == "none" and not host.get("netns"):
         missing.append("network namespaces (for kernel_network = 'none')")
+    for key, what in (
+        ("mount_namespace", "mount namespaces with a private tmpfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
+        ("proc_hidepid", "a private /proc with hidepid=invisible (Linux 5.8 or later)"),
+        ("cgroup_namespace", "cgroup namespaces (Linux 4.6 or later)"),
+        ("seccomp", f"a seccomp filter ({host.get('seccomp_error') or 'libseccomp2 and a seccomp-enabled kernel'})"),
+    ):
+        if not host.get(key):
+            missing.append(what)
     if missing:
         raise SandboxUnavailable(
             "this host cannot isolate kernels: it lacks " + "; ".join(missing)

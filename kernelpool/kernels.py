@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import os
+import secrets
 import sys
 import time
 import uuid
@@ -109,6 +110,15 @@ class Kernel:
         return cause
 
 
+def user_cgroup_name(user: User) -> str:
+    """The folder of a user's cgroup: "u<uid>" (cgroup folders are world-readable on the host)."""
+    if user.identity is not None:
+        return f"u{user.identity.uid}"
+    # without a uid of its own (cgroups but no uid switching): a name derived from nothing secret
+    # would still name the user, so a random one, kept by the registry for as long as it runs
+    return f"s{secrets.token_hex(8)}"
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "none"
@@ -136,6 +146,7 @@ class KernelRegistry:
         self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._refills: set[asyncio.Task[None]] = set()
         self._last_acquire: dict[str, float] = {}
+        self._user_cgroups: dict[str, str] = {}  # user name -> the name of the user's cgroup
         self._closed = False
         self.pool_hits = 0
         self.pool_misses = 0
@@ -259,8 +270,11 @@ class KernelRegistry:
             uid, gid = (user.identity.uid, user.identity.gid) if user.identity else (None, None)
             await asyncio.to_thread(packages.ensure_folders, self._spec_manager.python, SafeRoot(folder, uid, gid))
         if self._cgroups is not None:
-            self._cgroups.create(user.name, user.user_limits)
-            cgroup = self._cgroups.create(f"{user.name}/k-{kid}", user.kernel_limits)
+            # world-readable names: the uid and a random id, never the user's name or the kernel's id
+            # (a kernel id known in advance names its connection file)
+            user_cgroup = self._user_cgroups.setdefault(user.name, user_cgroup_name(user))
+            self._cgroups.create(user_cgroup, user.user_limits)
+            cgroup = self._cgroups.create(f"{user_cgroup}/k{secrets.token_hex(8)}", user.kernel_limits)
         manager = AsyncKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=self._spec_manager,
@@ -278,6 +292,14 @@ class KernelRegistry:
             identity=user.identity,
             cgroup=cgroup,
             network=self._settings.kernel_network,
+            # with a uid of its own, a kernel gets its own views and the syscall filter too
+            private_views=user.identity is not None,
+            tmpfs_bytes=self._settings.tmpfs_bytes,
+            # the interpreter's environment (sys.prefix) may lie below /tmp too, as in a test venv
+            keep_paths=(runtime, os.path.dirname(os.path.dirname(self._spec_manager.python))),
+            # other users' volumes (Docker: one per user at DATA/users/NAME): not even their names
+            hide_mounts_below=(str(self._settings.users_dir), str(self._settings.run_dir)),
+            seccomp=user.identity is not None,
             extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )
         try:
@@ -432,7 +454,8 @@ class KernelRegistry:
         users = {k.user for k in self.all()} | {k.user for k in self.pooled()}
         out: dict[str, tuple[int | None, float | None]] = {}
         for user in users:
-            cg = self._cgroups.get(user) if self._cgroups is not None else None
+            name = self._user_cgroups.get(user)
+            cg = self._cgroups.get(name) if self._cgroups is not None and name is not None else None
             if cg is not None:
                 out[user] = (cg.memory_current(), cg.cpu_usage_seconds())
                 continue

@@ -6,7 +6,7 @@ starts it the stock way.
 
 `KernelRegistry` passes a `KernelLaunch` as `start_kernel(sandbox=...)`; jupyter_client hands
 the keyword on to `pre_launch`, where we take it. Everything the sandbox does (uid, cgroup,
-network namespace, umask, scrubbed environment) happens in `sandbox.spawn`; this class only
+network namespace, private views, seccomp, umask, scrubbed environment) happens in `sandbox.spawn`; this class only
 translates between jupyter_client's expectations and it.
 """
 
@@ -39,6 +39,11 @@ class KernelLaunch:
     identity: Identity | None
     cgroup: Cgroup | None
     network: str = "host"
+    private_views: bool = False  # own mount and cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
+    tmpfs_bytes: int = 512 << 20
+    keep_paths: tuple[str, ...] = ()  # folders the kernel needs besides its cwd (kept visible under a private /tmp)
+    hide_mounts_below: tuple[str, ...] = ()  # where other users' mounts (volumes) are detached in its namespace
+    seccomp: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
 
 
@@ -68,6 +73,11 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             identity=launch.identity,
             cgroup=launch.cgroup,
             network=launch.network,  # type: ignore[arg-type]
+            private_views=launch.private_views,
+            tmpfs_bytes=launch.tmpfs_bytes,
+            keep_paths=launch.keep_paths,
+            hide_mounts_below=launch.hide_mounts_below,
+            seccomp=launch.seccomp,
         )
         self.process = None
         zygote = launch.extra.get("zygote")

@@ -342,6 +342,11 @@ class ForkServer:
             "cgroup_procs": None if spec.cgroup is None else spec.cgroup.procs_files(),
             "network": spec.network,
             "umask": spec.umask,
+            "private_views": spec.private_views,
+            "tmpfs_bytes": spec.tmpfs_bytes,
+            "keep_paths": list(spec.keep_paths),
+            "hide_mounts_below": list(spec.hide_mounts_below),
+            "seccomp": spec.seccomp,
         }).encode()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         loop = asyncio.get_running_loop()

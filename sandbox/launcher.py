@@ -1,7 +1,8 @@
-"""Start a command as a user's uid, in a cgroup, with no_new_privs and optionally no network.
+"""Start a command as a user's uid, in a cgroup, with no_new_privs, private views of the shared
+trees (/tmp, /dev/shm, /proc, cgroups), a seccomp filter and optionally no network.
 
 `spawn` is what kernelpool's kernel provisioner calls; `enter` is the part that runs in the
-forked child before exec, kept separate so that a future fork server can reuse it. CPython
+forked child before exec, shared with the fork server (kernelpool._zygote). CPython
 applies Popen's own `user`/`group` arguments *before* `preexec_fn`, after which the child could
 no longer join a cgroup or create a network namespace: so every step happens in `enter`, in
 the order that needs the least privilege last.
@@ -17,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from sandbox import _libc
+from sandbox import _libc, seccomp, views
 from sandbox.cgroups import Cgroup
 from sandbox.errors import LaunchError
 from sandbox.identity import Identity
@@ -39,6 +40,11 @@ class LaunchSpec:
     cgroup: Cgroup | None = None
     network: Literal["host", "none"] = "host"  # "none" = own network namespace, loopback only
     umask: int = 0o077
+    private_views: bool = False  # own mount + cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
+    tmpfs_bytes: int = 512 << 20  # size cap of each of the private /tmp and /dev/shm
+    keep_paths: tuple[str, ...] = ()  # folders besides cwd that stay visible if below /tmp (runtime, interpreter)
+    hide_mounts_below: tuple[str, ...] = ()  # folders whose mounts, but cwd's and keep_paths', are detached
+    seccomp: bool = False  # load `sandbox.seccomp`'s filter last
     stdout: int | None = None  # fd, or None for /dev/null; stderr likewise
     stderr: int | None = None
 
@@ -54,56 +60,123 @@ class _SpecLike(Protocol):
     def network(self) -> str: ...
     @property
     def umask(self) -> int: ...
+    @property
+    def private_views(self) -> bool: ...
+    @property
+    def tmpfs_bytes(self) -> int: ...
+    @property
+    def keep_paths(self) -> tuple[str, ...]: ...
+    @property
+    def hide_mounts_below(self) -> tuple[str, ...]: ...
+    @property
+    def seccomp(self) -> bool: ...
 
 
-def enter(spec: _SpecLike, errfd: int | None = None) -> None:
+class _Steps:
+    """The name of the step running, for the report if it fails."""
+
+    name = "start"
+
+
+def enter(spec: _SpecLike, errfd: int | None = None, filter_program: bytes | None = None) -> None:
     """Sandbox the calling process; runs in the child between fork and exec.
 
-    Order: join cgroup, new network namespace (+ loopback up), drop supplementary groups,
-    gid, uid (and check it cannot be regained), no_new_privs, umask, chdir. Raises on the
-    first failure, after writing "step\\0message" to `errfd` if given: the caller must then
-    not exec (Popen's preexec_fn does exactly that). No logging, no locks.
+    Order: join cgroup; network namespace (+ loopback up); private views (mount namespace,
+    other users' mounts detached, /tmp, /dev/shm, /proc, cgroup namespace, cgroupfs); drop supplementary groups, gid, uid
+    (and check root cannot be regained); no_new_privs; umask; chdir; seccomp filter (last: it
+    forbids mount and unshare, and needs no_new_privs). `filter_program` is
+    `sandbox.seccomp.program()`, built by the caller before it forked. Raises on the first
+    failure, after writing "step\\0message" to `errfd` if given: the caller must then not exec
+    (Popen's preexec_fn does exactly that). No logging, no locks.
     """
-    step = "start"
+    step = _Steps()
     try:
-        if spec.cgroup is not None:
-            step = "join cgroup"
-            for path in spec.cgroup.procs_files():
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, b"0")  # "0" = the writing process itself
-                finally:
-                    os.close(fd)
-        if spec.network == "none":
-            step = "network namespace"
-            _libc.unshare(_libc.CLONE_NEWNET)
-            step = "loopback up"
-            _loopback_up()
-        elif spec.network != "host":
-            raise ValueError(f"unknown network mode {spec.network!r}")
-        identity = spec.identity
-        if identity is not None:
-            step = "setgroups"
-            os.setgroups([])
-            step = "setgid"
-            os.setgid(identity.gid)
-            step = "setuid"
-            os.setuid(identity.uid)
-            step = "verify uid"
-            _verify_dropped(identity)
-        step = "no_new_privs"
+        _join_cgroup(spec, step)
+        _network(spec, step)
+        _private_views(spec, step)
+        _drop_privileges(spec, step)
+        step.name = "no_new_privs"
         _libc.set_no_new_privs()
-        step = "umask"
+        step.name = "umask"
         os.umask(spec.umask)
-        step = "chdir"
+        step.name = "chdir"
         os.chdir(spec.cwd)
+        _seccomp(spec, step, filter_program)
     except BaseException as exc:
         if errfd is not None:
             try:
-                os.write(errfd, f"{step}\0{_describe(exc)}".encode("utf-8", "replace")[:4000])
+                os.write(errfd, f"{step.name}\0{_describe(exc)}".encode("utf-8", "replace")[:4000])
             except OSError:
                 pass
         raise
+
+
+def _join_cgroup(spec: _SpecLike, step: _Steps) -> None:
+    if spec.cgroup is None:
+        return
+    step.name = "join cgroup"
+    for path in spec.cgroup.procs_files():
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")  # "0" = the writing process itself
+        finally:
+            os.close(fd)
+
+
+def _network(spec: _SpecLike, step: _Steps) -> None:
+    if spec.network == "none":
+        step.name = "network namespace"
+        _libc.unshare(_libc.CLONE_NEWNET)
+        step.name = "loopback up"
+        _loopback_up()
+    elif spec.network != "host":
+        raise ValueError(f"unknown network mode {spec.network!r}")
+
+
+def _private_views(spec: _SpecLike, step: _Steps) -> None:
+    # after joining the cgroup (the cgroup namespace is rooted where the process is) and before
+    # dropping root (mounting needs CAP_SYS_ADMIN); see sandbox.views for what each step hides
+    if not spec.private_views:
+        return
+    step.name = "mount namespace"
+    views.enter_mount_namespace()
+    if spec.hide_mounts_below:
+        # before /tmp is replaced: a data folder under /tmp keeps its volumes reachable until then
+        step.name = "hide other mounts"
+        views.hide_mounts(spec.hide_mounts_below, keep=(spec.cwd, *spec.keep_paths))
+    step.name = "private /tmp"
+    views.private_tmpfs("/tmp", spec.tmpfs_bytes, keep=(spec.cwd, *spec.keep_paths))
+    step.name = "private /dev/shm"
+    views.private_tmpfs("/dev/shm", spec.tmpfs_bytes)
+    step.name = "private /proc"
+    views.private_proc()
+    step.name = "cgroup namespace"
+    views.enter_cgroup_namespace()
+    step.name = "private cgroupfs"
+    views.private_cgroupfs(spec.cgroup.procs_files() if spec.cgroup is not None else [])
+
+
+def _drop_privileges(spec: _SpecLike, step: _Steps) -> None:
+    identity = spec.identity
+    if identity is None:
+        return
+    step.name = "setgroups"
+    os.setgroups([])
+    step.name = "setgid"
+    os.setgid(identity.gid)
+    step.name = "setuid"
+    os.setuid(identity.uid)
+    step.name = "verify uid"
+    _verify_dropped(identity)
+
+
+def _seccomp(spec: _SpecLike, step: _Steps, filter_program: bytes | None) -> None:
+    if not spec.seccomp:
+        return
+    step.name = "seccomp"
+    if filter_program is None:
+        raise ValueError("seccomp asked for, but no filter program was built before the fork")
+    _libc.load_seccomp_filter(filter_program)
 
 
 def _loopback_up() -> None:
@@ -146,6 +219,11 @@ def spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
         raise LaunchError(f"cwd must be absolute, got {spec.cwd!r}", step="spec", path=spec.cwd)
     if spec.network not in ("host", "none"):
         raise LaunchError(f"unknown network mode {spec.network!r}", step="spec")
+    try:
+        # built here, in the parent: the child runs no libseccomp code between fork and exec
+        filter_program = seccomp.program() if spec.seccomp else None
+    except OSError as exc:
+        raise LaunchError(f"cannot build the seccomp filter: {exc.strerror or exc}", step="seccomp") from exc
     # the child reports what failed through this pipe; Popen itself only says
     # "Exception occurred in preexec_fn"
     read_end, write_end = os.pipe()
@@ -160,7 +238,7 @@ def spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL if spec.stdout is None else spec.stdout,
                 stderr=subprocess.DEVNULL if spec.stderr is None else spec.stderr,
-                preexec_fn=lambda: enter(spec, write_end),
+                preexec_fn=lambda: enter(spec, write_end, filter_program),
             )
         except subprocess.SubprocessError as exc:
             os.close(write_end)

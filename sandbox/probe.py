@@ -1,7 +1,7 @@
 """What this host lets us isolate; reported by kernelpool at start-up and on /healthz.
 
-Nothing here changes the server process: the namespace and no_new_privs checks run in a
-throwaway forked child.
+Nothing here changes the server process: the namespace, mount, no_new_privs and seccomp checks
+run in a throwaway forked child (its mounts die with its mount namespace).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sandbox import _libc
+from sandbox import _libc, seccomp, views
 from sandbox.accounts import can_manage_accounts
 from sandbox.cgroups import detect
 
@@ -27,8 +27,11 @@ def _has_cap_setuid() -> bool:
     return False
 
 
-def _try_in_child() -> tuple[bool, bool]:
-    """(netns, no_new_privs): can a child unshare its network namespace / set no_new_privs?"""
+_CHECKS = ("netns", "no_new_privs", "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp")
+
+
+def _try_in_child(filter_program: bytes | None) -> dict[str, bool]:
+    """Which of `_CHECKS` a child can do: each bit of its exit code is one of them."""
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish calls, then _exit
         code = 0
@@ -41,29 +44,58 @@ def _try_in_child() -> tuple[bool, bool]:
             code |= 1
         except BaseException:
             pass
+        code |= _try_views()
         try:
             _libc.set_no_new_privs()
             code |= 2
+            if filter_program is not None:
+                _libc.load_seccomp_filter(filter_program)
+                try:
+                    _libc.unshare(_libc.CLONE_NEWNS)
+                except PermissionError:
+                    code |= 32  # loaded, and in force
         except BaseException:
             pass
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        return False, False
-    return bool(code & 1), bool(code & 2)
+    return {name: code >= 0 and bool(code >> i & 1) for i, name in enumerate(_CHECKS)}
+
+
+def _try_views() -> int:
+    code = 0
+    try:
+        views.enter_mount_namespace()
+        views.private_tmpfs("/tmp", 1 << 20)
+        code |= 4
+        views.private_proc()
+        code |= 8
+    except BaseException:
+        pass
+    try:
+        views.enter_cgroup_namespace()
+        code |= 16
+    except BaseException:
+        pass
+    return code
 
 
 def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
     """A summary of this host's isolation abilities.
 
     {"root", "setuid", "accounts", "cgroup": {"version", "controllers", "writable"},
-    "netns", "no_new_privs"}. kernelpool decides from it whether it can run isolated, and
-    refuses to pretend when it cannot.
+    "netns", "no_new_privs", "mount_namespace" (with a private tmpfs), "proc_hidepid",
+    "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error"}. kernelpool
+    decides from it whether it can run isolated, and refuses to pretend when it cannot.
     """
     root = os.geteuid() == 0
     backend = detect(cgroup_prefix)
-    netns, no_new_privs = _try_in_child()
+    seccomp_error = None
+    try:
+        filter_program: bytes | None = seccomp.program()
+    except OSError as exc:
+        filter_program, seccomp_error = None, str(exc.strerror or exc)
+    checks = _try_in_child(filter_program)
     return {
         "root": root,
         "setuid": root or _has_cap_setuid(),
@@ -73,6 +105,6 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
             "controllers": sorted(backend.controllers) if backend else [],
             "writable": backend.writable() if backend else False,
         },
-        "netns": netns,
-        "no_new_privs": no_new_privs,
+        **checks,
+        "seccomp_error": seccomp_error,
     }

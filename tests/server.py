@@ -51,8 +51,10 @@ def free_port() -> int:
 
 
 def make_data_dir() -> str:
-    # under /tmp, traversable: kernels run as other uids and must reach their folders
-    path = tempfile.mkdtemp(prefix="kp-test-", dir="/tmp")
+    # traversable: kernels run as other uids and must reach their folders. Not under /tmp: a
+    # kernel's /tmp is a private tmpfs, where the server keeps only the kernel's own folders
+    # visible; a data folder elsewhere, as in production, keeps every path of it what it is
+    path = tempfile.mkdtemp(prefix="kp-test-", dir="/var/tmp")
     os.chmod(path, 0o711)
     return path
 

@@ -79,12 +79,13 @@ async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: Kernelpoo
     kp.add_user("erin")
     kp.cli("users", "set-limits", "erin", "--memory", "300M", "--pids", "77")
     kp.start()
-    code = ("import json\ncg = dict(l.split(':', 2)[1:] for l in open('/proc/self/cgroup').read().splitlines())\n"
-            "print(json.dumps({k: v for k, v in cg.items() if k in ('memory', 'pids')}))")
     async with mcp_client(kp.url, kp.tokens["erin"], mode="auto") as c:
         await c.call_tool("use_notebook", {"notebook": "l.ipynb", "mode": "create"})
-        r = await c.call_tool("execute_code", {"notebook": "l.ipynb", "code": code})
-        cg = json.loads(r.content[0].text)
+        r = await c.call_tool("execute_code", {"notebook": "l.ipynb", "code": "import os; print(os.getpid())"})
+        pid = int(r.content[0].text)
+    # the kernel sees only its own cgroup (a cgroup namespace): read its path from the host
+    with open(f"/proc/{pid}/cgroup") as f:
+        cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
     assert int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read()) == 300 * 2**20
     assert open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip() == "77"
 

@@ -84,9 +84,13 @@ status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().split
 open("umask-check", "w").close()
 print(json.dumps({"res": os.getresuid(), "resg": os.getresgid(), "groups": os.getgroups(),
   "nnp": status["NoNewPrivs"].strip(), "mode": oct(os.stat("umask-check").st_mode & 0o777),
-  "cwd": os.getcwd(), "env": sorted(os.environ), "cgroup": open("/proc/self/cgroup").read()}))
+  "cwd": os.getcwd(), "env": sorted(os.environ), "pid": os.getpid(), "cgroup": open("/proc/self/cgroup").read()}))
 '''
     got = await run_as(sec, "alice", code)
+    # the kernel's own view: a cgroup namespace rooted at its cgroup, no names
+    assert all(line.endswith(":/") for line in got["cgroup"].splitlines()), got["cgroup"]
+    with open(f"/proc/{got['pid']}/cgroup") as f:  # the host's view
+        got["cgroup"] = f.read()
     account = pwd.getpwnam(f"{sec.env['KERNELPOOL_ACCOUNT_PREFIX']}alice")
     assert got["res"] == [account.pw_uid] * 3
     assert got["resg"] == [account.pw_gid] * 3
@@ -99,7 +103,7 @@ print(json.dumps({"res": os.getresuid(), "resg": os.getresgid(), "groups": os.ge
     # the kernel's cgroup carries the configured limits
     memory_line = next(line for line in got["cgroup"].splitlines() if ":memory:" in line)
     cg_dir = "/sys/fs/cgroup/memory" + memory_line.split(":", 2)[2]
-    assert sec.env["KERNELPOOL_CGROUP_PREFIX"] in cg_dir and "/alice/" in cg_dir
+    assert f"/{sec.env['KERNELPOOL_CGROUP_PREFIX']}/u{account.pw_uid}/k" in cg_dir and "alice" not in cg_dir
     assert int(open(f"{cg_dir}/memory.limit_in_bytes").read()) == MEMORY
     pids_line = next(line for line in got["cgroup"].splitlines() if ":pids:" in line)
     assert int(open("/sys/fs/cgroup/pids" + pids_line.split(":", 2)[2] + "/pids.max").read()) == PIDS
@@ -144,7 +148,10 @@ print(json.dumps({{
 }}))
 '''
     got = await run_as(sec, "alice", code)
-    assert all(v == "PermissionError" for v in got.values()), got
+    signals = {k: got.pop(k) for k in ("kill", "stop", "killpg", "kill_server")}
+    assert all(v == "PermissionError" for v in signals.values()), signals
+    # alice's /proc (hidepid=invisible) does not even list bob's kernel or the server
+    assert all(v == "FileNotFoundError" for v in got.values()), got
     async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
         r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "SECRET"})
         assert text(r) == "'bob-secret'", "bob's kernel lives on, its state intact"

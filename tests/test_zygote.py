@@ -48,7 +48,7 @@ print(json.dumps({
   "fd_targets": [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{n}")],
   "stdio": [os.readlink(f"/proc/self/fd/{n}") for n in (0, 1, 2)],
   "cgroup": open("/proc/self/cgroup").read(),
-  "parent": open(f"/proc/{os.getppid()}/cmdline").read().replace("\\0", " "),
+  "parent_visible": os.path.exists(f"/proc/{os.getppid()}"),
 }))
 '''
 
@@ -63,7 +63,11 @@ async def probe(server: KernelpoolServer, user: str, notebook: str) -> dict:
         assert not r.is_error or "already exists" in text(r), text(r)
         r = await c.call_tool("execute_code", {"notebook": notebook, "code": PROBE})
         assert not r.is_error, text(r)
-    return json.loads(text(r).strip().splitlines()[-1])
+    got = json.loads(text(r).strip().splitlines()[-1])
+    # seen from the host: a sandboxed kernel's /proc hides its parent (root's) from it
+    got["parent"] = " ".join(psutil.Process(got["ppid"]).cmdline())
+    got["host_cgroup"] = open(f"/proc/{got['pid']}/cgroup").read()
+    return got
 
 
 def zygote_of(server: KernelpoolServer) -> psutil.Process | None:
@@ -142,10 +146,14 @@ async def test_forked_kernel_runs_as_the_user_in_its_cgroup(zy: KernelpoolServer
     account = pwd.getpwnam(f"{zy.env['KERNELPOOL_ACCOUNT_PREFIX']}alice")
     assert got["res"] == [account.pw_uid] * 3 and got["resg"] == [account.pw_gid] * 3
     assert got["groups"] == [] and got["nnp"] == "1"
-    memory_line = next(line for line in got["cgroup"].splitlines() if ":memory:" in line)
-    assert f"/{zy.env['KERNELPOOL_CGROUP_PREFIX']}/alice/k-" in memory_line
-    pids_line = next(line for line in got["cgroup"].splitlines() if ":pids:" in line)
-    assert f"/{zy.env['KERNELPOOL_CGROUP_PREFIX']}/alice/k-" in pids_line
+    assert got["parent_visible"] is False, "the zygote (root) is hidden from the kernel's /proc"
+    # seen from the host: in the user's cgroup, named by uid, never by name
+    for controller in ("memory", "pids"):
+        line = next(line for line in got["host_cgroup"].splitlines() if f":{controller}:" in line)
+        assert f"/{zy.env['KERNELPOOL_CGROUP_PREFIX']}/u{account.pw_uid}/k" in line, line
+        assert "alice" not in line
+    # seen from inside: its own cgroup namespace, rooted at the kernel's cgroup
+    assert all(line.endswith(":/") for line in got["cgroup"].splitlines()), got["cgroup"]
     zygote = zygote_of(zy)
     assert zygote is not None and zygote.uids().real == 0, "the zygote stays root; only its children drop"
 
@@ -204,7 +212,7 @@ async def test_forked_kernel_looks_like_a_stock_one(zy: KernelpoolServer, server
     assert "kernelpool._zygote" not in stock["parent"]
 
     def norm(d: dict, server: KernelpoolServer) -> dict:
-        raw = json.dumps({k: d[k] for k in ("env", "path", "argv", "executable", "tmp", "main", "home", "cwd", "stdio", "fds")})
+        raw = json.dumps({k: d[k] for k in ("env", "path", "argv", "executable", "tmp", "main", "home", "cwd", "stdio", "fds", "cgroup", "parent_visible")})
         raw = raw.replace(server.data_dir, "DATA").replace(server.env["KERNELPOOL_ACCOUNT_PREFIX"], "PREFIX")
         out = json.loads(raw)
         out["argv"] = [a.split("/k-")[0] for a in out["argv"]]  # kernel ids differ

@@ -149,3 +149,96 @@ def test_spec_is_checked_in_the_parent() -> None:
         spawn(LaunchSpec(["/bin/true"], {}, "relative"))
     with pytest.raises(LaunchError):
         spawn(LaunchSpec(["/bin/true"], {}, "/", network="bridge"))  # type: ignore[arg-type]
+
+
+VIEWS = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    return "ok" if libc.syscall(nr, *args) >= 0 else errno.errorcode[ctypes.get_errno()]
+st = os.statvfs("/tmp")
+print(json.dumps({
+    "tmp": os.listdir("/tmp"), "shm": os.listdir("/dev/shm"), "tmp_size": st.f_blocks * st.f_frsize,
+    "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "pid": os.getpid(),
+    "cgroup": open("/proc/self/cgroup").read(), "cgroupfs": sorted(os.listdir("/sys/fs/cgroup")),
+    "memory_below": [d for d in os.listdir("/sys/fs/cgroup/memory") if os.path.isdir("/sys/fs/cgroup/memory/" + d)],
+    "seccomp": open("/proc/self/status").read().split("Seccomp:")[1].split()[0],
+    "unshare_userns": call(272, 0x10000000), "io_uring_setup": call(425, 1, ctypes.create_string_buffer(120)),
+}))
+"""
+
+
+def test_private_views_and_seccomp(v1: CgroupBackend, identity: Identity, user_python: str) -> None:
+    cg = v1.create("u1/kviews", Limits(memory_bytes=256 << 20))
+    marker = f"/tmp/kptest-host-{os.getpid()}"
+    open(marker, "w").close()
+    try:
+        spec = LaunchSpec([user_python, "-c", VIEWS], dict(ENV), identity.home, identity, cg,
+                          private_views=True, tmpfs_bytes=8 << 20, seccomp=True)
+        code, out = run(spec)
+        assert code == 0, out
+        seen = json.loads(out)
+    finally:
+        os.unlink(marker)
+    # a fresh tmpfs, not the host's /tmp: only the way to the child's own folder (the test's home is there)
+    home_top = identity.home.split("/")[2] if identity.home.startswith("/tmp/") else None
+    assert seen["tmp"] == ([home_top] if home_top else []) and seen["shm"] == [], seen["tmp"]
+    assert seen["tmp_size"] == 8 << 20
+    assert seen["pids"] == [seen["pid"]], "hidepid: this test (root) is invisible to the child"
+    assert all(line.endswith(":/") for line in seen["cgroup"].splitlines()), seen["cgroup"]
+    assert {"memory", "cpu", "pids"} <= set(seen["cgroupfs"]) and seen["memory_below"] == []
+    assert seen["seccomp"] == "2" and seen["unshare_userns"] == seen["io_uring_setup"] == "EPERM"
+    assert "hidepid" not in open("/proc/self/mountinfo").read(), "nothing leaked into the host's mounts"
+
+
+def test_failing_view_step_is_named_and_never_execs(v1: CgroupBackend, identity: Identity, user_python: str,
+                                                     tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cg = v1.create("u1/kbad", Limits())
+    ran = tmp_path / "ran"
+    spec = LaunchSpec([user_python, "-c", f"open({str(ran)!r}, 'w')"], dict(ENV), identity.home, identity, cg,
+                      private_views=True, keep_paths=("/tmp/kptest-no-such-folder/x",))
+    with pytest.raises(LaunchError) as info:
+        spawn(spec)
+    assert info.value.step == "private /tmp"
+    assert not ran.exists()
+
+
+def test_cgroup_v2_view_is_rooted_at_the_kernels_cgroup(root_only: None) -> None:
+    # a cgroup v2 host's layout (the unified tree is all of the root) cannot be had on this v1 host:
+    # its cgroup2 mount at /sys/fs/cgroup/unified (no controllers) stands in for /sys/fs/cgroup
+    from sandbox import views
+
+    unified = "/sys/fs/cgroup/unified"
+    if not os.path.exists(os.path.join(unified, "cgroup.procs")):
+        pytest.skip("no cgroup2 mount at /sys/fs/cgroup/unified on this host")
+    top = os.path.join(unified, f"kptest-v2-{os.getpid()}")
+    leaf = os.path.join(top, "u1", "k1")
+    os.makedirs(leaf)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+                    f.write("0")
+                views.enter_mount_namespace()
+                views.enter_cgroup_namespace()
+                views.private_cgroupfs([os.path.join(leaf, "cgroup.procs")], root=unified)
+                below = [d for d in os.listdir(unified) if os.path.isdir(os.path.join(unified, d))]
+                os.write(w, json.dumps({"below": below, "procs": open(os.path.join(unified, "cgroup.procs")).read().split(),
+                                        "self": open("/proc/self/cgroup").read()}).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as out:
+            seen = json.loads(out.read())
+        os.waitpid(pid, 0)
+    finally:
+        if w != -1:
+            os.close(w)
+        for path in (leaf, os.path.dirname(leaf), top):
+            os.rmdir(path)
+    assert seen["below"] == [], "no other cgroup listed"
+    assert seen["procs"] == [str(pid)], "the root of the view is the child's own cgroup"
+    assert seen["self"].strip().endswith("0::/")

@@ -9,12 +9,18 @@ from sandbox import probe
 
 def test_probe_reports_this_host() -> None:
     found = probe()
-    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "no_new_privs"}
+    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "no_new_privs", "mount_namespace",
+                          "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error"}
     assert found["root"] == (os.geteuid() == 0)
     assert found["no_new_privs"] is True  # any Linux since 3.5
     assert found["cgroup"]["version"] in (1, 2, None)
+    # libseccomp2 is installed wherever kernelpool is (a dependency of the package and the image)
+    assert found["seccomp"] is True and found["seccomp_error"] is None
     if found["root"]:
         assert found["setuid"] and found["netns"]
+        assert found["mount_namespace"] and found["proc_hidepid"] and found["cgroup_namespace"]
+    # the probe ran in a throwaway child: nothing changed here
+    assert "hidepid" not in open("/proc/self/mountinfo").read()
     if found["cgroup"]["version"] is not None:
         assert {"memory", "cpu", "pids"} <= set(found["cgroup"]["controllers"]) or found["cgroup"]["version"] == 2
 
