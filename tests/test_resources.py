@@ -153,7 +153,7 @@ async def test_large_outputs_are_links_read_in_pages(kp: KernelpoolServer) -> No
         assert whole == "".join(f"{i:06d}" for i in range(10000)) + "\n"
         assert pages == 4, "60001 characters in pages of max_output_chars (20000)"
 
-        big = "import base64, os\ndisplay({'image/png': base64.b64encode(os.urandom(%d)).decode()}, raw=True)" % (3 * 2**20)
+        big = f"import base64, os\ndisplay({{'image/png': base64.b64encode(os.urandom({3 * 2**20})).decode()}}, raw=True)"
         r = await c.call_tool("insert_execute_code_cell", {"notebook": "big.ipynb", "cell_index": -1, "cell_source": big})
         links = [b for b in r.content if b.type == "resource_link"]
         assert len(links) == 1 and links[0].mime_type == "image/png"
