@@ -104,10 +104,10 @@ async def test_bounded_per_user_across_sessions_and_never_at_others_cost() -> No
     second = await _store_many(store, "alice", None, "1", 8, pad=5000, opens="A2")
     assert store.user_bytes("alice") <= 50_000
     assert store.user_bytes("bob") == bob_bytes, "one user filling the store evicts only her own events"
-    # alice's oldest events went first: all of A1's, while A2's newest are kept
-    assert await _replay(store, "alice", "A1", first[-1]) == (None, [])
-    assert await _replay(store, "alice", "A2", second[5]) == ("1", [6, 7])
-    assert store.evicted >= 8
+    # alice's oldest events went first (A1's), while A2's are all kept
+    assert await _replay(store, "alice", "A1", first[0]) == (None, [])
+    assert await _replay(store, "alice", "A2", second[0]) == ("1", [1, 2, 3, 4, 5, 6, 7])
+    assert store.evicted >= 6
 
 
 async def test_events_expire_by_age() -> None:
