@@ -56,6 +56,9 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     server: MCPServer = MCPServer(
         name="kernelpool", instructions=INSTRUCTIONS, version="0.1.0",
         token_verifier=token_verifier, auth=auth,
+        # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
+        # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/notices.py)
+        subscriptions=False,
     )
     s = services
 
