@@ -155,10 +155,11 @@ def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | No
     if settings.resume_events_per_session == 0:
         return None
 
+    what = "bytes kept for stream resumption"
+
     def usage(user: str, used: int, limit: int) -> None:
-        if used >= settings.near_limit_ratio * limit:
-            asyncio.get_running_loop().create_task(
-                notices.usage(user, "bytes kept for stream resumption", used, limit, settings.near_limit_ratio))
+        if notices.crossed(user, what, used, limit, settings.near_limit_ratio):
+            asyncio.get_running_loop().create_task(notices.near(user, what, used, limit))
 
     return SessionEventStore(
         max_events=settings.resume_events_per_session, max_bytes=parse_memory(settings.resume_bytes_per_session),
@@ -213,6 +214,10 @@ def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
     for (user, state), n in counts.items():
         kernels.add_metric([user, state], n)
     yield kernels
+    if services.events is not None:
+        kept = GaugeMetricFamily("kernelpool_resume_events", "events kept for stream resumption")
+        kept.add_metric([], services.events.count())
+        yield kept
     hits = GaugeMetricFamily("kernelpool_pool_hits", "kernels handed out warm")
     hits.add_metric([], services.kernels.pool_hits)
     yield hits

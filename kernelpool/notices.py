@@ -110,15 +110,23 @@ class Notices:
                     log.debug("resource update not sent: %s", exc)
         return sent
 
-    async def usage(self, user: str, what: str, used: float, limit: float, ratio: float) -> None:
-        """Tell `user` once when `used` crosses `ratio` of `limit`; again only after it fell back below."""
+    def crossed(self, user: str, what: str, used: float, limit: float, ratio: float) -> bool:
+        """True once when `used` reaches `ratio` of `limit`; again only after it fell back below."""
         key = (user, what)
         if limit <= 0 or used < ratio * limit:
             self._near.discard(key)
-            return
+            return False
         if key in self._near:
-            return
+            return False
         self._near.add(key)
+        return True
+
+    async def usage(self, user: str, what: str, used: float, limit: float, ratio: float) -> None:
+        """Tell `user`'s sessions when a per-user limit is near (see `crossed`)."""
+        if self.crossed(user, what, used, limit, ratio):
+            await self.near(user, what, used, limit)
+
+    async def near(self, user: str, what: str, used: float, limit: float) -> None:
         await self.to_user(user, "warning", f"near a limit: {what} at {used:g} of {limit:g}",
                            {"limit": what, "used": used, "max": limit})
 
