@@ -249,3 +249,16 @@ async def test_near_a_limit_and_shutdown_are_announced(fresh_server: KernelpoolS
         await max_heard.wait_for("shutting down")
         assert not [t for t in max_heard.texts() if "near a limit" in t]
         await stopper
+
+
+async def test_sessionless_clients_hear_about_their_call_when_they_opt_in(kp: KernelpoolServer) -> None:
+    """Protocol 2026-07-28 has no logging/setLevel: a request opts in with `_meta` (the client's `log_level`)."""
+    heard = Heard()
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kp.tokens['bob']}"}, timeout=httpx2.Timeout(30, read=300))
+    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="auto",  # type: ignore[arg-type]
+                            logging_callback=heard.log, log_level="warning") as c:
+        await c.call_tool("use_notebook", {"notebook": "modern-logs.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "modern-logs.ipynb", "code": "import time; time.sleep(5)",
+                                               "timeout": 1})
+        assert r.structured_content["status"] == "timeout"
+        await heard.wait_for("hit its timeout")
