@@ -25,11 +25,14 @@ from starlette.routing import Mount, Route
 from kernelpool import __version__
 from kernelpool.auth import SCOPE, StoreTokenVerifier, create_token
 from kernelpool.config import Settings
+from kernelpool.events import EventScope, SessionEventStore
 from kernelpool.isolation import Isolation, decide
 from kernelpool.jobs import JobService
 from kernelpool.kernels import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import NotebookService
+from kernelpool.notices import Notices
+from kernelpool.resources import notebook_uri
 from kernelpool.services import Services
 from kernelpool.sessions import SessionContexts
 from kernelpool.store import Store
@@ -37,6 +40,7 @@ from kernelpool.tools import build_mcp
 from kernelpool.users import UserService
 from kernelpool.zygote import ForkServer
 from sandbox import SafeRoot
+from sandbox.limits import parse_memory
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +66,14 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
 
     notebooks = NotebookService(root_of)
     kernels = KernelRegistry(settings, store, users, iso.cgroups)
+    notices = Notices(settings.session_idle_timeout)
+    events = _event_store(settings, notices)
     services = Services(
         settings=settings, store=store, users=users, notebooks=notebooks, kernels=kernels,
         jobs=JobService(settings, kernels, notebooks, users, metrics),
-        sessions=SessionContexts(settings.session_idle_timeout), metrics=metrics,
+        sessions=SessionContexts(settings.session_idle_timeout), metrics=metrics, notices=notices, events=events,
     )
+    notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
     verifier = StoreTokenVerifier(store, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc())
     url = base_url(settings)
     auth = AuthSettings(
@@ -82,6 +89,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     )
     mcp_app = mcp.streamable_http_app(
         transport_security=security, session_idle_timeout=settings.session_idle_timeout, host=settings.host,
+        event_store=events, retry_interval=settings.sse_retry_ms if events is not None else None,
     )
     metrics.add_gauges(lambda: _live_gauges(services))
 
@@ -132,11 +140,36 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
             await store.close()
 
     app = Starlette(
-        routes=[Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Mount("/", app=mcp_app)],
+        routes=[Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Mount("/", app=EventScope(mcp_app, events) if events is not None else mcp_app)],
         lifespan=lifespan,
     )
     app.state.services = services
+
+    async def before_shutdown() -> None:
+        """Called by `cli` when the server starts to shut down, while clients' streams are still open."""
+        sent = await notices.to_everyone("warning", "the server is shutting down; running executions end with it")
+        if sent:
+            await asyncio.sleep(0.2)  # let the messages reach the streams before they close
+
+    app.state.before_shutdown = before_shutdown
     return app
+
+
+def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | None:
+    if settings.resume_events_per_session == 0:
+        return None
+
+    what = "bytes kept for stream resumption"
+
+    def usage(user: str, used: int, limit: int) -> None:
+        if notices.crossed(user, what, used, limit, settings.near_limit_ratio):
+            asyncio.get_running_loop().create_task(notices.near(user, what, used, limit))
+
+    return SessionEventStore(
+        max_events=settings.resume_events_per_session, max_bytes=parse_memory(settings.resume_bytes_per_session),
+        max_user_bytes=parse_memory(settings.resume_bytes_per_user), max_age=settings.resume_max_age,
+        session_lifetime=settings.session_idle_timeout, on_user_usage=usage,
+    )
 
 
 async def _start_fork_server(settings: Settings, kernels: KernelRegistry) -> ForkServer | None:
@@ -163,6 +196,9 @@ async def _housekeeping(services: Services) -> None:
         await asyncio.sleep(services.settings.housekeeping_interval)
         try:
             services.sessions.expire()
+            services.notices.expire()
+            if services.events is not None:
+                services.events.expire()
             await services.kernels.cull_idle()
             await services.users.load()  # users that the CLI added while we run
         except Exception:
@@ -182,6 +218,10 @@ def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
     for (user, state), n in counts.items():
         kernels.add_metric([user, state], n)
     yield kernels
+    if services.events is not None:
+        kept = GaugeMetricFamily("kernelpool_resume_events", "events kept for stream resumption")
+        kept.add_metric([], services.events.count())
+        yield kept
     hits = GaugeMetricFamily("kernelpool_pool_hits", "kernels handed out warm")
     hits.add_metric([], services.kernels.pool_hits)
     yield hits

@@ -157,10 +157,27 @@ def _serve(args: argparse.Namespace) -> int:
         app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
         timeout_graceful_shutdown=10, lifespan="on", access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = _uvicorn_server(config)
     _err(f"kernelpool {settings.host}:{settings.port}, data in {settings.data_dir}")
     server.run()
     return 0
+
+
+def _uvicorn_server(config: Any) -> Any:
+    """uvicorn's server, telling MCP sessions that it shuts down while their streams are still open."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            hook = getattr(getattr(config.app, "state", None), "before_shutdown", None)
+            if hook is not None:
+                try:
+                    await asyncio.wait_for(hook(), 5)
+                except Exception as exc:
+                    _err(f"kernelpool: shutdown notice not sent: {exc}")
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:

@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     max_saved_image_bytes: int = Field(10_000_000, ge=0, description="images larger than this are not kept in the notebook")
     housekeeping_interval: float = Field(30.0, gt=0, description="seconds between idle-kernel culls and session expiry")
 
+    # resumable streams (kernelpool/events.py); the event store is in memory
+    resume_events_per_session: int = Field(
+        2000, ge=0, description="events kept per MCP session for clients that resume a dropped stream (0 = no resumption)")
+    resume_bytes_per_session: str = Field("16M", description="bytes of events kept per MCP session for resumption")
+    resume_bytes_per_user: str = Field("64M", description="bytes of events kept for all of one user's sessions together")
+    resume_max_age: float = Field(900.0, gt=0, description="seconds an event is kept for resumption")
+    sse_retry_ms: int = Field(2000, ge=0, description="reconnection delay suggested to clients in SSE `retry` fields, milliseconds")
+    near_limit_ratio: float = Field(0.8, gt=0, le=1, description="share of a per-user limit at which the user's sessions are told they are near it")
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level of the server")
     log_json: bool = Field(False, description="structured JSON logs")
 
@@ -86,6 +95,12 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("resume_bytes_per_session", "resume_bytes_per_user")
+    @classmethod
+    def _bytes(cls, value: str) -> str:
+        parse_memory(value)
         return value
 
     @field_validator("kernel_memory", "user_memory")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
+import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nbformat
@@ -30,6 +31,8 @@ from kernelpool.errors import (
 )
 from sandbox import SafeRoot
 from sandbox.errors import SandboxError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -206,6 +209,8 @@ class NotebookService:
         self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
         # id(cached notebook) -> {id(cell): fingerprint of the cell as last validated}
         self._validated: dict[int, dict[int, tuple[Any, ...]]] = {}
+        # called with (user, path) after each write: resource subscriptions (kernelpool/notices.py)
+        self.listeners: list[Callable[[str, str], Awaitable[Any]]] = []
 
     def lock(self, user: str, path: str) -> asyncio.Lock:
         key = (user, path)
@@ -271,6 +276,11 @@ class NotebookService:
 
     async def save(self, user: str, path: str, nb: NotebookNode) -> None:
         await asyncio.to_thread(self._save, user, path, nb)
+        for listener in self.listeners:
+            try:
+                await listener(user, path)
+            except Exception:  # a listener must not turn a saved change into a failure
+                log.exception("notebook listener failed")
 
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
         # a notebook JupyterLab would refuse is never written: every cell changed since the

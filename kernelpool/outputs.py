@@ -80,7 +80,7 @@ def to_content(
         image_mime = next((m for m in ("image/png", "image/jpeg") if m in data), None)
         if image_mime is not None:
             encoded = _text(data[image_mime]).replace("\n", "")
-            size = _b64_size(encoded)
+            size = b64_size(encoded)
             if size <= max_image_bytes:
                 blocks.append(ImageContent(type="image", data=encoded, mime_type=image_mime))
             else:
@@ -99,6 +99,6 @@ def to_content(
     return blocks
 
 
-def _b64_size(encoded: str) -> int:
+def b64_size(encoded: str) -> int:
     # from the length alone: decoding a 50 MB image only to measure it would cost 50 MB
     return len(encoded) * 3 // 4 - encoded[-2:].count("=")

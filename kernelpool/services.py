@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernelpool.config import Settings
+from kernelpool.events import SessionEventStore
 from kernelpool.jobs import JobService
 from kernelpool.kernels import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import NotebookService
+from kernelpool.notices import Notices
 from kernelpool.sessions import SessionContexts
 from kernelpool.store import Store
 from kernelpool.users import UserService
@@ -24,3 +26,6 @@ class Services:
     jobs: JobService
     sessions: SessionContexts
     metrics: Metrics
+    # issue 12: log messages and resource updates to sessions; the event store (None: resumption off)
+    notices: Notices
+    events: SessionEventStore | None

@@ -25,6 +25,8 @@ from kernelpool import notebooks as nbops
 from kernelpool.errors import InvalidArgument, KernelpoolError, NoNotebook
 from kernelpool.jobs import Job
 from kernelpool.outputs import output_text, simplify, to_content
+from kernelpool.resources import output_links, session_of
+from kernelpool.resources import register as register_resources
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,25 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     server: MCPServer = MCPServer(
         name="kernelpool", instructions=INSTRUCTIONS, version="0.1.0",
         token_verifier=token_verifier, auth=auth,
+        # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
+        # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/notices.py)
+        subscriptions=False,
     )
     s = services
+
+    # issue 12: resources, completion, logging/setLevel on the low-level server (MCPServer has no
+    # per-user resource list), and every request's session handle for notices
+    async def attach_session(ctx: Any, call_next: Any) -> Any:
+        attach(ctx)
+        return await call_next(ctx)
+
+    def attach(ctx: Any) -> None:
+        token, sid = get_access_token(), session_of(ctx)
+        if token is not None and sid is not None:
+            s.notices.attach(token.client_id, sid, ctx.session)
+
+    server.middleware.append(attach_session)
+    register_resources(server._lowlevel_server, s, attach)
 
     def user_name() -> str:
         token = get_access_token()
@@ -147,6 +166,8 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         else:
             await s.notebooks.load(user, path)  # exists and is a valid notebook
         kernel = await s.kernels.acquire(await s.users.get(user), path)
+        await s.notices.usage(user, "kernels", len(s.kernels.of_user(user)), s.settings.max_kernels_per_user,
+                              s.settings.near_limit_ratio)
         sid = session_id(ctx)
         if sid is not None:
             s.sessions.set_notebook(user, sid, path)
@@ -233,7 +254,8 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         extra: list[Any] = []
         if include_outputs and cell.cell_type == "code":
             data["outputs"] = [simplify(o, s.settings.max_output_chars) for o in cell.outputs]
-            extra = to_content(cell.outputs, s.settings.max_output_chars, s.settings.max_image_bytes)
+            extra = [*to_content(cell.outputs, s.settings.max_output_chars, s.settings.max_image_bytes)]
+            extra += output_links(path, cell.id, cell.outputs, s.settings.max_output_chars, s.settings.max_image_bytes)
         return _result(f"[{i}] {cell.cell_type} id={cell.id}\n{cell.source}", data, extra)
 
     @tool("insert_cell", "Insert a cell at cell_index (-1 appends). cell_type: code, markdown or raw.", EDIT)
@@ -324,7 +346,33 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
                 log.debug("progress not sent: %s", exc)
 
         await s.jobs.wait(job, progress)
-        return job_result(job)
+        result = job_result(job)
+        await tell_about(ctx, job, result)
+        return result
+
+    async def tell_about(ctx: Context, job: Job, result: CallToolResult) -> None:
+        """Log messages about one finished call, on the call's own stream (kernelpool/notices.py)."""
+        r = job.result
+        if r is None:
+            return
+        where = {"notebook": job.notebook, "execution_id": job.id}
+        said: list[tuple[Any, str]] = []
+        if r.status == "died":
+            said.append(("error", f"the kernel of {job.notebook} died: {r.message}; the next call starts a fresh one"))
+        elif r.status == "timeout":
+            said.append(("warning", f"an execution in {job.notebook} hit its timeout: {r.message}"))
+        links = [b for b in result.content if b.type == "resource_link"]
+        if links or any(o.get("truncated") for o in (result.structured_content or {}).get("outputs", [])):
+            said.append(("warning", f"output of the execution in {job.notebook} was truncated in this reply"
+                         + (f"; the whole of it: {', '.join(link.uri for link in links)}" if links else
+                            "; read_cell pages through it")))
+        rc = ctx.request_context
+        if rc.request_id is None:
+            return
+        for level, text in said:
+            await s.notices.to_call(rc.session, rc.request_id, job.user, session_id(ctx), level, text, where)
+        if r.status == "died":
+            await s.notices.to_user(job.user, "error", said[0][1], where, skip_session=session_id(ctx))
 
     def job_result(job: Job) -> CallToolResult:
         if job.error is not None:
@@ -352,6 +400,8 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         if result.message:
             data["message"] = result.message
         blocks: list[Any] = [*head, *content]
+        if job.cell_id is not None and job.saved_index is not None:
+            blocks += output_links(job.notebook, job.cell_id, result.outputs, st.max_output_chars, st.max_image_bytes)
         return CallToolResult(content=blocks, structured_content=data, is_error=result.status == "died")
 
     @tool("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and returned. "
@@ -428,6 +478,8 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         path = resolve(ctx, user, notebook)
         await s.notebooks.load(user, path)
         kernel = await s.kernels.restart(await s.users.get(user), path)
+        await s.notices.to_user(user, "notice", f"the kernel of {path} was restarted (restart_notebook): its variables are gone",
+                                {"notebook": path, "kernel_id": kernel.id})
         return _result(f"restarted the kernel of {path} (kernel {kernel.id})", {"notebook": path, "kernel_id": kernel.id})
 
     @tool("interrupt_kernel", "Interrupt what a notebook's kernel is running (like Ctrl-C).", EDIT)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import json
 import os
@@ -13,11 +14,17 @@ import sys
 import pytest
 
 from tests import node_env
-from tests.server import ROOT, KernelpoolServer
+from tests.server import ROOT, KernelpoolServer, mcp_client
+
+
+async def _give_a_notebook(url: str, token: str) -> None:
+    async with mcp_client(url, token, mode="auto") as client:
+        await client.call_tool("use_notebook", {"notebook": "conformance.ipynb", "mode": "create"})
 
 pytestmark = pytest.mark.skipif(node_env.missing() is not None, reason=f"Node tests: {node_env.missing()}")
 
-APPLY = {"server-initialize", "ping", "tools-list", "server-sse-multiple-streams", "dns-rebinding-protection"}
+APPLY = {"server-initialize", "ping", "tools-list", "server-sse-multiple-streams", "dns-rebinding-protection",
+         "logging-set-level", "completion-complete", "resources-list"}
 
 
 def _baseline_table() -> dict[str, str]:
@@ -43,6 +50,7 @@ def test_baseline_files_agree_with_the_suite() -> None:
 
 
 def test_conformance_suite_matches_baseline(kp: KernelpoolServer, tmp_path: os.PathLike[str]) -> None:
+    asyncio.run(_give_a_notebook(kp.url, kp.tokens["alice"]))  # resources-list then lists it
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "conformance"), "--url", kp.url,
          "--token", kp.tokens["alice"], "-o", str(tmp_path)],
@@ -53,7 +61,11 @@ def test_conformance_suite_matches_baseline(kp: KernelpoolServer, tmp_path: os.P
     for checks_file in glob.glob(os.path.join(tmp_path, "server-*", "checks.json")):
         scenario = re.sub(r"^server-|-\d{4}-\d\d-\d\dT.*$", "", os.path.basename(os.path.dirname(checks_file)))
         with open(checks_file) as f:
-            statuses = {c["status"] for c in json.load(f)}
+            checks = json.load(f)
+        statuses = {c["status"] for c in checks}
         if "SUCCESS" in statuses and not statuses & {"FAILURE", "WARNING"}:
             passed.add(scenario)
+        if scenario == "resources-list":
+            listed = [c for c in checks if c["id"] == "resources-list"]
+            assert listed[0]["details"]["resourceCount"] >= 1, "resources-list passed vacuously"
     assert APPLY <= passed
