@@ -275,7 +275,21 @@ class NotebookService:
         return nb
 
     async def save(self, user: str, path: str, nb: NotebookNode) -> None:
-        await asyncio.to_thread(self._save, user, path, nb)
+        # The write runs in a thread that a cancellation cannot stop: the caller (and the lock
+        # it holds) waits for it all the same, or a later edit's rename could land first and be
+        # overwritten by this one. Then the cancellation goes on.
+        write = asyncio.ensure_future(asyncio.to_thread(self._save, user, path, nb))
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(write)
+                break
+            except asyncio.CancelledError:
+                if write.done():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
         for listener in self.listeners:
             try:
                 await listener(user, path)

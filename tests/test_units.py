@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -117,3 +118,43 @@ def test_pip_failures_are_named() -> None:
     net = diagnose("WARNING: Retrying ... NewConnectionError(... [Errno 101] Network is unreachable')", "/tmp")
     assert net is not None and "cannot reach the package index" in net
     assert diagnose("ERROR: No matching distribution found for nosuchpackage", "/tmp") is None
+
+
+async def test_a_cancelled_save_holds_the_lock_until_its_write_is_done(tmp_path) -> None:
+    """An edit cancelled while its write thread runs must not let a later edit's rename land
+    first (the late write would then wipe it): the later edit waits for the file to be final."""
+    import threading
+
+    from kernelpool.notebooks import NotebookService, insert_cell
+    from sandbox import SafeRoot
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    class SlowFirstWrite(SafeRoot):
+        slow = True
+
+        def write_bytes_atomic(self, path: str, data: bytes) -> None:  # type: ignore[override]
+            if SlowFirstWrite.slow:
+                SlowFirstWrite.slow = False
+                entered.set()
+                release.wait(10)  # a slow disk, under the writer's control
+            super().write_bytes_atomic(path, data)
+
+    svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
+    await svc.create("u", "n.ipynb")
+    svc._roots = lambda user: SlowFirstWrite(str(tmp_path))  # the writes of this test go slow once
+    first = asyncio.ensure_future(svc.edit("u", "n.ipynb", lambda nb: insert_cell(nb, -1, "code", "first")))
+    await asyncio.to_thread(entered.wait, 10)
+    first.cancel()
+    second = asyncio.ensure_future(svc.edit("u", "n.ipynb", lambda nb: insert_cell(nb, -1, "code", "second")))
+    await asyncio.sleep(0.2)
+    assert not second.done()  # held: the first write has not finished
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await second
+    import nbformat
+
+    sources = [c.source for c in nbformat.read(str(tmp_path / "n.ipynb"), as_version=4).cells]
+    assert sources[-1] == "second"
