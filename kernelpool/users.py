@@ -17,11 +17,11 @@ from kernelpool.errors import InvalidArgument, UserExists, UserNotFound
 from kernelpool.store import Store, UserRow
 from sandbox import Identity, Limits, accounts, parse_memory, prepare_dir
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument("user name", "use 1-31 characters: a lowercase letter, then lowercase letters, digits, '-' or '_'")
     return name
 

@@ -19,7 +19,7 @@ from sandbox.errors import AccountError
 from sandbox.identity import Identity
 
 # useradd accepts more, but a name that starts with '-' would be read as an option
-_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
@@ -43,7 +43,7 @@ def _run(tool: str, args: list[str], name: str) -> subprocess.CompletedProcess[s
 
 
 def _check_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise AccountError(
             f"invalid account name {name!r}: use a lowercase letter or '_', then up to 31 of [a-z0-9_-]", path=name
         )
