@@ -29,6 +29,8 @@ from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
 from kernelpool.zygote import ForkServer
 from sandbox import Cgroup, CgroupBackend
+from sandbox.fs import remove_tree
+from sandbox.rundir import TMP, KernelRunDir, remove_kernel_folder
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Kernel:
     manager: AsyncKernelManager
     cgroup: Cgroup | None
     memory_limit: int | None
+    rundir: KernelRunDir | None = None
     notebook: str | None = None
     client: AsyncKernelClient | None = None
     state: KernelState = KernelState.STARTING
@@ -106,6 +109,15 @@ class Kernel:
             cause = f"the kernel process exited with code {code}"
         self.death_cause = cause
         return cause
+
+
+def _user_run_folders(run_dir: str) -> list[str]:
+    """RUN/<uid> folders (root's: listing them follows nothing a tenant made)."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(run_dir, n) for n in names if n.isdigit() and not os.path.islink(os.path.join(run_dir, n))]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -249,29 +261,41 @@ class KernelRegistry:
             self._starting[user.name] -= 1
 
     async def _start_inner(self, user: User, kid: str) -> Kernel:
-        runtime = self._users.runtime_folder(user.name)
+        runtime = self._users.runtime_folder(user.uid)
         folder = self._users.folder(user.name)
+        ident = user.identity
+        # the connection file and sockets: in a folder of root's (see sandbox.rundir)
+        rundir = KernelRunDir(str(self._settings.run_dir), user.uid, kid,
+                              ident.uid if ident else None, ident.gid if ident else None)
+        rundir.create()
         cgroup = None
-        if self._cgroups is not None:
-            self._cgroups.create(user.name, user.user_limits)
-            cgroup = self._cgroups.create(f"{user.name}/k-{kid}", user.kernel_limits)
+        try:
+            if self._cgroups is not None:
+                self._cgroups.create(user.name, user.user_limits)
+                cgroup = self._cgroups.create(f"{user.name}/k-{kid}", user.kernel_limits)
+        except BaseException:
+            rundir.remove()
+            raise
         manager = AsyncKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=self._spec_manager,
             transport="ipc",
-            ip=os.path.join(runtime, f"k-{kid}"),
-            connection_file=os.path.join(runtime, f"k-{kid}.json"),
+            ip=rundir.socket_prefix,
+            connection_file=rundir.connection_file,
             kernel_id=kid,
             client_class="kernelpool.client.KernelpoolClient",
         )
         manager.shutdown_wait_time = 2.0
-        kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, memory_limit=user.kernel_limits.memory_bytes)
+        kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup,
+                        memory_limit=user.kernel_limits.memory_bytes, rundir=rundir)
         launch = KernelLaunch(
             env=self._kernel_env(user, folder, runtime),
             cwd=folder,
-            identity=user.identity,
+            identity=ident,
             cgroup=cgroup,
+            rundir=rundir,
             network=self._settings.kernel_network,
+            start_timeout=self._settings.kernel_start_timeout,
             extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )
         try:
@@ -328,6 +352,11 @@ class KernelRegistry:
                 kernel.cgroup.remove()
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
+        if kernel.rundir is not None:
+            try:
+                kernel.rundir.remove()  # done by the provisioner's cleanup, unless it never ran
+            except Exception as exc:
+                log.warning("kernel %s: removing its runtime folder: %s", kernel.id, exc)
         await self._store.remove_kernel(kernel.id)
 
     async def _discard(self, kernel: Kernel) -> None:
@@ -396,12 +425,21 @@ class KernelRegistry:
                     with contextlib.suppress(Exception):
                         cg.remove()
             if row.connection_file:
-                base = row.connection_file[: -len(".json")]
-                for path in [row.connection_file] + [f"{base}-{i}" for i in range(1, 6)]:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                # its folder of root's; files of older versions in a user's own folder are left
+                # alone (the root server does not touch paths a user can change)
+                try:
+                    remove_kernel_folder(str(self._settings.run_dir), row.connection_file)
+                except Exception as exc:
+                    log.warning("kernel %s: removing its runtime folder: %s", row.id, exc)
             await self._store.remove_kernel(row.id)
             reaped += 1
+        # kernel folders that no row names (a crash between creating one and recording it)
+        for user_run in _user_run_folders(str(self._settings.run_dir)):
+            for name in os.listdir(user_run):
+                if name != TMP:
+                    with contextlib.suppress(Exception):
+                        remove_tree(user_run, name)
+                        reaped += 1
         if self._cgroups is not None:
             # kernel cgroups that no row names (a crash between creating one and recording it)
             for user in self._cgroups.list_children(""):
