@@ -124,11 +124,11 @@ class UserService:
             await asyncio.to_thread(self._delete_folders, name, row, delete_files)
         except (SandboxError, OSError) as exc:
             undo = ""
-            if accounts_managed and identity is not None:
-                try:
-                    await asyncio.to_thread(accounts.ensure_account, identity)
-                except SandboxError as again_exc:
-                    undo = f" Re-creating its Unix account failed too ({again_exc}); the next server start makes it."
+            try:
+                # back as it was, but for what was deleted: account, folders (for the next kernels)
+                await asyncio.to_thread(self.prepare, row)
+            except (SandboxError, OSError) as again_exc:
+                undo = f" Restoring its account and folders failed too ({again_exc}); the next server start does it."
             await self._store.set_removing(name, False)
             raise RemovalFailed(name, "deleting its files", str(exc),
                                 "Its kernels were stopped and some of its files may be gone; the user still exists."
@@ -154,9 +154,9 @@ class UserService:
                                "without isolation they cannot be stopped from here", path=user_run)
 
     def _delete_folders(self, name: str, row: UserRow, delete_files: bool) -> None:
-        remove_tree(str(self._settings.run_dir), str(row.uid))
         if delete_files:
             remove_tree(str(self._settings.users_dir), name)
+        remove_tree(str(self._settings.run_dir), str(row.uid))
 
     async def get(self, name: str) -> User:
         row = await self._store.get_user(name)
