@@ -432,7 +432,8 @@ def remove_tree(parent: str, name: str) -> bool:
     from directory descriptors, one level at a time, with no recursion and one descriptor open
     at a time, so a tree of any depth goes; a link is removed, never followed. A folder moved
     while we walk (the user's processes must be stopped first; this is the backstop) or one on
-    another file system (a mount point) stops the walk with SandboxError, naming the path.
+    another file system below `name` (a mount point) stops the walk with SandboxError, naming
+    the path. When `name` itself is a mount point (a volume per user), it is emptied and left.
     """
     if "/" in name or name in ("", ".", ".."):
         raise InvalidPath(name, "must be a single path component")
@@ -446,7 +447,8 @@ def remove_tree(parent: str, name: str) -> bool:
             os.unlink(name, dir_fd=top)
             return True
         _remove_below(top, name, os.path.join(parent, name))
-        os.rmdir(name, dir_fd=top)
+        if info.st_dev == os.fstat(top).st_dev:
+            os.rmdir(name, dir_fd=top)
         return True
     finally:
         os.close(top)

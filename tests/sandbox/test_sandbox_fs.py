@@ -333,3 +333,24 @@ def test_remove_tree_stops_at_a_mount_point(tmp_path: Path) -> None:
         assert (mnt / "inside").read_text() == "kept"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_remove_tree_empties_a_folder_that_is_a_mount_point(tmp_path: Path) -> None:
+    import subprocess
+
+    from sandbox.fs import remove_tree
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    vol = tmp_path / "alice"
+    vol.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kptest", str(vol)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        (vol / "d").mkdir()
+        (vol / "d" / "f").write_text("x")
+        assert remove_tree(str(tmp_path), "alice") is True
+        assert vol.is_dir() and list(vol.iterdir()) == [], "a volume per user is emptied, its mount point stays"
+    finally:
+        subprocess.run(["umount", str(vol)], check=False)
