@@ -49,10 +49,14 @@ class UserService:
 
     async def load(self) -> None:
         """Read every user from the store and prepare the new ones (called at start-up and periodically)."""
-        for row in await self._store.list_users():
-            if row.name not in self._known:
+        rows = await self._store.list_users()
+        for row in rows:
+            # new, or removed and added again meanwhile (another uid): prepare it afresh
+            if self._known.get(row.name) != row:
                 self.prepare(row)
                 self._known[row.name] = row
+        for gone in set(self._known) - {row.name for row in rows}:
+            del self._known[gone]
 
     def known(self, name: str) -> bool:
         return name in self._known
@@ -157,6 +161,7 @@ class UserService:
         if delete_files:
             remove_tree(str(self._settings.users_dir), name)
         remove_tree(str(self._settings.run_dir), str(row.uid))
+        remove_tree(str(self._settings.run_dir), name)  # the runtime folder of versions before 2026-11-27
 
     async def get(self, name: str) -> User:
         row = await self._store.get_user(name)

@@ -111,29 +111,25 @@ class Decoys:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# The attacker: a thread in alice's kernel. It learns new kernel ids from the cgroup tree when
-# it can see it, and from `hint` (the worst case: a test process of root's writes each new kernel
+# The attacker: threads in alice's kernel. One learns new kernel ids from the server's cgroup tree
+# when it can see it, and from `hint` (the worst case: a test process of root's writes each new kernel
 # folder's name there at once, so the attacker knows every id as soon as it exists), and plants
 # links at every path where a connection file or socket of that kernel could be: the old layout
 # (DATA/run/alice/k-<id>.json, ...), the user's tmp folder, the kernel folder and its socket
-# folder. Connection-file candidates point at root-owned decoys (and at a missing file in a
+# folder, in a tight loop per kernel id for a few seconds; a regular file already there (a
+# connection file the server wrote) is swapped for a link. Connection-file candidates point at root-owned decoys (and at a missing file in a
 # root folder); socket candidates at bob's sockets.
 ATTACK = r'''
-import os, threading, time, json, re
-RUN, OLD, HINT, SECONDS = {run!r}, {old!r}, {hint!r}, {seconds!r}
+import os, stat, threading, time, json, re
+RUN, OLD, HINT, CGROUPS, SECONDS = {run!r}, {old!r}, {hint!r}, {cgroups!r}, {seconds!r}
 DECOYS, BOB_SOCKETS = {decoys!r}, {bob_sockets!r}
 KID = re.compile(r"k-([0-9a-f]{{12}})$")
 STATS = {{"kids": [], "planted": {{}}, "errors": {{}}}}
 def kids_now():
     found = set()
-    for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified"):
+    for base in CGROUPS:
         for root, dirs, _ in os.walk(base):
-            for d in dirs:
-                m = KID.match(d)
-                if m:
-                    found.add(m.group(1))
-            if root.count("/") > 7:
-                dirs[:] = []
+            found |= {{m.group(1) for m in map(KID.match, dirs) if m}}
     try:
         found |= set(open(HINT).read().split())
     except OSError:
@@ -145,23 +141,34 @@ def candidates(kid):
         for i, name in enumerate(names):
             socket_like = base.endswith("/s") or re.fullmatch(r"k-\d+|k-[0-9a-f]{{12}}-\d+", name)
             target = BOB_SOCKETS[i % len(BOB_SOCKETS)] if socket_like and BOB_SOCKETS else DECOYS[i % len(DECOYS)]
-            yield base, f"{{base}}/{{name}}", target
+            yield base.replace(kid, "<kid>"), f"{{base}}/{{name}}", target
     yield RUN, f"{{RUN}}/{{kid}}", os.path.dirname(DECOYS[0])
-def attack():
-    end = time.time() + SECONDS
+def spin(kid):
+    # for a few seconds, as fast as it can: plant a link wherever nothing is, and swap any
+    # regular file (a connection file the server just wrote) for a link
+    paths = list(candidates(kid))
+    end = time.time() + 4
     while time.time() < end:
-        for kid in kids_now():
-            if kid not in STATS["kids"]:
-                STATS["kids"].append(kid)
-            for base, path, target in candidates(kid):
-                where = base.replace(kid, "<kid>")
+        for where, path, target in paths:
+            try:
                 try:
                     os.symlink(target, path)
-                    STATS["planted"][where] = STATS["planted"].get(where, 0) + 1
-                except OSError as e:
-                    STATS["errors"][f"{{where}}: {{type(e).__name__}}"] = 1
+                except FileExistsError:
+                    if not stat.S_ISREG(os.lstat(path).st_mode):
+                        raise
+                    os.unlink(path)
+                    os.symlink(target, path)
+                STATS["planted"][where] = STATS["planted"].get(where, 0) + 1
+            except OSError as e:
+                STATS["errors"][f"{{where}}: {{type(e).__name__}}"] = 1
+def watch():
+    end = time.time() + SECONDS
+    while time.time() < end:
+        for kid in kids_now() - set(STATS["kids"]):
+            STATS["kids"].append(kid)
+            threading.Thread(target=spin, args=(kid,), daemon=True).start()
         time.sleep(0.0005)
-threading.Thread(target=attack, daemon=True).start()
+threading.Thread(target=watch, daemon=True).start()
 print("attacking")
 '''
 
@@ -217,7 +224,8 @@ async def test_planted_links_race_cannot_steer_the_server(race_server: Kernelpoo
     try:
         bob_sockets = _sockets_of(server, "bob")
         assert bob_sockets, "bob's kernel has sockets to aim at"
-        code = ATTACK.format(run=alice_run, old=os.path.join(server.data_dir, "run", "alice"), hint=hint, seconds=15,
+        cgroups = [os.path.join("/sys/fs/cgroup", c, server.env["KERNELPOOL_CGROUP_PREFIX"]) for c in ("pids", "memory", "unified")]
+        code = ATTACK.format(run=alice_run, old=os.path.join(server.data_dir, "run", "alice"), hint=hint, seconds=15, cgroups=cgroups,
                              decoys=[decoys.owned, decoys.shared, decoys.missing], bob_sockets=bob_sockets)
         assert await execute(server, "alice", "attack.ipynb", code) == "attacking"
         results = []
