@@ -83,16 +83,16 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         )
         self.process = None
         launch.rundir.open_for_binding()
-        zygote = launch.extra.get("zygote")
-        if isinstance(zygote, ForkServer):
-            try:
-                self.process = await zygote.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
-            except ZygoteUnavailable as exc:
-                log.warning("starting a kernel without the fork server: %s", exc)
-                if launch.cgroup is not None:
-                    # a child the zygote may have forked before it died must not share this kernel's files
-                    launch.cgroup.kill_all()
         try:
+            zygote = launch.extra.get("zygote")
+            if isinstance(zygote, ForkServer):
+                try:
+                    self.process = await zygote.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
+                except ZygoteUnavailable as exc:
+                    log.warning("starting a kernel without the fork server: %s", exc)
+                    if launch.cgroup is not None:
+                        # a child the zygote may have forked before it died must not share this kernel's files
+                        launch.cgroup.kill_all()
             if self.process is None:
                 self.process = spawn(spec)
             self.pid = self.process.pid
