@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import collections
 import inspect
+import json
 import os
 import textwrap
 from collections.abc import Callable
@@ -246,3 +247,74 @@ def test_jupyter_client_path_calls_on_our_files_are_reviewed() -> None:
         got[name] = {callee: count for (_, callee), count in calls.items()}
     want = {name: {callee: n for callee, (n, _) in calls.items()} for name, calls in LIBRARY_REVIEWED.items()}
     assert got == want, "jupyter_client changed what it does by path: review the difference against sandbox/rundir.py"
+
+
+# ---- the same question at run time: what a real server does by path under DATA ---------------
+
+def _allowed(rel: str, event: str) -> str | None:
+    """Why an absolute path DATA/`rel` is safe for the root server to use by name, or None."""
+    import re
+
+    parts = rel.split("/")
+    if rel in (".", "kernelpool.db", "kernelpool.db-wal", "kernelpool.db-shm", "kernelpool.db-journal",
+               "users", "run", "server.log"):
+        return "the server's own files and folders"
+    if parts[0] == "users" and len(parts) == 2:
+        return "a user's folder, in root's DATA/users (opened with O_NOFOLLOW; everything inside goes by descriptor)"
+    if parts[0] == "run" and len(parts) >= 2 and parts[1].isdigit():
+        if len(parts) == 2:
+            return "DATA/run/<uid>: root's"
+        if parts[2] == "tmp":
+            return "the user's tmp folder itself, in root's DATA/run/<uid>" if len(parts) == 3 else None
+        if re.fullmatch(r"[0-9a-f]{12}", parts[2]):
+            if len(parts) == 3 or parts[3:] in (["kernel.json"], ["s"]):
+                return "a kernel folder, its connection file or socket folder: root's"
+            if len(parts) == 5 and parts[3] == "s" and event == "os.remove":
+                return "unlinking an entry of the locked socket folder"
+    return None
+
+
+def test_a_real_server_uses_no_tenant_path_by_name() -> None:
+    import asyncio
+
+    import pytest
+
+    from tests.conftest import SANDBOX_SKIP
+    from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+
+    if SANDBOX_SKIP is not None:
+        pytest.skip(f"needs isolation: {SANDBOX_SKIP}")
+    data = make_data_dir()
+    log = data + ".audit"
+    server = KernelpoolServer(data, server_env(
+        PYTHONPATH=f"{ROOT}:{os.path.join(ROOT, 'tests', 'audit')}", KP_TEST_AUDIT_LOG=log, KP_TEST_AUDIT_DATA=data,
+        KERNELPOOL_POOL_SIZE="1", KERNELPOOL_ACCOUNT_PREFIX=f"kpa{os.getpid() % 100000}-"))
+
+    async def work() -> None:
+        async with mcp_client(server.url, server.tokens["alice"], mode="auto") as c:
+            for nb in ("a.ipynb", "sub/b.ipynb"):
+                assert not (await c.call_tool("use_notebook", {"notebook": nb, "mode": "create"})).is_error
+                r = await c.call_tool("insert_execute_code_cell", {"notebook": nb, "cell_index": -1,
+                                                                   "cell_source": "open('f.txt', 'w').write('x')"})
+                assert not r.is_error
+            assert not (await c.call_tool("list_files", {"path": "sub"})).is_error
+            assert not (await c.call_tool("restart_notebook", {"notebook": "a.ipynb"})).is_error
+            assert not (await c.call_tool("unuse_notebook", {"notebook": "sub/b.ipynb"})).is_error
+
+    try:
+        server.add_user("alice")
+        server.start()
+        asyncio.run(work())
+        server.stop()
+        server.cli("users", "remove", "alice", "--delete-files")
+        server.tokens.pop("alice")
+    finally:
+        server.cleanup()
+    with open(log) as f:
+        events = [json.loads(line) for line in f]
+    os.unlink(log)
+    by_name = [(e, p) for e, p, dir_fd, _ in events if os.path.isabs(p) and dir_fd is None]
+    assert any(e == "open" and "/run/" in p and p.endswith(".json") for e, p in by_name), \
+        "the hook saw the connection files being written"
+    bad = sorted({(e, os.path.relpath(p, data)) for e, p in by_name if _allowed(os.path.relpath(p, data), e) is None})
+    assert not bad, f"the server used paths a tenant can change, by name: {bad}"
