@@ -120,6 +120,9 @@ class UserService:
             try:
                 await asyncio.to_thread(accounts.remove_account, self._account_name(name), True)
             except SandboxError as exc:
+                # userdel may have gone half way (user gone, group not): put the account back
+                with contextlib.suppress(SandboxError, OSError):
+                    await asyncio.to_thread(self.prepare, row)
                 await self._store.set_removing(name, False)
                 raise RemovalFailed(name, "removing its Unix account", str(exc),
                                     "Its kernels were stopped; nothing was removed.",
