@@ -2,7 +2,8 @@
 
 Knows nothing of Jupyter or MCP; kernelpool is its only caller. Modules: `identity` (who),
 `limits` (how much), `accounts` (passwd entries), `cgroups` (v1/v2), `launcher` (fork, drop,
-exec), `fs` (the root server's link-proof file access inside a user's folder), `probe`
+exec), `fs` (the root server's link-proof file access inside a user's folder), `rundir` (each
+kernel's root-owned folder for its connection file and sockets), `probe`
 (what this host can isolate), `errors`.
 """
 
