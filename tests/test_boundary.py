@@ -169,9 +169,9 @@ def watch():
     while time.time() < end:
         for kid in kids_now() - set(STATS["kids"]):
             STATS["kids"].append(kid)
-            threading.Thread(target=spin, args=(kid,), daemon=True).start()
+            threading.Thread(target=spin, args=(kid,), daemon=True, name="attack-spin").start()
         time.sleep(0.0005)
-threading.Thread(target=watch, daemon=True).start()
+threading.Thread(target=watch, daemon=True, name="attack-watch").start()
 print("attacking")
 '''
 
@@ -239,7 +239,10 @@ async def test_planted_links_race_cannot_steer_the_server(race_server: Kernelpoo
                     r = await c.call_tool("execute_code", {"notebook": f"race{i}.ipynb", "code": "6*7"})
                 results.append(text(r))
         await asyncio.sleep(1)
-        stats = json.loads(await execute(server, "alice", "attack.ipynb", "print(json.dumps(STATS))"))
+        # the attack is over (every thread of it ended) before anything else is looked at
+        stats = json.loads(await execute(server, "alice", "attack.ipynb", (
+            "import threading\n[t.join() for t in threading.enumerate() if t.name.startswith('attack')]\n"
+            "print(json.dumps(STATS))")))
     finally:
         oracle.stop.set()
         oracle.join()
