@@ -339,6 +339,7 @@ async def test_nfc_and_nfd_name_one_notebook(names_server: KernelpoolServer) -> 
         r = await c.call_tool("read_notebook", {"notebook": nfd})
         assert "one" in text(r)
     assert [n for n in os.listdir(os.path.join(server.data_dir, "users", "alice")) if n.startswith("caf")] == [nfc]
+    await assert_bob_survives(server)
 
 
 @pytest.mark.parametrize("name", ["eve\n", "eve\r", "Eve", "e" * 32, "ev e", "eve\u0301", ""])
@@ -353,6 +354,7 @@ def test_bad_user_names_are_refused_and_create_nothing(names_server: KernelpoolS
     for entry in pwd.getpwall():
         assert not entry.pw_name.startswith(f"{prefix}eve") and not entry.pw_name.startswith(f"{prefix}Eve"), entry
     assert sorted(os.listdir(os.path.join(server.data_dir, "users"))) == ["alice", "bob"]
+    asyncio.run(assert_bob_survives(server))
 
 
 # ---- 6. users remove: deep trees, live kernels, all or nothing ---------------------------------
