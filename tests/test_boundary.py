@@ -214,9 +214,16 @@ def _sockets_of(server: KernelpoolServer, user: str) -> list[str]:
 
 
 async def test_planted_links_race_cannot_steer_the_server(race_server: KernelpoolServer) -> None:
-    server = race_server
     decoys = Decoys()
     scratch = tempfile.mkdtemp(prefix="kp-race-", dir="/tmp")
+    try:
+        await _race(race_server, decoys, scratch)
+    finally:
+        decoys.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def _race(server: KernelpoolServer, decoys: Decoys, scratch: str) -> None:
     os.chmod(scratch, 0o755)
     hint = os.path.join(scratch, "hint")
     open(hint, "w").close()
@@ -246,23 +253,22 @@ async def test_planted_links_race_cannot_steer_the_server(race_server: Kernelpoo
     finally:
         oracle.stop.set()
         oracle.join()
-    try:
-        # the race was on: the attacker knew every new kernel's id and planted what it could
-        assert len(oracle.seen) >= 3 and oracle.seen <= set(stats["kids"]), (oracle.seen, stats)
-        planted = stats["planted"]
-        assert planted.get(f"{alice_run}/<kid>/s", 0) > 0, f"the attacker got links into the socket folder: {stats}"
-        assert not planted.get(f"{alice_run}/<kid>", 0), f"nothing may be planted beside the connection file: {stats}"
-        assert not planted.get(alice_run, 0), stats
-        # ...and steered nothing: no decoy written, truncated, chowned or created
-        assert decoys.snapshot() == decoys.before
-        assert not os.path.lexists(decoys.missing)
-        # planting in the socket folder while the kernel started costs alice at most that kernel
-        for r in results:
-            assert r == "42" or "could not start" in r, results
-        # once started, a kernel's socket folder is locked: its own user cannot swap a socket
-        await execute(server, "alice", "race-check.ipynb", "1")
-        sockets = _sockets_of(server, "alice")
-        swap = await execute(server, "alice", "race-check.ipynb", f'''
+    # the race was on: the attacker knew every new kernel's id and planted what it could
+    assert len(oracle.seen) >= 3 and oracle.seen <= set(stats["kids"]), (oracle.seen, stats)
+    planted = stats["planted"]
+    assert planted.get(f"{alice_run}/<kid>/s", 0) > 0, f"the attacker got links into the socket folder: {stats}"
+    assert not planted.get(f"{alice_run}/<kid>", 0), f"nothing may be planted beside the connection file: {stats}"
+    assert not planted.get(alice_run, 0), stats
+    # ...and steered nothing: no decoy written, truncated, chowned or created
+    assert decoys.snapshot() == decoys.before
+    assert not os.path.lexists(decoys.missing)
+    # planting in the socket folder while the kernel started costs alice at most that kernel
+    for r in results:
+        assert r == "42" or "could not start" in r, results
+    # once started, a kernel's socket folder is locked: its own user cannot swap a socket
+    await execute(server, "alice", "race-check.ipynb", "1")
+    sockets = _sockets_of(server, "alice")
+    swap = await execute(server, "alice", "race-check.ipynb", f'''
 import os, json
 out = {{}}
 for s in {sockets!r}:
@@ -271,12 +277,9 @@ for s in {sockets!r}:
     except OSError as e:
         out[s] = type(e).__name__
 print(json.dumps(out))''')
-        got = json.loads(swap)
-        assert got and set(got.values()) == {"PermissionError"}, got
-        await assert_bob_survives(server)
-    finally:
-        decoys.cleanup()
-        shutil.rmtree(scratch, ignore_errors=True)
+    got = json.loads(swap)
+    assert got and set(got.values()) == {"PermissionError"}, got
+    await assert_bob_survives(server)
 
 
 # ---- 5. names -------------------------------------------------------------------------------
