@@ -233,8 +233,7 @@ async def soak(args: argparse.Namespace) -> dict:
         if cgs:
             problems.append(f"cgroups left: {cgs}")
         for u in users:
-            run = os.path.join(kp.data_dir, "run", u)
-            leftovers = [n for n in os.listdir(run)] if os.path.isdir(run) else []
+            leftovers = kp.kernel_folders(u)
             if leftovers:
                 problems.append(f"runtime files left for {u}: {leftovers[:5]}")
         window = [x for x in samples if measure_from is not None and x[0] >= measure_from and x[1] == samples[-1][1]]

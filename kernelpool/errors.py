@@ -70,6 +70,16 @@ class UserExists(KernelpoolError):
         self.name = name
 
 
+class RemovalFailed(KernelpoolError):
+    """`users remove` stopped at `step`; what was done and what to do next are in the message."""
+
+    def __init__(self, name: str, step: str, reason: str, state: str, advice: str) -> None:
+        super().__init__(f"could not remove user {name!r} ({step}: {reason}). {state} {advice}")
+        self.name = name
+        self.step = step
+        self.reason = reason
+
+
 class KernelFailed(KernelpoolError):
     """A kernel could not be started, or died; `cause` says why in words."""
 

@@ -31,6 +31,8 @@ from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
 from kernelpool.zygote import ForkServer
 from sandbox import Cgroup, CgroupBackend, SafeRoot
+from sandbox.fs import remove_tree
+from sandbox.rundir import TMP, KernelRunDir, remove_kernel_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Kernel:
     manager: AsyncKernelManager
     cgroup: Cgroup | None
     memory_limit: int | None
+    rundir: KernelRunDir | None = None
     notebook: str | None = None
     client: AsyncKernelClient | None = None
     state: KernelState = KernelState.STARTING
@@ -117,6 +120,15 @@ def user_cgroup_name(user: User) -> str:
     # without a uid of its own (cgroups but no uid switching): a name derived from nothing secret
     # would still name the user, so a random one, kept by the registry for as long as it runs
     return f"s{secrets.token_hex(8)}"
+
+
+def _user_run_folders(run_dir: str) -> list[str]:
+    """RUN/<uid> folders (root's: listing them follows nothing a tenant made)."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(run_dir, n) for n in names if n.isdigit() and not os.path.islink(os.path.join(run_dir, n))]
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -263,43 +275,55 @@ class KernelRegistry:
             self._starting[user.name] -= 1
 
     async def _start_inner(self, user: User, kid: str) -> Kernel:
-        runtime = self._users.runtime_folder(user.name)
+        runtime = self._users.runtime_folder(user.uid)
         folder = self._users.folder(user.name)
+        ident = user.identity
+        # the connection file and sockets: in a folder of root's (see sandbox.rundir)
+        rundir = KernelRunDir(str(self._settings.run_dir), user.uid, kid,
+                              ident.uid if ident else None, ident.gid if ident else None)
+        rundir.create()
         cgroup = None
         if self._settings.user_packages:
             uid, gid = (user.identity.uid, user.identity.gid) if user.identity else (None, None)
             await asyncio.to_thread(packages.ensure_folders, self._spec_manager.python, SafeRoot(folder, uid, gid))
-        if self._cgroups is not None:
-            # world-readable names: the uid and a random id, never the user's name or the kernel's id
-            # (a kernel id known in advance names its connection file)
-            user_cgroup = self._user_cgroups.setdefault(user.name, user_cgroup_name(user))
-            self._cgroups.create(user_cgroup, user.user_limits)
-            cgroup = self._cgroups.create(f"{user_cgroup}/k{secrets.token_hex(8)}", user.kernel_limits)
+        try:
+            if self._cgroups is not None:
+                # world-readable names: the uid and a random id, never the user's name or the kernel's id
+                # (a kernel id known in advance names its connection file)
+                user_cgroup = self._user_cgroups.setdefault(user.name, user_cgroup_name(user))
+                self._cgroups.create(user_cgroup, user.user_limits)
+                cgroup = self._cgroups.create(f"{user_cgroup}/k{secrets.token_hex(8)}", user.kernel_limits)
+        except BaseException:
+            rundir.remove()
+            raise
         manager = AsyncKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=self._spec_manager,
             transport="ipc",
-            ip=os.path.join(runtime, f"k-{kid}"),
-            connection_file=os.path.join(runtime, f"k-{kid}.json"),
+            ip=rundir.socket_prefix,
+            connection_file=rundir.connection_file,
             kernel_id=kid,
             client_class="kernelpool.client.KernelpoolClient",
         )
         manager.shutdown_wait_time = 2.0
-        kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, memory_limit=user.kernel_limits.memory_bytes)
+        kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup,
+                        memory_limit=user.kernel_limits.memory_bytes, rundir=rundir)
         launch = KernelLaunch(
             env=self._kernel_env(user, folder, runtime),
             cwd=folder,
-            identity=user.identity,
+            identity=ident,
             cgroup=cgroup,
+            rundir=rundir,
             network=self._settings.kernel_network,
             # with a uid of its own, a kernel gets its own views and the syscall filter too
             private_views=user.identity is not None,
             tmpfs_bytes=self._settings.tmpfs_bytes,
             # the interpreter's environment (sys.prefix) may lie below /tmp too, as in a test venv
-            keep_paths=(runtime, os.path.dirname(os.path.dirname(self._spec_manager.python))),
+            keep_paths=(runtime, os.path.dirname(rundir.connection_file), os.path.dirname(os.path.dirname(self._spec_manager.python))),
             # other users' volumes (Docker: one per user at DATA/users/NAME): not even their names
             hide_mounts_below=(str(self._settings.users_dir), str(self._settings.run_dir)),
             seccomp=user.identity is not None,
+            start_timeout=self._settings.kernel_start_timeout,
             extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )
         try:
@@ -359,6 +383,11 @@ class KernelRegistry:
                 kernel.cgroup.remove()
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
+        if kernel.rundir is not None:
+            try:
+                kernel.rundir.remove()  # done by the provisioner's cleanup, unless it never ran
+            except Exception as exc:
+                log.warning("kernel %s: removing its runtime folder: %s", kernel.id, exc)
         await self._store.remove_kernel(kernel.id)
 
     async def _discard(self, kernel: Kernel) -> None:
@@ -427,12 +456,21 @@ class KernelRegistry:
                     with contextlib.suppress(Exception):
                         cg.remove()
             if row.connection_file:
-                base = row.connection_file[: -len(".json")]
-                for path in [row.connection_file] + [f"{base}-{i}" for i in range(1, 6)]:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                # its folder of root's; files of older versions in a user's own folder are left
+                # alone (the root server does not touch paths a user can change)
+                try:
+                    remove_kernel_folder(str(self._settings.run_dir), row.connection_file)
+                except Exception as exc:
+                    log.warning("kernel %s: removing its runtime folder: %s", row.id, exc)
             await self._store.remove_kernel(row.id)
             reaped += 1
+        # kernel folders that no row names (a crash between creating one and recording it)
+        for user_run in _user_run_folders(str(self._settings.run_dir)):
+            for name in os.listdir(user_run):
+                if name != TMP:
+                    with contextlib.suppress(Exception):
+                        remove_tree(user_run, name)
+                        reaped += 1
         if self._cgroups is not None:
             # no kernel of ours runs yet, so everything below our prefix is left over: cgroups no
             # row names (a crash between creating one and recording it), and whatever layout an

@@ -30,7 +30,8 @@ from kernelpool.errors import (
     PathRefused,
 )
 from sandbox import SafeRoot
-from sandbox.errors import SandboxError
+from sandbox.errors import PathError, SandboxError
+from sandbox.fs import normalize_path
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +44,40 @@ CELL_TYPES = ("code", "markdown", "raw")
 
 
 def check_notebook_path(path: str) -> str:
-    """Normalise and check a client-given notebook path; raises PathRefused."""
+    """Normalise and check a client-given notebook path; raises PathRefused.
+
+    Lenient about spelling ("./x//y.ipynb" is "x/y.ipynb"; backslashes are folder separators);
+    the rules themselves (characters, depth, name length, NFC) are `sandbox.fs.normalize_path`'s.
+    """
     if not isinstance(path, str) or not path.strip():
         raise PathRefused(str(path), "empty path")
-    if "\x00" in path:
-        raise PathRefused(path, "NUL character")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise PathRefused(path, "not valid UTF-8") from None
     if path.startswith("/") or path.startswith("\\"):
         raise PathRefused(path, "absolute paths are not allowed; give a path relative to your folder")
-    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise PathRefused(path, "'..' is not allowed")
-    if not parts:
+    norm = _normalise(path, path.replace("\\", "/"))
+    if not norm:
         raise PathRefused(path, "empty path")
-    norm = "/".join(parts)
     if not norm.endswith(".ipynb"):
         raise PathRefused(path, "a notebook path must end in .ipynb")
     return norm
 
 
 def check_dir_path(path: str) -> str:
-    if "\x00" in path:
-        raise PathRefused(path, "NUL character")
+    """Normalise and check a client-given folder path ("" is the user's folder); raises PathRefused."""
+    if not isinstance(path, str):
+        raise PathRefused(str(path), "path must be a string")
     if path.startswith("/"):
         raise PathRefused(path, "absolute paths are not allowed; give a path relative to your folder")
+    return _normalise(path, path)
+
+
+def _normalise(given: str, path: str) -> str:
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
-        raise PathRefused(path, "'..' is not allowed")
-    return "/".join(parts)
+    if not parts:
+        return ""
+    try:
+        return normalize_path("/".join(parts))
+    except PathError as exc:
+        raise PathRefused(given, exc.reason) from None
 
 
 # ---- pure editing functions -------------------------------------------------------------

@@ -8,6 +8,12 @@ starts it the stock way.
 the keyword on to `pre_launch`, where we take it. Everything the sandbox does (uid, cgroup,
 network namespace, private views, seccomp, umask, scrubbed environment) happens in `sandbox.spawn`; this class only
 translates between jupyter_client's expectations and it.
+
+The connection file and the ipc sockets live in the kernel's `sandbox.rundir.KernelRunDir`,
+owned by root: jupyter_client writes the file while the folder is root's alone (`pre_launch`),
+the kernel may create its sockets only until they are all there, and jupyter_client connects
+to them (first in `_connect_control_socket`, right after `launch_kernel` returns) only after
+the folder is locked and each socket checked to be the kernel's. Same for both start paths.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from jupyter_client.provisioning import LocalProvisioner
 
 from kernelpool.zygote import ForkServer, ZygoteUnavailable
 from sandbox import Cgroup, Identity, LaunchSpec, spawn
+from sandbox.rundir import KernelRunDir
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +45,14 @@ class KernelLaunch:
     cwd: str
     identity: Identity | None
     cgroup: Cgroup | None
+    rundir: KernelRunDir  # created; holds the connection file (`connection_file`) and sockets (`ip`)
     network: str = "host"
     private_views: bool = False  # own mount and cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
     tmpfs_bytes: int = 512 << 20
     keep_paths: tuple[str, ...] = ()  # folders the kernel needs besides its cwd (kept visible under a private /tmp)
     hide_mounts_below: tuple[str, ...] = ()  # where other users' mounts (volumes) are detached in its namespace
     seccomp: bool = False
+    start_timeout: float = 60.0  # seconds the kernel may take to create its sockets
     extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
 
 
@@ -56,11 +65,14 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         launch = kwargs.pop("sandbox", None)
         if not isinstance(launch, KernelLaunch):
             raise RuntimeError("kernelpool-sandbox kernels must be started by kernelpool (no sandbox given)")
+        km = self.parent
+        rundir = launch.rundir
+        if km is None or km.connection_file != rundir.connection_file or km.ip != rundir.socket_prefix:
+            raise RuntimeError("kernelpool-sandbox kernels keep their connection file and sockets in their KernelRunDir")
         self._launch = launch
+        # jupyter_client writes the connection file now, into a folder that is root's alone
         kwargs = await super().pre_launch(**kwargs)
-        # jupyter_client wrote the connection file as us; the kernel reads it as the user
-        if launch.identity is not None and self.parent is not None:
-            os.chown(self.parent.connection_file, launch.identity.uid, launch.identity.gid)
+        rundir.share()  # ...which the kernel may then read, but no tenant change
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -80,26 +92,43 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             seccomp=launch.seccomp,
         )
         self.process = None
-        zygote = launch.extra.get("zygote")
-        if isinstance(zygote, ForkServer):
-            try:
-                self.process = await zygote.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
-            except ZygoteUnavailable as exc:
-                log.warning("starting a kernel without the fork server: %s", exc)
-                if launch.cgroup is not None:
-                    # a child the zygote may have forked before it died must not share this kernel's files
-                    launch.cgroup.kill_all()
-        if self.process is None:
-            self.process = spawn(spec)
-        self.pid = self.process.pid
-        self.pgid = self.process.pid  # spawn starts a new session: the kernel leads its process group
-        self.cwd = launch.cwd
+        launch.rundir.open_for_binding()
+        try:
+            zygote = launch.extra.get("zygote")
+            if isinstance(zygote, ForkServer):
+                try:
+                    self.process = await zygote.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
+                except ZygoteUnavailable as exc:
+                    log.warning("starting a kernel without the fork server: %s", exc)
+                    if launch.cgroup is not None:
+                        # a child the zygote may have forked before it died must not share this kernel's files
+                        launch.cgroup.kill_all()
+            if self.process is None:
+                self.process = spawn(spec)
+            self.pid = self.process.pid
+            self.pgid = self.process.pid  # spawn starts a new session: the kernel leads its process group
+            self.cwd = launch.cwd
+            process = self.process
+            await launch.rundir.wait_for_sockets(
+                self._socket_names(), alive=lambda: process.poll() is None, timeout=launch.start_timeout)
+        finally:
+            launch.rundir.lock()  # whatever happened: the kernel's group writes there no more
+        if self.process.poll() is None:
+            launch.rundir.check_sockets(self._socket_names())
         return self.connection_info
+
+    def _socket_names(self) -> list[str]:
+        info = self.connection_info
+        prefix = os.path.basename(str(info["ip"]))
+        return [f"{prefix}-{info[port]}" for port in  # type: ignore[literal-required]
+                ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
-        if not restart and self._launch is not None and self._launch.cgroup is not None:
-            self._launch.cgroup.remove()
+        if not restart and self._launch is not None:
+            if self._launch.cgroup is not None:
+                self._launch.cgroup.remove()
+            self._launch.rundir.remove()
 
 
 class KernelpoolSpecManager(KernelSpecManager):

@@ -66,6 +66,8 @@ CREATE INDEX IF NOT EXISTS audit_user_ts ON audit(user, ts);
 # migration for every change of what is stored; never edit one that has shipped.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     tuple(statement.strip() for statement in _SCHEMA.split(";") if statement.strip()),
+    # 2: users being removed (`users remove` marks them first: their tokens stop working at once)
+    ("CREATE TABLE removing (user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE, since REAL NOT NULL)",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -210,6 +212,14 @@ class Store:
         await self._db.execute("UPDATE users SET limits = ? WHERE name = ?", (json.dumps(limits), name))
         await self._db.commit()
 
+    async def set_removing(self, name: str, removing: bool) -> None:
+        """Mark a user as being removed (its tokens stop working at once) or unmark it."""
+        if removing:
+            await self._db.execute("INSERT OR REPLACE INTO removing(user, since) VALUES (?, ?)", (name, time.time()))
+        else:
+            await self._db.execute("DELETE FROM removing WHERE user = ?", (name,))
+        await self._db.commit()
+
     async def remove_user(self, name: str) -> bool:
         cur = await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
         await self._db.commit()
@@ -227,7 +237,9 @@ class Store:
 
     async def token_by_hash(self, token_hash: str) -> TokenRow | None:
         async with self._db.execute(
-            "SELECT id, user, created_at, expires_at, revoked_at FROM tokens WHERE hash = ?", (token_hash,)
+            # a user being removed has no valid token: its agents start nothing while it goes
+            "SELECT id, user, created_at, expires_at, revoked_at FROM tokens WHERE hash = ?"
+            " AND user NOT IN (SELECT user FROM removing)", (token_hash,)
         ) as cur:
             row = await cur.fetchone()
         return TokenRow(*row) if row else None

@@ -7,26 +7,30 @@ remove, set-limits) and the app at start-up (first user; folders of existing use
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import pwd
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from kernelpool.config import Settings
-from kernelpool.errors import InvalidArgument, UserExists, UserNotFound
+from kernelpool.errors import InvalidArgument, RemovalFailed, UserExists, UserNotFound
 from kernelpool.store import Store, UserRow
 from sandbox import Identity, Limits, accounts, parse_memory, prepare_dir
+from sandbox.errors import SandboxError
+from sandbox.fs import remove_tree
+from sandbox.rundir import TMP, prepare_user_run, user_run_folder
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument("user name", "use 1-31 characters: a lowercase letter, then lowercase letters, digits, '-' or '_'")
     return name
 
@@ -34,6 +38,7 @@ def check_name(name: str) -> str:
 @dataclass(frozen=True)
 class User:
     name: str
+    uid: int  # from the store; names the user's runtime folders even without isolation
     identity: Identity | None  # None when the server runs kernels as itself (--insecure-no-sandbox)
     kernel_limits: Limits
     user_limits: Limits
@@ -48,10 +53,14 @@ class UserService:
 
     async def load(self) -> None:
         """Read every user from the store and prepare the new ones (called at start-up and periodically)."""
-        for row in await self._store.list_users():
-            if row.name not in self._known:
+        rows = await self._store.list_users()
+        for row in rows:
+            # new, or removed and added again meanwhile (another uid): prepare it afresh
+            if self._known.get(row.name) != row:
                 self.prepare(row)
                 self._known[row.name] = row
+        for gone in set(self._known) - {row.name for row in rows}:
+            del self._known[gone]
 
     def known(self, name: str) -> bool:
         return name in self._known
@@ -66,8 +75,9 @@ class UserService:
     def folder(self, name: str) -> str:
         return str(self._settings.users_dir / name)
 
-    def runtime_folder(self, name: str) -> str:
-        return str(self._settings.run_dir / name)
+    def runtime_folder(self, uid: int) -> str:
+        """The user's own temporary folder (TMPDIR of its kernels): RUN/<uid>/tmp."""
+        return os.path.join(user_run_folder(str(self._settings.run_dir), uid), TMP)
 
     async def add(self, name: str) -> UserRow:
         check_name(name)
@@ -84,14 +94,81 @@ class UserService:
         return row
 
     async def remove(self, name: str, delete_files: bool = False) -> None:
-        if not await self._store.remove_user(name):
+        """Remove a user, all or nothing. Called by `kernelpool users remove`, also while a server runs.
+
+        1. its tokens stop working (a mark in the store), so no agent starts anything meanwhile;
+        2. every process of its uid is killed: its kernels, whichever server started them;
+        3. its Unix account goes (the uid stays reserved by the row until the end);
+        4. its runtime folder and, with `delete_files`, its own folder are deleted (fd-relative,
+           no depth limit, no link followed);
+        5. only then its row, tokens and limits are dropped.
+        If a step fails, what was done is undone where it can be (the mark, the account), the
+        row stays, and RemovalFailed says what happened and what to do: the same command, run
+        again, carries on.
+        """
+        check_name(name)
+        row = await self._store.get_user(name)
+        if row is None:
             raise UserNotFound(name)
+        identity = self._identity(row)
+        again = f"Run `kernelpool users remove {name}{' --delete-files' if delete_files else ''}` again."
+        await self._store.set_removing(name, True)
+        try:
+            await asyncio.to_thread(self._stop_processes, name, row)
+        except SandboxError as exc:
+            await self._store.set_removing(name, False)
+            raise RemovalFailed(name, "stopping its kernels", str(exc), "Nothing was removed.",
+                                "Stop the kernelpool server, then " + again[0].lower() + again[1:]) from None
+        accounts_managed = identity is not None and accounts.can_manage_accounts()
+        if accounts_managed:
+            try:
+                await asyncio.to_thread(accounts.remove_account, self._account_name(name), True)
+            except SandboxError as exc:
+                # userdel may have gone half way (user gone, group not): put the account back
+                with contextlib.suppress(SandboxError, OSError):
+                    await asyncio.to_thread(self.prepare, row)
+                await self._store.set_removing(name, False)
+                raise RemovalFailed(name, "removing its Unix account", str(exc),
+                                    "Its kernels were stopped; nothing was removed.",
+                                    "Fix the cause (see the message), then " + again[0].lower() + again[1:]) from None
+        try:
+            await asyncio.to_thread(self._delete_folders, name, row, delete_files)
+        except (SandboxError, OSError) as exc:
+            undo = ""
+            try:
+                # back as it was, but for what was deleted: account, folders (for the next kernels)
+                await asyncio.to_thread(self.prepare, row)
+            except (SandboxError, OSError) as again_exc:
+                undo = f" Restoring its account and folders failed too ({again_exc}); the next server start does it."
+            await self._store.set_removing(name, False)
+            raise RemovalFailed(name, "deleting its files", str(exc),
+                                "Its kernels were stopped and some of its files may be gone; the user still exists."
+                                + undo, "Fix the cause (see the message), then " + again[0].lower() + again[1:]) from None
+        if identity is not None:
+            # a kernel a server was starting during the steps above (its request came in before
+            # the mark) has no files and no account left: it goes too
+            with contextlib.suppress(SandboxError):
+                await asyncio.to_thread(accounts.kill_processes, row.uid)
+        await self._store.remove_user(name)
         self._known.pop(name, None)
-        if self.isolated and accounts.can_manage_accounts():
-            accounts.remove_account(self._account_name(name))
-        shutil.rmtree(self.runtime_folder(name), ignore_errors=True)
+
+    def _stop_processes(self, name: str, row: UserRow) -> None:
+        if self._identity(row) is not None:
+            accounts.kill_processes(row.uid)
+            return
+        # without isolation kernels run as the server's own uid: they cannot be told apart by
+        # uid, so a server with kernels of this user must be stopped first
+        user_run = user_run_folder(str(self._settings.run_dir), row.uid)
+        live = [n for n in (os.listdir(user_run) if os.path.isdir(user_run) else []) if n != TMP]
+        if live:
+            raise SandboxError(f"{len(live)} kernel(s) of {name!r} may be running (folders in {user_run}), and "
+                               "without isolation they cannot be stopped from here", path=user_run)
+
+    def _delete_folders(self, name: str, row: UserRow, delete_files: bool) -> None:
         if delete_files:
-            shutil.rmtree(self.folder(name), ignore_errors=True)
+            remove_tree(str(self._settings.users_dir), name)
+        remove_tree(str(self._settings.run_dir), str(row.uid))
+        remove_tree(str(self._settings.run_dir), name)  # the runtime folder of versions before 2026-11-27
 
     async def get(self, name: str) -> User:
         row = await self._store.get_user(name)
@@ -126,7 +203,8 @@ class UserService:
             # traversable by every user's uid, listable by none of them
             prepare_dir(str(parent), None, None, mode=0o711)
         prepare_dir(self.folder(row.name), uid, gid)
-        prepare_dir(self.runtime_folder(row.name), uid, gid)
+        # RUN/<uid>: root's, for the kernels' connection files and sockets (sandbox.rundir)
+        prepare_user_run(str(self._settings.run_dir), row.uid, gid, (uid, gid) if uid is not None and gid is not None else None)
 
     def clean_runtime(self) -> int:
         """At start-up, before any kernel runs: empty the runtime folder (DATA/run). What is there
@@ -139,13 +217,10 @@ class UserService:
             return 0
         for entry in entries:
             try:
-                # rmtree walks by descriptor and never follows a link a kernel may have planted
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
+                # by descriptor, with no depth limit, never following a link a kernel may have planted
+                remove_tree(str(self._settings.run_dir), entry.name)
                 removed += 1
-            except OSError as exc:
+            except (OSError, SandboxError) as exc:
                 log.warning("cannot remove %s left by an earlier server: %s", entry.path, exc)
         self._known.clear()  # every user's runtime folder must be made again
         return removed
@@ -180,6 +255,7 @@ class UserService:
 
         return User(
             name=row.name,
+            uid=row.uid,
             identity=self._identity(row),
             kernel_limits=Limits(mem(pick("kernel_memory")), pick("kernel_cpus"), pick("kernel_pids")),
             user_limits=Limits(mem(pick("user_memory")), pick("user_cpus"), pick("user_pids")),

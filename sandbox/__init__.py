@@ -3,7 +3,8 @@
 Knows nothing of Jupyter or MCP; kernelpool is its only caller. Modules: `identity` (who),
 `limits` (how much), `accounts` (passwd entries), `cgroups` (v1/v2), `launcher` (fork, drop,
 exec), `views` (a kernel's private /tmp, /dev/shm, /proc and cgroup views), `seccomp` (its
-syscall filter), `fs` (the root server's link-proof file access inside a user's folder), `probe`
+syscall filter), `fs` (the root server's link-proof file access inside a user's folder), `rundir` (each
+kernel's root-owned folder for its connection file and sockets), `probe`
 (what this host can isolate), `errors`.
 """
 

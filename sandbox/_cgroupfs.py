@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from sandbox.errors import CgroupError
 from sandbox.limits import Limits
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}$")
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")
 _KILL_ROUNDS = 100
 _REMOVE_WAIT_S = 3.0
 
@@ -25,7 +25,7 @@ def split_relpath(relpath: str, *, allow_empty: bool = False) -> list[str]:
         return []
     parts = relpath.split("/")
     for part in parts:
-        if not _COMPONENT.match(part):
+        if not _COMPONENT.fullmatch(part):
             raise CgroupError(
                 f"invalid cgroup path {relpath!r}: each component must match [A-Za-z0-9_][A-Za-z0-9_.@-]*",
                 path=relpath,

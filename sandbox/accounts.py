@@ -19,7 +19,7 @@ from sandbox.errors import AccountError
 from sandbox.identity import Identity
 
 # useradd accepts more, but a name that starts with '-' would be read as an option
-_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
@@ -43,7 +43,7 @@ def _run(tool: str, args: list[str], name: str) -> subprocess.CompletedProcess[s
 
 
 def _check_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise AccountError(
             f"invalid account name {name!r}: use a lowercase letter or '_', then up to 31 of [a-z0-9_-]", path=name
         )
@@ -122,14 +122,15 @@ def ensure_account(identity: Identity) -> None:
         raise AccountError(f"account {name!r} still missing after useradd", path=name)
 
 
-def remove_account(name: str) -> None:
+def remove_account(name: str, force: bool = False) -> None:
     """Delete the user and its group; idempotent. The home directory is left alone.
 
-    userdel refuses while processes of that uid run: kill the user's kernels first.
+    userdel refuses while processes of that uid run, zombies included: kill them first
+    (`kill_processes`), then `force` lets the zombies their parents have not reaped yet pass.
     """
     _check_name(name)
     if _user(name) is not None:
-        done = _run("userdel", [name], name)
+        done = _run("userdel", ["-f", name] if force else [name], name)
         if done.returncode != 0 and _user(name) is not None:
             raise AccountError(f"userdel {name!r} failed: {done.stderr.strip() or done.returncode}", path=name)
     if _group(name) is not None:
@@ -157,3 +158,58 @@ def account_exists(name: str) -> bool:
 def can_manage_accounts() -> bool:
     """True if we are root and shadow-utils are installed (checked by kernelpool at start-up)."""
     return os.geteuid() == 0 and all(_tool(t) is not None for t in ("useradd", "userdel", "groupadd", "groupdel"))
+
+
+def _pids_of(uid: int) -> list[int]:
+    """Live processes any of whose uids (real, effective, saved, file system) is `uid`; zombies
+    (dead, waiting for their parent to reap them) are not counted."""
+    found = []
+    want = str(uid).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as f:
+                status = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        except OSError:
+            continue  # gone meanwhile
+        if status.get(b"State", b"").strip().startswith(b"Z"):
+            continue
+        if want in status.get(b"Uid", b"").split():
+            found.append(int(entry))
+    return found
+
+
+def kill_processes(uid: int, timeout: float = 10.0) -> int:
+    """SIGKILL every process of `uid` until none is left; returns how many were killed.
+
+    A uid's processes cannot leave it (no_new_privs, no setuid), so killing what /proc lists
+    again and again ends even a forking one (its pids limit bounds it). Raises AccountError if
+    some still run after `timeout` seconds. Called by kernelpool before removing an account.
+    Refuses uid 0 and the caller's own uid.
+    """
+    if uid <= 0 or uid in (os.getuid(), os.geteuid()):
+        raise AccountError(f"refusing to kill the processes of uid {uid}", path=str(uid))
+    import signal
+    import time
+
+    killed = 0
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2:  # two scans in a row that find nothing: a fork in flight during the first is seen by the second
+        pids = _pids_of(uid)
+        if not pids:
+            quiet += 1
+            time.sleep(0.02)
+            continue
+        quiet = 0
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise AccountError(f"processes of uid {uid} still run after {timeout:g} s: {pids[:10]}", path=str(uid))
+        time.sleep(0.01)
+    return killed

@@ -90,6 +90,19 @@ class KernelpoolServer:
         self.tokens[name] = token
         return token
 
+    def uid(self, name: str) -> int:
+        """The uid the store gives `name` (also without isolation: it names the user's run folder)."""
+        for line in self.cli("users", "list").stdout.splitlines():
+            fields = line.split("\t")
+            if fields[0] == name:
+                return int(fields[1].removeprefix("uid="))
+        raise KeyError(name)
+
+    def kernel_folders(self, name: str) -> list[str]:
+        """The user's kernel folders, DATA/run/<uid>/<kernel id> (see sandbox.rundir)."""
+        run = os.path.join(self.data_dir, "run", str(self.uid(name)))
+        return sorted(n for n in os.listdir(run) if n != "tmp")
+
     def start(self, *extra: str, wait: float = 60) -> None:
         self.port = free_port()
         self.log_path = os.path.join(self.data_dir, "server.log")

@@ -60,6 +60,12 @@ async def run_as(server: KernelpoolServer, user: str, code: str, notebook: str =
     return json.loads(out.strip().splitlines()[-1])
 
 
+def bob_run(server: KernelpoolServer, user: str = "bob") -> str:
+    """DATA/run/<uid>: the user's kernel folders (root's; see sandbox.rundir)."""
+    uid = pwd.getpwnam(f"{server.env['KERNELPOOL_ACCOUNT_PREFIX']}{user}").pw_uid
+    return os.path.join(server.data_dir, "run", str(uid))
+
+
 async def kernel_pid(server: KernelpoolServer, user: str, notebook: str) -> int:
     async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
         kernels = (await c.call_tool("list_kernels", {})).structured_content["kernels"]
@@ -123,7 +129,8 @@ print(json.dumps({{
   "db": attempt(lambda: open({os.path.join(sec.data_dir, "kernelpool.db")!r}, "rb").read(10)),
   "wal": attempt(lambda: open({os.path.join(sec.data_dir, "kernelpool.db-wal")!r}, "rb").read(10)),
   "users_dir": attempt(lambda: os.listdir({os.path.join(sec.data_dir, "users")!r})),
-  "run_dir": attempt(lambda: os.listdir({os.path.join(sec.data_dir, "run", "bob")!r})),
+  "run_dir": attempt(lambda: os.listdir({bob_run(sec)!r})),
+  "run_tmp": attempt(lambda: os.listdir({os.path.join(bob_run(sec), "tmp")!r})),
   "shadow": attempt(lambda: open("/etc/shadow").read()),
 }}))
 '''
@@ -158,8 +165,9 @@ print(json.dumps({{
 
 
 async def test_cannot_connect_to_another_users_kernel_sockets(sec: KernelpoolServer) -> None:
-    run_bob = os.path.join(sec.data_dir, "run", "bob")
-    sockets = [os.path.join(run_bob, n) for n in os.listdir(run_bob) if not n.endswith(".json")]
+    run_bob = bob_run(sec)
+    kernel_dirs = [os.path.join(run_bob, n) for n in os.listdir(run_bob) if n != "tmp"]
+    sockets = [os.path.join(d, "s", n) for d in kernel_dirs for n in os.listdir(os.path.join(d, "s"))]
     assert sockets, "bob's kernel has ipc sockets"
     code = ATTEMPT + f'''
 import socket
@@ -178,7 +186,7 @@ def zmq_connect(path):
     s.send(b"x")
     s.close(); ctx.term()
     os.stat(path)  # zmq connects lazily; whether the path is even visible tells the truth
-conn = {os.path.join(run_bob, [n for n in os.listdir(run_bob) if n.endswith('.json')][0])!r}
+conn = {os.path.join(kernel_dirs[0], "kernel.json")!r}
 print(json.dumps({{
   "unix": [attempt(lambda p=p: connect(p)) for p in {sockets!r}],
   "zmq": [attempt(lambda p=p: zmq_connect(p)) for p in {sockets!r}],

@@ -232,3 +232,125 @@ def test_prepare_dir(tmp_path: Path, outside: Path, spare_uid: int) -> None:
     with pytest.raises(InvalidPath, match="symbolic link"):
         prepare_dir(str(tmp_path / "data" / "users" / "mallory"), uid, uid)
     assert os.stat(outside).st_uid == 0
+
+
+# ---- the path rules (sandbox.fs.normalize_path; SafeRoot applies them too) -----------------
+
+@pytest.mark.parametrize(("path", "why"), [
+    ("a\u202eb.ipynb", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+    ("a\u200bb", "U+200B ZERO WIDTH SPACE"),
+    ("a\u200db", "U+200D ZERO WIDTH JOINER"),
+    ("line\nbreak", "control character (U+000A)"),
+    ("tab\there", "control character (U+0009)"),
+    ("del\x7f", "control character (U+007F)"),
+    ("a\u2028b", "line separator"),
+    ("a\u2029b", "paragraph separator"),
+    ("bad\udc80", "lone surrogate"),
+    (" lead", "begins or ends with a space"),
+    ("trail ", "begins or ends with a space"),
+    ("dir\u00a0/x", "begins or ends with a space"),
+    ("/".join(["d"] * 33), "more than 32 levels"),
+    ("x" * 256, "longer than 255 bytes"),
+    ("é" * 128, "longer than 255 bytes"),
+])
+def test_path_rules_refuse_with_a_reason(root: Path, path: str, why: str) -> None:
+    from sandbox.fs import normalize_path
+
+    with pytest.raises(InvalidPath) as err:
+        normalize_path(path)
+    assert why in str(err.value)
+    with pytest.raises(InvalidPath):
+        SafeRoot(str(root)).write_bytes_atomic(path, b"x")
+    assert sorted(p.name for p in root.iterdir()) == ["nb.ipynb", "sub"], "nothing was created"
+
+
+def test_path_rules_accept_and_normalise_to_nfc(root: Path) -> None:
+    import unicodedata
+
+    from sandbox.fs import normalize_path
+
+    nfd = unicodedata.normalize("NFD", "café/ünï.ipynb")
+    assert normalize_path(nfd) == unicodedata.normalize("NFC", nfd) != nfd
+    assert normalize_path("/".join(["d"] * 32)) == "/".join(["d"] * 32)
+    assert normalize_path("x" * 255) == "x" * 255
+    assert normalize_path("inner space ok/名前.ipynb") == "inner space ok/名前.ipynb"
+    # SafeRoot works on exact names: a non-NFC name is refused there, not silently another file
+    with pytest.raises(InvalidPath) as err:
+        SafeRoot(str(root)).write_bytes_atomic(unicodedata.normalize("NFD", "café"), b"x")
+    assert "NFC" in str(err.value)
+
+
+# ---- remove_tree ------------------------------------------------------------------------------
+
+def test_remove_tree_of_any_depth_follows_no_link(tmp_path: Path, outside: Path) -> None:
+    from sandbox.fs import remove_tree
+
+    top = tmp_path / "tree"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY)
+    for i in range(2100):
+        os.mkdir("n", dir_fd=fd)
+        if i % 300 == 0:
+            os.symlink(str(outside), "dirlink", dir_fd=fd)
+            os.symlink(str(outside / "secret"), "filelink", dir_fd=fd)
+            os.mkfifo("fifo", dir_fd=fd)
+        nxt = os.open("n", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    os.chmod(top / "n", 0o000)  # a folder its owner made unreadable: root goes through anyway
+    if os.geteuid() != 0:
+        os.chmod(top / "n", 0o700)
+    assert remove_tree(str(tmp_path), "tree") is True
+    assert not top.exists()
+    assert (outside / "secret").read_text() == "top secret"
+    assert remove_tree(str(tmp_path), "tree") is False
+    (tmp_path / "file").write_text("x")
+    os.symlink(str(outside), tmp_path / "link")
+    assert remove_tree(str(tmp_path), "file") and remove_tree(str(tmp_path), "link")
+    assert outside.is_dir() and not (tmp_path / "link").exists()
+    with pytest.raises(InvalidPath):
+        remove_tree(str(tmp_path), "a/b")
+
+
+def test_remove_tree_stops_at_a_mount_point(tmp_path: Path) -> None:
+    import subprocess
+
+    from sandbox.errors import SandboxError
+    from sandbox.fs import remove_tree
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tree" / "mnt"
+    mnt.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kptest", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        (mnt / "inside").write_text("kept")
+        with pytest.raises(SandboxError, match="mount point"):
+            remove_tree(str(tmp_path), "tree")
+        assert (mnt / "inside").read_text() == "kept"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_remove_tree_empties_a_folder_that_is_a_mount_point(tmp_path: Path) -> None:
+    import subprocess
+
+    from sandbox.fs import remove_tree
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    vol = tmp_path / "alice"
+    vol.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "kptest", str(vol)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        (vol / "d").mkdir()
+        (vol / "d" / "f").write_text("x")
+        assert remove_tree(str(tmp_path), "alice") is True
+        assert vol.is_dir() and list(vol.iterdir()) == [], "a volume per user is emptied, its mount point stays"
+    finally:
+        subprocess.run(["umount", str(vol)], check=False)
