@@ -215,7 +215,8 @@ def _sockets_of(server: KernelpoolServer, user: str) -> list[str]:
 
 async def test_planted_links_race_cannot_steer_the_server(race_server: KernelpoolServer) -> None:
     decoys = Decoys()
-    scratch = tempfile.mkdtemp(prefix="kp-race-", dir="/tmp")
+    # not /tmp: a kernel has a private one
+    scratch = tempfile.mkdtemp(prefix="kp-race-", dir="/var/tmp")
     try:
         await _race(race_server, decoys, scratch)
     finally:

@@ -40,6 +40,8 @@ METHODS = {
 SERVER_CONFIG = "a path from the server's configuration or the host (DATA itself, /proc, /sys/fs/cgroup, /etc): no tenant writes there"
 CGROUP = "cgroup file system under the server's own cgroup folder: root's, tenants cannot write it"
 DIR_FD = "one name resolved from a directory descriptor opened without following links; O_NOFOLLOW or follow_symlinks=False"
+KERNEL_SIDE = "runs inside the user's kernel, as the user's uid (the IPython %pip wrapper): not the server"
+FRESH_NS = "in a kernel's child before any user code runs, inside the fresh tmpfs of its own mount namespace"
 SERVICE = "a method of our own (NotebookService/SafeRoot), not a file-system call: reviewed where it is defined"
 
 REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
@@ -64,6 +66,28 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/tools.py", "build_mcp.execute_code", ".exists"): (1, SERVICE),
     ("kernelpool/users.py", "UserService._stop_processes", "os.path.isdir"): (1, "DATA/run/<uid>: root's"),
     ("kernelpool/users.py", "UserService._stop_processes", "os.listdir"): (1, "DATA/run/<uid>: root's, only root adds entries"),
+    ("kernelpool/events.py", "EventScope.__call__.send_and_bind", ".bind"): (1, "binds a stream to its MCP session in memory: no file"),
+    ("kernelpool/kernel_pip.py", "_free_bytes", "os.path.exists"): (1, KERNEL_SIDE),
+    ("kernelpool/kernel_pip.py", "_entries", "os.listdir"): (1, KERNEL_SIDE),
+    ("kernelpool/kernel_pip.py", "_remove_new", "os.path.isdir"): (1, KERNEL_SIDE),
+    ("kernelpool/kernel_pip.py", "_remove_new", "os.path.islink"): (1, KERNEL_SIDE),
+    ("kernelpool/kernel_pip.py", "_remove_new", "shutil.rmtree"): (1, KERNEL_SIDE),
+    ("kernelpool/kernel_pip.py", "_remove_new", "os.unlink"): (1, KERNEL_SIDE),
+    ("kernelpool/kernels.py", "KernelRegistry.reap_leftovers", "os.walk"): (1, CGROUP + "; os.walk follows no link"),
+    ("kernelpool/store.py", "schema_version_on_disk", "open"): (1, "DATA/kernelpool.db: root's folder"),
+    ("kernelpool/users.py", "UserService.clean_runtime", "os.scandir"):
+        (1, "DATA/run: root's, 0711; each entry is then removed with remove_tree (descriptors, no link followed)"),
+    ("kernelpool/users.py", "UserService._adopt_account", "os.path.realpath"):
+        (2, "an account's home and DATA/users/<name> (whose parent is root's), compared as strings: nothing is opened or written"),
+    ("kernelpool/zygote.py", "_zygote_env", "os.path.realpath"): (1, "kernelpool's own installed files"),
+    ("sandbox/launcher.py", "_join_cgroup", "os.open"): (1, CGROUP),
+    ("sandbox/views.py", "private_tmpfs", "os.path.isdir"): (1, FRESH_NS),
+    ("sandbox/views.py", "private_tmpfs", "os.makedirs"): (1, FRESH_NS),
+    ("sandbox/views.py", "_open_kept", "os.open"):
+        (1, "the kernel's own folders, opened O_NOFOLLOW|O_PATH in the child before user code runs; every parent is root's"),
+    ("sandbox/views.py", "hide_mounts", "open"): (1, "/proc/self/mountinfo"),
+    ("sandbox/views.py", "private_cgroupfs", "open"): (1, "/proc/self/cgroup"),
+    ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
     # sandbox: cgroups, accounts, host probes
     ("sandbox/_cgroupfs.py", "write_file", "os.open"): (1, CGROUP),
     ("sandbox/_cgroupfs.py", "read_file", "open"): (1, CGROUP),
@@ -91,7 +115,6 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/cgroups.py", "CgroupV2Backend._kill_all", "os.path.exists"): (1, CGROUP),
     ("sandbox/cgroups.py", "detect", "os.path.exists"): (1, CGROUP),
     ("sandbox/probe.py", "_has_cap_setuid", "open"): (1, "/proc/self/status"),
-    ("sandbox/launcher.py", "enter", "os.open"): (1, "the kernel's cgroup.procs files: " + CGROUP),
     ("sandbox/launcher.py", "enter", "os.chdir"): (1, "runs in the child after it dropped to the user's uid: the user's own access"),
     # sandbox/fs.py: SafeRoot, prepare_dir, remove_tree
     ("sandbox/fs.py", "SafeRoot._open_root", "os.open"):

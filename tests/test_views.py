@@ -202,7 +202,7 @@ _ = child.wait()
 
 @needs_sandbox
 async def test_cgroup_views_show_no_names_or_kernel_ids(srv: KernelpoolServer) -> None:
-    kernel_ids = [n[2:-5] for n in os.listdir(os.path.join(srv.data_dir, "run", "bob")) if n.endswith(".json")]
+    kernel_ids = srv.kernel_folders("bob")
     assert kernel_ids, "bob has a kernel"
     got = await run_as(srv, "alice", '''
 import json, os
