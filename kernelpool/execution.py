@@ -168,7 +168,7 @@ class _Outputs:
         if self._dropped_outputs:
             items.append(new_output("stream", name="stderr", text=(
                 f"[... {self._dropped_outputs} more outputs dropped: over the limit of "
-                f"{self._limits.outputs} outputs kept per cell ...]\n")))
+                f"{self._limits.outputs} outputs or {self._limits.execution_chars} characters kept per execution ...]\n")))
         return items
 
     @property
@@ -209,7 +209,7 @@ class _Outputs:
             if last >= 0 and last in self._streams and self._items[last].name == content.get("name"):
                 self._used += self._streams[last].add(content.get("text", ""), self.room)
                 return
-        if len(self._items) >= self._limits.outputs:
+        if len(self._items) >= self._limits.outputs or self.room <= 0:
             self._dropped_outputs += 1
             return
         out = _output(kind, content)
@@ -224,7 +224,7 @@ class _Outputs:
                 out["traceback"] = [_cut(line, self._limits.stream_chars, "traceback") for line in out["traceback"]]
             size = output_size(out)
             if size > self.room:
-                size = self._replace_by_note(out, size)
+                size = self._replace_by_note(out, size)  # the last one kept: the room is used up
             self._sizes[len(self._items)] = size
             self._used += size
         display_id = content.get("transient", {}).get("display_id")
@@ -240,7 +240,8 @@ class _Outputs:
         else:
             out["data"] = {"text/plain": note}
             out["metadata"] = {}
-        return len(note)
+        self._used = self._limits.execution_chars
+        return 0
 
     def _bounded_data(self, data: dict[str, Any]) -> dict[str, Any]:
         """Every MIME type bounded: text keeps head and tail, images and other payloads over their
