@@ -278,14 +278,15 @@ def tmpfs_server(server_args: list[str]) -> Iterator[KernelpoolServer]:
 
 
 FILL = """
-chunk = b'x' * (1 << 20)
-with open('fill', 'wb') as f:
-    for size in (1 << 20, 1 << 12, 1):
-        try:
-            while True:
-                f.write(chunk[:size]); f.flush()
-        except OSError as exc:
-            pass
+import os
+fd = os.open('fill', os.O_WRONLY | os.O_CREAT, 0o600)
+for size in (1 << 20, 1 << 12, 1):
+    try:
+        while True:
+            os.write(fd, b'x' * size)
+    except OSError:
+        pass
+os.close(fd)
 print('filled')
 """
 
