@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
+from kernelpool.client import KernelpoolClient
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
 from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
@@ -302,6 +303,8 @@ class KernelRegistry:
                 started_at=kernel.started_at,
             ))
             client = manager.client()
+            assert isinstance(client, KernelpoolClient)
+            client.max_message_bytes = self._settings.max_saved_execution_chars
             client.start_channels()
             kernel.client = client
             await client.wait_for_ready(timeout=self._settings.kernel_start_timeout)

@@ -13,7 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import statistics
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,7 +31,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import METRICS_TOKEN
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+from tests.server import ROOT, KernelpoolServer, make_data_dir, mcp_client, server_env
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
@@ -344,3 +347,77 @@ async def test_disk_full_loses_no_audit_row_and_refuses_writes_clearly(tmpfs_ser
     assert "audit: writing" in log and "they stay queued" in log and "audit: writes work again" in log
     doctor = kp.cli("doctor", "--json", check=False)
     assert json.loads(doctor.stdout)["disk"]["free_bytes"] > 2**20
+
+
+# ---- (1, 8) bob's latency and the server's memory while alice sits at every cap -------------
+
+async def test_bob_keeps_his_latency_while_alice_sits_at_every_cap(server: KernelpoolServer,
+                                                                   server_args: list[str]) -> None:
+    kp = server
+    caps = {"KERNELPOOL_MAX_SESSIONS_PER_USER": "20", "KERNELPOOL_MAX_KERNELS_PER_USER": "3",
+            "KERNELPOOL_MAX_RESULT_BYTES_PER_USER": "8000000", "KERNELPOOL_MAX_RESULT_BYTES": "16000000",
+            "KERNELPOOL_MAX_SAVED_EXECUTION_CHARS": "4000000", "KERNELPOOL_POOL_SIZE": "0",
+            "KERNELPOOL_USER_CPUS": "0.25", "KERNELPOOL_TRUSTED_PROXIES": "127.0.0.1",
+            "KERNELPOOL_AUTH_FAILURES_BEFORE_BACKOFF": "5"}
+    kp.env |= caps
+    kp.add_user("alice")
+    kp.add_user("bob")
+    kp.start(*server_args)
+    proc = psutil.Process(kp.proc.pid)
+
+    async def timed(c: Any) -> float:
+        start = time.perf_counter()
+        r = await c.call_tool("execute_code", {"code": "1+1"})
+        elapsed = time.perf_counter() - start
+        assert not r.is_error and texts(r) == ["2"], texts(r)
+        return elapsed
+
+    load = None
+    try:
+        async with mcp_client(kp.url, kp.tokens["bob"], mode="legacy") as b:
+            await b.call_tool("use_notebook", {"notebook": "b.ipynb", "mode": "create"})
+            for _ in range(30):
+                await timed(b)
+            rss_base = proc.memory_info().rss
+            load = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.misbehave", "--url", kp.url, "--token", kp.tokens["alice"],
+                 "--duration", "900", "--bad-address", "198.51.100.9"],
+                cwd=ROOT, env=kp.env, stdout=subprocess.PIPE, text=True)
+            assert load.stdout is not None
+            assert (await asyncio.to_thread(load.stdout.readline)).strip() == "ready"
+            await asyncio.sleep(20)  # alice reaches her caps
+            idle: list[float] = []
+            loaded: list[float] = []
+            rss_max = 0
+            # interleaved blocks, so that the machine's own load (shared, noisy) hits both alike
+            for _ in range(6):
+                os.kill(load.pid, signal.SIGSTOP)
+                await asyncio.sleep(2)
+                idle += [await timed(b) for _ in range(15)]
+                os.kill(load.pid, signal.SIGCONT)
+                await asyncio.sleep(2)
+                loaded += [await timed(b) for _ in range(15)]
+                rss_max = max(rss_max, proc.memory_info().rss)
+                async with mcp_client(kp.url, kp.tokens["bob"], mode="legacy") as b2:
+                    r = await b2.call_tool("use_notebook", {"notebook": "b.ipynb"})
+                    assert not r.is_error and r.structured_content["active"] is True, "bob opens sessions"
+            metrics = httpx2.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    finally:
+        if load is not None:
+            os.kill(load.pid, signal.SIGCONT)
+            load.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.to_thread(load.communicate, timeout=60)
+    counts = json.loads(out.strip().splitlines()[-1])
+    # alice was at every cap: refused sessions, kernels and tokens, results dropped, output flooding
+    assert counts.get("session_429", 0) > 0 and counts.get("session_200", 0) == 20, counts
+    assert counts.get("kernel_refused", 0) > 0 and counts.get("bad_token_429", 0) > 0, counts
+    assert counts.get("output_ok", 0) >= 4 and counts.get("background_started", 0) >= 8, counts
+    held = float(re.search(r"^kernelpool_result_bytes (\S+)$", metrics, re.M).group(1))
+    assert 4_000_000 <= held <= 8_000_000, held
+    idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
+    assert loaded_p50 <= 2 * idle_p50, f"bob's p50: idle {idle_p50 * 1000:.1f} ms, alice at every cap {loaded_p50 * 1000:.1f} ms"
+    # the README's bound: max_result_bytes + running executions x max_saved_execution_chars + 100 MiB
+    bound = 16_000_000 + 4 * 4_000_000 + 100 * 2**20
+    assert rss_max - rss_base <= bound, f"server grew {(rss_max - rss_base) / 2**20:.0f} MiB (bound {bound / 2**20:.0f})"
+    print(f"bob p50 idle {idle_p50 * 1000:.1f} ms, loaded {loaded_p50 * 1000:.1f} ms; "
+          f"server RSS {rss_base / 2**20:.0f} -> max {rss_max / 2**20:.0f} MiB; alice: {counts}")
