@@ -217,6 +217,24 @@ async def test_background_results_are_bounded_per_user(server: KernelpoolServer,
     metrics = httpx2.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     held = float(re.search(r"^kernelpool_result_bytes (\S+)$", metrics, re.M).group(1))
     assert held <= 4_000_000
+    # display outputs of every MIME type are bounded like streams (the 5 x 40 MB of text/plain)
+    server = psutil.Process(kp.proc.pid)
+    rss_before = server.memory_info().rss
+    flood = ("for i in range(5):\n    display({'text/plain': str(i) * 40_000_000}, raw=True)\n"
+             "display({'text/plain': 'p' * 3_000_000, 'text/html': 'h' * 3_000_000, 'application/json': {'k': 'j' * 3_000_000}}, raw=True)")
+    async with mcp_client(kp.url, kp.tokens["alice"], mode="auto") as c:
+        r = await c.call_tool("insert_execute_code_cell", {"notebook": "a.ipynb", "cell_index": -1, "cell_source": flood,
+                                                           "timeout": 300})
+        assert not r.is_error and "dropped unread" in texts(r)[0] and len("".join(texts(r))) < 25_000
+    grown = server.memory_info().rss - rss_before
+    assert grown < 100 * 2**20, f"server grew by {grown / 2**20:.0f} MiB for 200 MB of display output"
+    nb = nbformat.read(os.path.join(kp.data_dir, "users", "alice", "a.ipynb"), as_version=4)
+    outputs = nb.cells[-1].outputs
+    assert [("dropped unread" in o.data["text/plain"]) for o in outputs] == [True] * 5 + [False]
+    last = outputs[5].data
+    assert len(last["text/plain"]) < 2_100_000 and last["text/plain"].startswith("ppp") and "dropped" in last["text/plain"]
+    assert len(last["text/html"]) < 2_100_000 and "application/json" not in last
+    assert os.path.getsize(os.path.join(kp.data_dir, "users", "alice", "a.ipynb")) < 6 * 2**20
 
 
 # ---- (6) failed authentication is throttled per address ---------------------------------------
