@@ -342,6 +342,13 @@ async def test_disk_full_loses_no_audit_row_and_refuses_writes_clearly(tmpfs_ser
         r = await b.call_tool("execute_code", {"code": "40+2"})
         made.append(("execute_code", "ok"))
         assert "42" in texts(r)[0]
+        r = await b.call_tool("execute_cell", {"cell_index": 0})
+        made.append(("execute_cell", "ok"))
+        assert not r.is_error and "[not saved in the notebook]" in texts(r)[0] and "disk_free_floor" in texts(r)[0]
+        assert texts(r)[-1] == "2" and r.structured_content["saved"] is False, "the result still comes back"
+        await a.call_tool("unuse_notebook", {"notebook": "a.ipynb"})
+        r = await a.call_tool("use_notebook", {"notebook": "a.ipynb"})
+        assert r.is_error and "refused to start a kernel" in texts(r)[0], texts(r)
         for _ in range(20):
             await b.call_tool("list_notebooks", {})
             made.append(("list_notebooks", "ok"))
