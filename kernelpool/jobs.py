@@ -210,9 +210,11 @@ class JobService:
     def _drop(self, job: Job, why: str) -> None:
         self._jobs.pop(job.id, None)
         self._finished.pop(job.id, None)
-        self._held[job.user] -= job.size
-        if not self._held[job.user]:
-            del self._held[job.user]
+        left = self._held.get(job.user, 0) - job.size
+        if left > 0:
+            self._held[job.user] = left
+        else:
+            self._held.pop(job.user, None)
         saved = " Its outputs were saved in the notebook: read them with read_cell." if job.saved_index is not None else ""
         self._expired[job.id] = (job.user, f"its result was dropped because {why}.{saved} Fetch results sooner "
                                            "(get_execution with wait), or make the code print less")

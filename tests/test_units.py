@@ -7,7 +7,7 @@ import time
 import pytest
 
 from kernelpool.cli import parse_when
-from kernelpool.errors import LimitReached, PathRefused
+from kernelpool.errors import InvalidArgument, LimitReached, PathRefused
 from kernelpool.execution import OutputLimits, _Outputs, _Stream, outputs_size
 from kernelpool.notebooks import check_notebook_path
 from kernelpool.outputs import strip_ansi, truncate
@@ -162,3 +162,37 @@ async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) 
     nb = await svc.load("u", "n.ipynb")
     nbformat.validate(nb)
     assert [c.source for c in nb.cells] == [f"x = {i}" for i in range(5)]
+
+
+def test_finished_results_are_bounded_per_user_and_overall() -> None:
+    from nbformat.v4 import new_output
+
+    from kernelpool.config import Settings
+    from kernelpool.errors import ResultExpired
+    from kernelpool.execution import ExecutionResult
+    from kernelpool.jobs import Job, JobService
+    from kernelpool.metrics import Metrics
+
+    # only the bookkeeping of finished results runs here: no kernel, notebook or user is touched
+    jobs = JobService(Settings(max_result_bytes_per_user=2500, max_result_bytes=4000), None, None, None, Metrics())  # type: ignore[arg-type]
+
+    def finish(user: str, size: int) -> Job:
+        job = Job(id=f"{user}-{len(jobs._jobs)}", user=user, notebook="n.ipynb", cell_id=None, background=True)
+        job.result = ExecutionResult("ok", outputs=[new_output("stream", name="stdout", text="x" * size)] if size else [])
+        jobs._jobs[job.id] = job
+        jobs._hold(job)
+        return job
+
+    a = [finish("alice", 1000) for _ in range(3)]
+    zero = finish("alice", 0)
+    assert jobs.result_bytes("alice") == 2000 and "alice-0" not in jobs._jobs, "the oldest went first"
+    with pytest.raises(ResultExpired, match="max_result_bytes_per_user"):
+        jobs.get("alice", a[0].id)
+    with pytest.raises(InvalidArgument):
+        jobs.get("bob", a[0].id)  # another user's id: not even "expired"
+    b = [finish("bob", 1000) for _ in range(2)]
+    finish("bob", 500)  # 4500 in all, over 4000: the biggest holder (bob, 2500 against 2000) loses its oldest
+    assert jobs.result_bytes() <= 4000 and b[0].id not in jobs._jobs and a[1].id in jobs._jobs
+    jobs._drop(zero, "test")
+    jobs._drop(a[1], "test")
+    assert jobs.result_bytes("alice") == 1000
