@@ -38,6 +38,40 @@ _IOPUB_S = 0.5  # after the reply, how long IOPub may take to show it is connect
 _STREAM_NAME = re.compile(rb'"name"\s*:\s*"(stdout|stderr)"')
 
 
+_TEXT_START = re.compile(rb'"text"\s*:\s*"')
+
+
+def _json_piece(raw: bytes) -> str | None:
+    try:
+        value = json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _head_and_tail(content: bytes, keep: int, size: int) -> str | None:
+    """The first and last `keep` bytes of a stream message's text, decoded without parsing the
+    rest (ipykernel batches a fast writer's output into one message: a loop that prints 200 MB
+    can send 40 MB at once). None when the content does not look like ipykernel's."""
+    found = _TEXT_START.search(content[:200])
+    end = content.rstrip().rfind(b'"')
+    if found is None or end <= found.end() + 2 * keep:
+        return None
+    start = found.end()
+    head = tail = None
+    for trim in range(13):  # a cut inside an escape (\uXXXX\uXXXX) or a UTF-8 character
+        head = head if head is not None else _json_piece(content[start:start + keep - trim])
+        if tail is None:
+            at = end - keep + trim
+            backslashes = len(content[:at]) - len(content[:at].rstrip(b"\\"))
+            if backslashes % 2 == 0:  # not the second half of an escape
+                tail = _json_piece(content[at:end])
+    if head is None or tail is None:
+        return None
+    return (f"{head}\n[... about {size - 2 * keep} bytes of output dropped unread: one message over the "
+            f"limit kept per execution (max_saved_execution_chars) ...]\n{tail}")
+
+
 class _BoundedIOPubChannel(AsyncZMQSocketChannel):  # type: ignore[misc]
     max_bytes = 0  # content larger than this is replaced by a note, unparsed (0 = no limit)
 
@@ -56,7 +90,9 @@ class _BoundedIOPubChannel(AsyncZMQSocketChannel):  # type: ignore[misc]
         kind = header.get("msg_type")
         if kind == "stream":
             name = _STREAM_NAME.search(smsg[4][:200])
-            content: dict[str, Any] = {"name": name.group(1).decode() if name else "stdout", "text": note + "\n"}
+            text = _head_and_tail(smsg[4], self.max_bytes // 8, content_size)
+            content: dict[str, Any] = {"name": name.group(1).decode() if name else "stdout",
+                                       "text": text if text is not None else note + "\n"}
         elif kind == "error":
             content = {"ename": "OutputTooLarge", "evalue": note, "traceback": [note]}
         elif kind in ("display_data", "execute_result", "update_display_data"):

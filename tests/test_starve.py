@@ -226,10 +226,17 @@ async def test_background_results_are_bounded_per_user(server: KernelpoolServer,
         r = await c.call_tool("insert_execute_code_cell", {"notebook": "a.ipynb", "cell_index": -1, "cell_source": flood,
                                                            "timeout": 300})
         assert not r.is_error and "dropped unread" in texts(r)[0] and len("".join(texts(r))) < 25_000
+        # one stream message over the limit (ipykernel sends a single big write as one): head and tail kept
+        r = await c.call_tool("insert_execute_code_cell", {"notebook": "a.ipynb", "cell_index": -1, "timeout": 300,
+                                                           "cell_source": "import sys; _ = sys.stdout.write('s' * 30_000_000 + 'THE END\\n')"})
+        shown = "".join(texts(r))
+        assert shown.startswith("sss") and shown.rstrip().endswith("THE END") and len(shown) < 25_000, shown[-300:]
     grown = server.memory_info().rss - rss_before
     assert grown < 100 * 2**20, f"server grew by {grown / 2**20:.0f} MiB for 200 MB of display output"
     nb = nbformat.read(os.path.join(kp.data_dir, "users", "alice", "a.ipynb"), as_version=4)
-    outputs = nb.cells[-1].outputs
+    big = nb.cells[-1].outputs[0].text
+    assert big.startswith("sss") and big.endswith("THE END\n") and "output dropped" in big and len(big) < 2_100_000
+    outputs = nb.cells[-2].outputs
     assert [("dropped unread" in o.data["text/plain"]) for o in outputs] == [True] * 5 + [False]
     last = outputs[5].data
     assert len(last["text/plain"]) < 2_100_000 and last["text/plain"].startswith("ppp") and "dropped" in last["text/plain"]

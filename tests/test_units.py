@@ -196,3 +196,21 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
     jobs._drop(zero, "test")
     jobs._drop(a[1], "test")
     assert jobs.result_bytes("alice") == 1000
+
+
+def test_an_oversized_stream_message_keeps_head_and_tail_unparsed() -> None:
+    import json
+
+    from kernelpool.client import _head_and_tail
+
+    body = "".join(("é\"\\\n" if i % 7 == 0 else "abc\u2603") for i in range(100_000)) + "THE END\n"
+    raw = json.dumps({"name": "stdout", "text": body}, ensure_ascii=False).encode()
+    for keep in (1000, 1001, 1002, 1003, 1005, 5003):  # cuts land inside escapes and UTF-8 characters
+        text = _head_and_tail(raw, keep, len(raw))
+        assert text is not None
+        head, _, rest = text.partition("\n[... about ")
+        assert "bytes of output dropped unread" in rest
+        tail = rest.split(" ...]\n", 1)[1]
+        assert body.startswith(head) and len(head) > keep // 4
+        assert body.endswith(tail) and tail.endswith("THE END\n")
+    assert _head_and_tail(b'{"data": {}}', 10, 12) is None
