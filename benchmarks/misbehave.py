@@ -55,6 +55,14 @@ class Misbehaver:
         self.fill_hold = fill_hold
         self.counts: Counter[str] = Counter()
         self.held_sessions: list[str] = []
+        self._stopped = False
+
+    def stop(self) -> None:
+        """End every loop after its current call (a SIGTERM handler calls this)."""
+        self._stopped = True
+
+    def _going(self, stop_at: float) -> bool:
+        return not self._stopped and time.monotonic() < stop_at
 
     def _headers(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.token}", "Accept": "application/json, text/event-stream",
@@ -83,7 +91,7 @@ class Misbehaver:
     async def _sessions(self, stop_at: float) -> None:
         # open sessions and never close them: past the per-user cap each attempt is refused
         async with httpx2.AsyncClient(timeout=60) as http:
-            while time.monotonic() < stop_at:
+            while self._going(stop_at):
                 with contextlib.suppress(httpx2.HTTPError):
                     r = await http.post(self.url, json=INIT, headers=self._headers())
                     self.counts[f"session_{r.status_code}"] += 1
@@ -93,7 +101,7 @@ class Misbehaver:
 
     async def _output(self, stop_at: float, notebook: str, code: str) -> None:
         async with mcp_client(self.url, self.token, mode="auto") as c:
-            while time.monotonic() < stop_at:
+            while self._going(stop_at):
                 with contextlib.suppress(Exception):
                     r = await c.call_tool("execute_code", {"notebook": notebook, "code": code, "timeout": 60})
                     self.counts["output_" + ("error" if r.is_error else "ok")] += 1
@@ -102,7 +110,7 @@ class Misbehaver:
     async def _results(self, stop_at: float) -> None:
         # background results never fetched: past max_result_bytes_per_user the oldest are dropped
         async with mcp_client(self.url, self.token, mode="auto") as c:
-            while time.monotonic() < stop_at:
+            while self._going(stop_at):
                 with contextlib.suppress(Exception):
                     r = await c.call_tool("execute_code", {"notebook": "k2.ipynb", "background": True,
                                                            "code": "print('r' * 2_000_000)"})
@@ -112,7 +120,7 @@ class Misbehaver:
     async def _kernels(self, stop_at: float) -> None:
         async with mcp_client(self.url, self.token, mode="auto") as c:
             n = 0
-            while time.monotonic() < stop_at:
+            while self._going(stop_at):
                 with contextlib.suppress(Exception):
                     r = await c.call_tool("use_notebook", {"notebook": f"extra{n % 3}.ipynb",
                                                            "mode": "create" if n < 3 else "connect"})
@@ -124,7 +132,7 @@ class Misbehaver:
         assert self.bad_address is not None
         headers = self._headers(f"kp_bad_{random.randrange(10**9)}") | {"X-Forwarded-For": self.bad_address}
         async with httpx2.AsyncClient(timeout=60) as http:
-            while time.monotonic() < stop_at:
+            while self._going(stop_at):
                 with contextlib.suppress(httpx2.HTTPError):
                     r = await http.post(self.url, json=INIT, headers=headers)
                     self.counts[f"bad_token_{r.status_code}"] += 1
@@ -133,7 +141,7 @@ class Misbehaver:
     async def _fill(self, stop_at: float) -> None:
         async with mcp_client(self.url, self.token, mode="auto") as c:
             await c.call_tool("use_notebook", {"notebook": "k0.ipynb"})
-            while time.monotonic() < stop_at:
+            while self._going(stop_at):
                 with contextlib.suppress(Exception):
                     r = await c.call_tool("execute_code", {"notebook": "k0.ipynb", "timeout": 300,
                                                            "code": FILL % {"hold": self.fill_hold}})
@@ -150,20 +158,20 @@ def main() -> int:
     p.add_argument("--bad-address", help="X-Forwarded-For of the bad-token flood (the server must trust us as a proxy)")
     p.add_argument("--fill", action="store_true", help="a kernel fills the data folder's disk, holds, frees; repeat")
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.getLogger("mcp").setLevel(logging.CRITICAL)
     m = Misbehaver(args.url, args.token, args.bad_address, args.fill)
 
-    async def go() -> dict[str, Any]:
+    async def go() -> None:
+        # SIGTERM ends the loops after their current call, and the summary is still printed
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, m.stop)
         await m.setup(args.kernels)
         print("ready", flush=True)
-        return await m.run(args.duration)
+        await m.run(args.duration)
 
     try:
-        counts = asyncio.run(go())
-    except KeyboardInterrupt:
-        counts = dict(m.counts)
-    print(json.dumps(counts), flush=True)
+        asyncio.run(go())
+    finally:
+        print(json.dumps(dict(m.counts)), flush=True)
     return 0
 
 
