@@ -2,6 +2,7 @@
 
     python -m benchmarks.soak [--sessions 24] [--users 6] [--duration 180] [--kill-every 10]
                               [--drop-every 7] [--restart sigterm|sigkill|none] [--json FILE]
+                              [--misbehave] [--tmpfs 256m]
 
 Each session appends cells that print its own tag to its own notebook, over a real server and
 the real MCP client. Meanwhile kernels are SIGKILLed at random, clients drop mid-call, and the
@@ -10,6 +11,13 @@ server is restarted halfway. At the end it checks:
   cross-talk) and every cell whose call succeeded is there with its own output;
 - after the final graceful stop: no kernel process, no cgroup, no ipc socket is left;
 - the server's file descriptors and RSS did not grow past a stated bound during the second half.
+
+`--misbehave` adds a user working against everyone else (benchmarks/misbehave.py: floods of
+sessions, output, background results and bad tokens, kernels at the cap); `--tmpfs SIZE` puts the
+data folder on a tmpfs of that size (root) and has that user's kernel fill it, hold it full and
+free it, again and again. The others' calls must still meet their checks: every session gets
+cells through, and (without a SIGKILL restart, which loses what was queued) every call that
+answered ok is in the audit log.
 Exit status 1 when a check fails (never because something was slow).
 """
 
@@ -23,6 +31,8 @@ import logging
 import os
 import random
 import signal
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +41,7 @@ import anyio
 import nbformat
 import psutil
 
+from benchmarks.misbehave import Misbehaver
 from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
 
 RSS_GROWTH_BOUND = 64 * 2**20  # bytes the server may grow in the measured window
@@ -44,6 +55,7 @@ class Session:
     notebook: str
     tag: str
     ok_cells: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
     errors: int = 0
     drops: int = 0
     calls: int = 0
@@ -105,9 +117,11 @@ async def run_session(kp: KernelpoolServer, s: Session, stop_at: float, drop_eve
                         faults.client_drops += 1
                         n += 1
                         break
+                    began = time.monotonic()
                     r = await c.call_tool("insert_execute_code_cell",
                                           {"notebook": s.notebook, "cell_index": -1, "cell_source": code})
                     if not r.is_error and r.structured_content.get("status") == "ok":
+                        s.latencies.append(time.monotonic() - began)
                         out = "".join(b.text for b in r.content if b.type == "text")
                         if out != f"{s.tag} {n}\n":
                             raise AssertionError(f"session {s.index} got {out!r} for cell {n}")
@@ -180,8 +194,15 @@ async def soak(args: argparse.Namespace) -> dict:
     env["KERNELPOOL_UID_MIN"], env["KERNELPOOL_UID_MAX"] = "64000", "64999"
     env["KERNELPOOL_ACCOUNT_PREFIX"] = f"kps{os.getpid() % 100000}-"
     env["KERNELPOOL_CGROUP_PREFIX"] = f"kernelpool-soak-{os.getpid()}"
-    kp = KernelpoolServer(make_data_dir(), env)
+    if args.misbehave:
+        env |= {"KERNELPOOL_MAX_KERNELS_PER_USER": "8", "KERNELPOOL_MAX_SESSIONS_PER_USER": "20",
+                "KERNELPOOL_TRUSTED_PROXIES": "127.0.0.1", "KERNELPOOL_DISK_FREE_FLOOR": "8M"}
+    data_dir = make_data_dir()
+    if args.tmpfs:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs},mode=0711", "kp-soak", data_dir], check=True)
+    kp = KernelpoolServer(data_dir, env)
     serve_args = [] if os.geteuid() == 0 else ["--insecure-no-sandbox"]
+    mallory: asyncio.Task[dict] | None = None
     faults = Faults()
     samples: list[tuple[float, int, int, int]] = []
     problems: list[str] = []
@@ -190,6 +211,8 @@ async def soak(args: argparse.Namespace) -> dict:
         users = [f"soak{i}" for i in range(args.users)]
         for u in users:
             kp.add_user(u)
+        if args.misbehave:
+            kp.add_user("mallory")
         kp.start(*serve_args)
         sessions = [Session(i, users[i % len(users)], f"s{i}.ipynb", f"tag-{i}-{random.randrange(10**6)}")
                     for i in range(args.sessions)]
@@ -198,6 +221,15 @@ async def soak(args: argparse.Namespace) -> dict:
                 async with mcp_client(kp.url, kp.tokens[s.user], mode="auto") as c:
                     await c.call_tool("use_notebook", {"notebook": s.notebook, "mode": "create"})
         stop_at = time.monotonic() + args.duration
+        if args.misbehave:
+            bad = Misbehaver(kp.url, kp.tokens["mallory"], bad_address="198.51.100.66", fill=bool(args.tmpfs))
+
+            async def misbehave() -> dict:
+                await bad.setup(3)
+                # until a third of the run, so that a restart (which forgets sessions) comes after
+                return await bad.run(args.duration / 3 if args.restart != "none" else args.duration)
+
+            mallory = asyncio.create_task(misbehave())
         restarting = asyncio.Event()
         stop_monitor = asyncio.Event()
         mon = asyncio.create_task(monitor(kp, samples, stop_monitor))
@@ -222,7 +254,18 @@ async def soak(args: argparse.Namespace) -> dict:
         kill_task.cancel()
         stop_monitor.set()
         await asyncio.gather(kill_task, mon, return_exceptions=True)
+        misbehaved: dict | str | None = None
+        if mallory is not None:
+            try:
+                misbehaved = await mallory
+            except Exception as exc:  # the misbehaving user is not checked, only reported
+                misbehaved = f"{type(exc).__name__}: {exc}"
         problems += check_notebooks(kp, sessions)
+        starved = [s.index for s in sessions if not s.ok_cells]
+        if starved:
+            problems.append(f"sessions that got no cell through: {starved}")
+        if args.restart != "sigkill":
+            problems += check_audit(kp, sessions)
         code = kp.stop(signal.SIGTERM)
         if code not in (0, -signal.SIGTERM):
             problems.append(f"server exited with {code} on SIGTERM")
@@ -252,10 +295,29 @@ async def soak(args: argparse.Namespace) -> dict:
             "faults": faults.__dict__, "server_rss_max_mib": round(max(x[2] for x in samples) / 2**20, 1) if samples else None,
             "server_rss_growth_mib": round(rss_growth / 2**20, 1), "server_fd_growth": fd_growth,
             "elapsed_s": round(time.monotonic() - started, 1), "problems": problems,
+            "ok_call_p50_ms": round(statistics.median(lat) * 1000, 1) if (lat := [x for s in sessions for x in s.latencies]) else None,
+            "misbehaving_user": misbehaved,
         }
         return report
     finally:
         kp.cleanup()
+        if args.tmpfs:
+            if subprocess.run(["umount", data_dir]).returncode != 0:
+                subprocess.run(["umount", "-l", data_dir])
+            with contextlib.suppress(OSError):
+                os.rmdir(data_dir)
+
+
+def check_audit(kp: KernelpoolServer, sessions: list[Session]) -> list[str]:
+    """Every cell that answered ok has its call in the audit log (none lost, full disk or not)."""
+    problems = []
+    rows = [json.loads(line) for line in kp.cli("audit", "--json", "--limit", "10000000").stdout.splitlines()]
+    for user in {s.user for s in sessions}:
+        logged = sum(1 for r in rows if r["user"] == user and r["tool"] == "insert_execute_code_cell" and r["outcome"] == "ok")
+        ok = sum(len(s.ok_cells) for s in sessions if s.user == user)
+        if logged < ok:
+            problems.append(f"audit log of {user}: {logged} ok executions logged, {ok} answered ok")
+    return problems
 
 
 def main() -> int:
@@ -267,6 +329,8 @@ def main() -> int:
     p.add_argument("--drop-every", type=float, default=7.0, help="mean seconds between a session's client drops")
     p.add_argument("--restart", choices=["sigterm", "sigkill", "none"], default="sigkill")
     p.add_argument("--json", help="write the report here too")
+    p.add_argument("--misbehave", action="store_true", help="one more user floods sessions, output, results and bad tokens")
+    p.add_argument("--tmpfs", help="data folder on a tmpfs of this size (root); the misbehaving user fills it")
     args = p.parse_args()
     # a SIGTERM (a timeout, a CI stop) must still run the clean-up: users, accounts, cgroups
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -8,23 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import logging
+import math
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernelpool import __version__
 from kernelpool.auth import SCOPE, StoreTokenVerifier, create_token
 from kernelpool.config import Settings
+from kernelpool.disk import DiskSpace
+from kernelpool.errors import LimitReached
 from kernelpool.events import EventScope, SessionEventStore
 from kernelpool.isolation import Isolation, decide
 from kernelpool.jobs import JobService
@@ -36,6 +44,7 @@ from kernelpool.resources import notebook_uri
 from kernelpool.services import Services
 from kernelpool.sessions import SessionContexts
 from kernelpool.store import Store
+from kernelpool.throttle import AuthThrottle
 from kernelpool.tools import build_mcp
 from kernelpool.users import UserService
 from kernelpool.zygote import ForkServer
@@ -56,25 +65,31 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                announce: Callable[[str], None] | None = None) -> Starlette:
     """Build the app; `isolation` defaults to what `isolation.decide` finds (it raises where the host cannot isolate)."""
     iso = isolation or decide(settings)
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, audit_queue_max=settings.audit_queue_max)
     metrics = Metrics()
     users = UserService(settings, store, isolated=iso.sandboxed)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    disk = DiskSpace(settings.data_dir, settings.disk_free_floor_bytes)
 
     def root_of(user: str) -> SafeRoot:
         uid, gid = users.owner(user)
         return SafeRoot(users.folder(user), uid, gid)
 
-    notebooks = NotebookService(root_of)
+    notebooks = NotebookService(root_of, disk_check=disk.check)
     kernels = KernelRegistry(settings, store, users, iso.cgroups)
+    kernels.disk_check = disk.check
     notices = Notices(settings.session_idle_timeout)
     events = _event_store(settings, notices)
     services = Services(
         settings=settings, store=store, users=users, notebooks=notebooks, kernels=kernels,
         jobs=JobService(settings, kernels, notebooks, users, metrics),
-        sessions=SessionContexts(settings.session_idle_timeout), metrics=metrics, notices=notices, events=events,
+        sessions=SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user), metrics=metrics,
+        notices=notices, events=events,
     )
     notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
     verifier = StoreTokenVerifier(store, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc())
+    throttle = AuthThrottle(settings.auth_failures_before_backoff, settings.auth_failure_window,
+                            settings.auth_backoff, settings.trusted_proxies)
     url = base_url(settings)
     auth = AuthSettings(
         issuer_url=AnyHttpUrl(url), resource_server_url=AnyHttpUrl(f"{url}/mcp"), required_scopes=[SCOPE],
@@ -90,16 +105,33 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     mcp_app = mcp.streamable_http_app(
         transport_security=security, session_idle_timeout=settings.session_idle_timeout, host=settings.host,
         event_store=events, retry_interval=settings.sse_retry_ms if events is not None else None,
+        max_sessions=settings.max_sessions,
     )
+    manager = mcp.session_manager
+    # The SDK keeps its open sessions in this dict and offers no public view of them (mcp 2.3.0,
+    # pinned in requirements.lock); tests/test_starve.py fails if a session's end is not seen here.
+    services.sessions.set_live(lambda: manager._server_instances)
+    manager.asgi_app = _SessionGate(manager.asgi_app, services.sessions)  # type: ignore[assignment]
     metrics.add_gauges(lambda: _live_gauges(services))
 
     async def healthz(request: Request) -> Response:
+        space = disk.report()
         return JSONResponse({
-            "status": "ok", "version": __version__, "isolation": iso.describe(),
+            "status": "ok" if not space["low"] else "disk low", "version": __version__, "isolation": iso.describe(),
             "kernels": len(services.kernels.all()), "warm_kernels": len(services.kernels.pooled()),
+            "kernels_counted": services.kernels.count(), "disk": space,
+            "audit": {"pending": store.audit_pending, "dropped": store.audit_dropped, "failing": store.audit_failing},
         })
 
     async def metrics_endpoint(request: Request) -> Response:
+        # per-user names and usage: only for the holder of metrics_token (see README, Monitoring)
+        if settings.metrics_token is None:
+            return PlainTextResponse("metrics are off: set metrics_token and scrape with "
+                                     "'Authorization: Bearer <metrics_token>'\n", status_code=403)
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.metrics_token}".encode()):
+            return PlainTextResponse("metrics need 'Authorization: Bearer <metrics_token>'\n", status_code=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="kernelpool-metrics"'})
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
@@ -141,6 +173,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
 
     app = Starlette(
         routes=[Route("/healthz", healthz), Route("/metrics", metrics_endpoint), Mount("/", app=EventScope(mcp_app, events) if events is not None else mcp_app)],
+        middleware=[Middleware(_AuthGuard, throttle=throttle, verifier=verifier)],
         lifespan=lifespan,
     )
     app.state.services = services
@@ -186,6 +219,96 @@ async def _start_fork_server(settings: Settings, kernels: KernelRegistry) -> For
     return fork_server
 
 
+class _SessionGate:
+    """Around the SDK's session manager (inside its auth): a request that would open an MCP session
+    is counted against its user's `max_sessions_per_user` first, and the id it gets is recorded as
+    issued to that user (`SessionContexts`)."""
+
+    def __init__(self, app: ASGIApp, sessions: SessionContexts) -> None:
+        self.app = app
+        self.sessions = sessions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        user = getattr(getattr(scope.get("user"), "access_token", None), "client_id", None)
+        if user is None or not _opens_session(scope):
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.sessions.reserve(user)
+        except LimitReached as exc:
+            body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32000, "message": str(exc)}}
+            await JSONResponse(body, status_code=429)(scope, receive, send)
+            return
+        recorded = False
+
+        async def watch(message: Message) -> None:
+            nonlocal recorded
+            if message["type"] == "http.response.start" and not recorded:
+                recorded = True
+                sid = None
+                if message["status"] < 400:
+                    sid = next((v.decode("latin-1") for k, v in message.get("headers", []) if k.lower() == b"mcp-session-id"), None)
+                self.sessions.opened(user, sid)  # before the client can see the id and use it
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if not recorded:
+                self.sessions.opened(user, None)
+
+
+def _opens_session(scope: Scope) -> bool:
+    # as the SDK decides it: a POST without a session id, in a handshake protocol (or none named)
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    headers = dict(scope["headers"])
+    if b"mcp-session-id" in headers:
+        return False
+    version = headers.get(b"mcp-protocol-version")
+    return version is None or version.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS
+
+
+class _AuthGuard:
+    """Failed authentication per client address (`AuthThrottle`): counts the 401s the app answers,
+    and answers 429 with Retry-After to an address in back-off, unless its request's token is valid."""
+
+    def __init__(self, app: ASGIApp, throttle: AuthThrottle, verifier: StoreTokenVerifier) -> None:
+        self.app = app
+        self.throttle = throttle
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        address = self.throttle.client_address(scope)
+        wait = self.throttle.retry_after(address)
+        if wait > 0 and not await self._valid_token(scope):
+            self.throttle.refused(address)
+            body = {"error": "too many failed authentications from your address",
+                    "retry_after": math.ceil(wait)}
+            await Response(json.dumps(body), status_code=429, media_type="application/json",
+                           headers={"Retry-After": str(math.ceil(wait))})(scope, receive, send)
+            return
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                self.throttle.failed(address, "invalid or missing token")
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+    async def _valid_token(self, scope: Scope) -> bool:
+        value = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        if scope["path"] == "/metrics":
+            return False  # the metrics token is checked by its endpoint; a user token is no use there
+        return await self.verifier.verify_token(token.strip()) is not None
+
+
 def _print(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -199,6 +322,7 @@ async def _housekeeping(services: Services) -> None:
             services.notices.expire()
             if services.events is not None:
                 services.events.expire()
+            services.jobs.prune()
             await services.kernels.cull_idle()
             await services.users.load()  # users that the CLI added while we run
         except Exception:
@@ -209,6 +333,15 @@ def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
     sessions = GaugeMetricFamily("kernelpool_sessions", "MCP sessions with a context")
     sessions.add_metric([], len(services.sessions))
     yield sessions
+    audit = GaugeMetricFamily("kernelpool_audit_pending", "audit rows waiting to be written")
+    audit.add_metric([], services.store.audit_pending)
+    yield audit
+    dropped = GaugeMetricFamily("kernelpool_audit_dropped", "audit rows dropped because the queue was full")
+    dropped.add_metric([], services.store.audit_dropped)
+    yield dropped
+    results = GaugeMetricFamily("kernelpool_result_bytes", "finished background results kept in memory")
+    results.add_metric([], services.jobs.result_bytes())
+    yield results
     kernels = GaugeMetricFamily("kernelpool_kernels", "kernels by user and state", labels=["user", "state"])
     counts: dict[tuple[str, str], int] = {}
     for k in services.kernels.all():

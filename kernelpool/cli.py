@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kernelpool.config import Settings, load_settings
-from kernelpool.errors import KernelpoolError
+from kernelpool.errors import KernelpoolError, fmt_bytes
 from sandbox.errors import SandboxError
 
 log = logging.getLogger("kernelpool")
@@ -283,9 +283,19 @@ async def _doctor(args: argparse.Namespace) -> int:
         report["host"] = probe()
         report["in_force"] = {"sandboxed": False, "error": str(exc)}
         ok = False
+    from kernelpool.disk import DiskSpace
+
+    folder = settings.data_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # not created yet: the filesystem it will be on
+    report["disk"] = DiskSpace(folder, settings.disk_free_floor_bytes).report() | {"path": str(settings.data_dir)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        disk = report["disk"]
+        print(f"data folder:         {disk['path']}: {fmt_bytes(disk['free_bytes'])} free of {fmt_bytes(disk['total_bytes'])}"
+              + (f"; UNDER the floor of {fmt_bytes(disk['floor_bytes'])} (disk_free_floor): new kernels and writes "
+                 "are refused" if disk["low"] else f" (floor {fmt_bytes(disk['floor_bytes'])})"))
         host = report["host"]
         print(f"running as uid {report['euid']}" + (" (root)" if host.get("root") else ""))
         print(f"switch uids:         {'yes' if host.get('setuid') else 'NO'}")
@@ -304,4 +314,6 @@ async def _doctor(args: argparse.Namespace) -> int:
         print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc and "
                                           "cgroup views, seccomp filter)" if inf.get("sandboxed")
                                          else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
+    if report["disk"]["low"]:
+        return 1
     return 0 if ok or settings.insecure_no_sandbox else 1

@@ -6,6 +6,7 @@ environment variables `KERNELPOOL_*`, a TOML file (`--config` / `KERNELPOOL_CONF
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -58,6 +59,8 @@ class Settings(BaseSettings):
     max_kernels: int = Field(512, ge=1, description="kernels on this server at once")
     kernel_idle_timeout: float = Field(3600.0, ge=0, description="seconds after which an idle kernel is shut down (0 = never)")
     session_idle_timeout: float = Field(1800.0, gt=0, description="seconds after which an idle MCP session's context is forgotten")
+    max_sessions: int = Field(10000, ge=1, description="MCP sessions (protocol 2025-11-25 and older) open on this server at once")
+    max_sessions_per_user: int = Field(100, ge=1, description="MCP sessions one user may have open at once (below max_sessions)")
     pool_size: int = Field(1, ge=0, description="warm kernels kept ready per active user")
     user_packages: bool = Field(
         True, description="%pip / !pip in a kernel install into the user's own folder (~/.local), seen by that user's kernels only")
@@ -70,6 +73,27 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(2_000_000, ge=0, description="images larger than this are referenced, not inlined")
     max_saved_output_chars: int = Field(2_000_000, ge=1000, description="text kept per output in the notebook (the middle is dropped)")
     max_saved_image_bytes: int = Field(10_000_000, ge=0, description="images larger than this are not kept in the notebook")
+    max_saved_execution_chars: int = Field(
+        20_000_000, ge=1000,
+        description="outputs kept per execution, all outputs together (text characters and payload bytes); past it outputs are cut or replaced by a note")
+    max_result_bytes_per_user: int = Field(
+        64 * 2**20, ge=0,
+        description="finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')")
+    max_result_bytes: int = Field(
+        512 * 2**20, ge=0, description="finished background results kept in server memory for all users together")
+    disk_free_floor: str = Field(
+        "512M", description="free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)")
+    audit_queue_max: int = Field(
+        100_000, ge=1, description="audit rows kept in memory while they cannot be written (a full disk); past it the oldest are dropped and counted")
+    metrics_token: str | None = Field(
+        None, description="bearer token that /metrics requires (per-user figures); without it /metrics answers 403")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is believed, comma-separated")
+    auth_failures_before_backoff: int = Field(
+        10, ge=1, description="failed authentications from one client address within auth_failure_window before it gets 429")
+    auth_failure_window: float = Field(60.0, gt=0, description="seconds over which an address's failed authentications are counted")
+    auth_backoff: float = Field(30.0, gt=0, description="seconds an address over the failure count is answered 429 (a valid token still passes)")
     housekeeping_interval: float = Field(30.0, gt=0, description="seconds between idle-kernel culls and session expiry")
 
     # resumable streams (kernelpool/events.py); the event store is in memory
@@ -86,7 +110,7 @@ class Settings(BaseSettings):
 
     config_file: Path | None = Field(None, alias="config", description="TOML file read at start-up")
 
-    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -121,6 +145,24 @@ class Settings(BaseSettings):
     @property
     def tmpfs_bytes(self) -> int:
         return parse_memory(self.kernel_tmpfs_size)
+
+    @field_validator("disk_free_floor")
+    @classmethod
+    def _floor(cls, value: str) -> str:
+        if value.strip() not in ("0", ""):
+            parse_memory(value)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError with the bad item
+        return value
+
+    @property
+    def disk_free_floor_bytes(self) -> int:
+        return 0 if self.disk_free_floor.strip() in ("0", "") else parse_memory(self.disk_free_floor)
 
     @property
     def db_path(self) -> Path:
@@ -167,4 +209,8 @@ def load_settings(**overrides: Any) -> Settings:
     settings.data_dir = settings.data_dir.absolute()
     if settings.uid_min > settings.uid_max:
         raise ValueError("uid_min must not exceed uid_max")
+    for per_user, overall in (("max_kernels_per_user", "max_kernels"), ("max_sessions_per_user", "max_sessions"),
+                              ("max_result_bytes_per_user", "max_result_bytes")):
+        if getattr(settings, per_user) > getattr(settings, overall):
+            raise ValueError(f"{per_user} must not exceed {overall}")
     return settings

@@ -90,10 +90,37 @@ class KernelFailed(KernelpoolError):
 
 
 class LimitReached(KernelpoolError):
-    def __init__(self, what: str, limit: int) -> None:
-        super().__init__(f"{what} limit reached ({limit}); shut a kernel down with unuse_notebook first")
+    """A per-user or server-wide cap: the message names it, its value, and what to do."""
+
+    def __init__(self, what: str, limit: int, advice: str = "shut a kernel down with unuse_notebook first") -> None:
+        super().__init__(f"{what} limit reached ({limit}); {advice}")
         self.what = what
         self.limit = limit
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class DiskLow(KernelpoolError):
+    def __init__(self, what: str, free: int, floor: int) -> None:
+        super().__init__(
+            f"refused to {what}: the server's data folder has {fmt_bytes(free)} free, under its floor of "
+            f"{fmt_bytes(floor)} (disk_free_floor); nothing was changed. Delete files you no longer need, "
+            "or ask the administrator for space")
+        self.what = what
+        self.free = free
+        self.floor = floor
+
+
+class ResultExpired(KernelpoolError):
+    def __init__(self, execution_id: str, reason: str) -> None:
+        super().__init__(f"execution {execution_id!r} expired: {reason}")
+        self.execution_id = execution_id
+        self.reason = reason
 
 
 class SandboxUnavailable(KernelpoolError):
@@ -110,3 +137,10 @@ class DataFromNewerVersion(KernelpoolError):
         self.path = path
         self.found = found
         self.supported = supported
+
+
+class NoSpace(KernelpoolError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"could not write {path!r}: no space left on the server's disk; the file was left as it "
+                         "was. Delete files you no longer need, or ask the administrator for space")
+        self.path = path

@@ -14,13 +14,14 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from nbformat import NotebookNode
 
 from kernelpool.config import Settings
-from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached
-from kernelpool.execution import ExecutionResult, OutputLimits, Progress, execute
+from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
+from kernelpool.execution import ExecutionResult, OutputLimits, Progress, execute, outputs_size
 from kernelpool.kernels import Kernel, KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import NotebookService
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _KEEP_FINISHED = 3600.0  # seconds a finished background job's result stays fetchable
 _MAX_JOBS_PER_USER = 100
+_EXPIRED_REMEMBERED = 10_000  # ids of dropped results remembered, to answer "expired" rather than "unknown"
 
 
 @dataclass(eq=False)
@@ -48,6 +50,8 @@ class Job:
     cancelled: bool = False
     progress: Progress | None = None
     task: asyncio.Task[None] | None = None
+    size: int = 0  # bytes its finished result holds in memory (background jobs)
+    save_error: str | None = None  # why the outputs could not be saved in the notebook
 
     @property
     def done(self) -> bool:
@@ -63,8 +67,13 @@ class JobService:
         self._users = users
         self._metrics = metrics
         self._jobs: dict[str, Job] = {}
+        # finished background jobs whose results are held, oldest first, and their bytes per user
+        self._finished: OrderedDict[str, Job] = OrderedDict()
+        self._held: dict[str, int] = {}
+        self._expired: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (user, why)
         self.limits = OutputLimits(
             stream_chars=settings.max_saved_output_chars, image_bytes=settings.max_saved_image_bytes,
+            execution_chars=settings.max_saved_execution_chars,
         )
 
     def timeout_of(self, timeout: float | None) -> float:
@@ -79,9 +88,10 @@ class JobService:
     def start(self, user: str, notebook: str, code: str, timeout: float | None, cell_id: str | None = None,
               store_history: bool = True, background: bool = False) -> Job:
         limit = self.timeout_of(timeout)
-        self._prune()
+        self.prune()
         if background and sum(1 for j in self._jobs.values() if j.user == user and not j.done) >= _MAX_JOBS_PER_USER:
-            raise LimitReached("running background executions per user", _MAX_JOBS_PER_USER)
+            raise LimitReached("running background executions per user", _MAX_JOBS_PER_USER,
+                               "wait for some to finish (get_execution with wait) or cancel them (cancel_execution)")
         job = Job(id=uuid.uuid4().hex[:16], user=user, notebook=notebook, cell_id=cell_id, background=background)
         job.task = asyncio.get_running_loop().create_task(self._run(job, code, limit, store_history))
         self._jobs[job.id] = job
@@ -106,8 +116,15 @@ class JobService:
     def get(self, user: str, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None or job.user != user:
+            expired = self._expired.get(job_id)
+            if expired is not None and expired[0] == user:
+                raise ResultExpired(job_id, expired[1])
             raise InvalidArgument("execution_id", f"no execution {job_id!r} (results are kept {_KEEP_FINISHED:g} s)")
         return job
+
+    def result_bytes(self, user: str | None = None) -> int:
+        """Bytes that finished background results hold in memory: one user's, or everyone's."""
+        return self._held.get(user, 0) if user is not None else sum(self._held.values())
 
     def of_user(self, user: str) -> list[Job]:
         return [j for j in self._jobs.values() if j.user == user]
@@ -145,7 +162,10 @@ class JobService:
             self._metrics.executions.labels(result.status).inc()
             self._metrics.execution_seconds.observe(result.duration)
             if job.cell_id is not None:
-                job.saved_index = await self._save(job.user, job.notebook, job.cell_id, result)
+                try:
+                    job.saved_index = await self._save(job.user, job.notebook, job.cell_id, result)
+                except KernelpoolError as exc:  # the result is still returned: only the saving failed
+                    job.save_error = str(exc)
         except KernelpoolError as exc:
             job.error = str(exc)
         except asyncio.CancelledError:
@@ -156,6 +176,8 @@ class JobService:
             job.error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             job.finished_at = time.time()
+            if job.background:
+                self._hold(job)
 
     async def _save(self, user: str, path: str, cell_id: str, result: ExecutionResult) -> int | None:
         def change(nb: NotebookNode) -> int | None:
@@ -168,9 +190,44 @@ class JobService:
 
         return await self._notebooks.edit(user, path, change)
 
-    def _prune(self) -> None:
+    def _hold(self, job: Job) -> None:
+        """Keep a finished background job's result within the per-user and the server-wide bytes;
+        past either, the oldest results go first (of the user holding the most, for the server-wide one)."""
+        job.size = outputs_size(job.result.outputs) if job.result is not None else 0
+        self._finished[job.id] = job
+        self._held[job.user] = self._held.get(job.user, 0) + job.size
+        per_user, overall = self._settings.max_result_bytes_per_user, self._settings.max_result_bytes
+        while self._held.get(job.user, 0) > per_user:
+            oldest = next(j for j in self._finished.values() if j.user == job.user)
+            self._drop(oldest, f"your finished results held more than max_result_bytes_per_user ({fmt_bytes(per_user)}) "
+                               "in server memory, and the oldest are dropped first")
+        while self._held and sum(self._held.values()) > overall:
+            biggest = max(self._held, key=lambda u: self._held[u])
+            oldest = next(j for j in self._finished.values() if j.user == biggest)
+            self._drop(oldest, f"finished results on this server held more than max_result_bytes ({fmt_bytes(overall)}), "
+                               "and the oldest of the user holding the most are dropped first")
+
+    def _drop(self, job: Job, why: str) -> None:
+        self._jobs.pop(job.id, None)
+        self._finished.pop(job.id, None)
+        left = self._held.get(job.user, 0) - job.size
+        if left > 0:
+            self._held[job.user] = left
+        else:
+            self._held.pop(job.user, None)
+        saved = " Its outputs were saved in the notebook: read them with read_cell." if job.saved_index is not None else ""
+        self._expired[job.id] = (job.user, f"its result was dropped because {why}.{saved} Fetch results sooner "
+                                           "(get_execution with wait), or make the code print less")
+        while len(self._expired) > _EXPIRED_REMEMBERED:
+            self._expired.popitem(last=False)
+
+    def prune(self) -> None:
+        """Forget finished foreground jobs, and background results older than an hour (housekeeping too)."""
         cutoff = time.time() - _KEEP_FINISHED
         for job_id, job in list(self._jobs.items()):
-            if job.done and (not job.background or (job.finished_at or 0) < cutoff):
+            if not job.done:
+                continue
+            if not job.background:
                 del self._jobs[job_id]
-
+            elif (job.finished_at or 0) < cutoff:
+                self._drop(job, f"finished results are kept {_KEEP_FINISHED:g} s")

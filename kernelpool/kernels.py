@@ -18,12 +18,14 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from kernelpool import packages
+from kernelpool.client import KernelpoolClient
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
 from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
@@ -69,6 +71,7 @@ class Kernel:
     last_used: float = field(default_factory=time.monotonic)
     executions: int = 0
     death_cause: str | None = None
+    admitted: bool = False  # holds one of its user's kernel slots (KernelRegistry._admit) until stopped
     # one execution at a time: the kernel runs them in order anyway, and one reader per channel
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -154,7 +157,12 @@ class KernelRegistry:
             self._spec_manager.extensions = [packages.EXTENSION]
         self._kernels: dict[tuple[str, str], Kernel] = {}
         self._pools: dict[str, deque[Kernel]] = {}
+        # user -> kernels admitted and not yet fully stopped: starting, warm, assigned or shutting down.
+        # A slot is taken in the same synchronous step that checks the limits (`_admit`), so that
+        # concurrent starts can never together exceed them; it is given back when the process is gone.
+        self._slots: dict[str, int] = {}
         self._starting: dict[str, int] = {}  # user -> kernels being started (pool refills included)
+        self.disk_check: Callable[[str], None] | None = None  # raises when the data folder is too full
         self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._refills: set[asyncio.Task[None]] = set()
         self._last_acquire: dict[str, float] = {}
@@ -181,9 +189,10 @@ class KernelRegistry:
         return [k for pool in self._pools.values() for k in pool]
 
     def count(self, user: str | None = None) -> int:
+        """Kernels counted against the limits: every admitted one until its process is gone."""
         if user is None:
-            return len(self._kernels) + len(self.pooled()) + sum(self._starting.values())
-        return len(self.of_user(user)) + len(self._pools.get(user, ())) + self._starting.get(user, 0)
+            return sum(self._slots.values())
+        return self._slots.get(user, 0)
 
     # ---- acquiring -------------------------------------------------------------------
 
@@ -202,8 +211,7 @@ class KernelRegistry:
             kernel = await self._take_warm(user)
             if kernel is None:
                 self.pool_misses += 1
-                self._check_limits(user.name)
-                kernel = await self._start(user)
+                kernel = await self._start(user)  # admits it against the limits, or raises LimitReached
             else:
                 self.pool_hits += 1
             await self._assign(kernel, notebook)
@@ -231,11 +239,18 @@ class KernelRegistry:
             kernel.client.execute(f"import os as _o; _o.chdir({folder!r}); del _o", silent=True, store_history=False)
         await self._store.set_kernel_notebook(kernel.id, notebook)
 
-    def _check_limits(self, user: str) -> None:
+    def _admit(self, user: str) -> None:
+        """Check the limits and take a slot in one step (no await between): the only way a kernel is counted."""
         if self.count(user) >= self._settings.max_kernels_per_user:
             raise LimitReached("kernels per user", self._settings.max_kernels_per_user)
         if self.count() >= self._settings.max_kernels:
             raise LimitReached("kernels on this server", self._settings.max_kernels)
+        self._slots[user] = self._slots.get(user, 0) + 1
+
+    def _release(self, kernel: Kernel) -> None:
+        if kernel.admitted:
+            kernel.admitted = False
+            self._slots[kernel.user] -= 1
 
     # ---- the pool --------------------------------------------------------------------
 
@@ -248,14 +263,11 @@ class KernelRegistry:
 
     async def _refill(self, user: User) -> None:
         pool = self._pools.setdefault(user.name, deque())
-        while (
-            not self._closed
-            and len(pool) + self._starting.get(user.name, 0) < self._settings.pool_size
-            and self.count(user.name) < self._settings.max_kernels_per_user
-            and self.count() < self._settings.max_kernels
-        ):
+        while not self._closed and len(pool) + self._starting.get(user.name, 0) < self._settings.pool_size:
             try:
                 kernel = await self._start(user)
+            except LimitReached:
+                return  # the user's kernels (or the server's) are at their limit: no warm one
             except Exception as exc:  # a refill that fails must not take anything else down
                 log.warning("pool refill for %s failed: %s", user.name, exc)
                 return
@@ -267,6 +279,9 @@ class KernelRegistry:
     # ---- starting and stopping --------------------------------------------------------
 
     async def _start(self, user: User) -> Kernel:
+        if self.disk_check is not None:
+            self.disk_check("start a kernel")
+        self._admit(user.name)  # before any await: the check and the count are one step
         kid = uuid.uuid4().hex[:12]
         self._starting[user.name] = self._starting.get(user.name, 0) + 1
         try:
@@ -275,39 +290,44 @@ class KernelRegistry:
             self._starting[user.name] -= 1
 
     async def _start_inner(self, user: User, kid: str) -> Kernel:
-        runtime = self._users.runtime_folder(user.uid)
-        folder = self._users.folder(user.name)
-        ident = user.identity
-        # the connection file and sockets: in a folder of root's (see sandbox.rundir)
-        rundir = KernelRunDir(str(self._settings.run_dir), user.uid, kid,
-                              ident.uid if ident else None, ident.gid if ident else None)
-        rundir.create()
-        cgroup = None
-        if self._settings.user_packages:
-            uid, gid = (user.identity.uid, user.identity.gid) if user.identity else (None, None)
-            await asyncio.to_thread(packages.ensure_folders, self._spec_manager.python, SafeRoot(folder, uid, gid))
+        """Start a kernel in the slot `_start` took: the Kernel holds it from here, `_stop` gives it back."""
         try:
-            if self._cgroups is not None:
-                # world-readable names: the uid and a random id, never the user's name or the kernel's id
-                # (a kernel id known in advance names its connection file)
-                user_cgroup = self._user_cgroups.setdefault(user.name, user_cgroup_name(user))
-                self._cgroups.create(user_cgroup, user.user_limits)
-                cgroup = self._cgroups.create(f"{user_cgroup}/k{secrets.token_hex(8)}", user.kernel_limits)
+            runtime = self._users.runtime_folder(user.uid)
+            folder = self._users.folder(user.name)
+            ident = user.identity
+            # the connection file and sockets: in a folder of root's (see sandbox.rundir)
+            rundir = KernelRunDir(str(self._settings.run_dir), user.uid, kid,
+                                  ident.uid if ident else None, ident.gid if ident else None)
+            rundir.create()
+            cgroup = None
+            if self._settings.user_packages:
+                uid, gid = (user.identity.uid, user.identity.gid) if user.identity else (None, None)
+                await asyncio.to_thread(packages.ensure_folders, self._spec_manager.python, SafeRoot(folder, uid, gid))
+            try:
+                if self._cgroups is not None:
+                    # world-readable names: the uid and a random id, never the user's name or the kernel's id
+                    # (a kernel id known in advance names its connection file)
+                    user_cgroup = self._user_cgroups.setdefault(user.name, user_cgroup_name(user))
+                    self._cgroups.create(user_cgroup, user.user_limits)
+                    cgroup = self._cgroups.create(f"{user_cgroup}/k{secrets.token_hex(8)}", user.kernel_limits)
+            except BaseException:
+                rundir.remove()
+                raise
+            manager = AsyncKernelManager(
+                kernel_name=KERNEL_NAME,
+                kernel_spec_manager=self._spec_manager,
+                transport="ipc",
+                ip=rundir.socket_prefix,
+                connection_file=rundir.connection_file,
+                kernel_id=kid,
+                client_class="kernelpool.client.KernelpoolClient",
+            )
         except BaseException:
-            rundir.remove()
+            self._slots[user.name] -= 1
             raise
-        manager = AsyncKernelManager(
-            kernel_name=KERNEL_NAME,
-            kernel_spec_manager=self._spec_manager,
-            transport="ipc",
-            ip=rundir.socket_prefix,
-            connection_file=rundir.connection_file,
-            kernel_id=kid,
-            client_class="kernelpool.client.KernelpoolClient",
-        )
         manager.shutdown_wait_time = 2.0
         kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup,
-                        memory_limit=user.kernel_limits.memory_bytes, rundir=rundir)
+                        memory_limit=user.kernel_limits.memory_bytes, rundir=rundir, admitted=True)
         launch = KernelLaunch(
             env=self._kernel_env(user, folder, runtime),
             cwd=folder,
@@ -334,6 +354,8 @@ class KernelRegistry:
                 started_at=kernel.started_at,
             ))
             client = manager.client()
+            assert isinstance(client, KernelpoolClient)
+            client.max_message_bytes = self._settings.max_saved_execution_chars
             client.start_channels()
             kernel.client = client
             await client.wait_for_ready(timeout=self._settings.kernel_start_timeout)
@@ -388,6 +410,7 @@ class KernelRegistry:
                 kernel.rundir.remove()  # done by the provisioner's cleanup, unless it never ran
             except Exception as exc:
                 log.warning("kernel %s: removing its runtime folder: %s", kernel.id, exc)
+        self._release(kernel)  # the process is gone (or beyond our reach): its slot is free again
         await self._store.remove_kernel(kernel.id)
 
     async def _discard(self, kernel: Kernel) -> None:

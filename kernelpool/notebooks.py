@@ -10,6 +10,7 @@ editing functions below work on an in-memory notebook and are what the tools cal
 from __future__ import annotations
 
 import asyncio
+import errno
 import fnmatch
 import json
 import logging
@@ -25,6 +26,7 @@ from kernelpool.errors import (
     CellNotFound,
     CorruptNotebook,
     InvalidArgument,
+    NoSpace,
     NotebookExists,
     NotebookNotFound,
     PathRefused,
@@ -205,8 +207,9 @@ def _check(nb: NotebookNode, validated: dict[int, tuple[Any, ...]]) -> None:
 class NotebookService:
     """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
 
-    def __init__(self, roots: Callable[[str], SafeRoot]) -> None:
+    def __init__(self, roots: Callable[[str], SafeRoot], disk_check: Callable[[str], None] | None = None) -> None:
         self._roots = roots
+        self._disk_check = disk_check  # raises DiskLow when the data folder is under its free-space floor
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         # (user, path) -> ((size, mtime) of the file as last read or written, the parsed notebook).
         # Callers of `load` must not change the notebook they get; `edit` is the way to change it.
@@ -279,6 +282,8 @@ class NotebookService:
         return nb
 
     async def save(self, user: str, path: str, nb: NotebookNode) -> None:
+        if self._disk_check is not None:
+            self._disk_check(f"write {path!r}")
         # The write runs in a thread that a cancellation cannot stop: the caller (and the lock
         # it holds) waits for it all the same, or a later edit's rename could land first and be
         # overwritten by this one. Then the cancellation goes on.
@@ -314,6 +319,11 @@ class NotebookService:
         except SandboxError as exc:
             self._forget(user, path)
             raise PathRefused(path, str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._forget(user, path)
+            raise NoSpace(path) from None
         stamp = self._stamp(user, path)
         if stamp is not None:
             self._remember(user, path, stamp, nb)

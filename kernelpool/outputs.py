@@ -22,21 +22,41 @@ def _text(value: Any) -> str:
     return "".join(value) if isinstance(value, list) else str(value)
 
 
-def output_text(out: NotebookNode) -> str | None:
-    """The readable text of one output, or None when it has none (an image alone)."""
+def _raw_text(out: NotebookNode) -> str | None:
     kind = out.get("output_type")
     if kind == "stream":
-        return strip_ansi(_text(out.get("text", "")))
+        return _text(out.get("text", ""))
     if kind == "error":
-        tb = strip_ansi("\n".join(out.get("traceback", [])))
-        return tb or f"{out.get('ename')}: {out.get('evalue')}"
+        return "\n".join(out.get("traceback", [])) or f"{out.get('ename')}: {out.get('evalue')}"
     if kind in ("execute_result", "display_data"):
         data = out.get("data", {})
         for mime in ("text/markdown", "text/plain", "application/json", "text/html"):
             if mime in data:
                 value = data[mime]
-                return strip_ansi(value if isinstance(value, str) else _text(value) if isinstance(value, list) else str(value))
+                return value if isinstance(value, str) else _text(value) if isinstance(value, list) else str(value)
     return None
+
+
+def output_text(out: NotebookNode) -> str | None:
+    """The readable text of one output, or None when it has none (an image alone)."""
+    raw = _raw_text(out)
+    return strip_ansi(raw) if raw is not None else None
+
+
+def bounded_text(out: NotebookNode, max_chars: int) -> tuple[str, int] | None:
+    """`truncate(output_text(out), max_chars)`, without reading (stripping) more than the part shown:
+    a 20 MB output costs what a 20 kB one does. The count cut is exact but for ANSI codes in the middle."""
+    raw = _raw_text(out)
+    if raw is None:
+        return None
+    if len(raw) <= 4 * max_chars:
+        return truncate(strip_ansi(raw), max_chars)
+    head_n = max_chars * 2 // 3
+    tail_n = max_chars - head_n
+    head = strip_ansi(raw[:2 * head_n])[:head_n]
+    tail = strip_ansi(raw[-2 * tail_n:])[-tail_n:] if tail_n else ""
+    cut = len(raw) - 2 * head_n - 2 * tail_n + (2 * head_n - len(head)) + (2 * tail_n - len(tail))
+    return f"{head}\n[... {cut} characters cut ...]\n{tail}", cut
 
 
 def simplify(out: NotebookNode, max_chars: int) -> dict[str, Any]:
@@ -48,9 +68,9 @@ def simplify(out: NotebookNode, max_chars: int) -> dict[str, Any]:
     if kind == "error":
         item["ename"] = out.get("ename")
         item["evalue"] = out.get("evalue")
-    text = output_text(out)
-    if text is not None:
-        item["text"], cut = truncate(text, max_chars)
+    shown = bounded_text(out, max_chars)
+    if shown is not None:
+        item["text"], cut = shown
         if cut:
             item["truncated"] = cut
     if kind in ("execute_result", "display_data"):
@@ -75,7 +95,7 @@ def to_content(
     blocks: list[TextContent | ImageContent] = []
     budget = max_chars
     for out in outputs:
-        text = output_text(out)
+        text = _raw_text(out)
         data = out.get("data", {}) if out.get("output_type") in ("execute_result", "display_data") else {}
         image_mime = next((m for m in ("image/png", "image/jpeg") if m in data), None)
         if image_mime is not None:
@@ -93,7 +113,9 @@ def to_content(
         if budget <= 0:
             blocks.append(TextContent(type="text", text="[... more output cut: read the cell with read_cell ...]"))
             break
-        shown, cut = truncate(text, budget)
+        bounded = bounded_text(out, budget)
+        assert bounded is not None
+        shown, cut = bounded
         budget -= len(shown)
         blocks.append(TextContent(type="text", text=shown))
     return blocks

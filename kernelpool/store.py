@@ -7,9 +7,12 @@ database runs in WAL mode so that the CLI can add users and tokens while the ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,10 @@ import aiosqlite
 
 from kernelpool.errors import DataFromNewerVersion
 
+log = logging.getLogger(__name__)
+
 _AUDIT_DELAY = 0.05  # seconds an audit row may wait to be written with others
+_AUDIT_RETRY = (0.5, 10.0)  # first and longest wait between attempts while audit writes fail
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -144,11 +150,16 @@ class KernelRow:
 class Store:
     """Async access to the database: `await store.open()` once, `await store.close()` at the end."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, audit_queue_max: int = 100_000) -> None:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
-        self._audit_rows: list[tuple[Any, ...]] = []
+        # audit rows not yet written: they stay here while writes fail (a full disk), oldest first,
+        # up to audit_queue_max; past that the oldest are dropped and counted in audit_dropped
+        self._audit_rows: deque[tuple[Any, ...]] = deque()
         self._audit_flush: asyncio.Task[None] | None = None
+        self._audit_queue_max = audit_queue_max
+        self.audit_dropped = 0
+        self.audit_failing: str | None = None  # why the last write failed, while writes fail
 
     @property
     def _db(self) -> aiosqlite.Connection:
@@ -181,7 +192,10 @@ class Store:
         if self._audit_flush is not None and not self._audit_flush.done():
             self._audit_flush.cancel()
         if self._conn is not None:
-            await self.flush_audit()
+            try:
+                await self.flush_audit()
+            except Exception as exc:
+                log.error("audit: %d row(s) could not be written before closing: %s", len(self._audit_rows), exc)
             await self._conn.close()
             self._conn = None
 
@@ -287,23 +301,62 @@ class Store:
         detail: str | None = None,
     ) -> None:
         """Record one tool call. Rows are written in batches a moment later, off the request's path;
-        `flush_audit` (and `close`) write what is pending."""
+        while writes fail (a full disk) they stay queued and are retried; `flush_audit` (and `close`)
+        write what is pending."""
         self._audit_rows.append((time.time(), user, tool, notebook, outcome, duration_ms, detail))
+        excess = len(self._audit_rows) - self._audit_queue_max
+        if excess > 0:
+            for _ in range(excess):
+                self._audit_rows.popleft()
+            if self.audit_dropped == 0:
+                log.error("audit: queue full (%d rows, audit_queue_max): dropping the oldest rows", self._audit_queue_max)
+            self.audit_dropped += excess
         if self._audit_flush is None or self._audit_flush.done():
             self._audit_flush = asyncio.get_running_loop().create_task(self._flush_audit_soon())
 
+    @property
+    def audit_pending(self) -> int:
+        return len(self._audit_rows)
+
     async def _flush_audit_soon(self) -> None:
         await asyncio.sleep(_AUDIT_DELAY)
-        await self.flush_audit()
+        wait = _AUDIT_RETRY[0]
+        while self._audit_rows and self._conn is not None:
+            try:
+                await self.flush_audit()
+            except Exception as exc:
+                if self.audit_failing is None:
+                    log.warning("audit: writing %d row(s) failed (%s); they stay queued and are retried",
+                                len(self._audit_rows), exc)
+                self.audit_failing = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, _AUDIT_RETRY[1])
+                continue
+            if self.audit_failing is not None:
+                log.warning("audit: writes work again; the queued rows are written")
+                self.audit_failing = None
 
     async def flush_audit(self) -> None:
-        rows, self._audit_rows = self._audit_rows, []
-        if rows:
+        """Write the queued rows in one transaction; on failure nothing is taken off the queue."""
+        if not self._audit_rows:
+            return
+        rows = list(self._audit_rows)
+        dropped_before = self.audit_dropped
+        try:
             await self._db.executemany(
                 "INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             await self._db.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._db.rollback()
+            raise
+        # rows queued while the write ran stay; the written ones leave. The queue only ever loses
+        # its oldest rows, so any dropped meanwhile were among `rows` and are gone already.
+        written_left = max(0, len(rows) - (self.audit_dropped - dropped_before))
+        for _ in range(min(written_left, len(self._audit_rows))):
+            self._audit_rows.popleft()
 
     async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         clauses: list[str] = []

@@ -169,14 +169,15 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         await s.notices.usage(user, "kernels", len(s.kernels.of_user(user)), s.settings.max_kernels_per_user,
                               s.settings.near_limit_ratio)
         sid = session_id(ctx)
-        if sid is not None:
-            s.sessions.set_notebook(user, sid, path)
+        # only for a session id the server issued to this user: a made-up one gets no context
+        active = sid is not None and s.sessions.set_notebook(user, sid, path)
+        if active:
             note = f"{path} is now this session's active notebook"
         else:
             note = f"{path} is ready; this client has no MCP session, so pass notebook={path!r} to every tool"
         verb = "created" if mode == "create" else "connected"
         return _result(f"{verb} {path} (kernel {kernel.id}: {kernel.state.value}). {note}.",
-                       {"notebook": path, "mode": mode, "kernel_id": kernel.id, "active": sid is not None})
+                       {"notebook": path, "mode": mode, "kernel_id": kernel.id, "active": active})
 
     @tool("unuse_notebook", "Shut down a notebook's kernel (its variables are lost; the file stays) and make it "
           "no longer this session's active notebook.", DESTRUCTIVE)
@@ -399,6 +400,9 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         }
         if result.message:
             data["message"] = result.message
+        if job.save_error is not None:
+            data["save_error"] = job.save_error
+            head.append(TextContent(type="text", text=f"[not saved in the notebook] {job.save_error}"))
         blocks: list[Any] = [*head, *content]
         if job.cell_id is not None and job.saved_index is not None:
             blocks += output_links(job.notebook, job.cell_id, result.outputs, st.max_output_chars, st.max_image_bytes)

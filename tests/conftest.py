@@ -20,6 +20,7 @@ def _sandbox_reason() -> str | None:
 
 
 SANDBOX_SKIP = _sandbox_reason()
+METRICS_TOKEN = "test-metrics-token"
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,8 @@ def server_args() -> list[str]:
 @pytest.fixture(scope="module")
 def kp(server_args: list[str]) -> Iterator[KernelpoolServer]:
     """One real server for a test module, with users alice and bob."""
-    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="1", KERNELPOOL_PROGRESS_INTERVAL="1"))
+    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="1", KERNELPOOL_PROGRESS_INTERVAL="1",
+                                                          KERNELPOOL_METRICS_TOKEN=METRICS_TOKEN))
     try:
         server.add_user("alice")
         server.add_user("bob")

@@ -11,6 +11,7 @@ import httpx2
 import nbformat
 import pytest
 
+from tests.conftest import METRICS_TOKEN
 from tests.server import KernelpoolServer, mcp_client
 
 MODES = ["legacy", "auto"]
@@ -312,7 +313,13 @@ async def test_healthz_and_metrics(kp: KernelpoolServer) -> None:
     async with httpx2.AsyncClient() as http:
         health = (await http.get(f"{kp.base}/healthz")).json()
         assert health["status"] == "ok"
-        metrics = (await http.get(f"{kp.base}/metrics")).text
+        assert health["disk"]["free_bytes"] > health["disk"]["floor_bytes"] > 0 and not health["disk"]["low"]
+        for headers in ({}, {"Authorization": f"Bearer {kp.tokens['alice']}"}, {"Authorization": "Bearer wrong"}):
+            r = await http.get(f"{kp.base}/metrics", headers=headers)
+            assert r.status_code == 401 and "alice" not in r.text, "no user names without the metrics token"
+        r = await http.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert r.status_code == 200
+        metrics = r.text
         assert "kernelpool_tool_calls_total" in metrics
         assert 'kernelpool_kernels{state="idle",user="alice"}' in metrics
         assert re.search(r'kernelpool_user_memory_bytes\{user="alice"\} [1-9]', metrics), metrics

@@ -18,6 +18,7 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import LoggingMessageNotificationParams, ResourceTemplateReference
 
+from tests.conftest import METRICS_TOKEN
 from tests.server import KernelpoolServer
 from tests.test_resume import _events, _headers, _open_session
 
@@ -225,7 +226,8 @@ async def test_log_messages_go_to_their_user_at_the_level_asked(kp: KernelpoolSe
 
 async def test_near_a_limit_and_shutdown_are_announced(fresh_server: KernelpoolServer, server_args: list[str]) -> None:
     kp = fresh_server
-    kp.env |= {"KERNELPOOL_MAX_KERNELS_PER_USER": "2", "KERNELPOOL_POOL_SIZE": "0", "KERNELPOOL_RESUME_BYTES_PER_USER": "64K"}
+    kp.env |= {"KERNELPOOL_MAX_KERNELS_PER_USER": "2", "KERNELPOOL_POOL_SIZE": "0", "KERNELPOOL_RESUME_BYTES_PER_USER": "64K",
+               "KERNELPOOL_METRICS_TOKEN": METRICS_TOKEN}
     kp.add_user("lee")
     kp.add_user("max")
     kp.start(*server_args)
@@ -241,7 +243,7 @@ async def test_near_a_limit_and_shutdown_are_announced(fresh_server: KernelpoolS
             await c.call_tool("execute_code", {"notebook": "a.ipynb", "code": "print('y' * 30000)"})
         near = await lee_heard.wait_for("bytes kept for stream resumption")
         assert "of 65536" in near[0]
-        metrics = httpx2.get(f"{kp.base}/metrics").text
+        metrics = httpx2.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
         assert "kernelpool_resume_events " in metrics
         await asyncio.sleep(0.5)  # both clients' standalone GET streams are open by now
         stopper = asyncio.get_running_loop().run_in_executor(None, kp.stop, signal.SIGTERM)

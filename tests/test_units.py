@@ -8,23 +8,68 @@ import time
 import pytest
 
 from kernelpool.cli import parse_when
-from kernelpool.errors import PathRefused
-from kernelpool.execution import _Stream
+from kernelpool.errors import InvalidArgument, LimitReached, PathRefused
+from kernelpool.execution import OutputLimits, _Outputs, _Stream, outputs_size
 from kernelpool.kernel_pip import _PIP_COMMAND, diagnose
 from kernelpool.notebooks import check_notebook_path
 from kernelpool.outputs import strip_ansi, truncate
 from kernelpool.sessions import SessionContexts
+from kernelpool.throttle import AuthThrottle
 
 
 def test_session_contexts_are_per_user_and_expire() -> None:
-    ctx = SessionContexts(idle_timeout=0.2)
-    ctx.set_notebook("alice", "s1", "a.ipynb")
+    live = {"s1", "s2"}
+    ctx = SessionContexts(idle_timeout=0.2, max_per_user=2, live=lambda: live)
+    ctx.reserve("alice")
+    ctx.opened("alice", "s1")
+    assert ctx.set_notebook("alice", "s1", "a.ipynb")
     assert ctx.active_notebook("alice", "s1") == "a.ipynb"
     assert ctx.active_notebook("bob", "s1") is None, "a session id under another user's token finds nothing"
+    assert not ctx.set_notebook("bob", "s1", "b.ipynb"), "an id not issued to bob gets no context"
+    assert not ctx.set_notebook("alice", "made-up", "a.ipynb") and len(ctx) == 1
     assert ctx.active_notebook("alice", None) is None
     time.sleep(0.3)
     assert ctx.expire() == 1
     assert ctx.active_notebook("alice", "s1") is None
+
+
+def test_sessions_per_user_cap_counts_sessions_being_opened() -> None:
+    live = {"s1"}
+    ctx = SessionContexts(idle_timeout=60, max_per_user=2, live=lambda: live)
+    ctx.reserve("alice")
+    ctx.opened("alice", "s1")
+    ctx.reserve("alice")  # being opened: counted
+    with pytest.raises(LimitReached, match=r"MCP sessions per user limit reached \(2\); close sessions"):
+        ctx.reserve("alice")
+    ctx.reserve("bob")  # another user's cap is their own
+    ctx.opened("alice", None)  # that one failed to open
+    ctx.reserve("alice")
+    ctx.opened("alice", "s2")
+    live.add("s2")
+    with pytest.raises(LimitReached):
+        ctx.reserve("alice")
+    live.discard("s1")  # the SDK closed it (DELETE or idle timeout)
+    ctx.reserve("alice")
+    assert not ctx.is_issued("alice", "s1")
+
+
+def test_auth_throttle_backs_off_per_address_and_honours_trusted_proxies() -> None:
+    now = [0.0]
+    t = AuthThrottle(limit=3, window=10, backoff=5, trusted_proxies=["10.0.0.0/8"], clock=lambda: now[0])
+    direct = {"client": ("203.0.113.5", 1), "headers": [(b"x-forwarded-for", b"1.2.3.4")]}
+    assert t.client_address(direct) == "203.0.113.5", "X-Forwarded-For from an untrusted peer is ignored"
+    proxied = {"client": ("10.1.1.1", 1), "headers": [(b"x-forwarded-for", b"6.6.6.6, 1.2.3.4, 10.2.2.2")]}
+    assert t.client_address(proxied) == "1.2.3.4", "the right-most hop that is not a trusted proxy"
+    for _ in range(2):
+        t.failed("1.2.3.4", "bad")
+    assert t.retry_after("1.2.3.4") == 0
+    t.failed("1.2.3.4", "bad")
+    assert t.retry_after("1.2.3.4") == 5 and t.retry_after("203.0.113.5") == 0
+    now[0] = 5.1
+    assert t.retry_after("1.2.3.4") == 0
+    now[0] = 30
+    t.failed("1.2.3.4", "bad")
+    assert t.retry_after("1.2.3.4") == 0, "old failures fall out of the window"
 
 
 @pytest.mark.parametrize("path, norm", [("a.ipynb", "a.ipynb"), ("./x//y/b.ipynb", "x/y/b.ipynb"),
@@ -44,14 +89,39 @@ def test_notebook_paths_refused(path: str) -> None:
 def test_stream_keeps_head_and_tail_within_its_limit() -> None:
     s = _Stream(1000)
     for i in range(100_000):
-        s.add(f"{i}\n")
+        s.add(f"{i}\n", 10**9)
     text = s.text()
     assert text.startswith("0\n1\n2\n") and text.endswith("99998\n99999\n")
     assert len(text) < 1200 and "characters of output dropped" in text
     small = _Stream(1000)
-    small.add("abc")
-    small.add("def")
+    small.add("abc", 10**9)
+    small.add("def", 10**9)
     assert small.text() == "abcdef"
+    tight = _Stream(1000)
+    assert tight.add("x" * 300, 100) == 100 and tight.add("y" * 5000, 0) == 0 and tight.size == 100
+
+
+def test_every_mime_type_and_the_execution_are_bounded() -> None:
+    limits = OutputLimits(stream_chars=1000, outputs=50, image_bytes=600, execution_chars=5000)
+    outs = _Outputs(limits)
+
+    def display(data: dict) -> None:
+        outs.add({"msg_type": "display_data", "content": {"data": data, "metadata": {}}})
+
+    display({"text/plain": "p" * 40_000, "text/html": "<b>" + "h" * 40_000 + "</b>"})
+    display({"application/json": {"k": "v" * 5000}, "application/pdf": "A" * 5000, "image/png": "B" * 4000})
+    items = outs.items
+    first, second = items[0].data, items[1].data
+    assert len(first["text/plain"]) < 1200 and first["text/plain"].startswith("ppp") and "dropped" in first["text/plain"]
+    assert len(first["text/html"]) < 1200 and first["text/html"].endswith("</b>")
+    assert set(second) == {"text/plain"} and second["text/plain"].count("dropped") == 3
+    for _ in range(20):
+        display({"text/plain": "q" * 900})
+    outs.add({"msg_type": "stream", "content": {"name": "stdout", "text": "s" * 10_000}})
+    items = outs.items
+    assert outputs_size(items) <= 5000 + 300, "all outputs together stay within the execution's limit (and a note)"
+    assert "kept per execution" in items[-2].data["text/plain"], "the output that did not fit is replaced by a note"
+    assert items[-1].name == "stderr" and "more outputs dropped" in items[-1].text and "per execution" in items[-1].text
 
 
 def test_truncate_and_ansi() -> None:
@@ -160,3 +230,55 @@ async def test_a_cancelled_save_holds_the_lock_until_its_write_is_done(tmp_path)
 
     sources = [c.source for c in nbformat.read(str(tmp_path / "n.ipynb"), as_version=4).cells]
     assert sources[-1] == "second"
+
+
+def test_finished_results_are_bounded_per_user_and_overall() -> None:
+    from nbformat.v4 import new_output
+
+    from kernelpool.config import Settings
+    from kernelpool.errors import ResultExpired
+    from kernelpool.execution import ExecutionResult
+    from kernelpool.jobs import Job, JobService
+    from kernelpool.metrics import Metrics
+
+    # only the bookkeeping of finished results runs here: no kernel, notebook or user is touched
+    jobs = JobService(Settings(max_result_bytes_per_user=2500, max_result_bytes=4000), None, None, None, Metrics())  # type: ignore[arg-type]
+
+    def finish(user: str, size: int) -> Job:
+        job = Job(id=f"{user}-{len(jobs._jobs)}", user=user, notebook="n.ipynb", cell_id=None, background=True)
+        job.result = ExecutionResult("ok", outputs=[new_output("stream", name="stdout", text="x" * size)] if size else [])
+        jobs._jobs[job.id] = job
+        jobs._hold(job)
+        return job
+
+    a = [finish("alice", 1000) for _ in range(3)]
+    zero = finish("alice", 0)
+    assert jobs.result_bytes("alice") == 2000 and "alice-0" not in jobs._jobs, "the oldest went first"
+    with pytest.raises(ResultExpired, match="max_result_bytes_per_user"):
+        jobs.get("alice", a[0].id)
+    with pytest.raises(InvalidArgument):
+        jobs.get("bob", a[0].id)  # another user's id: not even "expired"
+    b = [finish("bob", 1000) for _ in range(2)]
+    finish("bob", 500)  # 4500 in all, over 4000: the biggest holder (bob, 2500 against 2000) loses its oldest
+    assert jobs.result_bytes() <= 4000 and b[0].id not in jobs._jobs and a[1].id in jobs._jobs
+    jobs._drop(zero, "test")
+    jobs._drop(a[1], "test")
+    assert jobs.result_bytes("alice") == 1000
+
+
+def test_an_oversized_stream_message_keeps_head_and_tail_unparsed() -> None:
+    import json
+
+    from kernelpool.client import _head_and_tail
+
+    body = "".join(("é\"\\\n" if i % 7 == 0 else "abc\u2603") for i in range(100_000)) + "THE END\n"
+    raw = json.dumps({"name": "stdout", "text": body}, ensure_ascii=False).encode()
+    for keep in (1000, 1001, 1002, 1003, 1005, 5003):  # cuts land inside escapes and UTF-8 characters
+        text = _head_and_tail(raw, keep, len(raw))
+        assert text is not None
+        head, _, rest = text.partition("\n[... about ")
+        assert "bytes of output dropped unread" in rest
+        tail = rest.split(" ...]\n", 1)[1]
+        assert body.startswith(head) and len(head) > keep // 4
+        assert body.endswith(tail) and tail.endswith("THE END\n")
+    assert _head_and_tail(b'{"data": {}}', 10, 12) is None
