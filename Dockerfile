@@ -8,9 +8,10 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # tini is PID 1: it forwards signals to the server and reaps kernels' orphaned children.
 # `-e 143`: the server re-raises SIGTERM after its graceful shutdown (uvicorn does); that is
 # a clean stop, reported as 0.
-# (Version of Debian bookworm amd64; other architectures may carry another build suffix.)
+# nftables (libnftables) carries the kernels' firewall for kernel_network = "egress".
+# (Versions of Debian bookworm amd64; other architectures may carry another build suffix.)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 nftables=1.0.6-2+deb12u2 \
     && rm -rf /var/lib/apt/lists/*
 
 # The venv lives outside /root and is world-readable: kernels run as per-user uids and use its

@@ -255,6 +255,7 @@ class _ChildSpec:
         self.cgroup = _ChildCgroup(list(procs)) if procs is not None else None
         self.cwd: str = raw["cwd"]
         self.network: str = raw.get("network", "host")
+        self.netns: str | None = raw.get("netns")
         self.umask: int = int(raw.get("umask", 0o077))
         self.env: dict[str, str] = dict(raw["env"])
         self.kernel_args: list[str] = list(raw["kernel_args"])

@@ -29,6 +29,7 @@ from kernelpool.isolation import Isolation, decide
 from kernelpool.jobs import JobService
 from kernelpool.kernels import KernelRegistry
 from kernelpool.metrics import Metrics
+from kernelpool.networks import UserNetworkPolicy
 from kernelpool.notebooks import NotebookService
 from kernelpool.services import Services
 from kernelpool.sessions import SessionContexts
@@ -61,7 +62,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
         return SafeRoot(users.folder(user), uid, gid)
 
     notebooks = NotebookService(root_of)
-    kernels = KernelRegistry(settings, store, users, iso.cgroups)
+    kernels = KernelRegistry(settings, store, users, iso.cgroups, UserNetworkPolicy(iso.network))
     services = Services(
         settings=settings, store=store, users=users, notebooks=notebooks, kernels=kernels,
         jobs=JobService(settings, kernels, notebooks, users, metrics),
@@ -87,7 +88,9 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({
-            "status": "ok", "version": __version__, "isolation": iso.describe(),
+            "status": "ok", "version": __version__,
+            "isolation": iso.describe() | {"network": {
+                "mode": services.kernels.networks.mode, "namespaces": services.kernels.networks.users_with_namespace()}},
             "kernels": len(services.kernels.all()), "warm_kernels": len(services.kernels.pooled()),
         })
 
@@ -111,6 +114,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
             reaped = await services.kernels.reap_leftovers()
             if reaped:
                 log.warning("cleaned up %d kernel(s) left behind by a previous server", reaped)
+            await services.kernels.networks.start()
             fork_server = await _start_fork_server(settings, services.kernels)
             housekeeping = asyncio.get_running_loop().create_task(_housekeeping(services))
             try:
@@ -122,6 +126,10 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                     await housekeeping
                 await services.jobs.close()
                 await services.kernels.close()
+                try:
+                    await services.kernels.networks.close()
+                except Exception as exc:
+                    log.warning("removing the users' network namespaces: %s", exc)
                 if fork_server is not None:
                     await fork_server.close()
         finally:

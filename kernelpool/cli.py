@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8765)")
-    serve.add_argument("--kernel-network", choices=["host", "none"], help="'none': kernels get only loopback")
+    serve.add_argument("--kernel-network", choices=["egress", "none", "host"],
+                       help="per-user namespace with NAT to public addresses (egress), loopback only (none), "
+                            "or the host's network shared by all users (host: unsafe)")
     serve.add_argument("--pool-size", type=int, help="warm kernels kept per active user")
     serve.add_argument("--log-json", action="store_true", default=None, help="structured JSON logs")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

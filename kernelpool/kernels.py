@@ -24,11 +24,12 @@ from jupyter_client.manager import AsyncKernelManager
 
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
+from kernelpool.networks import UserNetworkPolicy
 from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
 from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
 from kernelpool.zygote import ForkServer
-from sandbox import Cgroup, CgroupBackend
+from sandbox import Cgroup, CgroupBackend, Identity
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Kernel:
     last_used: float = field(default_factory=time.monotonic)
     executions: int = 0
     death_cause: str | None = None
+    network_of: Identity | None = None  # whose network namespace this kernel counts in (until stopped)
     # one execution at a time: the kernel runs them in order anyway, and one reader per channel
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -120,8 +122,10 @@ def _fmt_bytes(n: int | None) -> str:
 class KernelRegistry:
     """Owns every kernel; opened in the app's lifespan, `close()` shuts them all down."""
 
-    def __init__(self, settings: Settings, store: Store, users: UserService, cgroups: CgroupBackend | None) -> None:
+    def __init__(self, settings: Settings, store: Store, users: UserService, cgroups: CgroupBackend | None,
+                 networks: UserNetworkPolicy | None = None) -> None:
         self._settings = settings
+        self.networks = networks or UserNetworkPolicy(None)
         self._store = store
         self._users = users
         self._cgroups = cgroups
@@ -271,10 +275,12 @@ class KernelRegistry:
             cwd=folder,
             identity=user.identity,
             cgroup=cgroup,
-            network=self._settings.kernel_network,
+            network="host",  # or the user's namespace, joined by path below
             extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )
         try:
+            launch.netns = await self.networks.join(user.identity)
+            kernel.network_of = user.identity if launch.netns is not None else None
             await manager.start_kernel(sandbox=launch)
             await self._store.add_kernel(KernelRow(
                 id=kid, user=user.name, notebook=None, pid=kernel.pid,
@@ -328,6 +334,10 @@ class KernelRegistry:
                 kernel.cgroup.remove()
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
+        if kernel.network_of is not None:
+            # after the cgroup is gone: nothing of the user's is left in the namespace
+            identity, kernel.network_of = kernel.network_of, None
+            await self.networks.leave(identity)
         await self._store.remove_kernel(kernel.id)
 
     async def _discard(self, kernel: Kernel) -> None:

@@ -39,6 +39,7 @@ class KernelLaunch:
     identity: Identity | None
     cgroup: Cgroup | None
     network: str = "host"
+    netns: str | None = None  # the user's network namespace to join (nsfs path), when there is one
     extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
 
 
@@ -68,6 +69,7 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             identity=launch.identity,
             cgroup=launch.cgroup,
             network=launch.network,  # type: ignore[arg-type]
+            netns=launch.netns,
         )
         self.process = None
         zygote = launch.extra.get("zygote")

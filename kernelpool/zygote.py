@@ -340,6 +340,7 @@ class ForkServer:
             },
             "cgroup_procs": None if spec.cgroup is None else spec.cgroup.procs_files(),
             "network": spec.network,
+            "netns": spec.netns,
             "umask": spec.umask,
         }).encode()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

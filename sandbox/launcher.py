@@ -1,4 +1,4 @@
-"""Start a command as a user's uid, in a cgroup, with no_new_privs and optionally no network.
+"""Start a command as a user's uid, in a cgroup, with no_new_privs and in a network namespace.
 
 `spawn` is what kernelpool's kernel provisioner calls; `enter` is the part that runs in the
 forked child before exec, kept separate so that a future fork server can reuse it. CPython
@@ -38,6 +38,8 @@ class LaunchSpec:
     identity: Identity | None = None  # None = run as the server's own user (insecure dev mode)
     cgroup: Cgroup | None = None
     network: Literal["host", "none"] = "host"  # "none" = own network namespace, loopback only
+    # a namespace to join (the user's, from `sandbox.network`): its nsfs path; overrides `network`
+    netns: str | None = None
     umask: int = 0o077
     stdout: int | None = None  # fd, or None for /dev/null; stderr likewise
     stderr: int | None = None
@@ -53,13 +55,16 @@ class _SpecLike(Protocol):
     @property
     def network(self) -> str: ...
     @property
+    def netns(self) -> str | None: ...
+    @property
     def umask(self) -> int: ...
 
 
 def enter(spec: _SpecLike, errfd: int | None = None) -> None:
     """Sandbox the calling process; runs in the child between fork and exec.
 
-    Order: join cgroup, new network namespace (+ loopback up), drop supplementary groups,
+    Order: join cgroup, network namespace (join `spec.netns`, or a new one with loopback up),
+    drop supplementary groups,
     gid, uid (and check it cannot be regained), no_new_privs, umask, chdir. Raises on the
     first failure, after writing "step\\0message" to `errfd` if given: the caller must then
     not exec (Popen's preexec_fn does exactly that). No logging, no locks.
@@ -74,13 +79,8 @@ def enter(spec: _SpecLike, errfd: int | None = None) -> None:
                     os.write(fd, b"0")  # "0" = the writing process itself
                 finally:
                     os.close(fd)
-        if spec.network == "none":
-            step = "network namespace"
-            _libc.unshare(_libc.CLONE_NEWNET)
-            step = "loopback up"
-            _loopback_up()
-        elif spec.network != "host":
-            raise ValueError(f"unknown network mode {spec.network!r}")
+        step = "network namespace"
+        _enter_network(spec)
         identity = spec.identity
         if identity is not None:
             step = "setgroups"
@@ -104,6 +104,22 @@ def enter(spec: _SpecLike, errfd: int | None = None) -> None:
             except OSError:
                 pass
         raise
+
+
+def _enter_network(spec: _SpecLike) -> None:
+    # needs CAP_SYS_ADMIN (setns/unshare) and, for a new namespace, CAP_NET_ADMIN: before the uid drop.
+    # Join by path before any mount namespace change, which could hide the path.
+    if spec.netns is not None:
+        fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _libc.setns(fd, _libc.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+    elif spec.network == "none":
+        _libc.unshare(_libc.CLONE_NEWNET)
+        _loopback_up()
+    elif spec.network != "host":
+        raise ValueError(f"unknown network mode {spec.network!r}")
 
 
 def _loopback_up() -> None:
@@ -146,6 +162,8 @@ def spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
         raise LaunchError(f"cwd must be absolute, got {spec.cwd!r}", step="spec", path=spec.cwd)
     if spec.network not in ("host", "none"):
         raise LaunchError(f"unknown network mode {spec.network!r}", step="spec")
+    if spec.netns is not None and not os.path.isabs(spec.netns):
+        raise LaunchError(f"netns must be an absolute path, got {spec.netns!r}", step="spec", path=spec.netns)
     # the child reports what failed through this pipe; Popen itself only says
     # "Exception occurred in preexec_fn"
     read_end, write_end = os.pipe()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sandbox import _libc
+from sandbox import _libc, _nft
 from sandbox.accounts import can_manage_accounts
 from sandbox.cgroups import detect
 
@@ -54,11 +54,30 @@ def _try_in_child() -> tuple[bool, bool]:
     return bool(code & 1), bool(code & 2)
 
 
+def _nftables() -> bool:
+    """libnftables loads and lets us read the ruleset (CAP_NET_ADMIN)."""
+    if _nft.available() is not None:
+        return False
+    try:
+        _nft.list_json("tables")
+    except _nft.NftError:
+        return False
+    return True
+
+
+def _ip_forward() -> bool | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward", encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
+
+
 def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
     """A summary of this host's isolation abilities.
 
     {"root", "setuid", "accounts", "cgroup": {"version", "controllers", "writable"},
-    "netns", "no_new_privs"}. kernelpool decides from it whether it can run isolated, and
+    "netns", "nftables", "ip_forward", "no_new_privs"}. kernelpool decides from it whether it can run isolated, and
     refuses to pretend when it cannot.
     """
     root = os.geteuid() == 0
@@ -74,5 +93,7 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
             "writable": backend.writable() if backend else False,
         },
         "netns": netns,
+        "nftables": _nftables(),
+        "ip_forward": _ip_forward(),
         "no_new_privs": no_new_privs,
     }

@@ -119,6 +119,20 @@ class KernelpoolServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+_servers_made = 0
+
+
+def network_names(n: int | None = None) -> tuple[str, str]:
+    """(network_prefix, kernel_network_range) of their own for one test server: servers of one test
+    run may overlap in time, and their namespaces, links and nftables tables must not meet."""
+    global _servers_made
+    if n is None:
+        _servers_made += 1
+        n = _servers_made
+    k = (os.getpid() * 64 + n) % 4096
+    return f"t{k}", f"10.{224 + k // 256}.{k % 256}.0/24"
+
+
 def server_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELPOOL_")}
     env["PYTHONPATH"] = ROOT
@@ -127,6 +141,9 @@ def server_env(**extra: str) -> dict[str, str]:
     env.setdefault("KERNELPOOL_UID_MAX", "62999")
     env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", f"kpt{os.getpid() % 100000}-")
     env.setdefault("KERNELPOOL_CGROUP_PREFIX", f"kernelpool-test-{os.getpid()}")
+    prefix, addresses = network_names()
+    env.setdefault("KERNELPOOL_NETWORK_PREFIX", prefix)
+    env.setdefault("KERNELPOOL_KERNEL_NETWORK_RANGE", addresses)
     env.update(extra)
     return env
 
