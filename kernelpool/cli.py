@@ -248,9 +248,24 @@ async def _audit(args: argparse.Namespace) -> int:
     return await _with_store(args, work)
 
 
+def _describe_network(net: dict[str, Any]) -> str:
+    if not net.get("isolated"):
+        return f"{net['mode']}: NOT isolated between users ({net.get('why')})"
+    if net["mode"] == "none":
+        text = "none: a network namespace per user, loopback only"
+    else:
+        text = (f"egress: a network namespace per user, NAT to public addresses only (range {net['range']}, "
+                f"resolvers {', '.join(net['resolvers']) or 'none'}, allowed {', '.join(net['allowed']) or 'none'}); "
+                f"table {net['nftables_table']} {'installed' if net['table_installed'] else 'not installed (no server running)'}")
+        if net.get("docker_user_rules"):
+            text += f", {net['docker_user_rules']} DOCKER-USER rule(s)"
+    return text + f"; {net['live_namespaces']} user namespace(s) live"
+
+
 async def _doctor(args: argparse.Namespace) -> int:
     from kernelpool.errors import SandboxUnavailable
     from kernelpool.isolation import decide
+    from kernelpool.networks import report as network_report
 
     settings = _settings(args)
     report: dict[str, Any] = {"euid": os.geteuid(), "data_dir": str(settings.data_dir)}
@@ -258,12 +273,14 @@ async def _doctor(args: argparse.Namespace) -> int:
         iso = decide(settings)
         report["host"] = iso.host
         report["in_force"] = iso.describe()
+        report["network"] = network_report(settings, iso.network, iso.sandboxed)
         ok = True
     except SandboxUnavailable as exc:
         from sandbox import probe
 
         report["host"] = probe()
         report["in_force"] = {"sandboxed": False, "error": str(exc)}
+        report["network"] = {"mode": settings.kernel_network, "isolated": False, "why": "the sandbox cannot run here"}
         ok = False
     if args.json:
         print(json.dumps(report, indent=2))
@@ -276,8 +293,11 @@ async def _doctor(args: argparse.Namespace) -> int:
         print(f"cgroups:             v{cg.get('version')} controllers={','.join(cg.get('controllers') or [])} "
               f"writable={'yes' if cg.get('writable') else 'NO'}" if cg.get("version") else "cgroups:             NONE usable")
         print(f"network namespaces:  {'yes' if host.get('netns') else 'no'}")
+        print(f"nftables:            {'yes' if host.get('nftables') else 'no'}")
+        print(f"ip forwarding:       {'on' if host.get('ip_forward') else 'off'}")
         print(f"no_new_privs:        {'yes' if host.get('no_new_privs') else 'no'}")
         inf = report["in_force"]
         print("in force:            " + ("sandbox (per-user uid, cgroup limits)" if inf.get("sandboxed")
                                          else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
+        print("network in force:    " + _describe_network(report["network"]))
     return 0 if ok or settings.insecure_no_sandbox else 1

@@ -128,3 +128,26 @@ class UserNetworkPolicy:
 
     def docker_rules(self) -> list[str]:
         return docker_rules(self.plan.comment) if self.plan is not None else []
+
+
+def report(settings: Settings, plan: NetworkPlan | None, sandboxed: bool) -> dict[str, Any]:
+    """What `kernelpool doctor` says about network isolation: the mode in force and what is live now."""
+    import os
+
+    if not sandboxed:
+        return {"mode": "host", "isolated": False, "why": "no sandbox: kernels use the host's network"}
+    if plan is None:
+        return {"mode": "host", "isolated": False, "why": HOST_WARNING}
+    policy = UserNetworkPolicy(plan)
+    out = policy.describe()
+    del out["namespaces"]
+    out["isolated"] = True
+    try:
+        live = sorted(n for n in os.listdir(plan.rundir) if n.startswith(f"{plan.prefix}-"))
+    except OSError:
+        live = []
+    out["live_namespaces"] = len(live)
+    if plan.mode == "egress":
+        out["table_installed"] = bool(policy.rules())
+        out["docker_user_rules"] = len(policy.docker_rules())
+    return out

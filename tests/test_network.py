@@ -273,3 +273,23 @@ print(json.dumps({"rc": r.returncode, "files": os.listdir(d), "err": r.stderr[-5
 ''', "pip.ipynb")
     assert got["rc"] == 0, got
     assert any(name.startswith("six-") for name in got["files"]), got
+
+
+async def test_doctor_reports_network_isolation(net: KernelpoolServer) -> None:
+    await run_as(net, "bob", "import json; print(json.dumps({'ok': 1}))", "doctor.ipynb")  # a live namespace
+    report = json.loads(net.cli("doctor", "--json").stdout)
+    got = report["network"]
+    assert got["mode"] == "egress" and got["isolated"] is True
+    assert got["range"] == net.env["KERNELPOOL_KERNEL_NETWORK_RANGE"]
+    assert got["table_installed"] is True, "the running server's table is read back"
+    assert got["live_namespaces"] >= 1
+    assert report["host"]["nftables"] is True and report["host"]["ip_forward"] is True
+    assert report["in_force"]["network"] == "egress"
+    text = net.cli("doctor").stdout
+    assert "network in force:    egress: a network namespace per user" in text
+    # and says plainly when kernels share the host's network
+    out = subprocess.run([sys.executable, "-m", "kernelpool", "doctor", "--json", "--data-dir", net.data_dir],
+                         env=net.env | {"KERNELPOOL_KERNEL_NETWORK": "host"}, capture_output=True, text=True, timeout=60)
+    host = json.loads(out.stdout)
+    assert host["network"]["mode"] == "host" and host["network"]["isolated"] is False
+    assert "share the host's network namespace" in host["network"]["why"]
