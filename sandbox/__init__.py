@@ -2,8 +2,8 @@
 
 Knows nothing of Jupyter or MCP; kernelpool is its only caller. Modules: `identity` (who),
 `limits` (how much), `accounts` (passwd entries), `cgroups` (v1/v2), `launcher` (fork, drop,
-exec), `fs` (the root server's link-proof file access inside a user's folder), `probe`
-(what this host can isolate), `errors`.
+exec), `network` (per-user network namespaces and their firewall), `fs` (the root server's
+link-proof file access inside a user's folder), `probe` (what this host can isolate), `errors`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sandbox.fs import Entry, SafeRoot, prepare_dir
 from sandbox.identity import Identity
 from sandbox.launcher import LaunchSpec, enter, spawn
 from sandbox.limits import Limits, parse_memory
+from sandbox.network import NetworkError, NetworkPlan, UserNetworks
 from sandbox.probe import probe
 
 __all__ = [
@@ -41,10 +42,13 @@ __all__ = [
     "LaunchError",
     "LaunchSpec",
     "Limits",
+    "NetworkError",
+    "NetworkPlan",
     "PathError",
     "PathOutsideRoot",
     "SafeRoot",
     "SandboxError",
+    "UserNetworks",
     "account_exists",
     "accounts",
     "can_manage_accounts",
