@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     @field_validator("network_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", value):
-            raise ValueError(f"{value!r}: 1-6 characters a-z or 0-9, starting with a letter")
+        # ends in a letter: "<prefix><uid>" link names of two prefixes can then never coincide
+        if not re.fullmatch(r"[a-z]([a-z0-9]{0,4}[a-z])?", value):
+            raise ValueError(f"{value!r}: 1-6 characters a-z or 0-9, starting and ending with a letter")
         return value
 
     @field_validator("kernel_memory", "user_memory")

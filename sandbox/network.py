@@ -64,7 +64,8 @@ BLOCKED_V4: tuple[IPv4Network, ...] = tuple(IPv4Network(n) for n in (
 ))
 # IPv6 is not routed for kernels at all; these are named so that a read-back can show them
 BLOCKED_V6 = ("fc00::/7", "fe80::/10")
-_PREFIX = re.compile(r"[a-z][a-z0-9]{0,5}")
+# ends in a letter: "<prefix><uid>" link names of two prefixes can then never coincide
+_PREFIX = re.compile(r"[a-z]([a-z0-9]{0,4}[a-z])?")
 _IFNAMSIZ = 15
 _DOCKER_CHAIN = "DOCKER-USER"
 _T = TypeVar("_T")
@@ -89,7 +90,7 @@ class NetworkPlan:
         if self.mode not in ("none", "egress"):
             raise ValueError(f"unknown network mode {self.mode!r} (expected 'none' or 'egress')")
         if not _PREFIX.fullmatch(self.prefix):
-            raise ValueError(f"network prefix {self.prefix!r}: 1-6 characters a-z, 0-9, starting with a letter")
+            raise ValueError(f"network prefix {self.prefix!r}: 1-6 characters a-z, 0-9, starting and ending with a letter")
         if self.addresses.prefixlen > 31:
             raise ValueError(f"kernel address range {self.addresses} is too small: a /31 or larger is needed")
         if not self.addresses.is_private:

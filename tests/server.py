@@ -130,7 +130,7 @@ def network_names(n: int | None = None) -> tuple[str, str]:
         _servers_made += 1
         n = _servers_made
     k = (os.getpid() * 64 + n) % 4096
-    return f"t{k}", f"10.{224 + k // 256}.{k % 256}.0/24"
+    return f"t{k}n", f"10.{224 + k // 256}.{k % 256}.0/24"
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ from sandbox import LaunchSpec, _libc, _nft, spawn
 from sandbox.network import BLOCKED_V4, NetworkPlan, UserNetworks, docker_rules
 
 PID = os.getpid() % 1000
-PREFIX = f"n{PID}"
+PREFIX = f"n{PID}x"
 RANGE = IPv4Network(f"10.{240 + PID % 8}.{PID % 256}.0/24")
 OUTSIDE = f"/run/netns/{PREFIX}-outside"  # the stand-in for the world beyond the host
 OUT_LINK = f"{PREFIX}o"  # host end of the link to it
@@ -184,8 +184,9 @@ def _links_in(path: str) -> dict[str, list[str]]:
 def test_plan_refuses_bad_values() -> None:
     with pytest.raises(ValueError, match="mode"):
         NetworkPlan(mode="bridge")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="prefix"):
-        NetworkPlan(mode="none", prefix="Kp-1")
+    for bad in ("Kp-1", "kp1", "", "kpabcde", "1kp"):
+        with pytest.raises(ValueError, match="prefix"):
+            NetworkPlan(mode="none", prefix=bad)
     with pytest.raises(ValueError, match="too small"):
         NetworkPlan(mode="egress", addresses=IPv4Network("10.0.0.1/32"))
     with pytest.raises(ValueError, match="private"):
