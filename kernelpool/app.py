@@ -168,6 +168,7 @@ async def _housekeeping(services: Services) -> None:
         try:
             services.sessions.expire()
             await services.kernels.cull_idle()
+            await services.kernels.networks.refresh()
             await services.users.load()  # users that the CLI added while we run
         except Exception:
             log.exception("housekeeping failed")

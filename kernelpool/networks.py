@@ -103,6 +103,15 @@ class UserNetworkPolicy:
             except Exception as exc:
                 log.warning("network namespace of %s: %s", identity.name, exc)
 
+    async def refresh(self) -> None:
+        """Housekeeping: heal what another program changed under us (Docker's DOCKER-USER chain)."""
+        if self._nets is None:
+            return
+        added = await asyncio.to_thread(self._nets.refresh_docker_rules)
+        if added:
+            log.warning("network: put back the DOCKER-USER rules of %d user namespace(s) (dockerd started or "
+                        "restarted after they were made)", added)
+
     def users_with_namespace(self) -> int:
         return len(self._counts)
 

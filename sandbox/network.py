@@ -270,6 +270,23 @@ class UserNetworks:
             with self._lock:
                 self._slots.pop(uid, None)
 
+    def refresh_docker_rules(self) -> int:
+        """Put back the DOCKER-USER rules of live namespaces where they are missing (dockerd started,
+        or restarted with a fresh chain, after the namespace was made); returns how many were added."""
+        if self.plan.mode != "egress" or not _docker_chain_exists():
+            return 0
+        listing = _iptables("-S", _DOCKER_CHAIN).stdout
+        with self._lock:
+            uids = list(self._slots)
+        added = 0
+        for uid in uids:
+            link = self.plan.host_link(uid)
+            if f"-i {link} " not in listing or f"-o {link} " not in listing:
+                _docker_rules("-D", link, self.plan.comment, missing_ok=True)  # a half pair would stay twice
+                _docker_rules("-I", link, self.plan.comment)
+                added += 1
+        return added
+
     def address(self, uid: int) -> IPv4Address | None:
         """The namespace end's address of uid (egress mode, namespace present), else None."""
         slot = self._slots.get(uid)

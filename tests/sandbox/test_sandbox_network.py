@@ -363,3 +363,23 @@ def test_address_range_runs_out_with_a_clear_error() -> None:
         assert not os.path.exists(_plan().path(UID_B))
     finally:
         nets.close()
+
+
+def test_docker_rules_put_back_when_docker_lost_them(nets: UserNetworks) -> None:
+    if subprocess.run(["iptables", "-w", "10", "-n", "-L", "DOCKER-USER"], capture_output=True).returncode != 0:
+        pytest.skip("Docker's DOCKER-USER chain is not on this host (dockerd not running)")
+    nets.ensure(UID_A)
+    comment = _plan().comment
+    assert len(docker_rules(comment)) == 2
+    assert nets.refresh_docker_rules() == 0, "nothing missing, nothing added"
+    # what a dockerd started (or restarted with a new chain) after the namespace was made looks like
+    out = subprocess.run(["iptables", "-w", "10", "-S", "DOCKER-USER"], capture_output=True, text=True).stdout
+    import shlex
+
+    for line in out.splitlines():
+        if comment in line and f"-i {PREFIX}{UID_A}" in line:
+            subprocess.run(["iptables", "-w", "10", "-D", *shlex.split(line)[1:]], check=True)
+    assert len(docker_rules(comment)) == 1
+    assert nets.refresh_docker_rules() == 1
+    rules = docker_rules(comment)
+    assert len(rules) == 2 and any(f"-i {PREFIX}{UID_A}" in r for r in rules), rules
