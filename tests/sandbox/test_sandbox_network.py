@@ -383,3 +383,18 @@ def test_docker_rules_put_back_when_docker_lost_them(nets: UserNetworks) -> None
     assert nets.refresh_docker_rules() == 1
     rules = docker_rules(comment)
     assert len(rules) == 2 and any(f"-i {PREFIX}{UID_A}" in r for r in rules), rules
+
+
+def test_joining_a_namespace_that_is_not_one_fails_before_exec(tmp_path) -> None:
+    _require()
+    from sandbox import LaunchError
+
+    marker = tmp_path / "ran"
+    argv = ["/bin/sh", "-c", f"touch {marker}"]
+    for bad in (str(tmp_path / "missing"), "/proc/self/ns/uts", "/etc/hostname"):
+        with pytest.raises(LaunchError) as info:
+            spawn(LaunchSpec(argv, {"PATH": "/usr/bin:/bin"}, "/", netns=bad))
+        assert info.value.step == "network namespace", (bad, info.value)
+    with pytest.raises(LaunchError, match="absolute"):
+        spawn(LaunchSpec(argv, {}, "/", netns="relative/ns"))
+    assert not marker.exists(), "the command never ran"
