@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Network
-from typing import Any
+from typing import Any, TypeVar
 
 from kernelpool.config import Settings
 from sandbox.identity import Identity
 from sandbox.network import NetworkPlan, UserNetworks, docker_rules, resolvers_from
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 HOST_WARNING = (
     "kernel_network = 'host': every user's kernels share the host's network namespace; one user's code "
@@ -62,6 +65,12 @@ class UserNetworkPolicy:
         self._nets = UserNetworks(plan) if plan is not None else None
         self._counts: dict[int, int] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        # threads of their own: netlink and iptables calls (which may wait for the xtables lock while
+        # Docker holds it) must not hold up notebook reads and writes in the default executor
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kernelpool-net")
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @property
     def mode(self) -> str:
@@ -70,7 +79,7 @@ class UserNetworkPolicy:
     async def start(self) -> None:
         if self._nets is None:
             return
-        for note in await asyncio.to_thread(self._nets.start):
+        for note in await self._run(self._nets.start):
             log.warning("network: %s", note)
 
     async def join(self, identity: Identity | None) -> str | None:
@@ -80,7 +89,7 @@ class UserNetworkPolicy:
         uid = identity.uid
         async with self._locks.setdefault(uid, asyncio.Lock()):
             if self._counts.get(uid, 0) == 0:
-                path = await asyncio.to_thread(self._nets.ensure, uid)
+                path = await self._run(self._nets.ensure, uid)
                 log.info("network namespace %s made for %s", path, identity.name)
             else:
                 path = self._nets.plan.path(uid)
@@ -99,7 +108,7 @@ class UserNetworkPolicy:
                 return
             self._counts.pop(uid, None)
             try:
-                await asyncio.to_thread(self._nets.remove, uid)
+                await self._run(self._nets.remove, uid)
             except Exception as exc:
                 log.warning("network namespace of %s: %s", identity.name, exc)
 
@@ -107,7 +116,7 @@ class UserNetworkPolicy:
         """Housekeeping: heal what another program changed under us (Docker's DOCKER-USER chain)."""
         if self._nets is None:
             return
-        added = await asyncio.to_thread(self._nets.refresh_docker_rules)
+        added = await self._run(self._nets.refresh_docker_rules)
         if added:
             log.warning("network: put back the DOCKER-USER rules of %d user namespace(s) (dockerd started or "
                         "restarted after they were made)", added)
@@ -119,7 +128,10 @@ class UserNetworkPolicy:
         if self._nets is None:
             return
         self._counts.clear()
-        await asyncio.to_thread(self._nets.close)
+        try:
+            await self._run(self._nets.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "per_user_namespace": self.plan is not None}
