@@ -86,9 +86,18 @@ def list_json(what: str) -> list[dict[str, Any]]:
     return list(data.get("nftables", []))
 
 
+_call_lock = threading.Lock()
+
+
 def _call(commands: str, *, as_json: bool) -> str:
     lib = _load()
-    # a context per call: contexts are not thread-safe and cost microseconds
+    # one call at a time in this process: libnftables keeps global state besides its contexts
+    # (the parser's and the cache's), and the server makes namespaces from several threads
+    with _call_lock:
+        return _call_locked(lib, commands, as_json)
+
+
+def _call_locked(lib: _Lib, commands: str, as_json: bool) -> str:
     ctx = lib.ctx_new(0)
     if not ctx:
         raise NftError("nft_ctx_new failed")
