@@ -116,7 +116,21 @@ class KernelpoolServer:
             names |= {line.split("\t")[0] for line in listed.splitlines() if line}
         for name in sorted(names):
             self.cli("users", "remove", name, check=False)
+        self.reap_network()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def reap_network(self) -> int:
+        """Remove what a server that died (killed, crashed) left of its users' network namespaces:
+        its prefix is this test's own, so no later server would reap them. Returns how many."""
+        prefix = self.env.get("KERNELPOOL_NETWORK_PREFIX")
+        if not prefix or os.geteuid() != 0:
+            return 0
+        from sandbox.network import NetworkPlan, UserNetworks
+
+        try:
+            return UserNetworks(NetworkPlan(mode="egress", prefix=prefix)).reap()
+        except Exception:
+            return 0
 
 
 _servers_made = 0
