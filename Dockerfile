@@ -13,10 +13,11 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # `-e 143`: the server re-raises SIGTERM after its graceful shutdown (uvicorn does); that is
 # a clean stop, reported as 0.
 # libseccomp2: the kernels' seccomp filter is built with it (through pyseccomp; apt already
-# pulls it in, named here because kernelpool needs it).
+# pulls it in, named here because kernelpool needs it). nftables (libnftables) carries the
+# kernels' firewall for kernel_network = "egress".
 # (Versions of Debian bookworm amd64; other architectures may carry another build suffix.)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 libseccomp2=2.5.4-1+deb12u1 \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 libseccomp2=2.5.4-1+deb12u1 nftables=1.0.6-2+deb12u2 \
     && rm -rf /var/lib/apt/lists/*
 
 # The venv lives outside /root and is world-readable: kernels run as per-user uids and use its

@@ -154,6 +154,9 @@ class Bench:
             running.exit_code = code
             running.log_tail = kp.log()[-6000:]
             running.leftovers = await self.wait_no_leftovers(running.cgroup_root, self._uids(list(d.tokens)))
+            left = await asyncio.to_thread(kp.reap_network)
+            if left:
+                running.leftovers.append(f"{left} network namespace(s) or link(s) the server did not remove")
 
     def _uids(self, users: list[str] | None = None) -> set[int]:
         """The uids of these users' accounts (of all this run's accounts when None)."""

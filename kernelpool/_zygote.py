@@ -255,6 +255,7 @@ class _ChildSpec:
         self.cgroup = _ChildCgroup(list(procs)) if procs is not None else None
         self.cwd: str = raw["cwd"]
         self.network: str = raw.get("network", "host")
+        self.netns: str | None = raw.get("netns")
         self.umask: int = int(raw.get("umask", 0o077))
         self.private_views: bool = bool(raw.get("private_views", False))
         self.tmpfs_bytes: int = int(raw.get("tmpfs_bytes", 512 << 20))

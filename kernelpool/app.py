@@ -38,6 +38,7 @@ from kernelpool.isolation import Isolation, decide
 from kernelpool.jobs import JobService
 from kernelpool.kernels import KernelRegistry
 from kernelpool.metrics import Metrics
+from kernelpool.networks import UserNetworkPolicy
 from kernelpool.notebooks import NotebookService
 from kernelpool.notices import Notices
 from kernelpool.resources import notebook_uri
@@ -76,7 +77,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
         return SafeRoot(users.folder(user), uid, gid)
 
     notebooks = NotebookService(root_of, disk_check=disk.check)
-    kernels = KernelRegistry(settings, store, users, iso.cgroups)
+    kernels = KernelRegistry(settings, store, users, iso.cgroups, UserNetworkPolicy(iso.network))
     kernels.disk_check = disk.check
     notices = Notices(settings.session_idle_timeout)
     events = _event_store(settings, notices)
@@ -117,7 +118,9 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     async def healthz(request: Request) -> Response:
         space = disk.report()
         return JSONResponse({
-            "status": "ok" if not space["low"] else "disk low", "version": __version__, "isolation": iso.describe(),
+            "status": "ok" if not space["low"] else "disk low", "version": __version__,
+            "isolation": iso.describe() | {"network": {
+                "mode": services.kernels.networks.mode, "namespaces": services.kernels.networks.users_with_namespace()}},
             "kernels": len(services.kernels.all()), "warm_kernels": len(services.kernels.pooled()),
             "kernels_counted": services.kernels.count(), "disk": space,
             "audit": {"pending": store.audit_pending, "dropped": store.audit_dropped, "failing": store.audit_failing},
@@ -154,6 +157,7 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                 log.warning("cleaned up %d kernel(s) or cgroup(s) left behind by a previous server", reaped)
             if users.clean_runtime():
                 log.info("emptied %s, left by a previous server", settings.run_dir)
+            await services.kernels.networks.start()
             await users.load()  # folders, and passwd entries that a new container lacks
             fork_server = await _start_fork_server(settings, services.kernels)
             housekeeping = asyncio.get_running_loop().create_task(_housekeeping(services))
@@ -166,6 +170,10 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                     await housekeeping
                 await services.jobs.close()
                 await services.kernels.close()
+                try:
+                    await services.kernels.networks.close()
+                except Exception as exc:
+                    log.warning("removing the users' network namespaces: %s", exc)
                 if fork_server is not None:
                     await fork_server.close()
         finally:
@@ -324,6 +332,7 @@ async def _housekeeping(services: Services) -> None:
                 services.events.expire()
             services.jobs.prune()
             await services.kernels.cull_idle()
+            await services.kernels.networks.refresh()
             await services.users.load()  # users that the CLI added while we run
         except Exception:
             log.exception("housekeeping failed")

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8765)")
-    serve.add_argument("--kernel-network", choices=["host", "none"], help="'none': kernels get only loopback")
+    serve.add_argument("--kernel-network", choices=["egress", "none", "host"],
+                       help="per-user namespace with NAT to public addresses (egress), loopback only (none), "
+                            "or the host's network shared by all users (host: unsafe)")
     serve.add_argument("--pool-size", type=int, help="warm kernels kept per active user")
     serve.add_argument("--log-json", action="store_true", default=None, help="structured JSON logs")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -266,9 +268,24 @@ async def _audit(args: argparse.Namespace) -> int:
     return await _with_store(args, work)
 
 
+def _describe_network(net: dict[str, Any]) -> str:
+    if not net.get("isolated"):
+        return f"{net['mode']}: NOT isolated between users ({net.get('why')})"
+    if net["mode"] == "none":
+        text = "none: a network namespace per user, loopback only"
+    else:
+        text = (f"egress: a network namespace per user, NAT to public addresses only (range {net['range']}, "
+                f"resolvers {', '.join(net['resolvers']) or 'none'}, allowed {', '.join(net['allowed']) or 'none'}); "
+                f"table {net['nftables_table']} {'installed' if net['table_installed'] else 'not installed (no server running)'}")
+        if net.get("docker_user_rules"):
+            text += f", {net['docker_user_rules']} DOCKER-USER rule(s)"
+    return text + f"; {net['live_namespaces']} user namespace(s) live"
+
+
 async def _doctor(args: argparse.Namespace) -> int:
     from kernelpool.errors import SandboxUnavailable
     from kernelpool.isolation import decide
+    from kernelpool.networks import report as network_report
 
     settings = _settings(args)
     report: dict[str, Any] = {"euid": os.geteuid(), "data_dir": str(settings.data_dir)}
@@ -276,12 +293,14 @@ async def _doctor(args: argparse.Namespace) -> int:
         iso = decide(settings)
         report["host"] = iso.host
         report["in_force"] = iso.describe()
+        report["network"] = network_report(settings, iso.network, iso.sandboxed)
         ok = True
     except SandboxUnavailable as exc:
         from sandbox import probe
 
         report["host"] = probe()
         report["in_force"] = {"sandboxed": False, "error": str(exc)}
+        report["network"] = {"mode": settings.kernel_network, "isolated": False, "why": "the sandbox cannot run here"}
         ok = False
     from kernelpool.disk import DiskSpace
 
@@ -304,6 +323,8 @@ async def _doctor(args: argparse.Namespace) -> int:
         print(f"cgroups:             v{cg.get('version')} controllers={','.join(cg.get('controllers') or [])} "
               f"writable={'yes' if cg.get('writable') else 'NO'}" if cg.get("version") else "cgroups:             NONE usable")
         print(f"network namespaces:  {'yes' if host.get('netns') else 'no'}")
+        print(f"nftables:            {'yes' if host.get('nftables') else 'no'}")
+        print(f"ip forwarding:       {'on' if host.get('ip_forward') else 'off'}")
         print(f"no_new_privs:        {'yes' if host.get('no_new_privs') else 'no'}")
         print(f"mount isolation:     {'yes' if host.get('mount_namespace') else 'NO'} (mount namespace, private /tmp and /dev/shm)")
         print(f"pid isolation:       {'yes' if host.get('proc_hidepid') else 'NO'} (own /proc with hidepid=invisible)")
@@ -314,6 +335,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc and "
                                           "cgroup views, seccomp filter)" if inf.get("sandboxed")
                                          else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
+        print("network in force:    " + _describe_network(report["network"]))
     if report["disk"]["low"]:
         return 1
     return 0 if ok or settings.insecure_no_sandbox else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,7 +44,17 @@ class Settings(BaseSettings):
     uid_max: int = Field(29999, ge=1000, description="last uid/gid handed to kernelpool users")
     account_prefix: str = Field("kp-", description="prefix of the Unix account names created for users")
     cgroup_prefix: str = Field("kernelpool", description="folder name under the server's own cgroup")
-    kernel_network: Literal["host", "none"] = Field("host", description="'none' gives each kernel its own network namespace with only loopback")
+    kernel_network: Literal["egress", "none", "host"] = Field(
+        "egress",
+        description="each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public "
+                    "addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe)")
+    kernel_network_range: str = Field(
+        "10.201.0.0/16", description="private IPv4 range from which each user's namespace gets a /31 ('egress')")
+    kernel_network_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="blocked IPv4 ranges (private, link-local, ...) that kernels may reach after all ('egress'), comma-separated")
+    network_prefix: str = Field(
+        "kp", description="names this server's namespaces (PREFIX-UID), links (PREFIXUID) and nftables table; unique per host")
     kernel_memory: str | None = Field("2G", description="memory limit per kernel")
     kernel_cpus: float | None = Field(1.0, gt=0, description="CPU limit per kernel, in cores")
     kernel_pids: int | None = Field(256, gt=0, description="process/thread limit per kernel")
@@ -110,7 +121,7 @@ class Settings(BaseSettings):
 
     config_file: Path | None = Field(None, alias="config", description="TOML file read at start-up")
 
-    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -119,6 +130,27 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("kernel_network_range")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        net = ipaddress.IPv4Network(value)  # ValueError names the problem
+        if net.prefixlen > 31 or not net.is_private:
+            raise ValueError(f"{value!r} must be a private IPv4 range of at least two addresses (a /31 or larger)")
+        return str(net)
+
+    @field_validator("kernel_network_allow")
+    @classmethod
+    def _allow(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.IPv4Network(item)) for item in value]
+
+    @field_validator("network_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        # ends in a letter: "<prefix><uid>" link names of two prefixes can then never coincide
+        if not re.fullmatch(r"[a-z]([a-z0-9]{0,4}[a-z])?", value):
+            raise ValueError(f"{value!r}: 1-6 characters a-z or 0-9, starting and ending with a letter")
         return value
 
     @field_validator("resume_bytes_per_session", "resume_bytes_per_user")
@@ -213,4 +245,6 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
+    if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
+        raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

@@ -16,7 +16,9 @@ from typing import Any
 
 from kernelpool.config import Settings
 from kernelpool.errors import SandboxUnavailable
+from kernelpool.networks import plan_from
 from sandbox import CgroupBackend, detect, probe
+from sandbox.network import NetworkPlan
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class Isolation:
     cgroups: CgroupBackend | None
     host: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    network: NetworkPlan | None = None  # None: kernels use the host's network namespace
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class Isolation:
             "pid_isolation": "proc hidepid=invisible" if self.sandboxed else None,
             "cgroup_namespace": self.sandboxed,
             "seccomp": self.sandboxed,
+            "network": self.network.mode if self.network is not None else "host",
             "warnings": self.warnings,
         }
 
@@ -62,8 +66,11 @@ def decide(settings: Settings) -> Isolation:
     if blocked:
         missing.append(f"a kernel interpreter that other uids can run ({blocked}); install kernelpool into a "
                        "virtual environment outside /root, or set kernel_python")
-    if settings.kernel_network == "none" and not host.get("netns"):
-        missing.append("network namespaces (for kernel_network = 'none')")
+    if settings.kernel_network != "host" and not host.get("netns"):
+        missing.append(f"network namespaces (CAP_SYS_ADMIN and CAP_NET_ADMIN; for kernel_network = "
+                       f"{settings.kernel_network!r}, or set it to 'host', shared by all users)")
+    if settings.kernel_network == "egress" and not host.get("nftables"):
+        missing.append("nftables (libnftables1, the 'nftables' package, and CAP_NET_ADMIN) for kernel_network = 'egress'")
     for key, what in (
         ("mount_namespace", "mount namespaces with a private tmpfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
         ("proc_hidepid", "a private /proc with hidepid=invisible (Linux 5.8 or later)"),
@@ -78,7 +85,10 @@ def decide(settings: Settings) -> Isolation:
             + ". Run `kernelpool doctor` for details. To run anyway, single-user, start with "
             "--insecure-no-sandbox (every kernel then runs as this server's own user, without limits)."
         )
-    return Isolation(True, backend, host)
+    plan, warnings = plan_from(settings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return Isolation(True, backend, host, warnings, plan)
 
 
 def blocked_for_others(path: str) -> str | None:

@@ -28,11 +28,12 @@ from kernelpool import packages
 from kernelpool.client import KernelpoolClient
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
+from kernelpool.networks import UserNetworkPolicy
 from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
 from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
 from kernelpool.zygote import ForkServer
-from sandbox import Cgroup, CgroupBackend, SafeRoot
+from sandbox import Cgroup, CgroupBackend, Identity, SafeRoot
 from sandbox.fs import remove_tree
 from sandbox.rundir import TMP, KernelRunDir, remove_kernel_folder
 
@@ -72,6 +73,7 @@ class Kernel:
     executions: int = 0
     death_cause: str | None = None
     admitted: bool = False  # holds one of its user's kernel slots (KernelRegistry._admit) until stopped
+    network_of: Identity | None = None  # whose network namespace this kernel counts in (until stopped)
     # one execution at a time: the kernel runs them in order anyway, and one reader per channel
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -146,8 +148,10 @@ def _fmt_bytes(n: int | None) -> str:
 class KernelRegistry:
     """Owns every kernel; opened in the app's lifespan, `close()` shuts them all down."""
 
-    def __init__(self, settings: Settings, store: Store, users: UserService, cgroups: CgroupBackend | None) -> None:
+    def __init__(self, settings: Settings, store: Store, users: UserService, cgroups: CgroupBackend | None,
+                 networks: UserNetworkPolicy | None = None) -> None:
         self._settings = settings
+        self.networks = networks or UserNetworkPolicy(None)
         self._store = store
         self._users = users
         self._cgroups = cgroups
@@ -334,7 +338,7 @@ class KernelRegistry:
             identity=ident,
             cgroup=cgroup,
             rundir=rundir,
-            network=self._settings.kernel_network,
+            network="host",  # or the user's namespace, joined by path below
             # with a uid of its own, a kernel gets its own views and the syscall filter too
             private_views=user.identity is not None,
             tmpfs_bytes=self._settings.tmpfs_bytes,
@@ -347,6 +351,8 @@ class KernelRegistry:
             extra={"zygote": self.fork_server} if self.fork_server is not None else {},
         )
         try:
+            launch.netns = await self.networks.join(user.identity)
+            kernel.network_of = user.identity if launch.netns is not None else None
             await manager.start_kernel(sandbox=launch)
             await self._store.add_kernel(KernelRow(
                 id=kid, user=user.name, notebook=None, pid=kernel.pid,
@@ -411,6 +417,10 @@ class KernelRegistry:
             except Exception as exc:
                 log.warning("kernel %s: removing its runtime folder: %s", kernel.id, exc)
         self._release(kernel)  # the process is gone (or beyond our reach): its slot is free again
+        if kernel.network_of is not None:
+            # after the cgroup is gone: nothing of the user's is left in the namespace
+            identity, kernel.network_of = kernel.network_of, None
+            await self.networks.leave(identity)
         await self._store.remove_kernel(kernel.id)
 
     async def _discard(self, kernel: Kernel) -> None:

@@ -53,6 +53,7 @@ class KernelLaunch:
     hide_mounts_below: tuple[str, ...] = ()  # where other users' mounts (volumes) are detached in its namespace
     seccomp: bool = False
     start_timeout: float = 60.0  # seconds the kernel may take to create its sockets
+    netns: str | None = None  # the user's network namespace to join (nsfs path), when there is one
     extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
 
 
@@ -90,6 +91,7 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             keep_paths=launch.keep_paths,
             hide_mounts_below=launch.hide_mounts_below,
             seccomp=launch.seccomp,
+            netns=launch.netns,
         )
         self.process = None
         launch.rundir.open_for_binding()

@@ -341,6 +341,7 @@ class ForkServer:
             },
             "cgroup_procs": None if spec.cgroup is None else spec.cgroup.procs_files(),
             "network": spec.network,
+            "netns": spec.netns,
             "umask": spec.umask,
             "private_views": spec.private_views,
             "tmpfs_bytes": spec.tmpfs_bytes,

@@ -2,10 +2,10 @@
 
 Knows nothing of Jupyter or MCP; kernelpool is its only caller. Modules: `identity` (who),
 `limits` (how much), `accounts` (passwd entries), `cgroups` (v1/v2), `launcher` (fork, drop,
-exec), `views` (a kernel's private /tmp, /dev/shm, /proc and cgroup views), `seccomp` (its
-syscall filter), `fs` (the root server's link-proof file access inside a user's folder), `rundir` (each
-kernel's root-owned folder for its connection file and sockets), `probe`
-(what this host can isolate), `errors`.
+exec), `network` (per-user network namespaces and their firewall), `views` (a kernel's private
+/tmp, /dev/shm, /proc and cgroup views), `seccomp` (its syscall filter), `fs` (the root server's
+link-proof file access inside a user's folder), `rundir` (each kernel's root-owned folder for its
+connection file and sockets), `probe` (what this host can isolate), `errors`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from sandbox.fs import Entry, SafeRoot, prepare_dir
 from sandbox.identity import Identity
 from sandbox.launcher import LaunchSpec, enter, spawn
 from sandbox.limits import Limits, parse_memory
+from sandbox.network import NetworkError, NetworkPlan, UserNetworks
 from sandbox.probe import probe
 
 __all__ = [
@@ -43,10 +44,13 @@ __all__ = [
     "LaunchError",
     "LaunchSpec",
     "Limits",
+    "NetworkError",
+    "NetworkPlan",
     "PathError",
     "PathOutsideRoot",
     "SafeRoot",
     "SandboxError",
+    "UserNetworks",
     "account_exists",
     "accounts",
     "can_manage_accounts",

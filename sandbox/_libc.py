@@ -1,4 +1,4 @@
-"""libc calls the stdlib lacks on Python 3.11 (unshare, mount, prctl), resolved once at import.
+"""libc calls the stdlib lacks on Python 3.11 (unshare, setns, mount, prctl), resolved once at import.
 
 Resolved here, not in the forked child, because dlopen/dlsym take locks another thread of
 the parent may have held at fork time.
@@ -30,6 +30,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _unshare = _libc.unshare
 _unshare.argtypes = [ctypes.c_int]
 _unshare.restype = ctypes.c_int
+_setns = _libc.setns
+_setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_setns.restype = ctypes.c_int
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
@@ -85,6 +88,12 @@ def load_seccomp_filter(program: bytes) -> None:
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     if _prctl_ptr(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog)) != 0:
         _raise()
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def set_no_new_privs() -> None:

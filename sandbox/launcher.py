@@ -1,5 +1,6 @@
-"""Start a command as a user's uid, in a cgroup, with no_new_privs, private views of the shared
-trees (/tmp, /dev/shm, /proc, cgroups), a seccomp filter and optionally no network.
+"""Start a command as a user's uid, in a cgroup, with no_new_privs, in a network namespace (the
+user's own, or a new one with only loopback), private views of the shared trees (/tmp, /dev/shm,
+/proc, cgroups) and a seccomp filter.
 
 `spawn` is what kernelpool's kernel provisioner calls; `enter` is the part that runs in the
 forked child before exec, shared with the fork server (kernelpool._zygote). CPython
@@ -39,6 +40,8 @@ class LaunchSpec:
     identity: Identity | None = None  # None = run as the server's own user (insecure dev mode)
     cgroup: Cgroup | None = None
     network: Literal["host", "none"] = "host"  # "none" = own network namespace, loopback only
+    # a namespace to join (the user's, from `sandbox.network`): its nsfs path; overrides `network`
+    netns: str | None = None
     umask: int = 0o077
     private_views: bool = False  # own mount + cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
     tmpfs_bytes: int = 512 << 20  # size cap of each of the private /tmp and /dev/shm
@@ -58,6 +61,8 @@ class _SpecLike(Protocol):
     def cgroup(self) -> Cgroup | None: ...
     @property
     def network(self) -> str: ...
+    @property
+    def netns(self) -> str | None: ...
     @property
     def umask(self) -> int: ...
     @property
@@ -81,7 +86,8 @@ class _Steps:
 def enter(spec: _SpecLike, errfd: int | None = None, filter_program: bytes | None = None) -> None:
     """Sandbox the calling process; runs in the child between fork and exec.
 
-    Order: join cgroup; network namespace (+ loopback up); private views (mount namespace,
+    Order: join cgroup; network namespace (join `spec.netns`, or a new one with
+    loopback up); private views (mount namespace,
     other users' mounts detached, /tmp, /dev/shm, /proc, cgroup namespace, cgroupfs); drop supplementary groups, gid, uid
     (and check root cannot be regained); no_new_privs; umask; chdir; seccomp filter (last: it
     forbids mount and unshare, and needs no_new_privs). `filter_program` is
@@ -124,7 +130,16 @@ def _join_cgroup(spec: _SpecLike, step: _Steps) -> None:
 
 
 def _network(spec: _SpecLike, step: _Steps) -> None:
-    if spec.network == "none":
+    # needs CAP_SYS_ADMIN (setns/unshare) and, for a new namespace, CAP_NET_ADMIN: before the uid
+    # drop. Joined by path before any mount namespace change, which could hide the path.
+    if spec.netns is not None:
+        step.name = "network namespace"
+        fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _libc.setns(fd, _libc.CLONE_NEWNET)
+        finally:
+            os.close(fd)
+    elif spec.network == "none":
         step.name = "network namespace"
         _libc.unshare(_libc.CLONE_NEWNET)
         step.name = "loopback up"
@@ -219,6 +234,8 @@ def spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
         raise LaunchError(f"cwd must be absolute, got {spec.cwd!r}", step="spec", path=spec.cwd)
     if spec.network not in ("host", "none"):
         raise LaunchError(f"unknown network mode {spec.network!r}", step="spec")
+    if spec.netns is not None and not os.path.isabs(spec.netns):
+        raise LaunchError(f"netns must be an absolute path, got {spec.netns!r}", step="spec", path=spec.netns)
     try:
         # built here, in the parent: the child runs no libseccomp code between fork and exec
         filter_program = seccomp.program() if spec.seccomp else None

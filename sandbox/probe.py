@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sandbox import _libc, seccomp, views
+from sandbox import _libc, _nft, seccomp, views
 from sandbox.accounts import can_manage_accounts
 from sandbox.cgroups import detect
 
@@ -80,13 +80,32 @@ def _try_views() -> int:
     return code
 
 
+def _nftables() -> bool:
+    """libnftables loads and lets us read the ruleset (CAP_NET_ADMIN)."""
+    if _nft.available() is not None:
+        return False
+    try:
+        _nft.list_json("tables")
+    except _nft.NftError:
+        return False
+    return True
+
+
+def _ip_forward() -> bool | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward", encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
+
+
 def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
     """A summary of this host's isolation abilities.
 
     {"root", "setuid", "accounts", "cgroup": {"version", "controllers", "writable"},
-    "netns", "no_new_privs", "mount_namespace" (with a private tmpfs), "proc_hidepid",
-    "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error"}. kernelpool
-    decides from it whether it can run isolated, and refuses to pretend when it cannot.
+    "netns", "nftables", "ip_forward", "no_new_privs", "mount_namespace" (with a private tmpfs),
+    "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error"}.
+    kernelpool decides from it whether it can run isolated, and refuses to pretend when it cannot.
     """
     root = os.geteuid() == 0
     backend = detect(cgroup_prefix)
@@ -107,4 +126,6 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
         },
         **checks,
         "seccomp_error": seccomp_error,
+        "nftables": _nftables(),
+        "ip_forward": _ip_forward(),
     }

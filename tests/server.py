@@ -149,7 +149,35 @@ class KernelpoolServer:
             names |= {line.split("\t")[0] for line in listed.splitlines() if line}
         for name in sorted(names):
             self.cli("users", "remove", name, check=False)
+        self.reap_network()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def reap_network(self) -> int:
+        """Remove what a server that died (killed, crashed) left of its users' network namespaces:
+        its prefix is this test's own, so no later server would reap them. Returns how many."""
+        prefix = self.env.get("KERNELPOOL_NETWORK_PREFIX")
+        if not prefix or os.geteuid() != 0:
+            return 0
+        from sandbox.network import NetworkPlan, UserNetworks
+
+        try:
+            return UserNetworks(NetworkPlan(mode="egress", prefix=prefix)).reap()
+        except Exception:
+            return 0
+
+
+_servers_made = 0
+
+
+def network_names(n: int | None = None) -> tuple[str, str]:
+    """(network_prefix, kernel_network_range) of their own for one test server: servers of one test
+    run may overlap in time, and their namespaces, links and nftables tables must not meet."""
+    global _servers_made
+    if n is None:
+        _servers_made += 1
+        n = _servers_made
+    k = (os.getpid() * 64 + n) % 4096
+    return f"t{k}n", f"10.{224 + k // 256}.{k % 256}.0/24"
 
 
 def server_env(**extra: str) -> dict[str, str]:
@@ -162,6 +190,9 @@ def server_env(**extra: str) -> dict[str, str]:
     env.setdefault("KERNELPOOL_UID_MAX", "62999")
     env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", f"kpt{os.getpid() % 100000}-")
     env.setdefault("KERNELPOOL_CGROUP_PREFIX", f"kernelpool-test-{os.getpid()}")
+    prefix, addresses = network_names()
+    env.setdefault("KERNELPOOL_NETWORK_PREFIX", prefix)
+    env.setdefault("KERNELPOOL_KERNEL_NETWORK_RANGE", addresses)
     env.update(extra)
     return env
 

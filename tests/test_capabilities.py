@@ -20,7 +20,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed"),
 ]
 
-DOCUMENTED = ["setuid", "setgid", "chown", "dac_override", "fowner", "kill", "sys_admin"]
+# for the default kernel_network = "egress": sys_admin and net_admin make, join and firewall the
+# users' network namespaces
+DOCUMENTED = ["setuid", "setgid", "chown", "dac_override", "fowner", "kill", "sys_admin", "net_admin"]
 
 
 class CappedServer(KernelpoolServer):
@@ -44,7 +46,7 @@ async def test_documented_capabilities_suffice() -> None:
         token = server.add_user("capuser")
         server.start()
         status = open(f"/proc/{server.proc.pid}/status").read() if server.proc else ""
-        assert "CapBnd:\t00000000002000eb" in status  # exactly the seven
+        assert "CapBnd:\t00000000002010eb" in status  # exactly the eight
         async with mcp_client(server.url, token) as client:
             r = await client.call_tool("use_notebook", {"notebook": "caps.ipynb", "mode": "create"})
             assert not r.is_error, r.content
@@ -59,7 +61,7 @@ async def test_documented_capabilities_suffice() -> None:
         server.cleanup()
 
 
-@pytest.mark.parametrize("missing", ["setuid", "chown", "dac_override"])
+@pytest.mark.parametrize("missing", ["setuid", "chown", "dac_override", "net_admin", "sys_admin"])
 async def test_without_one_it_fails(missing: str) -> None:
     server = _capped([c for c in DOCUMENTED if c != missing])
     try:

@@ -40,6 +40,7 @@ METHODS = {
 SERVER_CONFIG = "a path from the server's configuration or the host (DATA itself, /proc, /sys/fs/cgroup, /etc): no tenant writes there"
 CGROUP = "cgroup file system under the server's own cgroup folder: root's, tenants cannot write it"
 DIR_FD = "one name resolved from a directory descriptor opened without following links; O_NOFOLLOW or follow_symlinks=False"
+NETNS = "the namespace folder (/run/netns, root's; never below DATA): tenants cannot write there"
 KERNEL_SIDE = "runs inside the user's kernel, as the user's uid (the IPython %pip wrapper): not the server"
 FRESH_NS = "in a kernel's child before any user code runs, inside the fresh tmpfs of its own mount namespace"
 SERVICE = "a method of our own (NotebookService/SafeRoot), not a file-system call: reviewed where it is defined"
@@ -88,6 +89,21 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/views.py", "hide_mounts", "open"): (1, "/proc/self/mountinfo"),
     ("sandbox/views.py", "private_cgroupfs", "open"): (1, "/proc/self/cgroup"),
     ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
+    ("kernelpool/app.py", "create_app", ".mkdir"): (1, "DATA: configuration"),
+    ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
+    ("kernelpool/networks.py", "report", "os.listdir"): (1, NETNS),
+    ("sandbox/launcher.py", "_network", "os.open"): (1, NETNS + "; opened read-only in the kernel's child before it drops root"),
+    ("sandbox/network.py", "resolvers_from", "open"): (1, "/etc/resolv.conf: the host's"),
+    ("sandbox/network.py", "UserNetworks.reap", "os.listdir"): (1, NETNS),
+    ("sandbox/network.py", "UserNetworks.exists", "os.path.exists"): (1, NETNS),
+    ("sandbox/network.py", "UserNetworks.ensure", "os.path.exists"): (2, NETNS),
+    ("sandbox/network.py", "UserNetworks._create", "os.open"): (1, "/proc/thread-self/ns/net: the server's own thread"),
+    ("sandbox/network.py", "UserNetworks._teardown", "os.path.exists"): (1, NETNS),
+    ("sandbox/network.py", "_read", "open"): (1, "/proc/sys/net: the host's or a namespace's sysctl files"),
+    ("sandbox/network.py", "_write", "open"): (2, "/proc/sys/net: the host's or a namespace's sysctl files"),
+    ("sandbox/network.py", "_write", "os.open"): (1, "/proc/thread-self/ns/net: the server's own thread"),
+    ("sandbox/network.py", "_iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
+    ("sandbox/probe.py", "_ip_forward", "open"): (1, "/proc/sys/net/ipv4/ip_forward"),
     # sandbox: cgroups, accounts, host probes
     ("sandbox/_cgroupfs.py", "write_file", "os.open"): (1, CGROUP),
     ("sandbox/_cgroupfs.py", "read_file", "open"): (1, CGROUP),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -282,3 +283,29 @@ def test_an_oversized_stream_message_keeps_head_and_tail_unparsed() -> None:
         assert body.startswith(head) and len(head) > keep // 4
         assert body.endswith(tail) and tail.endswith("THE END\n")
     assert _head_and_tail(b'{"data": {}}', 10, 12) is None
+
+
+def test_network_settings_are_checked(tmp_path, monkeypatch) -> None:
+    from kernelpool.config import load_settings
+
+    for key in [k for k in os.environ if k.startswith("KERNELPOOL_")]:
+        monkeypatch.delenv(key)
+    s = load_settings(data_dir=tmp_path)
+    assert (s.kernel_network, s.kernel_network_range, s.kernel_network_allow, s.network_prefix) == \
+        ("egress", "10.201.0.0/16", [], "kp")
+    s = load_settings(data_dir=tmp_path, kernel_network_allow="10.20.30.0/24, 192.168.5.5", network_prefix="kpa")
+    assert s.kernel_network_allow == ["10.20.30.0/24", "192.168.5.5/32"]
+    bad = [
+        {"kernel_network": "bridge"},
+        {"kernel_network_range": "8.8.8.0/24"},  # not private
+        {"kernel_network_range": "10.0.0.1/32"},  # room for no pair
+        {"kernel_network_range": "10.0.0.1/24"},  # host bits set
+        {"kernel_network_allow": "10.0.0.0/33"},
+        {"network_prefix": "kp1"},  # must end in a letter
+        {"network_prefix": "Kp"},
+        {"network_prefix": "kpabcdef"},
+        {"network_prefix": "kpabcd", "uid_max": 1234567890},  # kpabcd1234567890 > 15 characters
+    ]
+    for values in bad:
+        with pytest.raises(ValueError):
+            load_settings(data_dir=tmp_path, **values)

@@ -9,8 +9,8 @@ from sandbox import probe
 
 def test_probe_reports_this_host() -> None:
     found = probe()
-    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "no_new_privs", "mount_namespace",
-                          "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error"}
+    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "nftables", "ip_forward", "no_new_privs",
+                          "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error"}
     assert found["root"] == (os.geteuid() == 0)
     assert found["no_new_privs"] is True  # any Linux since 3.5
     assert found["cgroup"]["version"] in (1, 2, None)
@@ -21,6 +21,15 @@ def test_probe_reports_this_host() -> None:
         assert found["mount_namespace"] and found["proc_hidepid"] and found["cgroup_namespace"]
     # the probe ran in a throwaway child: nothing changed here
     assert "hidepid" not in open("/proc/self/mountinfo").read()
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        assert found["ip_forward"] == (f.read().strip() == "1")
+    try:
+        from sandbox import _nft
+
+        loads = _nft.available() is None
+    except OSError:
+        loads = False
+    assert found["nftables"] == (loads and found["root"]), "libnftables loads, and root may read the ruleset"
     if found["cgroup"]["version"] is not None:
         assert {"memory", "cpu", "pids"} <= set(found["cgroup"]["controllers"]) or found["cgroup"]["version"] == 2
 
