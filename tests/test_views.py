@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from sandbox import _libc, seccomp, views
-from tests.conftest import SANDBOX_SKIP
+from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
 from tests.server import KernelpoolServer, mcp_client, server_env
 
 needs_sandbox = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"needs isolation: {SANDBOX_SKIP}")
@@ -40,7 +40,7 @@ def _new_server(n: int, data_dir: str | None = None, **env: str) -> KernelpoolSe
         KERNELPOOL_UID_MIN=str(64000 + 50 * n), KERNELPOOL_UID_MAX=str(64000 + 50 * n + 49),
         KERNELPOOL_CGROUP_PREFIX=f"kernelpool-vtest-{os.getpid()}-{n}",
         KERNELPOOL_KERNEL_TMPFS_SIZE=str(TMPFS), KERNELPOOL_POOL_SIZE="0", KERNELPOOL_EXECUTE_TIMEOUT="120",
-        **env,
+        KERNELPOOL_METRICS_TOKEN=METRICS_TOKEN, **env,
     ))
     try:
         server.add_user("alice")
@@ -154,7 +154,7 @@ async def test_tmpfs_counts_against_the_kernels_memory(srv: KernelpoolServer) ->
     after = int(open(usage).read())
     assert after - before >= 40 << 20, (before, after)
     # the server still reads its (renamed) cgroups: the user's memory gauge counts it too
-    metrics = httpx2.get(f"{srv.base}/metrics", headers={"Authorization": f"Bearer {srv.tokens['bob']}"}).text
+    metrics = httpx2.get(f"{srv.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     found = re.search(r'kernelpool_user_memory_bytes\{user="bob"\} ([0-9.e+]+)', metrics)
     assert found is not None and float(found.group(1)) >= 48 << 20, metrics[:2000]
     await run_as(srv, "bob", 'import os; os.unlink("/dev/shm/bob-blob"); print("{}")', notebook="bob.ipynb")
