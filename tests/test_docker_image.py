@@ -9,6 +9,7 @@ images, host folders) and is removed afterwards, also when a test fails.
 
 The tests run in order against one deployment (users, tokens and notebooks made by the earlier
 ones are checked after `docker restart`, and after a switch to a derived image on the same volumes).
+The last test is on its own: the volumes of the image of an older commit, under today's image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ import httpx2
 import nbformat
 import pytest
 
+from kernelpool.store import SCHEMA_VERSION
 from tests.server import ROOT, free_port, mcp_client
 
 pytestmark = [
@@ -172,7 +175,10 @@ def images(engine: None) -> Iterator[Images]:
 
 # ---- the documented `docker run` line -----------------------------------------------------------
 
-def documented_run_line(markdown: str = os.path.join(ROOT, "docs", "deployment.md")) -> list[str]:
+DEPLOYMENT_DOCS = os.path.join(ROOT, "docs", "deployment.md")
+
+
+def documented_run_line(markdown: str = DEPLOYMENT_DOCS) -> list[str]:
     """The `docker run` command of docs/deployment.md (or another page), split into arguments."""
     with open(markdown) as f:
         doc = f.read()
@@ -230,6 +236,7 @@ class Deployment:
     tokens: dict[str, str] = field(default_factory=dict)
     uids: dict[str, int] = field(default_factory=dict)
     containers: list[str] = field(default_factory=list)
+    prefix: str = RUN  # of the container names; one per Deployment of a run
 
     @property
     def url(self) -> str:
@@ -238,11 +245,12 @@ class Deployment:
     def host_path(self, user: str, *parts: str) -> str:
         return os.path.join(self.volumes[f"/data/users/{user}"], *parts)
 
-    def run(self, image: str) -> None:
-        """Start a container of `image` with the documented line, and wait for /healthz."""
-        self.name = f"{RUN}-{len(self.containers)}"
+    def run(self, image: str, docs: str = DEPLOYMENT_DOCS, command: tuple[str, ...] = ()) -> None:
+        """Start a container of `image` with the line documented in `docs` (and `command` after
+        the image, if given), and wait for /healthz."""
+        self.name = f"{self.prefix}-{len(self.containers)}"
         self.port = free_port()
-        line = swap_run_line(documented_run_line(), self.name, self.port, self.volumes, image)
+        line = swap_run_line(documented_run_line(docs), self.name, self.port, self.volumes, image) + list(command)
         self.containers.append(self.name)
         docker(*line[1:])
         self.run_line = line
@@ -495,3 +503,130 @@ async def test_derived_image_gives_kernels_its_package(dep: Deployment) -> None:
         r = await c.call_tool("read_notebook", {"notebook": "oom.ipynb"})
         assert not r.is_error, text(r)
     docker("stop", dep.name, timeout=120)
+
+
+# ---- an upgrade: the old image's volumes under the new image -----------------------------------
+
+OLD_COMMIT = "bcda1e3"  # the data format before schema versions (as tests/test_upgrade.py)
+
+# The old entry script only makes a read-only cgroup2 tree writable; on a cgroup v1 host (this one)
+# its server then refuses to start ("this host cannot isolate kernels"). What the old container
+# is given instead is the least that still makes a real old deployment: the command after the
+# image (its entry script runs anything that is not a kernelpool command as given) first does what
+# today's entry script does on v1 -- unmount each read-only controller mount and mount it afresh
+# read-write, only for mounts that are read-only v1 ones, so a v2 host gets the old script's own
+# remount -- and then execs the old entry script with `serve`. The image, the documented flags and
+# the server are bcda1e3's own, and its kernels run sandboxed as the users' uids, so the data
+# folder is what that version writes in production. KERNELPOOL_INSECURE_NO_SANDBOX=true would also
+# start it, but then kernels run as root and the folder is not what users of that image have.
+OLD_V1_CGROUPS = (
+    "sh", "-c",
+    "set -e; for c in memory cpu cpuacct pids; do"
+    " if grep -q \" /sys/fs/cgroup/$c cgroup ro[, ]\" /proc/self/mounts; then"
+    " umount /sys/fs/cgroup/$c; mount -t cgroup -o nosuid,nodev,noexec,$c cgroup /sys/fs/cgroup/$c; fi;"
+    " done; exec kernelpool-entrypoint serve",
+)
+
+
+def _build_old_image(base: str, tag: str, src: str) -> str:
+    """The image of OLD_COMMIT, from its own tree and Dockerfile; returns that tree's deployment page."""
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{OLD_COMMIT}^{{commit}}"],
+                         capture_output=True, text=True)
+    if rev.returncode != 0:
+        pytest.skip(f"commit {OLD_COMMIT} is not in this clone's history: {rev.stderr.strip()}")
+    archive = subprocess.run(["git", "-C", ROOT, "archive", OLD_COMMIT], capture_output=True, check=True, timeout=60)
+    subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True, timeout=60)
+    dockerfile = os.path.join(src, "Dockerfile")
+    with open(dockerfile) as f:
+        lines = f.read().splitlines(keepends=True)
+    froms = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(froms) == 1 and lines[froms[0]].startswith("FROM python:3.11"), froms
+    # No registry here: the old Dockerfile's `FROM python:3.11...` (it has no BASE argument yet) is
+    # pointed at the stand-in base of this run, in the extracted copy only. The stand-in is never
+    # tagged with the official image's name.
+    lines[froms[0]] = f"FROM {base}\n"
+    with open(dockerfile, "w") as f:
+        f.writelines(lines)
+    docker("build", "-t", tag, src, timeout=900, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    return os.path.join(src, "docs", "deployment.md")
+
+
+async def test_old_images_volumes_upgrade_under_the_new_image(images: Images) -> None:
+    """A deployment of bcda1e3's image (its Dockerfile, its documented `docker run` line) makes
+    users, tokens, a notebook and audit rows; the container is removed and today's image runs with
+    today's documented line on the same host folders: all of it is still there and works."""
+    top = f"/tmp/{RUN}-upgrade"
+    old_tag = f"kernelpool-ci-old:{RUN}"
+    volumes = {"/data": f"{top}/state"}
+    for target in documented_volume_targets():
+        if target != "/data":
+            volumes[target] = f"{top}/{os.path.basename(target)}"
+    for path in volumes.values():
+        os.makedirs(path)
+    os.makedirs(f"{top}/src")
+    dep = Deployment(images, volumes, prefix=f"{RUN}-up")
+    nb = "upgrade.ipynb"
+    cell = "import os; print(os.getuid())"
+    try:
+        old_docs = _build_old_image(images.base, old_tag, f"{top}/src")
+        old_line = documented_run_line(old_docs)
+        assert [line_arg for line_arg in old_line if line_arg.startswith("--cap-add=NET_ADMIN")] == []  # the old line indeed
+        assert [old_line[i + 1].split(":", 1)[1] for i, a in enumerate(old_line) if a == "-v"] == documented_volume_targets()
+
+        # --- the old image: users, tokens, a notebook with an executed cell, audit rows
+        dep.run(old_tag, docs=old_docs, command=OLD_V1_CGROUPS)
+        assert "cannot isolate" not in dep.logs()
+        assert "in force:            sandbox" in dep.exec("kernelpool", "doctor").stdout
+        for user in ("alice", "bob"):
+            dep.add_user(user)
+        spare = dep.exec("kernelpool", "tokens", "create", "alice", "--expires", "30d").stdout.strip()
+        assert spare.startswith("kp_"), spare
+        for user in ("alice", "bob"):
+            async with mcp_client(dep.url, dep.tokens[user], mode="legacy") as c:
+                r = await c.call_tool("use_notebook", {"notebook": nb, "mode": "create"})
+                assert not r.is_error, text(r)
+                r = await c.call_tool("insert_execute_code_cell", {"cell_index": -1, "cell_source": cell})
+                assert not r.is_error and text(r).strip() == str(dep.uids[user]), text(r)
+            assert os.stat(dep.host_path(user, nb)).st_uid == dep.uids[user]
+        users_before = dep.exec("kernelpool", "users", "list").stdout
+        audit_before = dep.exec("kernelpool", "audit", "--json").stdout.splitlines()
+        assert sum(json.loads(row)["tool"] == "insert_execute_code_cell" for row in audit_before) == 2, audit_before
+        uids_before = dict(re.findall(r"^(\w+)\tuid=(\d+)", users_before, re.M))
+        assert set(uids_before) >= {"alice", "bob"}, users_before
+        docker("stop", dep.name, timeout=120)
+        docker("rm", "-v", dep.name)
+        with sqlite3.connect(f"file:{volumes['/data']}/kernelpool.db?mode=ro", uri=True) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 0, "not the old data format"
+        db.close()
+
+        # --- today's image and documented line, on the same host folders
+        dep.run(images.image)
+        for user, token in (("alice", dep.tokens["alice"]), ("alice", spare), ("bob", dep.tokens["bob"])):
+            async with mcp_client(dep.url, token, mode="legacy") as c:
+                r = await c.call_tool("read_notebook", {"notebook": nb, "response_format": "detailed"})
+                assert not r.is_error and cell in text(r) and str(dep.uids[user]) in text(r), text(r)
+                r = await c.call_tool("execute_cell", {"notebook": nb, "cell_index": 0})
+                assert not r.is_error and text(r).strip() == str(dep.uids[user]), (text(r), dep.logs())
+            st = os.stat(dep.host_path(user, nb))
+            assert (st.st_uid, st.st_gid) == (dep.uids[user], dep.uids[user])
+        # the kernels above ran in today's per-user network namespaces (the documented line's
+        # NET_ADMIN and ip_forward), not in a fallback
+        doctor = dep.exec("kernelpool", "doctor").stdout
+        network = next(line for line in doctor.splitlines() if line.startswith("network in force:"))
+        print(f"\nafter the upgrade, {network}")
+        assert "egress: a network namespace per user" in network and "installed" in network, doctor
+        assert re.search(r"; [1-9]\d* user namespace\(s\) live", network), doctor
+        users_after = dep.exec("kernelpool", "users", "list").stdout
+        assert dict(re.findall(r"^(\w+)\tuid=(\d+)", users_after, re.M)) == uids_before, (users_before, users_after)
+        audit_after = dep.exec("kernelpool", "audit", "--json").stdout.splitlines()
+        assert audit_after[: len(audit_before)] == audit_before
+        assert sum(json.loads(row)["tool"] == "execute_cell" for row in audit_after[len(audit_before):]) == 3
+        docker("stop", dep.name, timeout=120)
+        with sqlite3.connect(f"file:{volumes['/data']}/kernelpool.db?mode=ro", uri=True) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.close()
+    finally:
+        for name in dep.containers:
+            docker("rm", "-f", "-v", name, check=False)
+        docker("rmi", "-f", old_tag, check=False)
+        shutil.rmtree(top, ignore_errors=True)
