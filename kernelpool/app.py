@@ -338,19 +338,17 @@ async def _housekeeping(services: Services) -> None:
             log.exception("housekeeping failed")
 
 
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation)
+    gauge.add_metric([], value)
+    return gauge
+
+
 def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
-    sessions = GaugeMetricFamily("kernelpool_sessions", "MCP sessions with a context")
-    sessions.add_metric([], len(services.sessions))
-    yield sessions
-    audit = GaugeMetricFamily("kernelpool_audit_pending", "audit rows waiting to be written")
-    audit.add_metric([], services.store.audit_pending)
-    yield audit
-    dropped = GaugeMetricFamily("kernelpool_audit_dropped", "audit rows dropped because the queue was full")
-    dropped.add_metric([], services.store.audit_dropped)
-    yield dropped
-    results = GaugeMetricFamily("kernelpool_result_bytes", "finished background results kept in memory")
-    results.add_metric([], services.jobs.result_bytes())
-    yield results
+    yield _gauge("kernelpool_sessions", "MCP sessions with a context", len(services.sessions))
+    yield _gauge("kernelpool_audit_pending", "audit rows waiting to be written", services.store.audit_pending)
+    yield _gauge("kernelpool_audit_dropped", "audit rows dropped because the queue was full", services.store.audit_dropped)
+    yield _gauge("kernelpool_result_bytes", "finished background results kept in memory", services.jobs.result_bytes())
     kernels = GaugeMetricFamily("kernelpool_kernels", "kernels by user and state", labels=["user", "state"])
     counts: dict[tuple[str, str], int] = {}
     for k in services.kernels.all():
@@ -361,15 +359,9 @@ def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
         kernels.add_metric([user, state], n)
     yield kernels
     if services.events is not None:
-        kept = GaugeMetricFamily("kernelpool_resume_events", "events kept for stream resumption")
-        kept.add_metric([], services.events.count())
-        yield kept
-    hits = GaugeMetricFamily("kernelpool_pool_hits", "kernels handed out warm")
-    hits.add_metric([], services.kernels.pool_hits)
-    yield hits
-    misses = GaugeMetricFamily("kernelpool_pool_misses", "kernels started on demand")
-    misses.add_metric([], services.kernels.pool_misses)
-    yield misses
+        yield _gauge("kernelpool_resume_events", "events kept for stream resumption", services.events.count())
+    yield _gauge("kernelpool_pool_hits", "kernels handed out warm", services.kernels.pool_hits)
+    yield _gauge("kernelpool_pool_misses", "kernels started on demand", services.kernels.pool_misses)
     memory = GaugeMetricFamily("kernelpool_user_memory_bytes", "memory of a user's kernels", labels=["user"])
     cpu = GaugeMetricFamily("kernelpool_user_cpu_seconds", "CPU time of a user's kernels", labels=["user"])
     for user, (mem, secs) in services.kernels.usage().items():

@@ -12,6 +12,7 @@ also when a test fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -204,3 +205,25 @@ async def mcp_client(url: str, token: str | None, mode: str = "legacy") -> Async
     async with http:
         async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
             yield client
+
+
+def text(result: Any) -> str:
+    """The text blocks of a tool result, joined."""
+    return "".join(c.text for c in result.content if c.type == "text")
+
+
+async def run_code(server: KernelpoolServer, user: str, notebook: str, code: str) -> str:
+    """Run `code` in `user`'s kernel for `notebook` (created if new); its output, stripped."""
+    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
+        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
+        if r.is_error and "already exists" not in text(r):
+            raise AssertionError(text(r))
+        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
+        assert not r.is_error, text(r)
+        return text(r).strip()
+
+
+async def run_json(server: KernelpoolServer, user: str, code: str, notebook: str) -> Any:
+    """`run_code` for code that prints one JSON line last: that line, parsed."""
+    return json.loads((await run_code(server, user, notebook, code)).splitlines()[-1])
+

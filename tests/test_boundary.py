@@ -24,13 +24,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+from tests.server import KernelpoolServer, make_data_dir, mcp_client, run_code, server_env, text
 
 pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox tests need isolation: {SANDBOX_SKIP}")
-
-
-def text(result) -> str:
-    return "".join(c.text for c in result.content if c.type == "text")
 
 
 _SERVERS = iter(range(1000))
@@ -67,13 +63,7 @@ async def assert_bob_survives(server: KernelpoolServer) -> None:
 
 
 async def execute(server: KernelpoolServer, user: str, notebook: str, code: str) -> str:
-    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
-        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
-        if r.is_error and "already exists" not in text(r):
-            raise AssertionError(text(r))
-        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
-        assert not r.is_error, text(r)
-        return text(r).strip()
+    return await run_code(server, user, notebook, code)
 
 
 def account(server: KernelpoolServer, user: str) -> pwd.struct_passwd:

@@ -24,7 +24,7 @@ import httpx2
 import pytest
 
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+from tests.server import KernelpoolServer, make_data_dir, run_json, server_env
 
 pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"network isolation needs the sandbox: {SANDBOX_SKIP}")
 
@@ -57,20 +57,11 @@ def net() -> Iterator[KernelpoolServer]:
         server.cleanup()
 
 
-def text(result) -> str:
-    return "".join(c.text for c in result.content if c.type == "text")
-
-
 async def run_as(server: KernelpoolServer, user: str, code: str, notebook: str = "net.ipynb") -> dict:
     """Run `code` in `user`'s kernel for `notebook`; it prints one JSON line, returned parsed."""
-    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
-        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
-        if r.is_error and "already exists" not in text(r):
-            raise AssertionError(text(r))
-        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
-        assert not r.is_error, text(r)
-        out = text(r)
-    return json.loads(out.strip().splitlines()[-1])
+    return await run_json(server, user, code, notebook)
+
+
 
 
 def namespace_of(server: KernelpoolServer, user: str) -> str:

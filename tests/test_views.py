@@ -24,7 +24,7 @@ import pytest
 
 from sandbox import _libc, seccomp, views
 from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
-from tests.server import KernelpoolServer, mcp_client, server_env
+from tests.server import KernelpoolServer, mcp_client, run_json, server_env, text
 
 needs_sandbox = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"needs isolation: {SANDBOX_SKIP}")
 
@@ -82,19 +82,11 @@ async def _bob_setup(server: KernelpoolServer) -> None:
         assert not r.is_error, text(r)
 
 
-def text(result) -> str:
-    return "".join(c.text for c in result.content if c.type == "text")
-
-
 async def run_as(server: KernelpoolServer, user: str, code: str, notebook: str = "probe.ipynb") -> dict:
-    """Run `code` in `user`'s kernel of `notebook`; it prints one JSON line, returned parsed."""
-    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
-        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
-        if r.is_error and "already exists" not in text(r):
-            raise AssertionError(text(r))
-        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
-        assert not r.is_error, text(r)
-    return json.loads(text(r).strip().splitlines()[-1])
+    """Run `code` in `user`'s kernel for `notebook`; it prints one JSON line, returned parsed."""
+    return await run_json(server, user, code, notebook)
+
+
 
 
 async def bob_lives_on(server: KernelpoolServer) -> None:
