@@ -33,7 +33,7 @@ from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecMana
 from kernelpool.store import KernelRow, Store
 from kernelpool.users import User, UserService
 from kernelpool.zygote import ForkServer
-from sandbox import Cgroup, CgroupBackend, Identity, SafeRoot
+from sandbox import Cgroup, CgroupBackend, Identity, Limits, SafeRoot
 from sandbox.fs import remove_tree
 from sandbox.rundir import TMP, KernelRunDir, remove_kernel_folder
 
@@ -65,6 +65,7 @@ class Kernel:
     cgroup: Cgroup | None
     memory_limit: int | None
     rundir: KernelRunDir | None = None
+    limits: Limits | None = None  # the per-kernel limits it was started with
     notebook: str | None = None
     client: AsyncKernelClient | None = None
     state: KernelState = KernelState.STARTING
@@ -228,9 +229,14 @@ class KernelRegistry:
         pool = self._pools.get(user.name)
         while pool:
             kernel = pool.popleft()
-            if await kernel.is_alive():
+            # a warm kernel started before the user's limits changed (`users set-limits`) would
+            # keep the old ones: it goes, and a kernel with the current limits starts instead
+            if kernel.limits != user.kernel_limits:
+                await self._stop(kernel, now=True)
+            elif await kernel.is_alive():
                 return kernel
-            await self._discard(kernel)
+            else:
+                await self._discard(kernel)
         return None
 
     async def _assign(self, kernel: Kernel, notebook: str) -> None:
@@ -331,7 +337,8 @@ class KernelRegistry:
             raise
         manager.shutdown_wait_time = 2.0
         kernel = Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup,
-                        memory_limit=user.kernel_limits.memory_bytes, rundir=rundir, admitted=True)
+                        memory_limit=user.kernel_limits.memory_bytes, rundir=rundir, admitted=True,
+                        limits=user.kernel_limits)
         launch = KernelLaunch(
             env=self._kernel_env(user, folder, runtime),
             cwd=folder,

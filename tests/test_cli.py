@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
+import time
 
 import httpx2
 import pytest
 
-from tests.conftest import SANDBOX_SKIP
+from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
 from tests.server import NEUTRAL_CWD, KernelpoolServer, free_port, mcp_client
 
 
@@ -78,6 +80,7 @@ async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: Kernelpoo
     kp = fresh_server
     kp.add_user("erin")
     kp.cli("users", "set-limits", "erin", "--memory", "300M", "--pids", "77")
+    kp.env["KERNELPOOL_METRICS_TOKEN"] = METRICS_TOKEN
     kp.start()
     async with mcp_client(kp.url, kp.tokens["erin"], mode="auto") as c:
         await c.call_tool("use_notebook", {"notebook": "l.ipynb", "mode": "create"})
@@ -88,6 +91,23 @@ async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: Kernelpoo
         cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
     assert int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read()) == 300 * 2**20
     assert open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip() == "77"
+    # erin's warm kernel (pool_size 1) was started with those limits; new ones reach her next
+    # kernel all the same: the stale warm one is not handed out
+    metrics = f"{kp.base}/metrics"
+    deadline = time.monotonic() + 30
+    while 'kernelpool_kernels{state="warm",user="erin"} 1.0' not in httpx2.get(
+            metrics, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text:
+        assert time.monotonic() < deadline, "erin's warm kernel did not start"
+        await asyncio.sleep(0.1)
+    kp.cli("users", "set-limits", "erin", "--memory", "200M", "--pids", "55")
+    async with mcp_client(kp.url, kp.tokens["erin"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "m.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "m.ipynb", "code": "import os; print(os.getpid())"})
+        pid = int(r.content[0].text)
+    with open(f"/proc/{pid}/cgroup") as f:
+        cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
+    assert int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read()) == 200 * 2**20
+    assert open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip() == "55"
 
 
 def test_serving_without_isolation_is_refused_unless_asked_for(fresh_server: KernelpoolServer) -> None:
