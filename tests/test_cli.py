@@ -74,6 +74,19 @@ async def test_first_start_creates_a_user_and_prints_its_token_once(fresh_server
     assert kp.log().count("created user") == 1, "a second start creates nobody"
 
 
+async def _kernel_limits(kp: KernelpoolServer, user: str, notebook: str) -> tuple[int, str]:
+    """The memory limit and pids.max of `user`'s kernel for `notebook` (started if new)."""
+    async with mcp_client(kp.url, kp.tokens[user], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": notebook, "code": "import os; print(os.getpid())"})
+        pid = int(r.content[0].text)
+    # the kernel sees only its own cgroup (a cgroup namespace): read its path from the host
+    with open(f"/proc/{pid}/cgroup") as f:
+        cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
+    memory = int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read())
+    return memory, open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip()
+
+
 async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: KernelpoolServer) -> None:
     if SANDBOX_SKIP:
         pytest.skip(f"needs cgroups: {SANDBOX_SKIP}")
@@ -82,15 +95,7 @@ async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: Kernelpoo
     kp.cli("users", "set-limits", "erin", "--memory", "300M", "--pids", "77")
     kp.env["KERNELPOOL_METRICS_TOKEN"] = METRICS_TOKEN
     kp.start()
-    async with mcp_client(kp.url, kp.tokens["erin"], mode="auto") as c:
-        await c.call_tool("use_notebook", {"notebook": "l.ipynb", "mode": "create"})
-        r = await c.call_tool("execute_code", {"notebook": "l.ipynb", "code": "import os; print(os.getpid())"})
-        pid = int(r.content[0].text)
-    # the kernel sees only its own cgroup (a cgroup namespace): read its path from the host
-    with open(f"/proc/{pid}/cgroup") as f:
-        cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
-    assert int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read()) == 300 * 2**20
-    assert open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip() == "77"
+    assert await _kernel_limits(kp, "erin", "l.ipynb") == (300 * 2**20, "77")
     # erin's warm kernel (pool_size 1) was started with those limits; new ones reach her next
     # kernel all the same: the stale warm one is not handed out
     metrics = f"{kp.base}/metrics"
@@ -100,14 +105,7 @@ async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: Kernelpoo
         assert time.monotonic() < deadline, "erin's warm kernel did not start"
         await asyncio.sleep(0.1)
     kp.cli("users", "set-limits", "erin", "--memory", "200M", "--pids", "55")
-    async with mcp_client(kp.url, kp.tokens["erin"], mode="auto") as c:
-        await c.call_tool("use_notebook", {"notebook": "m.ipynb", "mode": "create"})
-        r = await c.call_tool("execute_code", {"notebook": "m.ipynb", "code": "import os; print(os.getpid())"})
-        pid = int(r.content[0].text)
-    with open(f"/proc/{pid}/cgroup") as f:
-        cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
-    assert int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read()) == 200 * 2**20
-    assert open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip() == "55"
+    assert await _kernel_limits(kp, "erin", "m.ipynb") == (200 * 2**20, "55")
 
 
 def test_serving_without_isolation_is_refused_unless_asked_for(fresh_server: KernelpoolServer) -> None:
