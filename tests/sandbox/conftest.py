@@ -26,10 +26,28 @@ def require_root() -> None:
         pytest.skip("needs root (setuid, chown, cgroup writes); run the suite as root, as CI does")
 
 
+def _process_uids() -> set[int]:
+    """The real uids of every process on the host, zombies included.
+
+    A uid without a passwd entry can still own processes: an earlier test's killed children
+    stay visible as zombies until init reaps them (seen taking seconds in CI), and a test
+    that reused that uid would see them through hidepid.
+    """
+    uids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                uids.add(os.stat(f"/proc/{entry}").st_uid)
+            except FileNotFoundError:
+                pass  # exited meanwhile
+    return uids
+
+
 def free_uid(avoid: set[int] | frozenset[int] = frozenset()) -> int:
-    """A uid (also free as a gid) in the test range that the host does not use."""
+    """A uid (also free as a gid) in the test range that no account and no process uses."""
+    running = _process_uids()
     for uid in UID_RANGE:
-        if uid not in avoid and not accounts.id_in_use(uid):
+        if uid not in avoid and uid not in running and not accounts.id_in_use(uid):
             return uid
     pytest.skip("no free uid in 61000-61999 for a test identity")
 
