@@ -111,7 +111,7 @@ class Decoys:
 # root folder); socket candidates at bob's sockets.
 ATTACK = r'''
 import os, stat, threading, time, json, re
-RUN, OLD, HINT, CGROUPS, SECONDS = {run!r}, {old!r}, {hint!r}, {cgroups!r}, {seconds!r}
+RUN, OLD, HINT, STOP, CGROUPS, SECONDS = {run!r}, {old!r}, {hint!r}, {stop!r}, {cgroups!r}, {seconds!r}
 DECOYS, BOB_SOCKETS = {decoys!r}, {bob_sockets!r}
 KID = re.compile(r"k-([0-9a-f]{{12}})$")
 STATS = {{"kids": [], "planted": {{}}, "errors": {{}}}}
@@ -155,8 +155,9 @@ def spin(kid):
             except OSError as e:
                 STATS["errors"][f"{{where}}: {{type(e).__name__}}"] = 1
 def watch():
+    # until the test says its kernels have started (SECONDS only caps a test that died)
     end = time.time() + SECONDS
-    while time.time() < end:
+    while time.time() < end and not os.path.exists(STOP):
         for kid in kids_now() - set(STATS["kids"]):
             STATS["kids"].append(kid)
             threading.Thread(target=spin, args=(kid,), daemon=True, name="attack-spin").start()
@@ -226,7 +227,8 @@ async def _race(server: KernelpoolServer, decoys: Decoys, scratch: str) -> None:
         bob_sockets = _sockets_of(server, "bob")
         assert bob_sockets, "bob's kernel has sockets to aim at"
         cgroups = [os.path.join("/sys/fs/cgroup", c, server.env["KERNELPOOL_CGROUP_PREFIX"]) for c in ("pids", "memory", "unified")]
-        code = ATTACK.format(run=alice_run, old=os.path.join(server.data_dir, "run", "alice"), hint=hint, seconds=15, cgroups=cgroups,
+        stop = os.path.join(scratch, "stop")
+        code = ATTACK.format(run=alice_run, old=os.path.join(server.data_dir, "run", "alice"), hint=hint, stop=stop, seconds=300, cgroups=cgroups,
                              decoys=[decoys.owned, decoys.shared, decoys.missing], bob_sockets=bob_sockets)
         assert await execute(server, "alice", "attack.ipynb", code) == "attacking"
         results = []
@@ -237,6 +239,7 @@ async def _race(server: KernelpoolServer, decoys: Decoys, scratch: str) -> None:
                     r = await c.call_tool("execute_code", {"notebook": f"race{i}.ipynb", "code": "6*7"})
                 results.append(text(r))
         await asyncio.sleep(1)
+        open(stop, "w").close()
         # the attack is over (every thread of it ended) before anything else is looked at
         stats = json.loads(await execute(server, "alice", "attack.ipynb", (
             "import threading\n[t.join() for t in threading.enumerate() if t.name.startswith('attack')]\n"
