@@ -109,7 +109,7 @@ def measure(rounds: int) -> dict[str, list[int]]:
 
 async def fork_server_starts(rounds: int) -> dict[str, list[float]]:
     """Seconds from `ForkServer.spawn` to the child's "sandboxed" report, per variant."""
-    from kernelpool.zygote import ForkServer
+    from kernelpool.kernels.zygote.server import ForkServer
 
     backend = detect(prefix=f"kp-bench-isolation-{os.getpid()}")
     if backend is None:

@@ -29,26 +29,27 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernelpool import __version__
-from kernelpool.auth import SCOPE, StoreTokenVerifier, create_token
 from kernelpool.config import Settings
 from kernelpool.disk import DiskSpace
 from kernelpool.errors import LimitReached
-from kernelpool.events import EventScope, SessionEventStore
-from kernelpool.isolation import Isolation, decide
-from kernelpool.jobs import JobService
-from kernelpool.kernels import KernelRegistry
+from kernelpool.executions.jobs import JobService
+from kernelpool.kernels.isolation import Isolation, decide
+from kernelpool.kernels.networks import UserNetworkPolicy
+from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.kernels.zygote.server import ForkServer
+from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
+from kernelpool.mcp.events import EventScope, SessionEventStore
+from kernelpool.mcp.notices import Notices
+from kernelpool.mcp.resources import notebook_uri
+from kernelpool.mcp.server import build_mcp
 from kernelpool.metrics import Metrics
-from kernelpool.networks import UserNetworkPolicy
-from kernelpool.notebooks import NotebookService
-from kernelpool.notices import Notices
-from kernelpool.resources import notebook_uri
+from kernelpool.notebooks.service import NotebookService
 from kernelpool.services import Services
-from kernelpool.sessions import SessionContexts
 from kernelpool.store import Store
-from kernelpool.throttle import AuthThrottle
-from kernelpool.tools import build_mcp
-from kernelpool.users import UserService
-from kernelpool.zygote import ForkServer
+from kernelpool.users.accounts import UserService
+from kernelpool.users.sessions import SessionContexts
+from kernelpool.users.throttle import AuthThrottle
+from kernelpool.users.tokens import create_token
 from sandbox import SafeRoot
 from sandbox.limits import parse_memory
 

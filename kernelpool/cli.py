@@ -184,7 +184,7 @@ def _uvicorn_server(config: Any) -> Any:
 
 async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:
     from kernelpool.store import Store
-    from kernelpool.users import UserService
+    from kernelpool.users.accounts import UserService
     from sandbox import accounts
 
     settings = _settings(args)
@@ -197,7 +197,7 @@ async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[in
 
 
 async def _users(args: argparse.Namespace) -> int:
-    from kernelpool.auth import create_token
+    from kernelpool.users.tokens import create_token
 
     async def work(settings: Settings, store: Any, users: Any) -> int:
         if args.action == "add":
@@ -225,8 +225,8 @@ async def _users(args: argparse.Namespace) -> int:
 
 
 async def _tokens(args: argparse.Namespace) -> int:
-    from kernelpool.auth import create_token, hash_token
     from kernelpool.errors import UserNotFound
+    from kernelpool.users.tokens import create_token, hash_token
 
     async def work(settings: Settings, store: Any, users: Any) -> int:
         if args.action == "create":
@@ -284,8 +284,8 @@ def _describe_network(net: dict[str, Any]) -> str:
 
 async def _doctor(args: argparse.Namespace) -> int:
     from kernelpool.errors import SandboxUnavailable
-    from kernelpool.isolation import decide
-    from kernelpool.networks import report as network_report
+    from kernelpool.kernels.isolation import decide
+    from kernelpool.kernels.networks import report as network_report
 
     settings = _settings(args)
     report: dict[str, Any] = {"euid": os.geteuid(), "data_dir": str(settings.data_dir)}

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     auth_backoff: float = Field(30.0, gt=0, description="seconds an address over the failure count is answered 429 (a valid token still passes)")
     housekeeping_interval: float = Field(30.0, gt=0, description="seconds between idle-kernel culls and session expiry")
 
-    # resumable streams (kernelpool/events.py); the event store is in memory
+    # resumable streams (kernelpool/mcp/events.py); the event store is in memory
     resume_events_per_session: int = Field(
         2000, ge=0, description="events kept per MCP session for clients that resume a dropped stream (0 = no resumption)")
     resume_bytes_per_session: str = Field("16M", description="bytes of events kept per MCP session for resumption")

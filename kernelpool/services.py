@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kernelpool.config import Settings
-from kernelpool.events import SessionEventStore
-from kernelpool.jobs import JobService
-from kernelpool.kernels import KernelRegistry
+from kernelpool.executions.jobs import JobService
+from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.mcp.events import SessionEventStore
+from kernelpool.mcp.notices import Notices
 from kernelpool.metrics import Metrics
-from kernelpool.notebooks import NotebookService
-from kernelpool.notices import Notices
-from kernelpool.sessions import SessionContexts
+from kernelpool.notebooks.service import NotebookService
 from kernelpool.store import Store
-from kernelpool.users import UserService
+from kernelpool.users.accounts import UserService
+from kernelpool.users.sessions import SessionContexts
 
 
 @dataclass

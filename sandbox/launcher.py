@@ -3,7 +3,7 @@ user's own, or a new one with only loopback), private views of the shared trees 
 /proc, cgroups) and a seccomp filter.
 
 `spawn` is what kernelpool's kernel provisioner calls; `enter` is the part that runs in the
-forked child before exec, shared with the fork server (kernelpool._zygote). CPython
+forked child before exec, shared with the fork server (kernelpool.kernels.zygote.child). CPython
 applies Popen's own `user`/`group` arguments *before* `preexec_fn`, after which the child could
 no longer join a cgroup or create a network namespace: so every step happens in `enter`, in
 the order that needs the least privilege last.

@@ -14,7 +14,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http import EventMessage
 from mcp.types import JSONRPCNotification
 
-from kernelpool.events import EventScope, SessionEventStore
+from kernelpool.mcp.events import EventScope, SessionEventStore
 
 
 def _store(**overrides: Any) -> SessionEventStore:

@@ -12,9 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kernelpool import notebooks as nbops
 from kernelpool.errors import KernelpoolError
-from kernelpool.notebooks import NotebookService
+from kernelpool.notebooks import service as nbops
+from kernelpool.notebooks.service import NotebookService
 from sandbox import SafeRoot
 
 sources = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)

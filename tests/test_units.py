@@ -10,12 +10,12 @@ import pytest
 
 from kernelpool.cli import parse_when
 from kernelpool.errors import InvalidArgument, LimitReached, PathRefused
-from kernelpool.execution import OutputLimits, _Outputs, _Stream, outputs_size
-from kernelpool.kernel_pip import _PIP_COMMAND, diagnose
-from kernelpool.notebooks import check_notebook_path
-from kernelpool.outputs import strip_ansi, truncate
-from kernelpool.sessions import SessionContexts
-from kernelpool.throttle import AuthThrottle
+from kernelpool.executions.execute import OutputLimits, _Outputs, _Stream, outputs_size
+from kernelpool.kernels.pip_extension import _PIP_COMMAND, diagnose
+from kernelpool.mcp.content import strip_ansi, truncate
+from kernelpool.notebooks.service import check_notebook_path
+from kernelpool.users.sessions import SessionContexts
+from kernelpool.users.throttle import AuthThrottle
 
 
 def test_session_contexts_are_per_user_and_expire() -> None:
@@ -142,7 +142,7 @@ def test_parse_when() -> None:
 async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) -> None:
     import nbformat
 
-    from kernelpool.notebooks import NotebookService, insert_cell
+    from kernelpool.notebooks.service import NotebookService, insert_cell
     from sandbox import SafeRoot
 
     svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
@@ -198,7 +198,7 @@ async def test_a_cancelled_save_holds_the_lock_until_its_write_is_done(tmp_path)
     first (the late write would then wipe it): the later edit waits for the file to be final."""
     import threading
 
-    from kernelpool.notebooks import NotebookService, insert_cell
+    from kernelpool.notebooks.service import NotebookService, insert_cell
     from sandbox import SafeRoot
 
     release = threading.Event()
@@ -238,8 +238,8 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
 
     from kernelpool.config import Settings
     from kernelpool.errors import ResultExpired
-    from kernelpool.execution import ExecutionResult
-    from kernelpool.jobs import Job, JobService
+    from kernelpool.executions.execute import ExecutionResult
+    from kernelpool.executions.jobs import Job, JobService
     from kernelpool.metrics import Metrics
 
     # only the bookkeeping of finished results runs here: no kernel, notebook or user is touched
@@ -270,7 +270,7 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
 def test_an_oversized_stream_message_keeps_head_and_tail_unparsed() -> None:
     import json
 
-    from kernelpool.client import _head_and_tail
+    from kernelpool.kernels.client import _head_and_tail
 
     body = "".join(("é\"\\\n" if i % 7 == 0 else "abc\u2603") for i in range(100_000)) + "THE END\n"
     raw = json.dumps({"name": "stdout", "text": body}, ensure_ascii=False).encode()

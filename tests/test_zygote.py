@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from kernelpool.zygote import ForkServer, ZygoteProcess
+from kernelpool.kernels.zygote.server import ForkServer, ZygoteProcess
 from sandbox import LaunchError, LaunchSpec
 from tests.conftest import SANDBOX_SKIP
 from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
@@ -75,7 +75,7 @@ def zygote_of(server: KernelpoolServer) -> psutil.Process | None:
     assert server.proc is not None
     for child in psutil.Process(server.proc.pid).children():
         try:
-            if "kernelpool._zygote" in " ".join(child.cmdline()):
+            if "kernelpool.kernels.zygote.child" in " ".join(child.cmdline()):
                 return child
         except psutil.Error:
             continue
@@ -133,7 +133,7 @@ async def test_kernels_are_forked_by_the_zygote(zy: KernelpoolServer) -> None:
     assert zygote is not None, zy.log()
     got = await probe(zy, "alice", "forked.ipynb")
     assert got["ppid"] == zygote.pid
-    assert "kernelpool._zygote" in got["parent"]
+    assert "kernelpool.kernels.zygote.child" in got["parent"]
     assert got["pgid"] == got["pid"] == got["sid"], "the kernel leads its own session and process group"
     # nothing the zygote holds open (its control socket, its wakeup pipe) is open in the kernel
     zygote_fds = {os.readlink(f"/proc/{zygote.pid}/fd/{n}") for n in os.listdir(f"/proc/{zygote.pid}/fd")}
@@ -210,7 +210,7 @@ async def test_forked_kernel_looks_like_a_stock_one(zy: KernelpoolServer, server
     finally:
         stock_server.cleanup()
     forked = await probe(zy, "alice", "same.ipynb")
-    assert "kernelpool._zygote" not in stock["parent"]
+    assert "kernelpool.kernels.zygote.child" not in stock["parent"]
 
     def norm(d: dict, server: KernelpoolServer) -> dict:
         raw = json.dumps({k: d[k] for k in ("env", "path", "argv", "executable", "tmp", "main", "home", "cwd", "stdio", "fds", "cgroup", "parent_visible")})
@@ -326,7 +326,7 @@ async def test_zygote_process_behaves_like_popen(fork_server: ForkServer) -> Non
 
 
 async def test_only_kernels_are_forked(fork_server: ForkServer) -> None:
-    from kernelpool.zygote import ZygoteUnavailable
+    from kernelpool.kernels.zygote.server import ZygoteUnavailable
 
     with pytest.raises(ZygoteUnavailable):
         await fork_server.spawn(LaunchSpec(argv=[sys.executable, "-c", "print(1)"], env={}, cwd="/"))
@@ -336,7 +336,7 @@ def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
     """PYTHONPATH (which the zygote removes from sys.path again) is set only when the kernels'
     python would not import this very kernelpool by itself: a source checkout. In an installed
     copy that folder is site-packages, which kernels must keep (issue 9)."""
-    from kernelpool import zygote
+    from kernelpool.kernels.zygote import server as zygote
 
     source = os.path.dirname(os.path.dirname(os.path.abspath(zygote.__file__)))
     installed = subprocess.run(
@@ -352,7 +352,7 @@ def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
     assert source not in json.loads(kernel_path) and sysconfig.get_paths()["purelib"] in json.loads(kernel_path)
     # imported from site-packages, as an installed server does: no PYTHONPATH
     out = subprocess.run(
-        [sys.executable, "-c", "import json; from kernelpool import zygote; print(json.dumps(zygote._zygote_env(zygote.sys.executable)[0]))"],
+        [sys.executable, "-c", "import json; from kernelpool.kernels.zygote import server as zygote; print(json.dumps(zygote._zygote_env(zygote.sys.executable)[0]))"],
         env={"PATH": os.environ["PATH"]}, cwd="/", capture_output=True, text=True, timeout=60, check=True,
     )
     assert "PYTHONPATH" not in json.loads(out.stdout), out.stdout

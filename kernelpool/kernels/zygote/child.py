@@ -1,4 +1,4 @@
-"""The fork server's own process: `python -m kernelpool._zygote --fd N` (started by `kernelpool.zygote`).
+"""The fork server's own process: `python -m kernelpool.kernels.zygote.child --fd N` (started by `kernelpool.kernels.zygote.server`).
 
 It imports what a kernel needs (ipykernel, IPython, the debugger, ...), freezes those objects
 out of the garbage collector so that forked kernels keep sharing their pages, and then only
@@ -94,7 +94,7 @@ PRELOAD = (
     "sqlite3",
     "multiprocessing",
     "ipykernel_launcher",
-    "kernelpool.kernel_pip",  # the IPython extension every kernel loads (per-user pip)
+    "kernelpool.kernels.pip_extension",  # the IPython extension every kernel loads (per-user pip)
 )
 
 _MSG_MAX = 65536
@@ -352,7 +352,7 @@ def _run_kernel(spec: _ChildSpec) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 4 or args[0] != "--fd" or args[2] != "--kernel-path":
-        print("usage: python -m kernelpool._zygote --fd N --kernel-path JSON", file=sys.stderr)
+        print("usage: python -m kernelpool.kernels.zygote.child --fd N --kernel-path JSON", file=sys.stderr)
         raise SystemExit(2)
     control = socket.socket(fileno=int(args[1]))
     os.set_inheritable(control.fileno(), False)

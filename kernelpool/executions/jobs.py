@@ -21,11 +21,11 @@ from nbformat import NotebookNode
 
 from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
-from kernelpool.execution import ExecutionResult, OutputLimits, Progress, execute, outputs_size
-from kernelpool.kernels import Kernel, KernelRegistry
+from kernelpool.executions.execute import ExecutionResult, OutputLimits, Progress, execute, outputs_size
+from kernelpool.kernels.registry import Kernel, KernelRegistry
 from kernelpool.metrics import Metrics
-from kernelpool.notebooks import NotebookService
-from kernelpool.users import UserService
+from kernelpool.notebooks.service import NotebookService
+from kernelpool.users.accounts import UserService
 
 log = logging.getLogger(__name__)
 

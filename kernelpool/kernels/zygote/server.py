@@ -3,7 +3,7 @@
 A stock kernel start spends most of its time importing; a fork of a process that has done
 that is ready in a fraction of the time and shares the imported code and objects with every
 other kernel (copy-on-write, kept clean by `gc.freeze()`). The zygote itself is
-`kernelpool._zygote`; this module is the server's side of it:
+`kernelpool.kernels.zygote.child`; this module is the server's side of it:
 
 - `ForkServer` starts it (opened in the app's lifespan, closed after the kernel registry),
   restarts it when it dies, and forks kernels through it (`spawn`, called by the provisioner);
@@ -263,7 +263,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [self.python, "-m", "kernelpool._zygote", "--fd", str(theirs.fileno()), "--kernel-path", kernel_path],
+                [self.python, "-m", "kernelpool.kernels.zygote.child", "--fd", str(theirs.fileno()), "--kernel-path", kernel_path],
                 env=env, cwd="/", pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
             )

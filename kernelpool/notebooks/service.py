@@ -216,7 +216,7 @@ class NotebookService:
         self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
         # id(cached notebook) -> {id(cell): fingerprint of the cell as last validated}
         self._validated: dict[int, dict[int, tuple[Any, ...]]] = {}
-        # called with (user, path) after each write: resource subscriptions (kernelpool/notices.py)
+        # called with (user, path) after each write: resource subscriptions (kernelpool/mcp/notices.py)
         self.listeners: list[Callable[[str, str], Awaitable[Any]]] = []
 
     def lock(self, user: str, path: str) -> asyncio.Lock:

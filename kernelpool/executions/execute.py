@@ -20,7 +20,7 @@ from typing import Any, Literal
 from nbformat import NotebookNode, from_dict
 from nbformat.v4 import new_output
 
-from kernelpool.kernels import Kernel, KernelRegistry, KernelState
+from kernelpool.kernels.registry import Kernel, KernelRegistry, KernelState
 
 log = logging.getLogger(__name__)
 

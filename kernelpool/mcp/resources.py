@@ -48,9 +48,9 @@ from mcp.types import (
 from nbformat import NotebookNode
 from nbformat import writes as nb_writes
 
-from kernelpool import notebooks as nbops
 from kernelpool.errors import KernelpoolError
-from kernelpool.outputs import b64_size, output_text, truncate
+from kernelpool.mcp.content import b64_size, output_text, truncate
+from kernelpool.notebooks import service as nbops
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)

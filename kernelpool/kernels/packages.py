@@ -13,7 +13,7 @@ The mechanism (why it is this one: docs/deployment.md, "Packages"):
   kernels), and the fork server's child applies the same variable the same way at its start.
 - The folder exists before the kernel starts (created here, as the user's), so that a package
   installed into it imports at once: Python remembers a missing `sys.path` folder as missing.
-- `kernelpool.kernel_pip` (an IPython extension every kernel loads) words the failures that
+- `kernelpool.kernels.pip_extension` (an IPython extension every kernel loads) words the failures that
   pip leaves cryptic: no network, no disk space.
 
 The server's own virtual environment is root's and read-only to every user's uid: nothing a
@@ -33,7 +33,7 @@ from sandbox import SafeRoot
 log = logging.getLogger(__name__)
 
 PREFIX = ".local"  # in the user's folder (their HOME in kernels)
-EXTENSION = "kernelpool.kernel_pip"
+EXTENSION = "kernelpool.kernels.pip_extension"
 _ANCHOR = "/kernelpool-prefix"
 
 

@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelpool import packages
-from kernelpool.client import KernelpoolClient
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
-from kernelpool.networks import UserNetworkPolicy
-from kernelpool.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
+from kernelpool.kernels import packages
+from kernelpool.kernels.client import KernelpoolClient
+from kernelpool.kernels.networks import UserNetworkPolicy
+from kernelpool.kernels.provisioner import KERNEL_NAME, KernelLaunch, KernelpoolSpecManager
+from kernelpool.kernels.zygote.server import ForkServer
 from kernelpool.store import KernelRow, Store
-from kernelpool.users import User, UserService
-from kernelpool.zygote import ForkServer
+from kernelpool.users.accounts import User, UserService
 from sandbox import Cgroup, CgroupBackend, Identity, Limits, SafeRoot
 from sandbox.fs import remove_tree
 from sandbox.rundir import TMP, KernelRunDir, remove_kernel_folder
@@ -330,7 +330,7 @@ class KernelRegistry:
                 ip=rundir.socket_prefix,
                 connection_file=rundir.connection_file,
                 kernel_id=kid,
-                client_class="kernelpool.client.KernelpoolClient",
+                client_class="kernelpool.kernels.client.KernelpoolClient",
             )
         except BaseException:
             self._slots[user.name] -= 1
@@ -488,7 +488,7 @@ class KernelRegistry:
                 with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
                     proc = psutil.Process(row.pid)
                     cmdline = " ".join(proc.cmdline())  # a forked kernel shows its zygote's
-                    if ("ipykernel" in cmdline or "kernelpool._zygote" in cmdline) and abs(proc.create_time() - row.started_at) < 120:
+                    if ("ipykernel" in cmdline or "kernelpool.kernels.zygote.child" in cmdline) and abs(proc.create_time() - row.started_at) < 120:
                         os.killpg(row.pid, 9)
             if row.cgroup and self._cgroups is not None:
                 cg = self._cgroups.get(row.cgroup)

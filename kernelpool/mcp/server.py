@@ -21,12 +21,12 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from nbformat import NotebookNode
 
-from kernelpool import notebooks as nbops
 from kernelpool.errors import InvalidArgument, KernelpoolError, NoNotebook
-from kernelpool.jobs import Job
-from kernelpool.outputs import output_text, simplify, to_content
-from kernelpool.resources import output_links, session_of
-from kernelpool.resources import register as register_resources
+from kernelpool.executions.jobs import Job
+from kernelpool.mcp.content import output_text, simplify, to_content
+from kernelpool.mcp.resources import output_links, session_of
+from kernelpool.mcp.resources import register as register_resources
+from kernelpool.notebooks import service as nbops
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         name="kernelpool", instructions=INSTRUCTIONS, version="0.1.0",
         token_verifier=token_verifier, auth=auth,
         # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
-        # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/notices.py)
+        # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/mcp/notices.py)
         subscriptions=False,
     )
     s = services
@@ -352,7 +352,7 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         return result
 
     async def tell_about(ctx: Context, job: Job, result: CallToolResult) -> None:
-        """Log messages about one finished call, on the call's own stream (kernelpool/notices.py)."""
+        """Log messages about one finished call, on the call's own stream (kernelpool/mcp/notices.py)."""
         r = job.result
         if r is None:
             return

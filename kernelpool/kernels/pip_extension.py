@@ -1,14 +1,14 @@
 """pip inside a kernel: `%pip install X` and `!pip install X` install X for that user only.
 
 Runs inside user kernels (never in the server), so it imports nothing of kernelpool and only the
-standard library. The kernel's environment (built by `kernelpool.packages.kernel_env`) already
+standard library. The kernel's environment (built by `kernelpool.kernels.packages.kernel_env`) already
 makes pip install into the user's own folder (`PIP_PREFIX=~/.local`) and puts that folder's
 site-packages on `sys.path` from the kernel's start; this module adds what pip alone does not:
 
 - `load_ipython_extension` (loaded by every kernel through its argv) replaces IPython's `%pip`
   magic and routes `!pip ...` / `!python -m pip ...` through `main`, then refreshes the import
   system's caches so that what was just installed imports at once;
-- `main` (`python -m kernelpool.kernel_pip ARGS`) runs pip, passes its output through, and
+- `main` (`python -m kernelpool.kernels.pip_extension ARGS`) runs pip, passes its output through, and
   when it fails because the package index cannot be reached or the user's disk is full, ends
   with one plain sentence that says so.
 """
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pip_line(line: str) -> str:
-    return " ".join([shlex.quote(sys.executable), "-m", "kernelpool.kernel_pip", line])
+    return " ".join([shlex.quote(sys.executable), "-m", "kernelpool.kernels.pip_extension", line])
 
 
 def load_ipython_extension(ip: Any) -> None:
-    """Called by IPython in every kernelpool kernel (`--IPKernelApp.extensions=kernelpool.kernel_pip`)."""
+    """Called by IPython in every kernelpool kernel (`--IPKernelApp.extensions=kernelpool.kernels.pip_extension`)."""
     original_system = ip.system
 
     def system(cmd: str) -> Any:

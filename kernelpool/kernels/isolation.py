@@ -16,7 +16,7 @@ from typing import Any
 
 from kernelpool.config import Settings
 from kernelpool.errors import SandboxUnavailable
-from kernelpool.networks import plan_from
+from kernelpool.kernels.networks import plan_from
 from sandbox import CgroupBackend, detect, probe
 from sandbox.network import NetworkPlan
 

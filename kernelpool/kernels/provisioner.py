@@ -27,7 +27,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.provisioning import LocalProvisioner
 
-from kernelpool.zygote import ForkServer, ZygoteUnavailable
+from kernelpool.kernels.zygote.server import ForkServer, ZygoteUnavailable
 from sandbox import Cgroup, Identity, LaunchSpec, spawn
 from sandbox.rundir import KernelRunDir
 
@@ -137,7 +137,7 @@ class KernelpoolSpecManager(KernelSpecManager):
     """Serves the one kernel spec kernelpool uses, built from settings rather than found on disk."""
 
     python: str = ""
-    extensions: list[str] = []  # IPython extensions every kernel loads (kernelpool.kernel_pip)
+    extensions: list[str] = []  # IPython extensions every kernel loads (kernelpool.kernels.pip_extension)
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         if kernel_name != KERNEL_NAME:

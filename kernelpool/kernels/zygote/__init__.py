@@ -1,0 +1,1 @@
+"""The fork server: `server` is the server's side, `child` the forked process's."""

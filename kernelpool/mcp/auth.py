@@ -1,0 +1,33 @@
+"""The MCP SDK's `TokenVerifier`, backed by kernelpool's token store (`users.tokens`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mcp.server.auth.provider import AccessToken
+
+from kernelpool.store import Store
+from kernelpool.users.tokens import check_token
+
+SCOPE = "kernelpool"
+
+
+class StoreTokenVerifier:
+    """Checks every request's token against the store, so that a revocation takes effect at once.
+
+    `on_failure(reason)` hears of each refusal ("unknown", "revoked", "expired"); the app's
+    auth guard logs those per client address, at a bounded rate.
+    """
+
+    def __init__(self, store: Store, on_failure: Callable[[str], None] | None = None) -> None:
+        self._store = store
+        self._on_failure = on_failure
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        verdict = await check_token(self._store, token)
+        if verdict.user is None:
+            if self._on_failure is not None:
+                self._on_failure(verdict.refused or "unknown")
+            return None
+        expires = int(verdict.expires_at) if verdict.expires_at is not None else None
+        return AccessToken(token=token, client_id=verdict.user, subject=verdict.user, scopes=[SCOPE], expires_at=expires)

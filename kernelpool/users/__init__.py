@@ -1,0 +1,1 @@
+"""Users, their tokens, their MCP sessions, and the throttle on failed logins."""
