@@ -6,8 +6,9 @@ grows with every cell added. `CellCachingEncoder` gives the same bytes (a test c
 with nbformat's on generated notebooks) but keeps each cell's encoded text while the cell is
 unchanged, so a save costs the changed cells plus joining the rest.
 
-"Unchanged" is decided by the caller's fingerprint (the notebook service's: edits assign new
-objects to a cell's parts and never change them in place, so identity tells a changed cell).
+"Unchanged" is decided by `fingerprint` and `unchanged` (also what the notebook service uses to
+validate only changed cells): edits assign new objects to a cell's parts and never change them
+in place, so identity tells a changed cell.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import secrets
-from collections.abc import Callable, Hashable
 from typing import Any
 
 from nbformat import NotebookNode
@@ -26,6 +26,21 @@ from nbformat.v4.rwbase import split_lines
 _DUMP: dict[str, Any] = {"cls": BytesEncoder, "indent": 1, "sort_keys": True, "separators": (",", ": "),
                          "ensure_ascii": False}
 _CELL_INDENT = "\n  "  # a cell sits two levels deep: {"cells": [ <cell>, ... ]}
+_CELL_PARTS = ("source", "outputs", "metadata", "attachments")
+
+
+def fingerprint(cell: NotebookNode) -> tuple[Any, ...]:
+    """What a change to a cell replaces: edits assign new objects to these keys (never change
+    them in place), so holding the objects and comparing with `is` tells a changed cell."""
+    return (cell, len(cell), cell.get("cell_type"), cell.get("id"), cell.get("execution_count"),
+            *(cell.get(k) for k in _CELL_PARTS))
+
+
+def unchanged(cell: NotebookNode, known: tuple[Any, ...] | None) -> bool:
+    if known is None:
+        return False
+    now = fingerprint(cell)
+    return all(a is b or (type(a) in (int, str, type(None)) and a == b) for a, b in zip(now, known, strict=True))
 
 
 def encode_cell(cell: NotebookNode) -> str:
@@ -56,8 +71,7 @@ def encode_outer(nb: NotebookNode, cells: list[str]) -> str:
 class CellCachingEncoder:
     """Encodes notebooks, reusing each unchanged cell's text from the previous encoding."""
 
-    def __init__(self, fingerprint: Callable[[NotebookNode], tuple[Any, ...]]) -> None:
-        self._fingerprint = fingerprint
+    def __init__(self) -> None:
         # id(notebook) -> {id(cell): (fingerprint, text)}; a fingerprint holds its cell, so an
         # id cannot be reused by another cell while its entry exists
         self._cells: dict[int, dict[int, tuple[tuple[Any, ...], str]]] = {}
@@ -67,10 +81,9 @@ class CellCachingEncoder:
         fresh: dict[int, tuple[tuple[Any, ...], str]] = {}
         texts = []
         for cell in nb.cells:
-            mark = self._fingerprint(cell)
             held = known.get(id(cell))
-            if held is None or not _same(held[0], mark):
-                held = (mark, encode_cell(cell))
+            if held is None or not unchanged(cell, held[0]):
+                held = (fingerprint(cell), encode_cell(cell))
             fresh[id(cell)] = held
             texts.append(held[1])
         self._cells[id(nb)] = fresh
@@ -79,7 +92,3 @@ class CellCachingEncoder:
     def forget(self, nb: NotebookNode) -> None:
         self._cells.pop(id(nb), None)
 
-
-def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
-    return len(old) == len(new) and all(
-        a is b or (isinstance(a, Hashable) and type(a) in (int, str, type(None)) and a == b) for a, b in zip(old, new))
