@@ -51,13 +51,18 @@ class Inbox:
         if not self._items:
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, lambda: waiter.done() or waiter.set_result(None))
+            timer = loop.call_later(timeout, _wake, waiter)
             try:
                 await waiter
             finally:
                 timer.cancel()
                 self._waiter = None
         return self._items.popleft() if self._items else None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class KernelChannels:
