@@ -160,6 +160,9 @@ class Store:
         self._audit_queue_max = audit_queue_max
         self.audit_dropped = 0
         self.audit_failing: str | None = None  # why the last write failed, while writes fail
+        # commits of this connection that can end a login (revocations, removals): counted here,
+        # because PRAGMA data_version only moves for other connections' commits
+        self._access_changes = 0
 
     @property
     def _db(self) -> aiosqlite.Connection:
@@ -233,10 +236,12 @@ class Store:
         else:
             await self._db.execute("DELETE FROM removing WHERE user = ?", (name,))
         await self._db.commit()
+        self._access_changes += 1
 
     async def remove_user(self, name: str) -> bool:
         cur = await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
         await self._db.commit()
+        self._access_changes += 1
         return cur.rowcount > 0
 
     # tokens
@@ -258,6 +263,14 @@ class Store:
             row = await cur.fetchone()
         return TokenRow(*row) if row else None
 
+    async def change_mark(self) -> tuple[int, int]:
+        """Moves whenever a login may have ended: any commit by another connection (the CLI's
+        `tokens revoke`, `users remove`: SQLite's data_version), or a revocation or removal by
+        this one. Cheap enough to poll: it reads no table."""
+        async with self._db.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return (row[0] if row else 0, self._access_changes)
+
     async def list_tokens(self, user: str | None = None) -> list[TokenRow]:
         sql = "SELECT id, user, created_at, expires_at, revoked_at FROM tokens"
         args: tuple[Any, ...] = ()
@@ -272,6 +285,7 @@ class Store:
             "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), token_id)
         )
         await self._db.commit()
+        self._access_changes += 1
         return cur.rowcount > 0
 
     # kernels: what is running, so that a restarted server can find what a dead one left behind

@@ -7,24 +7,24 @@ from collections.abc import Callable
 from mcp.server.auth.provider import AccessToken
 
 from kernelpool.store import Store
-from kernelpool.users.tokens import check_token
+from kernelpool.users.tokens import TokenChecker
 
 SCOPE = "kernelpool"
 
 
 class StoreTokenVerifier:
-    """Checks every request's token against the store, so that a revocation takes effect at once.
+    """Checks each request's token (`TokenChecker`: remembered, a revocation counts within 0.5 s).
 
     `on_failure(reason)` hears of each refusal ("unknown", "revoked", "expired"); the app's
     auth guard logs those per client address, at a bounded rate.
     """
 
     def __init__(self, store: Store, on_failure: Callable[[str], None] | None = None) -> None:
-        self._store = store
+        self._checker = TokenChecker(store)
         self._on_failure = on_failure
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        verdict = await check_token(self._store, token)
+        verdict = await self._checker.check(token)
         if verdict.user is None:
             if self._on_failure is not None:
                 self._on_failure(verdict.refused or "unknown")

@@ -45,3 +45,43 @@ async def check_token(store: Store, token: str) -> Verdict:
     if row.expires_at is not None and row.expires_at <= time.time():
         return Verdict(None, refused="expired")
     return Verdict(row.user, row.expires_at)
+
+
+class TokenChecker:
+    """`check_token` with a memory of accepted tokens, so that a request reads no table.
+
+    Every `recheck` seconds (on the next request) the store's change mark is read; when it moved
+    (a revocation or a user removal, by the CLI or by this server), everything remembered is
+    forgotten. A revoked token is thus refused within `recheck` seconds plus one query, and an
+    expired one at once (its expiry is kept with it). Refusals are not remembered.
+    """
+
+    def __init__(self, store: Store, recheck: float = 0.5, max_entries: int = 10_000) -> None:
+        self._store = store
+        self._recheck = recheck
+        self._max = max_entries
+        self._known: dict[str, Verdict] = {}
+        self._mark: tuple[int, int] | None = None
+        self._checked_at = float("-inf")
+        self._generation = 0  # bumped at each forgetting: a lookup that straddled one is not kept
+
+    async def check(self, token: str) -> Verdict:
+        now = time.monotonic()
+        if now - self._checked_at >= self._recheck:
+            self._checked_at = now
+            mark = await self._store.change_mark()
+            if mark != self._mark:
+                self._mark = mark
+                self._known.clear()
+                self._generation += 1
+        key = hash_token(token)
+        known = self._known.get(key)
+        if known is not None and (known.expires_at is None or known.expires_at > time.time()):
+            return known
+        generation = self._generation
+        verdict = await check_token(self._store, token)
+        if verdict.user is not None and generation == self._generation:
+            if len(self._known) >= self._max:
+                self._known.pop(next(iter(self._known)))
+            self._known[key] = verdict
+        return verdict
