@@ -105,5 +105,13 @@ def render(r: dict[str, Any]) -> str:
             rows = [[who, str(mm[who]["processes"]), _v(mm[who]["pss_per_kernel_mb"]), _v(mm[who]["uss_per_kernel_mb"]),
                      _v(mm[who]["rss_per_kernel_mb"])] for who in ("kernelpool", "stock")]
             out += _table(["", "kernels", "PSS MB / kernel", "USS MB / kernel", "RSS MB / kernel"], rows)
+    if "growth" in r:
+        g = r["growth"]
+        out += ["", f"### 5. Growth: one more cell as the notebook grows ({g.get('payload_kb')} KB printed per cell)", ""]
+        if "failed" in g:
+            out.append(f"FAILED: {g['failed']}")
+        rows = [[_v(c["size_mb"]), str(c["cells"]), _pct(c["per_cell_ms"]), _pct(c["nbformat_write_ms"]),
+                 _v(c["ratio_p50_over_nbformat_write"], ".2f")] for c in g.get("checkpoints", [])]
+        out += _table(["notebook MB", "cells", "per cell (last 20)", "nbformat.write of that file", "p50 / write p50"], rows)
     out += ["", f"Seconds per scenario: {r.get('seconds')}"]
     return "\n".join(out)

@@ -8,6 +8,7 @@ with real MCP clients over HTTP on 127.0.0.1, prints a table and writes JSON
   execute      trivial `execute_code` vs a bare jupyter_client round trip + an empty MCP tool, both modes
   concurrency  1, 10, 50, 100 sessions, open and closed loop, vs bare jupyter_client on as many kernels
   memory       PSS per idle kernel, kernelpool vs stock
+  growth       per-cell latency as one notebook grows to 12 MB vs nbformat.write of the same file
 
 Exit status: 0 when every result was right; 1 when one was wrong (an error, a reply or a cell
 in the wrong place, a kernel or cgroup left behind); 2 when the benchmark itself could not run.
@@ -27,10 +28,11 @@ import time
 from typing import Any
 
 from benchmarks import scenarios
+from benchmarks.growth import CHECKPOINTS_MB, GrowthFailed, growth
 from benchmarks.harness import Bench
 from benchmarks.report import render
 
-ALL = ["first", "execute", "concurrency", "memory"]
+ALL = ["first", "execute", "concurrency", "memory", "growth"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrency: the tool each cell runs through (insert_execute_code_cell: the cell is saved)")
     p.add_argument("--stock-at-once", type=int, default=10, help="concurrency: stock kernels started together (10)")
     p.add_argument("--idle-kernels", type=int, help="memory: kernels of each kind (default 10; quick 4)")
+    p.add_argument("--growth-mb", help="growth: checkpoint sizes in MB (default 0.1,1,5,12; quick 0.1,1)")
+    p.add_argument("--payload-kb", type=int, default=20, help="growth: KB each cell prints (20)")
     p.add_argument("--json", dest="json_path", help="where to write the results (default benchmarks/results/<timestamp>.json)")
     return p
 
@@ -131,7 +135,10 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                                                                 args.pool_size, args.stock_at_once, args.tool, problems, log)
                 elif name == "memory":
                     results[name] = await scenarios.idle_memory(bench, args.idle_kernels or (4 if q else 10), problems)
-            except scenarios.WrongResult as exc:
+                elif name == "growth":
+                    sizes = args.growth_mb or ("0.1,1" if q else ",".join(map(str, CHECKPOINTS_MB)))
+                    results[name] = await growth(bench, tuple(float(x) for x in sizes.split(",")), args.payload_kb, problems, log)
+            except (scenarios.WrongResult, GrowthFailed) as exc:
                 problems.append(f"{name}: {exc}")
                 results[name] = {"failed": str(exc)}
             results.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
