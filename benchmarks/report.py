@@ -63,7 +63,7 @@ def render(r: dict[str, Any]) -> str:
                        "(a) bare jupyter_client", "(b) empty tool, same SDK", "overhead p50 = kp − (a + b)"], rows)
     if "concurrency" in r:
         c = r["concurrency"]
-        out += ["", "### 3. Concurrent sessions (open loop: 1 cell / 2 s each; closed loop: back to back)", ""]
+        out += ["", "### 3. Concurrent sessions (open loop: 1 cell / 2 s each, 4 s above 100 sessions; closed loop: back to back)", ""]
         if "failed" in c:
             out.append(f"FAILED: {c['failed']}")
         rows = []

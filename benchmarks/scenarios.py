@@ -253,6 +253,12 @@ def _phases(phases: list[Phase], problems: list[str], what: str) -> dict[str, An
     return out
 
 
+def open_interval(n: int) -> float:
+    """Seconds between one session's cells in the open loop: 2 s up to 100 sessions (50 cells/s
+    at 100), 4 s above (75 cells/s at 300: offered load well below either side's throughput)."""
+    return 2.0 if n <= 100 else 4.0
+
+
 async def _stock_level(n: int, duration: float, max_cells: int, at_once: int, run_id: str,
                        problems: list[str]) -> dict[str, Any]:
     async with StockKernels() as sk:
@@ -260,7 +266,7 @@ async def _stock_level(n: int, duration: float, max_cells: int, at_once: int, ru
         await asyncio.sleep(1)
         mem = memory_of([psutil.Process(p) for p in sk.pids()])
         runs = [_stock_run(k) for k in sk.kernels]
-        opened = await open_loop(runs, run_id + "j", duration)
+        opened = await open_loop(runs, run_id + "j", max(duration, 3 * open_interval(n)), open_interval(n))
         closed = await closed_loop(runs, run_id + "j", duration, max_cells)
     return {"all_ready_s": round(ready, 3), "started_at_once": at_once, "kernels_idle": mem,
             **_phases([opened, closed], problems, f"stock x{n}")}
@@ -316,7 +322,7 @@ async def _kp_level_on(bench: Bench, d: DataDir, n: int, duration: float, max_ce
             out["kernels_idle"] = memory_of(srv.kernels())
             out["helpers_idle"] = memory_of(srv.helpers())
             runs = [_kp_run(clients[j], paths[j], tool) for j in range(n)]
-            opened = await open_loop(runs, run_id + "k", duration)
+            opened = await open_loop(runs, run_id + "k", max(duration, 3 * open_interval(n)), open_interval(n))
             closed = await closed_loop(runs, run_id + "k", duration, max_cells)
             out.update(_phases([opened, closed], problems, f"kernelpool x{n}"))
             log(f"    loops done: open {len(opened.latencies)} cells, closed {len(closed.latencies)} cells")
@@ -344,8 +350,8 @@ async def concurrency(bench: Bench, levels: list[int], duration: float, max_cell
     d = await bench.data_dir([f"u{i}" for i in range(n_users)])
     run_id = secrets.token_hex(3)
     out: dict[str, Any] = {
-        "what": f"open loop: one cell per session every 2 s for {duration:g} s (latency from the scheduled "
-                f"start); closed loop: next cell when the last answered, {duration:g} s or {max_cells} cells per "
+        "what": f"open loop: one cell per session every 2 s (4 s above 100 sessions) for {duration:g} s or 3 "
+                f"intervals, whichever is longer (latency from the scheduled start); closed loop: next cell when the last answered, {duration:g} s or {max_cells} cells per "
                 f"session. kernelpool: {tool}(print(tag)) on the session's notebook (mode={mode}); "
                 "stock: jupyter_client execute(print(tag)) on its kernel",
         "levels": {},

@@ -6,7 +6,7 @@ with real MCP clients over HTTP on 127.0.0.1, prints a table and writes JSON
 
   first        time to the first result of `1+1` on a new notebook: pool hit / pool miss / stock start
   execute      trivial `execute_code` vs a bare jupyter_client round trip + an empty MCP tool, both modes
-  concurrency  1, 10, 50, 100 sessions, open and closed loop, vs bare jupyter_client on as many kernels
+  concurrency  1, 10, 50, 100, 300 sessions, open and closed loop, vs bare jupyter_client on as many kernels
   memory       PSS per idle kernel, kernelpool vs stock
   growth       per-cell latency as one notebook grows to 12 MB vs nbformat.write of the same file
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, help="execute: measured calls per measure and mode (default 300; quick 100)")
     p.add_argument("--rounds", type=int, default=5, help="execute: interleaved rounds (default 5)")
     p.add_argument("--modes", default="legacy,auto", help="execute: client modes (default legacy,auto)")
-    p.add_argument("--levels", help="concurrency: session counts (default 1,10,50,100; quick 1,10)")
+    p.add_argument("--levels", help="concurrency: session counts (default 1,10,50,100,300; quick 1,10)")
     p.add_argument("--duration", type=float, help="concurrency: seconds per loop phase (default 8; quick 4)")
     p.add_argument("--max-cells", type=int, default=300, help="concurrency: closed-loop cells per session at most (300)")
     p.add_argument("--mode", default="legacy", choices=["legacy", "auto"], help="concurrency: client mode (legacy)")
@@ -110,7 +110,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     unknown = set(chosen) - set(ALL)
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    levels = [int(x) for x in (args.levels or ("1,10" if q else "1,10,50,100")).split(",")]
+    levels = [int(x) for x in (args.levels or ("1,10" if q else "1,10,50,100,300")).split(",")]
     duration = args.duration or (4.0 if q else 8.0)
     problems: list[str] = []
     results: dict[str, Any] = {
