@@ -13,7 +13,7 @@ from kernelpool.errors import InvalidArgument, LimitReached, PathRefused
 from kernelpool.executions.execute import OutputLimits, _Outputs, _Stream, outputs_size
 from kernelpool.kernels.pip_extension import _PIP_COMMAND, diagnose
 from kernelpool.mcp.content import strip_ansi, truncate
-from kernelpool.notebooks.service import check_notebook_path
+from kernelpool.notebooks.paths import check_notebook_path
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 
@@ -142,7 +142,8 @@ def test_parse_when() -> None:
 async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) -> None:
     import nbformat
 
-    from kernelpool.notebooks.service import NotebookService, insert_cell
+    from kernelpool.notebooks.cells import insert_cell
+    from kernelpool.notebooks.service import NotebookService
     from sandbox import SafeRoot
 
     svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
@@ -198,7 +199,8 @@ async def test_a_cancelled_save_holds_the_lock_until_its_write_is_done(tmp_path)
     first (the late write would then wipe it): the later edit waits for the file to be final."""
     import threading
 
-    from kernelpool.notebooks.service import NotebookService, insert_cell
+    from kernelpool.notebooks.cells import insert_cell
+    from kernelpool.notebooks.service import NotebookService
     from sandbox import SafeRoot
 
     release = threading.Event()

@@ -1,8 +1,9 @@
 """Running code in a kernel and collecting its outputs as notebook outputs.
 
-Called by the tool layer with a kernel from `KernelRegistry`. One execution at a time per
-kernel (`Kernel.lock`). A timeout interrupts the kernel and returns what was produced so far;
-a kernel that dies mid-cell ends the execution with the cause in words.
+Called by `JobService` with a kernel from `KernelRegistry`, under the kernel's lock (one
+execution at a time per kernel). A timeout interrupts the kernel and returns what was produced
+so far; the result says how the execution ended (finished, timed out, stuck, died), and the
+job service asks the registry to act on it: `execute` changes no kernel state itself.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any, Literal
 from nbformat import NotebookNode, from_dict
 from nbformat.v4 import new_output
 
-from kernelpool.kernels.registry import Kernel, KernelRegistry, KernelState
+from kernelpool.kernels.registry import Kernel, KernelState
 
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "error", "timeout", "died", "interrupted"]
 Progress = Callable[[float, str], Awaitable[None]]
+Interrupt = Callable[[], Awaitable[None]]
 
 _POLL = 0.5  # seconds between liveness checks while a cell runs silently
 _INTERRUPT_GRACE = 5.0
@@ -38,6 +40,7 @@ class ExecutionResult:
     outputs: list[NotebookNode] = field(default_factory=list)
     message: str | None = None
     duration: float = 0.0
+    stuck: bool = False  # timed out and ignored the interrupt: the kernel is of no use any more
 
 
 @dataclass(frozen=True)
@@ -279,90 +282,115 @@ class _Outputs:
         self._dropped_outputs = 0
 
 
+class _Run:
+    """The reading side of one execution: iopub messages into outputs, the timeout, progress."""
+
+    def __init__(self, kernel: Kernel, msg_id: str, start: float, timeout: float, interrupt: Interrupt,
+                 progress: Progress | None, progress_interval: float, limits: OutputLimits) -> None:
+        self.kernel = kernel
+        self.msg_id = msg_id
+        self.start = start
+        self.timeout = timeout
+        self.deadline = start + timeout
+        self.interrupt = interrupt
+        self.progress = progress
+        self.progress_interval = progress_interval
+        self.next_progress = start + progress_interval
+        self.outputs = _Outputs(limits)
+        self.status: Status = "ok"
+        self.message: str | None = None
+        self.interrupted_at: float | None = None
+        self.stuck = False
+
+    async def until_idle(self) -> None:
+        client = self.kernel.client
+        assert client is not None
+        while True:
+            now = time.monotonic()
+            if not await self._keep_time(now):
+                return
+            try:
+                msg = await client.get_iopub_msg(timeout=max(self._wait(now), 0.01))
+            except queue.Empty:
+                if not await self.kernel.manager.is_alive():
+                    self.status = "died"
+                    return
+                continue
+            if self._take(msg):
+                return
+
+    async def _keep_time(self, now: float) -> bool:
+        """Interrupt at the timeout, give up after the grace, send progress; False: stop reading."""
+        if self.interrupted_at is None and now >= self.deadline:
+            await self.interrupt()
+            self.interrupted_at = now
+            self.status = "timeout"
+            self.message = f"the execution ran past its timeout of {self.timeout:g} s and was interrupted"
+        elif self.interrupted_at is not None and now - self.interrupted_at > _INTERRUPT_GRACE:
+            self.stuck = True  # the code ignores SIGINT: the kernel is no use to anyone in this state
+            return False
+        if self.progress is not None and now >= self.next_progress:
+            self.next_progress = now + self.progress_interval
+            await self.progress(now - self.start, f"running for {now - self.start:.0f} s")
+        return True
+
+    def _wait(self, now: float) -> float:
+        horizon = self.deadline if self.interrupted_at is None else self.interrupted_at + _INTERRUPT_GRACE
+        wait = min(_POLL, horizon - now)
+        if self.progress is not None:
+            wait = min(wait, self.next_progress - now)
+        return wait
+
+    def _take(self, msg: dict[str, Any]) -> bool:
+        """Add one iopub message to the outputs; True when the kernel went idle after our request."""
+        if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+            return False
+        kind = msg["msg_type"]
+        if kind == "status":
+            return bool(msg["content"].get("execution_state") == "idle")
+        if kind == "execute_input":
+            return False
+        if kind == "error" and self.status == "ok":
+            self.status = "error"
+        self.outputs.add(msg)
+        return False
+
+
 async def execute(
-    registry: KernelRegistry,
     kernel: Kernel,
     code: str,
     timeout: float,
+    interrupt: Interrupt,
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,
     limits: OutputLimits = OutputLimits(),
 ) -> ExecutionResult:
-    """Run `code` in `kernel`; never raises for what the code does, only reports it."""
-    async with kernel.lock:
-        client = kernel.client
-        assert client is not None
-        if not await kernel.is_alive():
-            cause = await registry.mark_dead(kernel)
-            return ExecutionResult("died", message=cause)
-        kernel.transition(KernelState.BUSY)
-        kernel.executions += 1
-        start = time.monotonic()
-        deadline = start + timeout
-        next_progress = start + progress_interval
-        outputs = _Outputs(limits)
-        msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
-        status: Status = "ok"
-        message: str | None = None
-        interrupted_at: float | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if interrupted_at is None and now >= deadline:
-                    await registry.interrupt(kernel)
-                    interrupted_at = now
-                    status, message = "timeout", f"the execution ran past its timeout of {timeout:g} s and was interrupted"
-                elif interrupted_at is not None and now - interrupted_at > _INTERRUPT_GRACE:
-                    # the code ignores SIGINT: the kernel is no use to anyone in this state
-                    message = (f"the execution ran past its timeout of {timeout:g} s and did not stop when "
-                               "interrupted; the kernel was shut down (its variables are lost)")
-                    await registry.shutdown(kernel.user, kernel.notebook or "")
-                    break
-                if progress is not None and now >= next_progress:
-                    next_progress = now + progress_interval
-                    await progress(now - start, f"running for {now - start:.0f} s")
-                horizon = deadline if interrupted_at is None else interrupted_at + _INTERRUPT_GRACE
-                wait = min(_POLL, horizon - now)
-                if progress is not None:
-                    wait = min(wait, next_progress - now)
-                try:
-                    msg = await client.get_iopub_msg(timeout=max(wait, 0.01))
-                except queue.Empty:
-                    if not await kernel.manager.is_alive():
-                        status, message = "died", await registry.mark_dead(kernel)
-                        break
-                    continue
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind = msg["msg_type"]
-                if kind == "status":
-                    if msg["content"].get("execution_state") == "idle":
-                        break
-                    continue
-                if kind == "execute_input":
-                    continue
-                if kind == "error" and status == "ok":
-                    status = "error"
-                outputs.add(msg)
-        except asyncio.CancelledError:
-            # the client cancelled: stop the kernel's work too, and let the cancellation go on
-            await registry.interrupt(kernel)
-            _back_to_idle(kernel)
-            raise
-        count = None
-        if status != "died" and kernel.state is KernelState.BUSY:
-            count = await _reply_count(client, msg_id)
-        _back_to_idle(kernel)
-        if status == "timeout":
-            # the KeyboardInterrupt traceback is our doing, not the user's code: say so once, in `message`
-            outputs.remove_errors("KeyboardInterrupt")
-        return ExecutionResult(status, count, outputs.items, message, time.monotonic() - start)
+    """Run `code` in `kernel` and report what happened; never raises for what the code does.
 
-
-def _back_to_idle(kernel: Kernel) -> None:
-    if kernel.state is KernelState.BUSY:
-        kernel.transition(KernelState.IDLE)
+    The caller (`JobService`) holds `kernel.lock`, has marked the kernel busy, and acts on the
+    ending through the registry: `died` (the process is gone) and `stuck` (it ignored the
+    interrupt at the timeout) leave the kernel of no use. `interrupt` stops the kernel's work,
+    at the timeout or when this call is cancelled.
+    """
+    client = kernel.client
+    assert client is not None
+    start = time.monotonic()
+    msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
+    run = _Run(kernel, msg_id, start, timeout, interrupt, progress, progress_interval, limits)
+    try:
+        await run.until_idle()
+    except asyncio.CancelledError:
+        # the client cancelled: stop the kernel's work too, and let the cancellation go on
+        await interrupt()
+        raise
+    count = None
+    if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:
+        count = await _reply_count(client, msg_id)
+    if run.status == "timeout":
+        # the KeyboardInterrupt traceback is our doing, not the user's code: say so once, in `message`
+        run.outputs.remove_errors("KeyboardInterrupt")
+    return ExecutionResult(run.status, count, run.outputs.items, run.message, time.monotonic() - start, run.stuck)
 
 
 async def _reply_count(client: Any, msg_id: str) -> int | None:
