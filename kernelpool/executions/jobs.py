@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
-from kernelpool.executions.execute import ExecutionResult, OutputLimits, Progress, execute, outputs_size
+from kernelpool.executions.execute import ExecutionResult, Progress, execute
+from kernelpool.executions.outputs import OutputLimits, outputs_size
 from kernelpool.kernels.registry import Kernel, KernelRegistry, KernelState
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import cells
@@ -185,7 +186,7 @@ class JobService:
             kernel.executions += 1
             try:
                 result = await execute(kernel, code, timeout, functools.partial(self._kernels.interrupt, kernel),
-                                       job.report, self._settings.progress_interval, store_history, self.limits)
+                                       self.limits, job.report, self._settings.progress_interval, store_history)
                 if result.status == "died":
                     result.message = await self._kernels.mark_dead(kernel)
                 elif result.stuck:

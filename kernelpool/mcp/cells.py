@@ -3,7 +3,8 @@ move_cell, clear_cell_output. A cell is named by `cell_index` (negative counts f
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from mcp.types import CallToolResult
 from nbformat import NotebookNode
@@ -14,6 +15,7 @@ from kernelpool.mcp.resources import output_links
 from kernelpool.notebooks import cells
 
 TOOLS = Tools()
+T = TypeVar("T")
 
 
 def cell_summary(i: int, cell: NotebookNode) -> dict[str, Any]:
@@ -61,14 +63,21 @@ async def insert_cell(
                   {"notebook": path, "cell_index": pos, "cell_id": cell.id})
 
 
+async def _edit(call: Call, notebook: str | None, cell_index: int | None, cell_id: str | None,
+                apply: Callable[[NotebookNode, int], T]) -> tuple[str, int, str, T]:
+    """Change the cell named by index or id: (path, index, id, what `apply(nb, index)` returned)."""
+    path = call.notebook(notebook)
+    i, cid, out = await call.services.notebooks.edit_cell(call.user, path, cell_index, cell_id, apply)
+    return path, i, cid, out
+
+
 @TOOLS.add("overwrite_cell_source", "Replace a cell's whole source.", EDIT)
 async def overwrite_cell_source(
     call: Call, cell_source: str, cell_index: int | None = None, cell_id: str | None = None,
     notebook: str | None = None,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    i, cid, _ = await call.services.notebooks.edit_cell(
-        call.user, path, cell_index, cell_id, lambda nb, i: cells.set_source(nb.cells[i], cell_source))
+    path, i, cid, _ = await _edit(call, notebook, cell_index, cell_id,
+                                  lambda nb, i: cells.set_source(nb.cells[i], cell_source))
     return result(f"overwrote cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})
 
 
@@ -77,10 +86,8 @@ async def edit_cell_source(
     call: Call, old_string: str, new_string: str, replace_all: bool = False, cell_index: int | None = None,
     cell_id: str | None = None, notebook: str | None = None,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    i, cid, n = await call.services.notebooks.edit_cell(
-        call.user, path, cell_index, cell_id,
-        lambda nb, i: cells.edit_source(nb.cells[i], old_string, new_string, replace_all))
+    path, i, cid, n = await _edit(call, notebook, cell_index, cell_id,
+                                  lambda nb, i: cells.edit_source(nb.cells[i], old_string, new_string, replace_all))
     return result(f"replaced {n} occurrence(s) in cell {i} (id {cid})",
                   {"notebook": path, "cell_index": i, "cell_id": cid, "replacements": n})
 
@@ -89,9 +96,7 @@ async def edit_cell_source(
 async def delete_cell(
     call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    i, cid, cell = await call.services.notebooks.edit_cell(call.user, path, cell_index, cell_id,
-                                                           lambda nb, i: nb.cells.pop(i))
+    path, i, cid, cell = await _edit(call, notebook, cell_index, cell_id, lambda nb, i: nb.cells.pop(i))
     return result(f"deleted {cell.cell_type} cell {i} (id {cid})",
                   {"notebook": path, "cell_index": i, "cell_id": cid, "source": cell.source})
 
@@ -101,9 +106,7 @@ async def move_cell(
     call: Call, new_index: int, cell_index: int | None = None, cell_id: str | None = None,
     notebook: str | None = None,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    i, cid, j = await call.services.notebooks.edit_cell(call.user, path, cell_index, cell_id,
-                                                        lambda nb, i: cells.move_cell(nb, i, new_index))
+    path, i, cid, j = await _edit(call, notebook, cell_index, cell_id, lambda nb, i: cells.move_cell(nb, i, new_index))
     return result(f"moved cell {cid} from {i} to {j}", {"notebook": path, "from": i, "to": j, "cell_id": cid})
 
 
@@ -111,7 +114,5 @@ async def move_cell(
 async def clear_cell_output(
     call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    i, cid, _ = await call.services.notebooks.edit_cell(call.user, path, cell_index, cell_id,
-                                                        lambda nb, i: cells.clear_outputs(nb.cells[i]))
+    path, i, cid, _ = await _edit(call, notebook, cell_index, cell_id, lambda nb, i: cells.clear_outputs(nb.cells[i]))
     return result(f"cleared outputs of cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})

@@ -20,30 +20,27 @@ from kernelpool.mcp.resources import output_links
 log = logging.getLogger(__name__)
 
 TOOLS = Tools()
+_BACKGROUND = "background=true returns an execution_id at once (see get_execution)."
 
 
-@TOOLS.add("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and returned. "
-           "background=true returns an execution_id at once (see get_execution).", RUN)
+@TOOLS.add("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and "
+           "returned. " + _BACKGROUND, RUN)
 async def execute_cell(
     call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
     timeout: float | None = None, background: bool = False,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    job = await call.services.executions.run_cell(call.user, path, cell_index, cell_id, timeout, background,
-                                                  _progress(call.ctx))
-    return await _report(call, job)
+    return await _report(call, await call.services.executions.run_cell(
+        call.user, call.notebook(notebook), cell_index, cell_id, timeout, background, _progress(call.ctx)))
 
 
-@TOOLS.add("insert_execute_code_cell", "Insert a code cell at cell_index (-1 appends), run it, save and return its outputs. "
-           "background=true returns an execution_id at once (see get_execution).", RUN)
+@TOOLS.add("insert_execute_code_cell", "Insert a code cell at cell_index (-1 appends), run it, save and return its "
+           "outputs. " + _BACKGROUND, RUN)
 async def insert_execute_code_cell(
     call: Call, cell_index: int, cell_source: str, notebook: str | None = None, timeout: float | None = None,
     background: bool = False,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    job = await call.services.executions.run_new_cell(call.user, path, cell_index, cell_source, timeout, background,
-                                                      _progress(call.ctx))
-    return await _report(call, job)
+    return await _report(call, await call.services.executions.run_new_cell(
+        call.user, call.notebook(notebook), cell_index, cell_source, timeout, background, _progress(call.ctx)))
 
 
 @TOOLS.add("execute_code", "Run code in a notebook's kernel without adding it to the notebook (for inspection, "
@@ -51,9 +48,8 @@ async def insert_execute_code_cell(
 async def execute_code(
     call: Call, code: str, notebook: str | None = None, timeout: float | None = None, background: bool = False,
 ) -> CallToolResult:
-    path = call.notebook(notebook)
-    job = await call.services.executions.run_code(call.user, path, code, timeout, background, _progress(call.ctx))
-    return await _report(call, job)
+    return await _report(call, await call.services.executions.run_code(
+        call.user, call.notebook(notebook), code, timeout, background, _progress(call.ctx)))
 
 
 @TOOLS.add("get_execution", "The status, and when finished the outputs, of an execution started with background=true; "
