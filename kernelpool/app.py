@@ -33,6 +33,7 @@ from kernelpool.config import Settings
 from kernelpool.disk import DiskSpace
 from kernelpool.errors import LimitReached
 from kernelpool.executions.jobs import JobService
+from kernelpool.executions.service import ExecutionService
 from kernelpool.kernels.isolation import Isolation, decide
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
@@ -44,6 +45,7 @@ from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks.service import NotebookService
+from kernelpool.notebooks.workspace import Workspace
 from kernelpool.services import Services
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
@@ -82,10 +84,12 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     kernels.disk_check = disk.check
     notices = Notices(settings.session_idle_timeout)
     events = _event_store(settings, notices)
+    sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
+    jobs = JobService(settings, kernels, notebooks, users, metrics)
     services = Services(
-        settings=settings, store=store, users=users, notebooks=notebooks, kernels=kernels,
-        jobs=JobService(settings, kernels, notebooks, users, metrics),
-        sessions=SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user), metrics=metrics,
+        settings=settings, store=store, users=users, notebooks=notebooks,
+        workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
+        executions=ExecutionService(settings, jobs, notebooks), sessions=sessions, metrics=metrics,
         notices=notices, events=events,
     )
     notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))

@@ -1,6 +1,8 @@
 """The few exceptions kernelpool raises; each carries its fields and a message meant for the caller.
 
-They are mapped to MCP tool errors in one place (`tools._fail`), and to CLI messages in `cli`.
+They are mapped to MCP tool errors in one place (the tool wrapper, `kernelpool.mcp.server._run`),
+and to CLI messages in `cli`. Sandbox path errors become `PathRefused` in one place too
+(`kernelpool.notebooks.paths.refusing`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kernelpool.errors import KernelpoolError
-from kernelpool.notebooks import service as nbops
+from kernelpool.notebooks import cells as nbops
 from kernelpool.notebooks.service import NotebookService
 from sandbox import SafeRoot
 

@@ -64,7 +64,8 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/store.py", "Store.open", ".exists"): (1, "DATA/kernelpool.db: root's folder"),
     ("kernelpool/store.py", "Store.open", ".connect"): (1, "sqlite DATA/kernelpool.db: root's folder"),
     ("kernelpool/store.py", "Store.open", "os.chmod"): (1, "DATA/kernelpool.db, just created in root's folder"),
-    ("kernelpool/mcp/server.py", "build_mcp.execute_code", ".exists"): (1, SERVICE),
+    ("kernelpool/notebooks/service.py", "NotebookService.must_exist", ".exists"): (1, SERVICE),
+    ("kernelpool/mcp/notebooks.py", "use_notebook", ".open"): (1, "Workspace.open(): " + SERVICE),
     ("kernelpool/users/accounts.py", "UserService._stop_processes", "os.path.isdir"): (1, "DATA/run/<uid>: root's"),
     ("kernelpool/users/accounts.py", "UserService._stop_processes", "os.listdir"): (1, "DATA/run/<uid>: root's, only root adds entries"),
     ("kernelpool/mcp/events.py", "EventScope.__call__.send_and_bind", ".bind"): (1, "binds a stream to its MCP session in memory: no file"),
@@ -218,9 +219,9 @@ def path_calls(tree: ast.AST) -> collections.Counter[tuple[str, str]]:
 def test_every_path_call_in_kernelpool_and_sandbox_is_reviewed() -> None:
     seen: dict[tuple[str, str, str], int] = {}
     for package in ("kernelpool", "sandbox"):
-        for name in sorted(os.listdir(os.path.join(ROOT, package))):
-            if name.endswith(".py"):
-                rel = f"{package}/{name}"
+        for folder, _, names in sorted(os.walk(os.path.join(ROOT, package))):
+            for name in sorted(n for n in names if n.endswith(".py")):
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)
                 with open(os.path.join(ROOT, rel)) as f:
                     tree = ast.parse(f.read())
                 for (scope, callee), count in path_calls(tree).items():

@@ -10,10 +10,10 @@ import pytest
 
 from kernelpool.cli import parse_when
 from kernelpool.errors import InvalidArgument, LimitReached, PathRefused
-from kernelpool.executions.execute import OutputLimits, _Outputs, _Stream, outputs_size
+from kernelpool.executions.outputs import OutputLimits, Outputs, StreamText, outputs_size
 from kernelpool.kernels.pip_extension import _PIP_COMMAND, diagnose
 from kernelpool.mcp.content import strip_ansi, truncate
-from kernelpool.notebooks.service import check_notebook_path
+from kernelpool.notebooks.paths import check_notebook_path
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 
@@ -88,23 +88,23 @@ def test_notebook_paths_refused(path: str) -> None:
 
 
 def test_stream_keeps_head_and_tail_within_its_limit() -> None:
-    s = _Stream(1000)
+    s = StreamText(1000)
     for i in range(100_000):
         s.add(f"{i}\n", 10**9)
     text = s.text()
     assert text.startswith("0\n1\n2\n") and text.endswith("99998\n99999\n")
     assert len(text) < 1200 and "characters of output dropped" in text
-    small = _Stream(1000)
+    small = StreamText(1000)
     small.add("abc", 10**9)
     small.add("def", 10**9)
     assert small.text() == "abcdef"
-    tight = _Stream(1000)
+    tight = StreamText(1000)
     assert tight.add("x" * 300, 100) == 100 and tight.add("y" * 5000, 0) == 0 and tight.size == 100
 
 
 def test_every_mime_type_and_the_execution_are_bounded() -> None:
     limits = OutputLimits(stream_chars=1000, outputs=50, image_bytes=600, execution_chars=5000)
-    outs = _Outputs(limits)
+    outs = Outputs(limits)
 
     def display(data: dict) -> None:
         outs.add({"msg_type": "display_data", "content": {"data": data, "metadata": {}}})
@@ -142,7 +142,8 @@ def test_parse_when() -> None:
 async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) -> None:
     import nbformat
 
-    from kernelpool.notebooks.service import NotebookService, insert_cell
+    from kernelpool.notebooks.cells import insert_cell
+    from kernelpool.notebooks.service import NotebookService
     from sandbox import SafeRoot
 
     svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
@@ -198,7 +199,8 @@ async def test_a_cancelled_save_holds_the_lock_until_its_write_is_done(tmp_path)
     first (the late write would then wipe it): the later edit waits for the file to be final."""
     import threading
 
-    from kernelpool.notebooks.service import NotebookService, insert_cell
+    from kernelpool.notebooks.cells import insert_cell
+    from kernelpool.notebooks.service import NotebookService
     from sandbox import SafeRoot
 
     release = threading.Event()

@@ -1,31 +1,31 @@
-"""Running code in a kernel and collecting its outputs as notebook outputs.
+"""Running code in a kernel and collecting its outputs as notebook outputs (`outputs.Outputs`).
 
-Called by the tool layer with a kernel from `KernelRegistry`. One execution at a time per
-kernel (`Kernel.lock`). A timeout interrupts the kernel and returns what was produced so far;
-a kernel that dies mid-cell ends the execution with the cause in words.
+Called by `JobService` with a kernel from `KernelRegistry`, under the kernel's lock (one
+execution at a time per kernel). A timeout interrupts the kernel and returns what was produced
+so far; the result says how the execution ended (finished, timed out, stuck, died), and the
+job service asks the registry to act on it: `execute` changes no kernel state itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nbformat import NotebookNode, from_dict
-from nbformat.v4 import new_output
+from nbformat import NotebookNode
 
-from kernelpool.kernels.registry import Kernel, KernelRegistry, KernelState
+from kernelpool.executions.outputs import OutputLimits, Outputs
+from kernelpool.kernels.registry import Kernel, KernelState
 
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "error", "timeout", "died", "interrupted"]
 Progress = Callable[[float, str], Awaitable[None]]
+Interrupt = Callable[[], Awaitable[None]]
 
 _POLL = 0.5  # seconds between liveness checks while a cell runs silently
 _INTERRUPT_GRACE = 5.0
@@ -38,331 +38,118 @@ class ExecutionResult:
     outputs: list[NotebookNode] = field(default_factory=list)
     message: str | None = None
     duration: float = 0.0
+    stuck: bool = False  # timed out and ignored the interrupt: the kernel is of no use any more
 
 
-@dataclass(frozen=True)
-class OutputLimits:
-    """What one execution may keep: the notebook gets a bounded, valid copy of the outputs."""
+class _Run:
+    """The reading side of one execution: iopub messages into outputs, the timeout, progress."""
 
-    stream_chars: int = 2_000_000  # per output and per MIME type: text keeps head and tail, other payloads a note
-    outputs: int = 500  # outputs per cell beyond which further ones are counted, not kept
-    image_bytes: int = 10_000_000  # larger images are replaced by a note
-    execution_chars: int = 20_000_000  # all outputs of one execution together
+    def __init__(self, kernel: Kernel, msg_id: str, start: float, timeout: float, interrupt: Interrupt,
+                 progress: Progress | None, progress_interval: float, limits: OutputLimits) -> None:
+        self.kernel = kernel
+        self.msg_id = msg_id
+        self.start = start
+        self.timeout = timeout
+        self.deadline = start + timeout
+        self.interrupt = interrupt
+        self.progress = progress
+        self.progress_interval = progress_interval
+        self.next_progress = start + progress_interval
+        self.outputs = Outputs(limits)
+        self.status: Status = "ok"
+        self.message: str | None = None
+        self.interrupted_at: float | None = None
+        self.stuck = False
 
-
-_TEXT_MIME = ("text/", "image/svg+xml")
-
-
-def _value_size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return sum(len(v) for v in value)
-    return len(json.dumps(value))
-
-
-def output_size(out: dict[str, Any]) -> int:
-    """About how many characters (bytes, for ASCII) one notebook output holds."""
-    size = _value_size(out.get("text", "")) + sum(len(line) for line in out.get("traceback", []))
-    return size + sum(_value_size(v) for v in out.get("data", {}).values())
-
-
-def outputs_size(outputs: list[NotebookNode]) -> int:
-    """Characters a list of outputs holds: what a finished result keeps in memory."""
-    return sum(output_size(o) for o in outputs)
-
-
-def _output(kind: str, content: dict[str, Any]) -> NotebookNode:
-    """A notebook output from an iopub message's content, as nbformat's output_from_msg makes it
-    but without its per-output schema validation (the notebook is validated when it is saved)."""
-    if kind == "stream":
-        out = {"output_type": kind, "name": content.get("name", "stdout"), "text": content.get("text", "")}
-    elif kind == "error":
-        out = {"output_type": kind, "ename": content.get("ename", ""), "evalue": content.get("evalue", ""),
-               "traceback": list(content.get("traceback", []))}
-    else:
-        out = {"output_type": kind, "data": dict(content.get("data", {})), "metadata": dict(content.get("metadata", {}))}
-        if kind == "execute_result":
-            out["execution_count"] = content.get("execution_count")
-    return from_dict(out)
-
-
-def _cut(text: str, limit: int, what: str) -> str:
-    """Head and tail of `text` within `limit` characters, with a marker in between."""
-    if len(text) <= limit:
-        return text
-    half = max(1, limit // 2)
-    return (f"{text[:half]}\n[... {len(text) - 2 * half} characters of {what} dropped: over the limit kept "
-            f"per output ...]\n{text[-half:]}")
-
-
-class _Stream:
-    """The text of one stream output, bounded: the first and the last half of its limit, and no
-    more than the room its execution has left (`room` of `add`)."""
-
-    def __init__(self, limit: int) -> None:
-        self._half = max(1, limit // 2)
-        self._head: list[str] = []
-        self._head_len = 0
-        self._tail: deque[str] = deque()
-        self._tail_len = 0
-        self._dropped = 0
-
-    @property
-    def size(self) -> int:
-        return self._head_len + self._tail_len
-
-    def add(self, text: str, room: int) -> int:
-        """Add `text`, growing by at most `room` characters; returns how much it grew."""
-        before = self.size
-        if self._head_len < self._half:
-            take = min(len(text), self._half - self._head_len, max(room, 0))
-            if take:
-                self._head.append(text[:take])
-                self._head_len += take
-                room -= take
-            text = text[take:]
-        if not text:
-            return self.size - before
-        cap = max(0, min(self._half, self._tail_len + room))  # the tail grows only into the room left
-        self._tail.append(text)
-        self._tail_len += len(text)
-        excess = self._tail_len - cap
-        while excess > 0 and self._tail and len(self._tail[0]) <= excess:
-            first = self._tail.popleft()
-            self._tail_len -= len(first)
-            self._dropped += len(first)
-            excess -= len(first)
-        if excess > 0:
-            self._tail[0] = self._tail[0][excess:]
-            self._tail_len -= excess
-            self._dropped += excess
-        return self.size - before
-
-    def text(self) -> str:
-        head, tail = "".join(self._head), "".join(self._tail)
-        if not self._dropped:
-            return head + tail
-        return (f"{head}\n[... {self._dropped} characters of output dropped: over the limit kept per output "
-                f"or per execution ...]\n{tail}")
-
-
-class _Outputs:
-    """Accumulates iopub messages into notebook outputs the way JupyterLab does, within limits."""
-
-    def __init__(self, limits: OutputLimits) -> None:
-        self._limits = limits
-        self._items: list[NotebookNode] = []
-        self._streams: dict[int, _Stream] = {}
-        self._sizes: dict[int, int] = {}  # index -> characters held by a non-stream output
-        self._used = 0  # characters held by all outputs together
-        self._clear_pending = False
-        self._display_ids: dict[str, list[int]] = {}
-        self._dropped_outputs = 0
-
-    @property
-    def items(self) -> list[NotebookNode]:
-        for i, stream in self._streams.items():
-            self._items[i].text = stream.text()
-        items = list(self._items)
-        if self._dropped_outputs:
-            items.append(new_output("stream", name="stderr", text=(
-                f"[... {self._dropped_outputs} more outputs dropped: over the limit of "
-                f"{self._limits.outputs} outputs or {self._limits.execution_chars} characters kept per execution ...]\n")))
-        return items
-
-    @property
-    def room(self) -> int:
-        return self._limits.execution_chars - self._used
-
-    def remove_errors(self, ename: str) -> None:
-        keep = [i for i, o in enumerate(self._items) if not (o.output_type == "error" and o.ename == ename)]
-        self._streams = {keep.index(i): s for i, s in self._streams.items() if i in keep}
-        self._sizes = {keep.index(i): n for i, n in self._sizes.items() if i in keep}
-        self._items = [self._items[i] for i in keep]
-
-    def add(self, msg: dict[str, Any]) -> None:
-        kind = msg["msg_type"]
-        content = msg["content"]
-        if kind == "clear_output":
-            if content.get("wait"):
-                self._clear_pending = True
-            else:
-                self._clear()
-            return
-        if kind == "update_display_data":
-            display_id = content.get("transient", {}).get("display_id")
-            for i in self._display_ids.get(display_id, []):
-                out = self._items[i]
-                self._used -= self._sizes.get(i, 0)
-                out["data"] = self._bounded_data(content.get("data", {}))
-                out["metadata"] = content.get("metadata", {})
-                self._sizes[i] = output_size(out)
-                self._used += self._sizes[i]
-            return
-        if kind not in ("stream", "display_data", "execute_result", "error"):
-            return
-        if self._clear_pending:
-            self._clear()
-        if kind == "stream":
-            last = len(self._items) - 1
-            if last >= 0 and last in self._streams and self._items[last].name == content.get("name"):
-                self._used += self._streams[last].add(content.get("text", ""), self.room)
+    async def until_idle(self) -> None:
+        client = self.kernel.client
+        assert client is not None
+        while True:
+            now = time.monotonic()
+            if not await self._keep_time(now):
                 return
-        if len(self._items) >= self._limits.outputs or self.room <= 0:
-            self._dropped_outputs += 1
-            return
-        out = _output(kind, content)
-        if kind == "stream":
-            stream = _Stream(self._limits.stream_chars)
-            self._used += stream.add(out.text, self.room)
-            self._streams[len(self._items)] = stream
-        else:
-            if "data" in out:
-                out["data"] = self._bounded_data(out["data"])
-            if kind == "error":
-                out["traceback"] = [_cut(line, self._limits.stream_chars, "traceback") for line in out["traceback"]]
-            size = output_size(out)
-            if size > self.room:
-                size = self._replace_by_note(out, size)  # the last one kept: the room is used up
-            self._sizes[len(self._items)] = size
-            self._used += size
-        display_id = content.get("transient", {}).get("display_id")
-        if display_id:
-            self._display_ids.setdefault(display_id, []).append(len(self._items))
-        self._items.append(out)
-
-    def _replace_by_note(self, out: NotebookNode, size: int) -> int:
-        note = (f"[output of about {size} characters dropped: over the limit of "
-                f"{self._limits.execution_chars} kept per execution]")
-        if out.output_type == "error":
-            out["traceback"] = [note]
-        else:
-            out["data"] = {"text/plain": note}
-            out["metadata"] = {}
-        self._used = self._limits.execution_chars
-        return 0
-
-    def _bounded_data(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Every MIME type bounded: text keeps head and tail, images and other payloads over their
-        limit are replaced by a note in text/plain."""
-        limit = self._limits.stream_chars
-        kept: dict[str, Any] = {}
-        notes: list[str] = []
-        for mime, value in data.items():
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                value = "".join(value)
-            if mime.startswith("image/") and mime != "image/svg+xml" and isinstance(value, str):
-                if len(value) * 3 // 4 > self._limits.image_bytes:
-                    notes.append(f"[{mime} image of about {len(value) * 3 // 4} bytes dropped: over the "
-                                 f"{self._limits.image_bytes}-byte limit kept in notebooks]")
-                    continue
-            elif isinstance(value, str) and mime.startswith(_TEXT_MIME):
-                value = _cut(value, limit, mime)
-            elif _value_size(value) > limit:
-                notes.append(f"[{mime} output of about {_value_size(value)} characters dropped: over the "
-                             f"limit of {limit} kept per output]")
+            try:
+                msg = await client.get_iopub_msg(timeout=max(self._wait(now), 0.01))
+            except queue.Empty:
+                if not await self.kernel.manager.is_alive():
+                    self.status = "died"
+                    return
                 continue
-            kept[mime] = value
-        if notes:
-            note = "\n".join(notes)
-            kept["text/plain"] = f"{kept['text/plain']}\n{note}" if "text/plain" in kept else note
-        return kept
+            if self._take(msg):
+                return
 
-    def _clear(self) -> None:
-        self._items = []
-        self._streams = {}
-        self._sizes = {}
-        self._used = 0
-        self._display_ids = {}
-        self._clear_pending = False
-        self._dropped_outputs = 0
+    async def _keep_time(self, now: float) -> bool:
+        """Interrupt at the timeout, give up after the grace, send progress; False: stop reading."""
+        if self.interrupted_at is None and now >= self.deadline:
+            await self.interrupt()
+            self.interrupted_at = now
+            self.status = "timeout"
+            self.message = f"the execution ran past its timeout of {self.timeout:g} s and was interrupted"
+        elif self.interrupted_at is not None and now - self.interrupted_at > _INTERRUPT_GRACE:
+            self.stuck = True  # the code ignores SIGINT: the kernel is no use to anyone in this state
+            return False
+        if self.progress is not None and now >= self.next_progress:
+            self.next_progress = now + self.progress_interval
+            await self.progress(now - self.start, f"running for {now - self.start:.0f} s")
+        return True
+
+    def _wait(self, now: float) -> float:
+        horizon = self.deadline if self.interrupted_at is None else self.interrupted_at + _INTERRUPT_GRACE
+        wait = min(_POLL, horizon - now)
+        if self.progress is not None:
+            wait = min(wait, self.next_progress - now)
+        return wait
+
+    def _take(self, msg: dict[str, Any]) -> bool:
+        """Add one iopub message to the outputs; True when the kernel went idle after our request."""
+        if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+            return False
+        kind = msg["msg_type"]
+        if kind == "status":
+            return bool(msg["content"].get("execution_state") == "idle")
+        if kind == "execute_input":
+            return False
+        if kind == "error" and self.status == "ok":
+            self.status = "error"
+        self.outputs.add(msg)
+        return False
 
 
 async def execute(
-    registry: KernelRegistry,
     kernel: Kernel,
     code: str,
     timeout: float,
+    interrupt: Interrupt,
+    limits: OutputLimits,
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,
-    limits: OutputLimits = OutputLimits(),
 ) -> ExecutionResult:
-    """Run `code` in `kernel`; never raises for what the code does, only reports it."""
-    async with kernel.lock:
-        client = kernel.client
-        assert client is not None
-        if not await kernel.is_alive():
-            cause = await registry.mark_dead(kernel)
-            return ExecutionResult("died", message=cause)
-        kernel.transition(KernelState.BUSY)
-        kernel.executions += 1
-        start = time.monotonic()
-        deadline = start + timeout
-        next_progress = start + progress_interval
-        outputs = _Outputs(limits)
-        msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
-        status: Status = "ok"
-        message: str | None = None
-        interrupted_at: float | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if interrupted_at is None and now >= deadline:
-                    await registry.interrupt(kernel)
-                    interrupted_at = now
-                    status, message = "timeout", f"the execution ran past its timeout of {timeout:g} s and was interrupted"
-                elif interrupted_at is not None and now - interrupted_at > _INTERRUPT_GRACE:
-                    # the code ignores SIGINT: the kernel is no use to anyone in this state
-                    message = (f"the execution ran past its timeout of {timeout:g} s and did not stop when "
-                               "interrupted; the kernel was shut down (its variables are lost)")
-                    await registry.shutdown(kernel.user, kernel.notebook or "")
-                    break
-                if progress is not None and now >= next_progress:
-                    next_progress = now + progress_interval
-                    await progress(now - start, f"running for {now - start:.0f} s")
-                horizon = deadline if interrupted_at is None else interrupted_at + _INTERRUPT_GRACE
-                wait = min(_POLL, horizon - now)
-                if progress is not None:
-                    wait = min(wait, next_progress - now)
-                try:
-                    msg = await client.get_iopub_msg(timeout=max(wait, 0.01))
-                except queue.Empty:
-                    if not await kernel.manager.is_alive():
-                        status, message = "died", await registry.mark_dead(kernel)
-                        break
-                    continue
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind = msg["msg_type"]
-                if kind == "status":
-                    if msg["content"].get("execution_state") == "idle":
-                        break
-                    continue
-                if kind == "execute_input":
-                    continue
-                if kind == "error" and status == "ok":
-                    status = "error"
-                outputs.add(msg)
-        except asyncio.CancelledError:
-            # the client cancelled: stop the kernel's work too, and let the cancellation go on
-            await registry.interrupt(kernel)
-            _back_to_idle(kernel)
-            raise
-        count = None
-        if status != "died" and kernel.state is KernelState.BUSY:
-            count = await _reply_count(client, msg_id)
-        _back_to_idle(kernel)
-        if status == "timeout":
-            # the KeyboardInterrupt traceback is our doing, not the user's code: say so once, in `message`
-            outputs.remove_errors("KeyboardInterrupt")
-        return ExecutionResult(status, count, outputs.items, message, time.monotonic() - start)
+    """Run `code` in `kernel` and report what happened; never raises for what the code does.
 
-
-def _back_to_idle(kernel: Kernel) -> None:
-    if kernel.state is KernelState.BUSY:
-        kernel.transition(KernelState.IDLE)
+    The caller (`JobService`) holds `kernel.lock`, has marked the kernel busy, and acts on the
+    ending through the registry: `died` (the process is gone) and `stuck` (it ignored the
+    interrupt at the timeout) leave the kernel of no use. `interrupt` stops the kernel's work,
+    at the timeout or when this call is cancelled.
+    """
+    client = kernel.client
+    assert client is not None
+    start = time.monotonic()
+    msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
+    run = _Run(kernel, msg_id, start, timeout, interrupt, progress, progress_interval, limits)
+    try:
+        await run.until_idle()
+    except asyncio.CancelledError:
+        # the client cancelled: stop the kernel's work too, and let the cancellation go on
+        await interrupt()
+        raise
+    count = None
+    if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:
+        count = await _reply_count(client, msg_id)
+    if run.status == "timeout":
+        # the KeyboardInterrupt traceback is our doing, not the user's code: say so once, in `message`
+        run.outputs.remove_errors("KeyboardInterrupt")
+    return ExecutionResult(run.status, count, run.outputs.items, run.message, time.monotonic() - start, run.stuck)
 
 
 async def _reply_count(client: Any, msg_id: str) -> int | None:

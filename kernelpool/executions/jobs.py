@@ -4,26 +4,28 @@ A job runs in a task of its own, so that a client that cancels or goes away does
 the outputs: cancellation interrupts the kernel, the job collects what the kernel still
 sends, and the outputs are saved into the notebook all the same. A job can also be started
 in the background and fetched later by id (`get_execution`), so that an hour-long cell needs
-no open request. Callers: the tool layer.
+no open request. Callers: `ExecutionService` (start, wait, get, cancel), the app (prune, close).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from nbformat import NotebookNode
-
 from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
-from kernelpool.executions.execute import ExecutionResult, OutputLimits, Progress, execute, outputs_size
-from kernelpool.kernels.registry import Kernel, KernelRegistry
+from kernelpool.executions.execute import ExecutionResult, Progress, execute
+from kernelpool.executions.outputs import OutputLimits, outputs_size
+from kernelpool.kernels.registry import Kernel, KernelRegistry, KernelState
 from kernelpool.metrics import Metrics
+from kernelpool.notebooks import cells
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.users.accounts import UserService
 
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 _KEEP_FINISHED = 3600.0  # seconds a finished background job's result stays fetchable
 _MAX_JOBS_PER_USER = 100
 _EXPIRED_REMEMBERED = 10_000  # ids of dropped results remembered, to answer "expired" rather than "unknown"
+
+
+class JobState(enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"  # it has a result (errors of the code itself included)
+    FAILED = "failed"  # it has none: `error` says why
 
 
 @dataclass(eq=False)
@@ -47,15 +55,21 @@ class Job:
     result: ExecutionResult | None = None
     error: str | None = None
     saved_index: int | None = None
-    cancelled: bool = False
-    progress: Progress | None = None
+    state: JobState = JobState.RUNNING
+    cancelled: bool = False  # a client asked to stop it (cancel_execution, or its request went away)
+    progress: Progress | None = None  # the waiting request's, until that request goes away
     task: asyncio.Task[None] | None = None
     size: int = 0  # bytes its finished result holds in memory (background jobs)
     save_error: str | None = None  # why the outputs could not be saved in the notebook
 
     @property
     def done(self) -> bool:
-        return self.task is not None and self.task.done()
+        return self.state is not JobState.RUNNING
+
+    async def report(self, elapsed: float, message: str) -> None:
+        """Progress of the running code, to the request that waits for it (if it still does)."""
+        if self.progress is not None:
+            await self.progress(elapsed, message)
 
 
 class JobService:
@@ -76,32 +90,24 @@ class JobService:
             execution_chars=settings.max_saved_execution_chars,
         )
 
-    def timeout_of(self, timeout: float | None) -> float:
-        if timeout is None:
-            return self._settings.execute_timeout
-        if timeout <= 0:
-            raise InvalidArgument("timeout", "must be more than 0 seconds")
-        if timeout > self._settings.max_execute_timeout:
-            raise InvalidArgument("timeout", f"at most {self._settings.max_execute_timeout:g} seconds on this server")
-        return float(timeout)
-
-    def start(self, user: str, notebook: str, code: str, timeout: float | None, cell_id: str | None = None,
-              store_history: bool = True, background: bool = False) -> Job:
-        limit = self.timeout_of(timeout)
+    def start(self, user: str, notebook: str, code: str, timeout: float, cell_id: str | None = None,
+              store_history: bool = True, background: bool = False, progress: Progress | None = None) -> Job:
+        """Run `code` in a task of its own; `timeout` was checked by the caller, `progress` gets
+        reports while the code runs (a waiting request's; none in the background)."""
         self.prune()
         if background and sum(1 for j in self._jobs.values() if j.user == user and not j.done) >= _MAX_JOBS_PER_USER:
             raise LimitReached("running background executions per user", _MAX_JOBS_PER_USER,
                                "wait for some to finish (get_execution with wait) or cancel them (cancel_execution)")
-        job = Job(id=uuid.uuid4().hex[:16], user=user, notebook=notebook, cell_id=cell_id, background=background)
-        job.task = asyncio.get_running_loop().create_task(self._run(job, code, limit, store_history))
+        job = Job(id=uuid.uuid4().hex[:16], user=user, notebook=notebook, cell_id=cell_id, background=background,
+                  progress=progress)
+        job.task = asyncio.get_running_loop().create_task(self._run(job, code, timeout, store_history))
         self._jobs[job.id] = job
         return job
 
-    async def wait(self, job: Job, progress: Progress | None = None) -> Job:
+    async def wait(self, job: Job) -> Job:
         """Wait for `job` on behalf of a request; if the request is cancelled, interrupt the kernel
         (the job still saves what was produced) and let the cancellation go on."""
         assert job.task is not None
-        job.progress = progress
         try:
             await asyncio.shield(job.task)
         except asyncio.CancelledError:
@@ -142,19 +148,8 @@ class JobService:
 
     async def _run(self, job: Job, code: str, timeout: float, store_history: bool) -> None:
         try:
-            kernel = self._kernels.get(job.user, job.notebook)
-            if kernel is not None and await kernel.is_alive():
-                kernel.last_used = time.monotonic()  # the common case: no database look-up
-            else:
-                kernel = await self._kernels.acquire(await self._users.get(job.user), job.notebook)
-            job.kernel = kernel
-
-            async def progress(elapsed: float, message: str) -> None:
-                if job.progress is not None:
-                    await job.progress(elapsed, message)
-
-            result = await execute(self._kernels, job.kernel, code, timeout, progress,
-                                   self._settings.progress_interval, store_history, self.limits)
+            job.kernel = await self._kernels.acquire(await self._users.get(job.user), job.notebook)
+            result = await self._execute(job, job.kernel, code, timeout, store_history)
             if job.cancelled and result.status in ("ok", "error"):
                 result.status = "interrupted"
                 result.message = "cancelled by the client: the kernel was interrupted"
@@ -163,7 +158,9 @@ class JobService:
             self._metrics.execution_seconds.observe(result.duration)
             if job.cell_id is not None:
                 try:
-                    job.saved_index = await self._save(job.user, job.notebook, job.cell_id, result)
+                    job.saved_index = await self._notebooks.edit(job.user, job.notebook, functools.partial(
+                        cells.set_outputs, cell_id=job.cell_id, outputs=result.outputs,
+                        execution_count=result.execution_count))
                 except KernelpoolError as exc:  # the result is still returned: only the saving failed
                     job.save_error = str(exc)
         except KernelpoolError as exc:
@@ -175,20 +172,31 @@ class JobService:
             log.exception("execution %s failed", job.id)
             job.error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
+            job.state = JobState.FAILED if job.error is not None else JobState.FINISHED
             job.finished_at = time.time()
             if job.background:
                 self._hold(job)
 
-    async def _save(self, user: str, path: str, cell_id: str, result: ExecutionResult) -> int | None:
-        def change(nb: NotebookNode) -> int | None:
-            for i, cell in enumerate(nb.cells):
-                if cell.get("id") == cell_id and cell.cell_type == "code":
-                    cell.outputs = result.outputs
-                    cell.execution_count = result.execution_count
-                    return i
-            return None  # the cell was deleted while it ran: nothing to save it into
-
-        return await self._notebooks.edit(user, path, change)
+    async def _execute(self, job: Job, kernel: Kernel, code: str, timeout: float, store_history: bool) -> ExecutionResult:
+        """One execution in `kernel`, under its lock; the registry acts on how it ended."""
+        async with kernel.lock:
+            if not await kernel.is_alive():
+                return ExecutionResult("died", message=await self._kernels.mark_dead(kernel))
+            kernel.transition(KernelState.BUSY)
+            kernel.executions += 1
+            try:
+                result = await execute(kernel, code, timeout, functools.partial(self._kernels.interrupt, kernel),
+                                       self.limits, job.report, self._settings.progress_interval, store_history)
+                if result.status == "died":
+                    result.message = await self._kernels.mark_dead(kernel)
+                elif result.stuck:
+                    result.message = (f"the execution ran past its timeout of {timeout:g} s and did not stop when "
+                                      "interrupted; the kernel was shut down (its variables are lost)")
+                    await self._kernels.shutdown(kernel.user, kernel.notebook or "")
+            finally:
+                if kernel.state is KernelState.BUSY:
+                    kernel.transition(KernelState.IDLE)
+            return result
 
     def _hold(self, job: Job) -> None:
         """Keep a finished background job's result within the per-user and the server-wide bytes;

@@ -5,48 +5,20 @@ Pure functions; the tool layer calls them to format execution results and `read_
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from mcp.types import ImageContent, TextContent
 from nbformat import NotebookNode
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*(\x07|\x1b\\)")
+from kernelpool.notebooks.outputs import joined, output_text, raw_text, strip_ansi
 
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
-def _text(value: Any) -> str:
-    return "".join(value) if isinstance(value, list) else str(value)
-
-
-def _raw_text(out: NotebookNode) -> str | None:
-    kind = out.get("output_type")
-    if kind == "stream":
-        return _text(out.get("text", ""))
-    if kind == "error":
-        return "\n".join(out.get("traceback", [])) or f"{out.get('ename')}: {out.get('evalue')}"
-    if kind in ("execute_result", "display_data"):
-        data = out.get("data", {})
-        for mime in ("text/markdown", "text/plain", "application/json", "text/html"):
-            if mime in data:
-                value = data[mime]
-                return value if isinstance(value, str) else _text(value) if isinstance(value, list) else str(value)
-    return None
-
-
-def output_text(out: NotebookNode) -> str | None:
-    """The readable text of one output, or None when it has none (an image alone)."""
-    raw = _raw_text(out)
-    return strip_ansi(raw) if raw is not None else None
+__all__ = ["b64_size", "bounded_text", "output_text", "simplify", "strip_ansi", "to_content", "truncate"]
 
 
 def bounded_text(out: NotebookNode, max_chars: int) -> tuple[str, int] | None:
     """`truncate(output_text(out), max_chars)`, without reading (stripping) more than the part shown:
     a 20 MB output costs what a 20 kB one does. The count cut is exact but for ANSI codes in the middle."""
-    raw = _raw_text(out)
+    raw = raw_text(out)
     if raw is None:
         return None
     if len(raw) <= 4 * max_chars:
@@ -95,11 +67,11 @@ def to_content(
     blocks: list[TextContent | ImageContent] = []
     budget = max_chars
     for out in outputs:
-        text = _raw_text(out)
+        text = raw_text(out)
         data = out.get("data", {}) if out.get("output_type") in ("execute_result", "display_data") else {}
         image_mime = next((m for m in ("image/png", "image/jpeg") if m in data), None)
         if image_mime is not None:
-            encoded = _text(data[image_mime]).replace("\n", "")
+            encoded = joined(data[image_mime]).replace("\n", "")
             size = b64_size(encoded)
             if size <= max_image_bytes:
                 blocks.append(ImageContent(type="image", data=encoded, mime_type=image_mime))

@@ -11,7 +11,7 @@ URIs name a path relative to the caller's own folder, percent-encoded (`/` kept)
 Every URI is resolved against the caller's folder with the tools' path rules, so another user's
 notebook is never reached: it is "not found" like any missing one. The handlers are registered
 on the low-level server (not `MCPServer`'s static resource manager) because the list is per
-user. Callers: `tools.build_mcp`.
+user. Callers: `server.build_mcp`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from nbformat import writes as nb_writes
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.mcp.content import b64_size, output_text, truncate
-from kernelpool.notebooks import service as nbops
+from kernelpool.notebooks.cells import OutputPage
+from kernelpool.notebooks.paths import check_notebook_path
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ NOTEBOOK_MIME = "application/x-ipynb+json"
 _PAGE = 500  # resources per resources/list page
 _COMPLETIONS = 100
 _IMAGES = ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
+
+RequestContext = ServerRequestContext[Any, Any]
 
 
 def notebook_uri(path: str) -> str:
@@ -91,7 +94,7 @@ def _user() -> str:
     return token.client_id
 
 
-def session_of(ctx: ServerRequestContext[Any, Any]) -> str | None:
+def session_of(ctx: RequestContext) -> str | None:
     headers = getattr(ctx.request, "headers", None)
     return headers.get("mcp-session-id") if headers is not None else None
 
@@ -150,18 +153,34 @@ def output_links(notebook: str, cell_id: str, outputs: list[NotebookNode], max_c
 
 # ---- handlers -----------------------------------------------------------------------------
 
-def register(server: Server[Any], s: Services, attach: Callable[[ServerRequestContext[Any, Any]], None]) -> None:
+def register(server: Server[Any], s: Services, attach: Callable[[RequestContext], None]) -> None:
     """Add resources, subscriptions, completion and logging/setLevel to the low-level server."""
+    h = _Handlers(s, attach)
+    server.add_request_handler("resources/list", PaginatedRequestParams, h.list_resources)
+    server.add_request_handler("resources/templates/list", PaginatedRequestParams, h.list_templates)
+    server.add_request_handler("resources/read", ReadResourceRequestParams, h.read)
+    server.add_request_handler("resources/subscribe", SubscribeRequestParams, h.subscribe)
+    server.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, h.unsubscribe)
+    server.add_request_handler("completion/complete", CompleteRequestParams, h.complete)
+    server.add_request_handler("logging/setLevel", SetLevelRequestParams, h.set_level)
 
-    async def load(user: str, path: str, uri: str) -> NotebookNode:
+
+class _Handlers:
+    """The request handlers; `attach` records a request's session handle for notices."""
+
+    def __init__(self, s: Services, attach: Callable[[RequestContext], None]) -> None:
+        self.s = s
+        self.attach = attach
+
+    async def _load(self, user: str, path: str, uri: str) -> NotebookNode:
         try:
-            return await s.notebooks.load(user, nbops.check_notebook_path(path))
+            return await self.s.notebooks.load(user, check_notebook_path(path))
         except KernelpoolError as exc:
             raise _not_found(uri, str(exc)) from None
 
-    async def list_resources(ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams) -> ListResourcesResult:
+    async def list_resources(self, ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
         user = _user()
-        paths = await s.notebooks.list_notebooks(user)
+        paths = await self.s.notebooks.list_notebooks(user)
         start = 0
         if params.cursor:
             if not params.cursor.isdigit():
@@ -176,17 +195,17 @@ def register(server: Server[Any], s: Services, attach: Callable[[ServerRequestCo
             next_cursor=str(start + _PAGE) if more else None,
         )
 
-    async def list_templates(ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams) -> ListResourceTemplatesResult:
+    async def list_templates(self, ctx: RequestContext, params: PaginatedRequestParams) -> ListResourceTemplatesResult:
         return ListResourceTemplatesResult(resource_templates=[
             ResourceTemplate(uri_template=NOTEBOOK_TEMPLATE, name="notebook",
                              description="one of your notebooks, by path relative to your folder: JSON "
                                          f"({NOTEBOOK_MIME}), or format=markdown for text/markdown with outputs summarised"),
             ResourceTemplate(uri_template=OUTPUT_TEMPLATE, name="output",
                              description="one saved output of a code cell (index from 0): text in pages "
-                                         f"(offset; {s.settings.max_output_chars} characters each), images as blobs"),
+                                         f"(offset; {self.s.settings.max_output_chars} characters each), images as blobs"),
         ])
 
-    async def read(ctx: ServerRequestContext[Any, Any], params: ReadResourceRequestParams) -> ReadResourceResult:
+    async def read(self, ctx: RequestContext, params: ReadResourceRequestParams) -> ReadResourceResult:
         user = _user()
         uri = params.uri
         if (nbref := _split(uri, "notebook")) is not None:
@@ -194,21 +213,21 @@ def register(server: Server[Any], s: Services, attach: Callable[[ServerRequestCo
             fmt = query.get("format", "json")
             if fmt not in ("json", "markdown"):
                 raise MCPError(code=-32602, message=f"invalid format {fmt!r}: use json or markdown", data={"uri": uri})
-            nb = await load(user, unquote(path), uri)
+            nb = await self._load(user, unquote(path), uri)
             if fmt == "markdown":
                 return ReadResourceResult(contents=[TextResourceContents(uri=uri, mime_type="text/markdown",
                                                                          text=markdown(unquote(path), nb))])
             return ReadResourceResult(contents=[TextResourceContents(uri=uri, mime_type=NOTEBOOK_MIME, text=nb_writes(nb))])
         if (outref := _split(uri, "output")) is not None:
-            return await read_output(user, uri, *outref)
+            return await self._read_output(user, uri, *outref)
         raise _not_found(uri, "kernelpool serves notebook:// and output:// URIs")
 
-    async def read_output(user: str, uri: str, rest: str, query: dict[str, str]) -> ReadResourceResult:
+    async def _read_output(self, user: str, uri: str, rest: str, query: dict[str, str]) -> ReadResourceResult:
         parts = rest.rsplit("/", 2)
         if len(parts) != 3 or not parts[2].isdigit():
             raise _not_found(uri, "expected output://{notebook}/{cell_id}/{index}")
         path, cell_id, index = unquote(parts[0]), unquote(parts[1]), int(parts[2])
-        nb = await load(user, path, uri)
+        nb = await self._load(user, path, uri)
         cell = next((c for c in nb.cells if c.get("id") == cell_id and c.cell_type == "code"), None)
         if cell is None or index >= len(cell.outputs):
             raise _not_found(uri, f"no output {index} of a code cell {cell_id!r} in {path}")
@@ -223,88 +242,83 @@ def register(server: Server[Any], s: Services, attach: Callable[[ServerRequestCo
         if not offset_text.isdigit() or int(offset_text) > len(text):
             raise MCPError(code=-32602, message=f"invalid offset {offset_text!r}: use 0..{len(text)}", data={"uri": uri})
         offset = int(offset_text)
-        size = s.settings.max_output_chars
-        page = text[offset:offset + size]
-        end = offset + len(page)
+        page = OutputPage(text[offset:offset + self.s.settings.max_output_chars], offset, len(text))
+        following = page.next_offset
         base = output_uri(path, cell_id, index)
-        meta = {"offset": offset, "total_chars": len(text), "next": f"{base}?offset={end}" if end < len(text) else None}
-        return ReadResourceResult(contents=[TextResourceContents(uri=uri, mime_type="text/plain", text=page, _meta=meta)])
+        meta = {"offset": offset, "total_chars": len(text), "next": f"{base}?offset={following}" if following is not None else None}
+        return ReadResourceResult(contents=[TextResourceContents(uri=uri, mime_type="text/plain", text=page.text, _meta=meta)])
 
-    def session_required(ctx: ServerRequestContext[Any, Any], what: str) -> str:
-        sid = session_of(ctx)
-        if sid is None:
-            raise MCPError(code=-32600, message=f"{what} needs an MCP session (protocol 2025-11-25 or older)")
-        return sid
-
-    async def subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
+    async def subscribe(self, ctx: RequestContext, params: SubscribeRequestParams) -> EmptyResult:
         user = _user()
-        sid = session_required(ctx, "resources/subscribe")
+        sid = _session_required(ctx, "resources/subscribe")
         ref = _split(params.uri, "notebook")
         if ref is None:
             raise _not_found(params.uri, "only notebook:// resources can be subscribed to")
-        path = nbops.check_notebook_path(unquote(ref[0])) if _path_ok(unquote(ref[0])) else None
+        path = check_notebook_path(unquote(ref[0])) if _path_ok(unquote(ref[0])) else None
         if path is None:
             raise _not_found(params.uri, "not a notebook path")
-        await load(user, path, params.uri)
-        attach(ctx)
-        s.notices.subscribe(user, sid, notebook_uri(path))
+        await self._load(user, path, params.uri)
+        self.attach(ctx)
+        self.s.notices.subscribe(user, sid, notebook_uri(path))
         return EmptyResult()
 
-    async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams) -> EmptyResult:
+    async def unsubscribe(self, ctx: RequestContext, params: UnsubscribeRequestParams) -> EmptyResult:
         user = _user()
-        sid = session_required(ctx, "resources/unsubscribe")
+        sid = _session_required(ctx, "resources/unsubscribe")
         ref = _split(params.uri, "notebook")
         uri = notebook_uri(unquote(ref[0])) if ref is not None else params.uri
-        s.notices.unsubscribe(user, sid, uri)
+        self.s.notices.unsubscribe(user, sid, uri)
         return EmptyResult()
 
-    async def complete(ctx: ServerRequestContext[Any, Any], params: CompleteRequestParams) -> CompleteResult:
+    async def complete(self, ctx: RequestContext, params: CompleteRequestParams) -> CompleteResult:
         user = _user()
         ref, arg = params.ref, params.argument
         values: list[str] = []
         if isinstance(ref, ResourceTemplateReference) and ref.uri in (NOTEBOOK_TEMPLATE, OUTPUT_TEMPLATE):
             known = dict(params.context.arguments or {}) if params.context else {}
             if arg.name in ("path", "notebook"):
-                values = [p for p in await s.notebooks.list_notebooks(user) if p.startswith(arg.value)]
+                values = [p for p in await self.s.notebooks.list_notebooks(user) if p.startswith(arg.value)]
                 if not values:  # then anything containing what was typed
-                    values = [p for p in await s.notebooks.list_notebooks(user) if arg.value in p]
+                    values = [p for p in await self.s.notebooks.list_notebooks(user) if arg.value in p]
             elif ref.uri == OUTPUT_TEMPLATE and arg.name in ("cell_id", "index") and known.get("notebook"):
-                try:
-                    nb = await s.notebooks.load(user, nbops.check_notebook_path(known["notebook"]))
-                except KernelpoolError:
-                    nb = None
-                cells = [c for c in nb.cells if c.cell_type == "code" and c.outputs] if nb is not None else []
-                if arg.name == "cell_id":
-                    values = [c.id for c in cells if c.id.startswith(arg.value)]
-                else:
-                    cell = next((c for c in cells if c.id == known.get("cell_id")), None)
-                    values = [str(i) for i in range(len(cell.outputs))] if cell is not None else []
-                    values = [v for v in values if v.startswith(arg.value)]
+                values = await self._complete_output(user, arg.name, arg.value, known)
             elif arg.name == "format":
                 values = [f for f in ("json", "markdown") if f.startswith(arg.value)]
         return CompleteResult(completion=Completion(values=values[:_COMPLETIONS], total=len(values),
                                                     has_more=len(values) > _COMPLETIONS))
 
-    async def set_level(ctx: ServerRequestContext[Any, Any], params: SetLevelRequestParams) -> EmptyResult:
+    async def _complete_output(self, user: str, name: str, typed: str, known: dict[str, str]) -> list[str]:
+        """Completions of an output URI's cell_id or index, in the notebook already chosen."""
+        try:
+            nb = await self.s.notebooks.load(user, check_notebook_path(known["notebook"]))
+        except KernelpoolError:
+            nb = None
+        cells = [c for c in nb.cells if c.cell_type == "code" and c.outputs] if nb is not None else []
+        if name == "cell_id":
+            return [c.id for c in cells if c.id.startswith(typed)]
+        cell = next((c for c in cells if c.id == known.get("cell_id")), None)
+        values = [str(i) for i in range(len(cell.outputs))] if cell is not None else []
+        return [v for v in values if v.startswith(typed)]
+
+    async def set_level(self, ctx: RequestContext, params: SetLevelRequestParams) -> EmptyResult:
         user = _user()
         sid = session_of(ctx)
         if sid is not None:
-            attach(ctx)
-            s.notices.set_level(user, sid, params.level)
+            self.attach(ctx)
+            self.s.notices.set_level(user, sid, params.level)
         return EmptyResult()
 
-    server.add_request_handler("resources/list", PaginatedRequestParams, list_resources)
-    server.add_request_handler("resources/templates/list", PaginatedRequestParams, list_templates)
-    server.add_request_handler("resources/read", ReadResourceRequestParams, read)
-    server.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
-    server.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
-    server.add_request_handler("completion/complete", CompleteRequestParams, complete)
-    server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
+def _session_required(ctx: RequestContext, what: str) -> str:
+    sid = session_of(ctx)
+    if sid is None:
+        raise MCPError(code=-32600, message=f"{what} needs an MCP session (protocol 2025-11-25 or older)")
+    return sid
 
 
 def _path_ok(path: str) -> bool:
     try:
-        nbops.check_notebook_path(path)
+        check_notebook_path(path)
         return True
     except KernelpoolError:
         return False

@@ -3,8 +3,9 @@
 `NotebookService` reads and writes `.ipynb` files inside a user's folder through
 `sandbox.fs.SafeRoot` (no link or `..` can steer it outside), validates every file it writes
 with nbformat, writes atomically, and serialises edits of one notebook with a lock. The pure
-editing functions below work on an in-memory notebook and are what the tools call inside
-`NotebookService.edit`.
+editing functions that run inside `NotebookService.edit` are in `kernelpool.notebooks.cells`;
+client-given paths are checked by `kernelpool.notebooks.paths` before they get here.
+Callers: the workspace and execution services, the tool layer, the resource handlers.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from typing import Any, TypeVar
 
 import nbformat
 from nbformat import NotebookNode
-from nbformat.v4 import nbjson, new_code_cell, new_markdown_cell, new_notebook, new_raw_cell
+from nbformat.v4 import nbjson, new_notebook
 
 from kernelpool.errors import (
-    CellNotFound,
     CorruptNotebook,
     InvalidArgument,
+    KernelpoolError,
     NoSpace,
     NotebookExists,
     NotebookNotFound,
     PathRefused,
 )
+from kernelpool.notebooks import cells
+from kernelpool.notebooks.paths import check_dir_path, refusing
 from sandbox import SafeRoot
-from sandbox.errors import PathError, SandboxError
-from sandbox.fs import normalize_path
+from sandbox.errors import SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -42,130 +44,6 @@ T = TypeVar("T")
 MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
 _CACHE_ENTRIES = 512  # parsed notebooks kept in memory
 _CACHE_MAX_FILE = 8 * 1024 * 1024  # larger notebooks are parsed each time rather than held
-CELL_TYPES = ("code", "markdown", "raw")
-
-
-def check_notebook_path(path: str) -> str:
-    """Normalise and check a client-given notebook path; raises PathRefused.
-
-    Lenient about spelling ("./x//y.ipynb" is "x/y.ipynb"; backslashes are folder separators);
-    the rules themselves (characters, depth, name length, NFC) are `sandbox.fs.normalize_path`'s.
-    """
-    if not isinstance(path, str) or not path.strip():
-        raise PathRefused(str(path), "empty path")
-    if path.startswith("/") or path.startswith("\\"):
-        raise PathRefused(path, "absolute paths are not allowed; give a path relative to your folder")
-    norm = _normalise(path, path.replace("\\", "/"))
-    if not norm:
-        raise PathRefused(path, "empty path")
-    if not norm.endswith(".ipynb"):
-        raise PathRefused(path, "a notebook path must end in .ipynb")
-    return norm
-
-
-def check_dir_path(path: str) -> str:
-    """Normalise and check a client-given folder path ("" is the user's folder); raises PathRefused."""
-    if not isinstance(path, str):
-        raise PathRefused(str(path), "path must be a string")
-    if path.startswith("/"):
-        raise PathRefused(path, "absolute paths are not allowed; give a path relative to your folder")
-    return _normalise(path, path)
-
-
-def _normalise(given: str, path: str) -> str:
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if not parts:
-        return ""
-    try:
-        return normalize_path("/".join(parts))
-    except PathError as exc:
-        raise PathRefused(given, exc.reason) from None
-
-
-# ---- pure editing functions -------------------------------------------------------------
-
-def new_cell(cell_type: str, source: str) -> NotebookNode:
-    if cell_type == "code":
-        return new_code_cell(source)
-    if cell_type == "markdown":
-        return new_markdown_cell(source)
-    if cell_type == "raw":
-        return new_raw_cell(source)
-    raise InvalidArgument("cell_type", f"{cell_type!r}: use one of {', '.join(CELL_TYPES)}")
-
-
-def cell_position(nb: NotebookNode, path: str, cell_index: int | None, cell_id: str | None) -> int:
-    """The index of the cell named by index (negative counts from the end) or by id."""
-    count = len(nb.cells)
-    if cell_id is not None:
-        for i, cell in enumerate(nb.cells):
-            if cell.get("id") == cell_id:
-                return i
-        raise CellNotFound(path, f"with id {cell_id!r}", count)
-    if cell_index is None:
-        raise InvalidArgument("cell", "give cell_index or cell_id")
-    if isinstance(cell_index, bool) or not isinstance(cell_index, int):
-        raise InvalidArgument("cell_index", "must be an integer")
-    index = cell_index + count if cell_index < 0 else cell_index
-    if not 0 <= index < count:
-        raise CellNotFound(path, f"at index {cell_index}", count)
-    return index
-
-
-def insert_position(nb: NotebookNode, cell_index: int) -> int:
-    """Where `insert_cell(cell_index)` puts a cell: -1 appends; 0..len inserts before that cell."""
-    count = len(nb.cells)
-    if isinstance(cell_index, bool) or not isinstance(cell_index, int):
-        raise InvalidArgument("cell_index", "must be an integer")
-    if cell_index == -1:
-        return count
-    if not 0 <= cell_index <= count:
-        raise InvalidArgument("cell_index", f"{cell_index} is out of range: use 0..{count}, or -1 to append")
-    return cell_index
-
-
-def insert_cell(nb: NotebookNode, cell_index: int, cell_type: str, source: str) -> tuple[int, NotebookNode]:
-    pos = insert_position(nb, cell_index)
-    cell = new_cell(cell_type, source)
-    nb.cells.insert(pos, cell)
-    return pos, cell
-
-
-def clear_outputs(cell: NotebookNode) -> None:
-    if cell.cell_type == "code":
-        cell.outputs = []
-        cell.execution_count = None
-
-
-def set_source(cell: NotebookNode, source: str) -> None:
-    # outputs stay until the cell runs again, as in JupyterLab
-    cell.source = source
-
-
-def edit_source(cell: NotebookNode, old: str, new: str, replace_all: bool) -> int:
-    """Replace `old` by `new`; unless replace_all, `old` must occur exactly once. Returns the count."""
-    if old == "":
-        raise InvalidArgument("old_string", "must not be empty")
-    source = cell.source
-    count = source.count(old)
-    if count == 0:
-        raise InvalidArgument("old_string", "not found in the cell's source")
-    if count > 1 and not replace_all:
-        raise InvalidArgument("old_string", f"occurs {count} times; make it unique or pass replace_all=true")
-    cell.source = source.replace(old, new) if replace_all else source.replace(old, new, 1)
-    return count if replace_all else 1
-
-
-def move_cell(nb: NotebookNode, src: int, dst: int) -> int:
-    count = len(nb.cells)
-    if isinstance(dst, bool) or not isinstance(dst, int):
-        raise InvalidArgument("new_index", "must be an integer")
-    target = dst + count if dst < 0 else dst
-    if not 0 <= target < count:
-        raise InvalidArgument("new_index", f"{dst} is out of range: use 0..{count - 1}")
-    cell = nb.cells.pop(src)
-    nb.cells.insert(target, cell)
-    return target
 
 
 # ---- validation --------------------------------------------------------------------------
@@ -230,10 +108,8 @@ class NotebookService:
         return await asyncio.to_thread(self._exists, user, path)
 
     def _exists(self, user: str, path: str) -> bool:
-        try:
+        with refusing(path):
             return self._roots(user).exists(path)
-        except SandboxError as exc:
-            raise PathRefused(path, str(exc)) from None
 
     async def load(self, user: str, path: str) -> NotebookNode:
         return await asyncio.to_thread(self._load, user, path)
@@ -255,11 +131,10 @@ class NotebookService:
             self._cache.move_to_end((user, path))
             return cached[1]
         try:
-            data = self._roots(user).read_bytes(path, max_bytes=MAX_NOTEBOOK_BYTES)
+            with refusing(path):
+                data = self._roots(user).read_bytes(path, max_bytes=MAX_NOTEBOOK_BYTES)
         except FileNotFoundError:
             raise NotebookNotFound(path) from None
-        except SandboxError as exc:
-            raise PathRefused(path, str(exc)) from None
         except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
             raise PathRefused(path, exc.strerror or str(exc)) from None
         invalid: dict[str, Any] = {}
@@ -276,7 +151,7 @@ class NotebookService:
             nb.nbformat_minor = 5
             for cell in nb.cells:
                 if "id" not in cell:
-                    cell.id = new_cell("raw", "").id
+                    cell.id = cells.new_cell("raw", "").id
         if stamp is not None and stamp == self._stamp(user, path):
             self._remember(user, path, stamp, nb)
         return nb
@@ -311,22 +186,26 @@ class NotebookService:
         _check(nb, self._validated.get(id(nb), {}))
         text = nbjson.writes(nb)
         try:
-            root = self._roots(user)
-            parent = path.rpartition("/")[0]
-            if parent:
-                root.makedirs(parent)
-            root.write_bytes_atomic(path, text.encode("utf-8"))
-        except SandboxError as exc:
+            self._write(user, path, text.encode("utf-8"))
+        except KernelpoolError:
             self._forget(user, path)
-            raise PathRefused(path, str(exc)) from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self._forget(user, path)
-            raise NoSpace(path) from None
+            raise
         stamp = self._stamp(user, path)
         if stamp is not None:
             self._remember(user, path, stamp, nb)
+
+    def _write(self, user: str, path: str, data: bytes) -> None:
+        try:
+            with refusing(path):
+                root = self._roots(user)
+                parent = path.rpartition("/")[0]
+                if parent:
+                    root.makedirs(parent)
+                root.write_bytes_atomic(path, data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise NoSpace(path) from None
 
     def _forget(self, user: str, path: str) -> None:
         dropped = self._cache.pop((user, path), None)
@@ -371,6 +250,46 @@ class NotebookService:
                 raise
             return result
 
+    async def must_exist(self, user: str, path: str) -> None:
+        """Raise the precise error (not found, or refused) unless the notebook file is there."""
+        if not await self.exists(user, path):
+            await self.load(user, path)
+
+    async def cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None) -> tuple[int, NotebookNode]:
+        """The cell named by index or id, read-only (see `load`): (index, cell)."""
+        nb = await self.load(user, path)
+        i = cells.cell_position(nb, path, cell_index, cell_id)
+        return i, nb.cells[i]
+
+    async def cell_window(self, user: str, path: str, start: int, limit: int) -> tuple[int, list[NotebookNode]]:
+        """Up to `limit` cells from index `start`, read-only; and how many cells the notebook has."""
+        if start < 0:
+            raise InvalidArgument("start_index", "must be 0 or more")
+        if limit < 1:
+            raise InvalidArgument("limit", "must be 1 or more")
+        nb = await self.load(user, path)
+        return len(nb.cells), nb.cells[start:start + limit]
+
+    async def output_page(self, user: str, path: str, cell_index: int | None, cell_id: str | None, offset: int,
+                          size: int, max_size: int) -> tuple[int, NotebookNode, cells.OutputPage]:
+        """A page of one cell's output text (`cells.output_page`): (index, cell, page)."""
+        i, cell = await self.cell(user, path, cell_index, cell_id)
+        return i, cell, cells.output_page(cell, offset, size, max_size)
+
+    async def insert(self, user: str, path: str, cell_index: int, cell_type: str, source: str) -> tuple[int, NotebookNode]:
+        """Insert a new cell at `cell_index` (-1 appends) and save: (index, cell)."""
+        return await self.edit(user, path, lambda nb: cells.insert_cell(nb, cell_index, cell_type, source))
+
+    async def edit_cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None,
+                        apply: Callable[[NotebookNode, int], T]) -> tuple[int, str, T]:
+        """Change the cell named by index or id (`apply(nb, index)`) and save: (index, id, what apply returned)."""
+
+        def change(nb: NotebookNode) -> tuple[int, str, T]:
+            i = cells.cell_position(nb, path, cell_index, cell_id)
+            return i, nb.cells[i].id, apply(nb, i)
+
+        return await self.edit(user, path, change)
+
     async def list_notebooks(self, user: str, limit: int = 10000) -> list[str]:
         return await asyncio.to_thread(self._walk, user, "", "*.ipynb", limit)
 
@@ -400,13 +319,12 @@ class NotebookService:
     def _list(self, user: str, path: str, pattern: str | None, limit: int) -> list[dict[str, Any]]:
         folder = check_dir_path(path)
         try:
-            entries = self._roots(user).listdir(folder)
+            with refusing(path):
+                entries = self._roots(user).listdir(folder)
         except FileNotFoundError:
             raise PathRefused(path, "no such folder") from None
         except NotADirectoryError:
             raise PathRefused(path, "not a folder") from None
-        except SandboxError as exc:
-            raise PathRefused(path, str(exc)) from None
         out = []
         for entry in sorted(entries, key=lambda e: e.name):
             if pattern and not fnmatch.fnmatch(entry.name, pattern):

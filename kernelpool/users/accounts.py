@@ -65,6 +65,12 @@ class UserService:
     def known(self, name: str) -> bool:
         return name in self._known
 
+    async def ensure_known(self, name: str) -> None:
+        """Read the users again if `name` is not known yet: added by the CLI since we last looked.
+        Called for every tool call, before the tool runs."""
+        if not self.known(name):
+            await self.load()
+
     def owner(self, name: str) -> tuple[int | None, int | None]:
         """The uid/gid that files created for `name` belong to (None, None: the server's own)."""
         row = self._known.get(name)
