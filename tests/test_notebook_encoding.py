@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from nbformat import NotebookNode
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output, new_raw_cell
 
-from kernelpool.notebooks import service as nbops
+from kernelpool.notebooks import cells as nbops
 from kernelpool.notebooks.encoding import CellCachingEncoder
 
 texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)

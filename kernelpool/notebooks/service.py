@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import nbformat
 from nbformat import NotebookNode
-from nbformat.v4 import nbjson, new_notebook
+from nbformat.v4 import new_notebook
 
 from kernelpool.errors import (
     CorruptNotebook,
@@ -33,6 +33,7 @@ from kernelpool.errors import (
     PathRefused,
 )
 from kernelpool.notebooks import cells
+from kernelpool.notebooks.encoding import CellCachingEncoder, fingerprint, unchanged
 from kernelpool.notebooks.paths import check_dir_path, refusing
 from sandbox import SafeRoot
 from sandbox.errors import SandboxError
@@ -42,33 +43,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
-_CACHE_ENTRIES = 512  # parsed notebooks kept in memory
-_CACHE_MAX_FILE = 8 * 1024 * 1024  # larger notebooks are parsed each time rather than held
+_CACHE_ENTRIES = 512  # parsed notebooks kept in memory...
+_CACHE_BYTES = 64 * 1024 * 1024  # ...while their files add up to no more than this (a larger one is parsed each time)
 
 
 # ---- validation --------------------------------------------------------------------------
 
-_CELL_PARTS = ("source", "outputs", "metadata", "attachments")
-
-
-def _fingerprint(cell: NotebookNode) -> tuple[Any, ...]:
-    """What a change to a cell replaces: edits assign new objects to these keys (never change
-    them in place), so holding the objects and comparing with `is` tells a changed cell."""
-    return (cell, len(cell), cell.get("cell_type"), cell.get("id"), cell.get("execution_count"),
-            *(cell.get(k) for k in _CELL_PARTS))
-
-
-def _unchanged(cell: NotebookNode, known: tuple[Any, ...] | None) -> bool:
-    if known is None:
-        return False
-    now = _fingerprint(cell)
-    return all(a is b or (type(a) in (int, str, type(None)) and a == b) for a, b in zip(now, known, strict=True))
-
-
 def _check(nb: NotebookNode, validated: dict[int, tuple[Any, ...]]) -> None:
     """Validate `nb` with nbformat, re-checking only the cells changed since it was validated
     (whole-notebook validation grows with the notebook and was most of an edit's cost)."""
-    changed = [c for c in nb.cells if not _unchanged(c, validated.get(id(c)))]
+    changed = [c for c in nb.cells if not unchanged(c, validated.get(id(c)))]
     skeleton = NotebookNode({k: v for k, v in nb.items() if k != "cells"})
     skeleton["cells"] = changed
     try:
@@ -92,8 +76,11 @@ class NotebookService:
         # (user, path) -> ((size, mtime) of the file as last read or written, the parsed notebook).
         # Callers of `load` must not change the notebook they get; `edit` is the way to change it.
         self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
+        self._cached_bytes = 0
         # id(cached notebook) -> {id(cell): fingerprint of the cell as last validated}
         self._validated: dict[int, dict[int, tuple[Any, ...]]] = {}
+        # and each cached notebook's cells as encoded in its file: a save encodes only changed cells
+        self._encoder = CellCachingEncoder()
         # called with (user, path) after each write: resource subscriptions (kernelpool/mcp/notices.py)
         self.listeners: list[Callable[[str, str], Awaitable[Any]]] = []
 
@@ -184,13 +171,17 @@ class NotebookService:
         # a notebook JupyterLab would refuse is never written: every cell changed since the
         # notebook was last validated, and everything outside the cells, is validated now
         _check(nb, self._validated.get(id(nb), {}))
-        text = nbjson.writes(nb)
+        text = self._encoder.encode(nb)
+        stamp = None
         try:
             self._write(user, path, text.encode("utf-8"))
+            stamp = self._stamp(user, path)
         except KernelpoolError:
             self._forget(user, path)
             raise
-        stamp = self._stamp(user, path)
+        finally:
+            if stamp is None:  # nothing remembered: neither are its encoded cells
+                self._encoder.forget(nb)
         if stamp is not None:
             self._remember(user, path, stamp, nb)
 
@@ -210,22 +201,32 @@ class NotebookService:
     def _forget(self, user: str, path: str) -> None:
         dropped = self._cache.pop((user, path), None)
         if dropped is not None:
-            self._validated.pop(id(dropped[1]), None)
+            self._drop(dropped)
+
+    def _drop(self, entry: tuple[tuple[int, float], NotebookNode]) -> None:
+        self._cached_bytes -= entry[0][0]
+        self._validated.pop(id(entry[1]), None)
+        self._encoder.forget(entry[1])
 
     def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode) -> None:
         """Keep `nb` (valid: just read or written) as the parsed form of the file at `stamp`."""
         key = (user, path)
         old = self._cache.pop(key, None)
-        if old is not None and old[1] is not nb:
-            self._validated.pop(id(old[1]), None)
-        if stamp[0] > _CACHE_MAX_FILE:
+        if old is not None:
+            self._cached_bytes -= old[0][0]
+            if old[1] is not nb:
+                self._validated.pop(id(old[1]), None)
+                self._encoder.forget(old[1])
+        if stamp[0] > _CACHE_BYTES:
             self._validated.pop(id(nb), None)
+            self._encoder.forget(nb)
             return
         self._cache[key] = (stamp, nb)
-        self._validated[id(nb)] = {id(c): _fingerprint(c) for c in nb.cells}
-        while len(self._cache) > _CACHE_ENTRIES:
-            _, (_, dropped) = self._cache.popitem(last=False)
-            self._validated.pop(id(dropped), None)
+        self._cached_bytes += stamp[0]
+        self._validated[id(nb)] = {id(c): fingerprint(c) for c in nb.cells}
+        while len(self._cache) > _CACHE_ENTRIES or self._cached_bytes > _CACHE_BYTES:
+            _, dropped = self._cache.popitem(last=False)
+            self._drop(dropped)
 
     async def create(self, user: str, path: str) -> NotebookNode:
         async with self.lock(user, path):
