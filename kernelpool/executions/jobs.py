@@ -104,12 +104,16 @@ class JobService:
         self._jobs[job.id] = job
         return job
 
-    async def wait(self, job: Job) -> Job:
-        """Wait for `job` on behalf of a request; if the request is cancelled, interrupt the kernel
-        (the job still saves what was produced) and let the cancellation go on."""
+    async def wait(self, job: Job, within: float | None = None) -> Job:
+        """Wait for `job` on behalf of a request (at most `within` seconds: then it runs on); if the
+        request is cancelled, interrupt the kernel (the job still saves what was produced) and let
+        the cancellation go on."""
         assert job.task is not None
         try:
-            await asyncio.shield(job.task)
+            if within is None:
+                await asyncio.shield(job.task)
+            else:
+                await asyncio.wait([job.task], timeout=within)
         except asyncio.CancelledError:
             job.progress = None
             job.cancelled = True

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+
+from nbformat import NotebookNode
 
 from kernelpool.config import Settings
-from kernelpool.errors import InvalidArgument
+from kernelpool.errors import InvalidArgument, KernelpoolError
 from kernelpool.executions.execute import Progress
 from kernelpool.executions.jobs import Job, JobService
+from kernelpool.notebooks import cells
 from kernelpool.notebooks.service import NotebookService
 
 _MAX_WAIT = 600  # seconds get_execution may wait
+# a new cell whose code finishes within this is written once, with its outputs (not twice)
+_ONE_WRITE_WINDOW = 0.25
 
 
 class ExecutionService:
@@ -37,10 +43,53 @@ class ExecutionService:
 
     async def run_new_cell(self, user: str, path: str, cell_index: int, source: str, timeout: float | None,
                            background: bool, progress: Progress | None = None) -> Job:
-        """Insert a code cell at `cell_index` (-1 appends), then run it like `run_cell`."""
+        """Insert a code cell at `cell_index` (-1 appends), then run it like `run_cell`.
+
+        In the foreground the cell is written once with its outputs when the code finishes within
+        `_ONE_WRITE_WINDOW` (most cells do); otherwise the cell is written at that point and its
+        outputs when it finishes. The notebook's lock is held meanwhile, so `cell_index` means
+        what it meant when the call came. Either way the call answers after both are on disk.
+        """
         limit = self._timeout(timeout)  # a bad timeout must change nothing: checked before inserting
-        _, cell = await self._notebooks.insert(user, path, cell_index, "code", source)
-        return await self._run(user, path, source, limit, background, progress, cell_id=cell.id)
+        if background:
+            _, cell = await self._notebooks.insert(user, path, cell_index, "code", source)
+            return await self._run(user, path, source, limit, background, progress, cell_id=cell.id)
+        async with self._notebooks.lock(user, path):
+            cells.insert_position(await self._notebooks.load(user, path), cell_index)  # a bad index runs nothing
+            job = self._jobs.start(user, path, source, limit, progress=progress)
+            try:
+                await self._jobs.wait(job, within=_ONE_WRITE_WINDOW)
+            finally:  # cancelled or not, the cell goes into the notebook, as when it was written first
+                await asyncio.shield(self._place(user, path, cell_index, source, job))
+        await self._jobs.wait(job)
+        return job
+
+    async def _place(self, user: str, path: str, cell_index: int, source: str, job: Job) -> None:
+        """Insert the job's cell (with its outputs if it has finished); if it runs on, the job saves
+        its outputs when it finishes. The caller holds the notebook's lock."""
+        with_outputs = job.done
+
+        def insert(nb: NotebookNode) -> tuple[int, NotebookNode]:
+            pos, cell = cells.insert_cell(nb, cell_index, "code", source)
+            if with_outputs and job.result is not None:
+                cells.set_outputs(nb, cell.id, job.result.outputs, job.result.execution_count)
+            return pos, cell
+
+        try:
+            pos, cell = await self._notebooks.edit_locked(user, path, insert)
+            saved_at: int | None = pos
+            job.cell_id = cell.id
+            if not job.done:  # no await since the check: the job has not reached its saving yet, and will save
+                return
+            if not with_outputs and job.result is not None:  # it finished while the cell was being written
+                saved_at = await self._notebooks.edit_locked(user, path, functools.partial(
+                    cells.set_outputs, cell_id=cell.id, outputs=job.result.outputs,
+                    execution_count=job.result.execution_count))
+        except KernelpoolError as exc:  # the result is still returned: only the saving failed
+            job.save_error = str(exc)
+            return
+        if job.result is not None:
+            job.saved_index = saved_at
 
     async def run_code(self, user: str, path: str, code: str, timeout: float | None, background: bool,
                        progress: Progress | None = None) -> Job:

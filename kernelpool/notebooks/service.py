@@ -241,15 +241,19 @@ class NotebookService:
     async def edit(self, user: str, path: str, change: Callable[[NotebookNode], T]) -> T:
         """Load, apply `change`, save; all under the notebook's lock. A change that raises saves nothing."""
         async with self.lock(user, path):
-            nb = await self.load(user, path)
-            try:
-                result = change(nb)
-                await self.save(user, path, nb)
-            except BaseException:
-                # the change may have half-happened in memory: the file is the truth, read it again
-                self._forget(user, path)
-                raise
-            return result
+            return await self.edit_locked(user, path, change)
+
+    async def edit_locked(self, user: str, path: str, change: Callable[[NotebookNode], T]) -> T:
+        """`edit` for a caller that holds the notebook's lock already."""
+        nb = await self.load(user, path)
+        try:
+            result = change(nb)
+            await self.save(user, path, nb)
+        except BaseException:
+            # the change may have half-happened in memory: the file is the truth, read it again
+            self._forget(user, path)
+            raise
+        return result
 
     async def must_exist(self, user: str, path: str) -> None:
         """Raise the precise error (not found, or refused) unless the notebook file is there."""
