@@ -218,9 +218,9 @@ def path_calls(tree: ast.AST) -> collections.Counter[tuple[str, str]]:
 def test_every_path_call_in_kernelpool_and_sandbox_is_reviewed() -> None:
     seen: dict[tuple[str, str, str], int] = {}
     for package in ("kernelpool", "sandbox"):
-        for name in sorted(os.listdir(os.path.join(ROOT, package))):
-            if name.endswith(".py"):
-                rel = f"{package}/{name}"
+        for folder, _, names in sorted(os.walk(os.path.join(ROOT, package))):
+            for name in sorted(n for n in names if n.endswith(".py")):
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)
                 with open(os.path.join(ROOT, rel)) as f:
                     tree = ast.parse(f.read())
                 for (scope, callee), count in path_calls(tree).items():
