@@ -98,14 +98,14 @@ class KernelLauncher:
                  networks: UserNetworkPolicy, fork_server: ForkServer | None, metrics: Metrics) -> None:
         self._settings = settings
         self._users = users
-        self._cgroups = cgroups
-        self._networks = networks
-        self._fork_server = fork_server
-        self._metrics = metrics
         self.python = settings.kernel_python or sys.executable
         extensions = [packages.EXTENSION] if settings.user_packages else []
         self._spec_manager = KernelpoolSpecManager(python=self.python, extensions=extensions)
+        self._cgroups = cgroups
         self._user_cgroups: dict[str, str] = {}  # user name -> the name of the user's cgroup
+        self._networks = networks
+        self._fork_server = fork_server
+        self._metrics = metrics
 
     def user_cgroup(self, user: str) -> Cgroup | None:
         """The cgroup of all the user's kernels, once one has started."""
