@@ -16,8 +16,9 @@ server can reach it), JSON messages:
                        {"op": "failed", "id": N, "error": "..."}          fork itself failed
                        {"op": "exited", "pid": P, "returncode": R}        a child was reaped
 
-Spec socket, server <-> child: the server writes one spec (`sandbox.LaunchSpec.to_json`); the child answers b"ok" once
-`sandbox.enter` succeeded, or b"step\\0message" (then exits 127) if it did not.
+Spec socket, server <-> child: the server writes one spec (`sandbox.LaunchSpec.to_json`, read
+back with `LaunchSpec.from_json`); the child answers b"ok" once `sandbox.enter` succeeded, or
+b"step\\0message" (then exits 127) if it did not.
 
 The child: closes every inherited descriptor but its spec socket, resets signal handling,
 calls `sandbox.enter` (cgroup, network namespace, private /tmp, /dev/shm, /proc and cgroup
