@@ -80,8 +80,10 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
         return SafeRoot(users.folder(user), uid, gid)
 
     notebooks = NotebookService(root_of, disk_check=disk.check)
-    kernels = KernelRegistry(settings, store, users, iso.cgroups, UserNetworkPolicy(iso.network))
-    kernels.disk_check = disk.check
+    # started in the lifespan; until then, and if it cannot start, kernels start the stock way
+    fork_server = ForkServer(settings.kernel_python or sys.executable) if settings.fork_server else None
+    kernels = KernelRegistry(settings, store, users, iso.cgroups, UserNetworkPolicy(iso.network),
+                             fork_server=fork_server, disk_check=disk.check, metrics=metrics)
     notices = Notices(settings.session_idle_timeout)
     events = _event_store(settings, notices)
     sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
@@ -164,7 +166,8 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
                 log.info("emptied %s, left by a previous server", settings.run_dir)
             await services.kernels.networks.start()
             await users.load()  # folders, and passwd entries that a new container lacks
-            fork_server = await _start_fork_server(settings, services.kernels)
+            if fork_server is not None:
+                await _start_fork_server(fork_server)
             housekeeping = asyncio.get_running_loop().create_task(_housekeeping(services))
             try:
                 async with mcp.session_manager.run():
@@ -218,18 +221,12 @@ def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | No
     )
 
 
-async def _start_fork_server(settings: Settings, kernels: KernelRegistry) -> ForkServer | None:
+async def _start_fork_server(fork_server: ForkServer) -> None:
     # without one (off, or it cannot start) kernels start the stock way: slower, not less safe
-    if not settings.fork_server:
-        return None
-    fork_server = ForkServer(settings.kernel_python or sys.executable)
     try:
         await fork_server.start()
     except Exception as exc:
         log.error("fork server did not start, kernels will start without it: %s", exc)
-        return None
-    kernels.fork_server = fork_server
-    return fork_server
 
 
 class _SessionGate:
@@ -365,8 +362,6 @@ def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
     yield kernels
     if services.events is not None:
         yield _gauge("kernelpool_resume_events", "events kept for stream resumption", services.events.count())
-    yield _gauge("kernelpool_pool_hits", "kernels handed out warm", services.kernels.pool_hits)
-    yield _gauge("kernelpool_pool_misses", "kernels started on demand", services.kernels.pool_misses)
     memory = GaugeMetricFamily("kernelpool_user_memory_bytes", "memory of a user's kernels", labels=["user"])
     cpu = GaugeMetricFamily("kernelpool_user_cpu_seconds", "CPU time of a user's kernels", labels=["user"])
     for user, (mem, secs) in services.kernels.usage().items():

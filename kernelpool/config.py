@@ -121,6 +121,12 @@ class Settings(BaseSettings):
 
     config_file: Path | None = Field(None, alias="config", description="TOML file read at start-up")
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # resolved once, against the folder the server starts in: kernels and the CLI see one path
+        return value.absolute()
+
     @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -238,7 +244,6 @@ def load_settings(**overrides: Any) -> Settings:
     """Build the settings; `overrides` are command-line values (None means 'not given')."""
     given = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**given)
-    settings.data_dir = settings.data_dir.absolute()
     if settings.uid_min > settings.uid_max:
         raise ValueError("uid_min must not exceed uid_max")
     for per_user, overall in (("max_kernels_per_user", "max_kernels"), ("max_sessions_per_user", "max_sessions"),

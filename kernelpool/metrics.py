@@ -20,7 +20,12 @@ class Metrics:
             registry=self.registry,
         )
         self.auth_failures = Counter("kernelpool_auth_failures_total", "rejected bearer tokens", ["reason"], registry=self.registry)
-        self.kernel_starts = Counter("kernelpool_kernel_starts_total", "kernels handed to notebooks", ["source"], registry=self.registry)
+        # counted by the kernel registry (kernels.registry, kernels.launch)
+        self.kernel_starts = Counter(
+            "kernelpool_kernel_starts_total", "kernel processes started, by the fork server or the stock way",
+            ["source"], registry=self.registry)
+        self.pool_hits = Counter("kernelpool_pool_hits_total", "kernels handed out warm", registry=self.registry)
+        self.pool_misses = Counter("kernelpool_pool_misses_total", "kernels started on demand", registry=self.registry)
 
     def add_gauges(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
         """Register gauges read at scrape time (sessions, kernels per user and state, memory)."""

@@ -12,15 +12,15 @@ the order that needs the least privilege last.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal, Protocol
 
 from sandbox import _libc, seccomp, views
-from sandbox.cgroups import Cgroup
 from sandbox.errors import LaunchError
 from sandbox.identity import Identity
 
@@ -28,6 +28,22 @@ _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 _IFREQ = "16sh22x"  # struct ifreq: name, then ifr_flags in a 24-byte union
+
+
+class JoinableCgroup(Protocol):
+    """What `enter` needs of a cgroup: the files to write the process into (a `Cgroup` has them)."""
+
+    def procs_files(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class CgroupProcs:
+    """A cgroup known only by its procs files: what crosses to another process in `LaunchSpec.to_json`."""
+
+    paths: tuple[str, ...]
+
+    def procs_files(self) -> list[str]:
+        return list(self.paths)
 
 
 @dataclass
@@ -38,7 +54,7 @@ class LaunchSpec:
     env: dict[str, str]  # used as-is: the caller has scrubbed it
     cwd: str
     identity: Identity | None = None  # None = run as the server's own user (insecure dev mode)
-    cgroup: Cgroup | None = None
+    cgroup: JoinableCgroup | None = None  # a `sandbox.Cgroup`
     network: Literal["host", "none"] = "host"  # "none" = own network namespace, loopback only
     # a namespace to join (the user's, from `sandbox.network`): its nsfs path; overrides `network`
     netns: str | None = None
@@ -51,30 +67,48 @@ class LaunchSpec:
     stdout: int | None = None  # fd, or None for /dev/null; stderr likewise
     stderr: int | None = None
 
+    def to_json(self) -> str:
+        """The spec for a process that starts it elsewhere (kernelpool's fork server, whose child
+        reads it back with `from_json`). The cgroup travels as its procs files; stdout and stderr,
+        descriptors of this process, cannot travel: a spec with either is refused (ValueError)."""
+        if self.stdout is not None or self.stderr is not None:
+            raise ValueError("a LaunchSpec with stdout or stderr cannot be sent to another process")
+        return json.dumps({
+            "argv": self.argv,
+            "env": self.env,
+            "cwd": self.cwd,
+            "identity": None if self.identity is None else asdict(self.identity),
+            "cgroup_procs": None if self.cgroup is None else self.cgroup.procs_files(),
+            "network": self.network,
+            "netns": self.netns,
+            "umask": self.umask,
+            "private_views": self.private_views,
+            "tmpfs_bytes": self.tmpfs_bytes,
+            "keep_paths": list(self.keep_paths),
+            "hide_mounts_below": list(self.hide_mounts_below),
+            "seccomp": self.seccomp,
+        })
 
-class _SpecLike(Protocol):
-    @property
-    def cwd(self) -> str: ...
-    @property
-    def identity(self) -> Identity | None: ...
-    @property
-    def cgroup(self) -> Cgroup | None: ...
-    @property
-    def network(self) -> str: ...
-    @property
-    def netns(self) -> str | None: ...
-    @property
-    def umask(self) -> int: ...
-    @property
-    def private_views(self) -> bool: ...
-    @property
-    def tmpfs_bytes(self) -> int: ...
-    @property
-    def keep_paths(self) -> tuple[str, ...]: ...
-    @property
-    def hide_mounts_below(self) -> tuple[str, ...]: ...
-    @property
-    def seccomp(self) -> bool: ...
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LaunchSpec:
+        """The spec `to_json` wrote (its cgroup a `CgroupProcs`)."""
+        raw = json.loads(text)
+        procs = raw["cgroup_procs"]
+        return cls(
+            argv=[str(a) for a in raw["argv"]],
+            env={str(k): str(v) for k, v in raw["env"].items()},
+            cwd=str(raw["cwd"]),
+            identity=None if raw["identity"] is None else Identity(**raw["identity"]),
+            cgroup=None if procs is None else CgroupProcs(tuple(procs)),
+            network=raw["network"],
+            netns=raw["netns"],
+            umask=int(raw["umask"]),
+            private_views=bool(raw["private_views"]),
+            tmpfs_bytes=int(raw["tmpfs_bytes"]),
+            keep_paths=tuple(raw["keep_paths"]),
+            hide_mounts_below=tuple(raw["hide_mounts_below"]),
+            seccomp=bool(raw["seccomp"]),
+        )
 
 
 class _Steps:
@@ -83,7 +117,7 @@ class _Steps:
     name = "start"
 
 
-def enter(spec: _SpecLike, errfd: int | None = None, filter_program: bytes | None = None) -> None:
+def enter(spec: LaunchSpec, errfd: int | None = None, filter_program: bytes | None = None) -> None:
     """Sandbox the calling process; runs in the child between fork and exec.
 
     Order: join cgroup; network namespace (join `spec.netns`, or a new one with
@@ -117,7 +151,7 @@ def enter(spec: _SpecLike, errfd: int | None = None, filter_program: bytes | Non
         raise
 
 
-def _join_cgroup(spec: _SpecLike, step: _Steps) -> None:
+def _join_cgroup(spec: LaunchSpec, step: _Steps) -> None:
     if spec.cgroup is None:
         return
     step.name = "join cgroup"
@@ -129,7 +163,7 @@ def _join_cgroup(spec: _SpecLike, step: _Steps) -> None:
             os.close(fd)
 
 
-def _network(spec: _SpecLike, step: _Steps) -> None:
+def _network(spec: LaunchSpec, step: _Steps) -> None:
     # needs CAP_SYS_ADMIN (setns/unshare) and, for a new namespace, CAP_NET_ADMIN: before the uid
     # drop. Joined by path before any mount namespace change, which could hide the path.
     if spec.netns is not None:
@@ -148,7 +182,7 @@ def _network(spec: _SpecLike, step: _Steps) -> None:
         raise ValueError(f"unknown network mode {spec.network!r}")
 
 
-def _private_views(spec: _SpecLike, step: _Steps) -> None:
+def _private_views(spec: LaunchSpec, step: _Steps) -> None:
     # after joining the cgroup (the cgroup namespace is rooted where the process is) and before
     # dropping root (mounting needs CAP_SYS_ADMIN); see sandbox.views for what each step hides
     if not spec.private_views:
@@ -171,7 +205,7 @@ def _private_views(spec: _SpecLike, step: _Steps) -> None:
     views.private_cgroupfs(spec.cgroup.procs_files() if spec.cgroup is not None else [])
 
 
-def _drop_privileges(spec: _SpecLike, step: _Steps) -> None:
+def _drop_privileges(spec: LaunchSpec, step: _Steps) -> None:
     identity = spec.identity
     if identity is None:
         return
@@ -185,7 +219,7 @@ def _drop_privileges(spec: _SpecLike, step: _Steps) -> None:
     _verify_dropped(identity)
 
 
-def _seccomp(spec: _SpecLike, step: _Steps, filter_program: bytes | None) -> None:
+def _seccomp(spec: LaunchSpec, step: _Steps, filter_program: bytes | None) -> None:
     if not spec.seccomp:
         return
     step.name = "seccomp"

@@ -356,6 +356,10 @@ async def test_healthz_and_metrics(kp: KernelpoolServer) -> None:
         assert re.search(r'kernelpool_user_memory_bytes\{user="alice"\} [1-9]', metrics), metrics
         assert 'kernelpool_executions_total{status="ok"}' in metrics
         assert "kernelpool_execution_seconds_bucket" in metrics
+        # counters, named as Prometheus names counters (_total)
+        assert re.search(r"^kernelpool_pool_misses_total [1-9]", metrics, re.M), metrics
+        assert re.search(r"^kernelpool_pool_hits_total \d", metrics, re.M), metrics
+        assert re.search(r'^kernelpool_kernel_starts_total\{source="(fork_server|stock)"\} [1-9]', metrics, re.M), metrics
     rows = [json.loads(line) for line in kp.cli("audit", "--user", "alice", "--json").stdout.splitlines()]
     assert rows and {r["user"] for r in rows} == {"alice"}
     assert {"use_notebook", "insert_execute_code_cell"} <= {r["tool"] for r in rows}

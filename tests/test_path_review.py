@@ -53,9 +53,9 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/config.py", "_config_file_from", ".is_file"): (1, "the --config file: the administrator's"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.path.realpath"): (1, "the kernel interpreter: configuration"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.stat"): (1, "folders on the way to the interpreter: configuration"),
-    ("kernelpool/kernels/registry.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),
-    ("kernelpool/kernels/registry.py", "_user_run_folders", "os.path.islink"): (1, "DATA/run/<uid>: in root's DATA/run"),
-    ("kernelpool/kernels/registry.py", "KernelRegistry.reap_leftovers", "os.listdir"):
+    ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),
+    ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.path.islink"): (1, "DATA/run/<uid>: in root's DATA/run"),
+    ("kernelpool/kernels/reaper.py", "reap_leftovers", "os.listdir"):
         (1, "DATA/run/<uid>: root:<gid> 0710, only root creates entries; each is then removed with remove_tree"),
     ("kernelpool/notebooks/service.py", "NotebookService._exists", ".exists"): (1, SERVICE),
     ("kernelpool/notebooks/service.py", "NotebookService._load", ".read_bytes"): (1, SERVICE),
@@ -75,7 +75,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/kernels/pip_extension.py", "_remove_new", "os.path.islink"): (1, KERNEL_SIDE),
     ("kernelpool/kernels/pip_extension.py", "_remove_new", "shutil.rmtree"): (1, KERNEL_SIDE),
     ("kernelpool/kernels/pip_extension.py", "_remove_new", "os.unlink"): (1, KERNEL_SIDE),
-    ("kernelpool/kernels/registry.py", "KernelRegistry.reap_leftovers", "os.walk"): (1, CGROUP + "; os.walk follows no link"),
+    ("kernelpool/kernels/reaper.py", "_remove_cgroups", "os.walk"): (1, CGROUP + "; os.walk follows no link"),
     ("kernelpool/store.py", "schema_version_on_disk", "open"): (1, "DATA/kernelpool.db: root's folder"),
     ("kernelpool/users/accounts.py", "UserService.clean_runtime", "os.scandir"):
         (1, "DATA/run: root's, 0711; each entry is then removed with remove_tree (descriptors, no link followed)"),

@@ -336,14 +336,16 @@ def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
     """PYTHONPATH (which the zygote removes from sys.path again) is set only when the kernels'
     python would not import this very kernelpool by itself: a source checkout. In an installed
     copy that folder is site-packages, which kernels must keep (issue 9)."""
+    import kernelpool
     from kernelpool.kernels.zygote import server as zygote
 
-    source = os.path.dirname(os.path.dirname(os.path.abspath(zygote.__file__)))
+    package = os.path.dirname(os.path.abspath(kernelpool.__file__))
+    source = os.path.dirname(package)
     installed = subprocess.run(
         [sys.executable, "-c", "import kernelpool, os; print(os.path.dirname(kernelpool.__file__))"],
         env={"PATH": os.environ["PATH"]}, cwd="/", capture_output=True, text=True, timeout=60, check=True,
     ).stdout.strip()
-    if os.path.samefile(installed, os.path.dirname(zygote.__file__)):
+    if os.path.samefile(installed, package):
         pytest.skip("kernelpool is imported from where this python installs it (editable install)")
     # imported from the source tree (tests/server.py's PYTHONPATH): the zygote needs the path
     env, kernel_path = zygote._zygote_env(sys.executable)

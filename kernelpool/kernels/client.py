@@ -1,7 +1,8 @@
 """The kernel client kernelpool uses: jupyter_client's async client with a faster readiness check.
 
-`KernelRegistry` makes its managers build this class (`client_class`). Measured on a kernel that
-is ready in ~40 ms after fork, jupyter_client's `wait_for_ready` answered after ~250–400 ms:
+`kernels.launch.KernelLauncher` makes its managers build this class (`client_class`). Measured
+on a kernel that is ready in ~40 ms after fork, jupyter_client's `wait_for_ready` answered
+after ~250–400 ms:
 
 - ZMQ's reconnect interval (100 ms): the client connects before the kernel has bound its ipc
   sockets, and the retry only comes 100 ms later. We retry every 10 ms.

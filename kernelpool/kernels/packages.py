@@ -1,6 +1,7 @@
 """Per-user packages: what `%pip install X` in a kernel installs goes into that user's own folder.
 
-Called by `KernelRegistry` when it builds a kernel's environment and before each kernel start.
+Called by `kernels.environment` when it builds a kernel's environment and by `kernels.launch`
+before each kernel start.
 The mechanism (why it is this one: docs/deployment.md, "Packages"):
 
 - `PIP_PREFIX=~/.local` in the kernel's environment: every pip the user runs (`%pip`, `!pip`,
@@ -52,7 +53,7 @@ def layout(python: str) -> tuple[list[str], str]:
     return sites, scripts
 
 
-def kernel_env(python: str, folder: str) -> dict[str, str]:
+def env_vars(python: str, folder: str) -> dict[str, str]:
     """The variables a kernel of the user whose folder is `folder` gets for its own packages
     (PATH is returned as the folder to put first)."""
     sites, scripts = layout(python)

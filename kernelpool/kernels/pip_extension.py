@@ -1,7 +1,7 @@
 """pip inside a kernel: `%pip install X` and `!pip install X` install X for that user only.
 
 Runs inside user kernels (never in the server), so it imports nothing of kernelpool and only the
-standard library. The kernel's environment (built by `kernelpool.kernels.packages.kernel_env`) already
+standard library. The kernel's environment (built by `kernelpool.kernels.packages.env_vars`) already
 makes pip install into the user's own folder (`PIP_PREFIX=~/.local`) and puts that folder's
 site-packages on `sys.path` from the kernel's start; this module adds what pip alone does not:
 

@@ -1,13 +1,15 @@
 """The launch seam: a `jupyter_client` kernel provisioner that starts kernels through `sandbox`.
 
-With a fork server (`KernelLaunch.extra["zygote"]`), the kernel is forked from it (the same
+With a fork server (`KernelLaunch.fork_server`), the kernel is forked from it (the same
 `sandbox.enter` runs in the child); without one, or while it is unavailable, `sandbox.spawn`
 starts it the stock way.
 
-`KernelRegistry` passes a `KernelLaunch` as `start_kernel(sandbox=...)`; jupyter_client hands
-the keyword on to `pre_launch`, where we take it. Everything the sandbox does (uid, cgroup,
-network namespace, private views, seccomp, umask, scrubbed environment) happens in `sandbox.spawn`; this class only
-translates between jupyter_client's expectations and it.
+`kernels.launch.KernelLauncher` passes a `KernelLaunch` as `start_kernel(sandbox=...)`;
+jupyter_client hands the keyword on to `pre_launch`, where we take it. Everything the sandbox
+does (uid, cgroup, network namespace, private views, seccomp, umask, scrubbed environment)
+happens in `sandbox.spawn`; this class only translates between jupyter_client's expectations
+and it. It removes nothing of the kernel's: its cgroup and runtime folder go in
+`KernelLauncher.stop`, once the kernel is shut down.
 
 The connection file and the ipc sockets live in the kernel's `sandbox.rundir.KernelRunDir`,
 owned by root: jupyter_client writes the file while the folder is root's alone (`pre_launch`),
@@ -20,45 +22,20 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.provisioning import LocalProvisioner
 
-from kernelpool.kernels.zygote.server import ForkServer, ZygoteUnavailable
-from sandbox import Cgroup, Identity, LaunchSpec, spawn
-from sandbox.rundir import KernelRunDir
+from kernelpool.kernels.launch import KernelLaunch
+from kernelpool.kernels.zygote.server import ZygoteUnavailable
+from sandbox import LaunchSpec, spawn
 
 log = logging.getLogger(__name__)
 
-PROVISIONER_NAME = "kernelpool-sandbox"
-KERNEL_NAME = "kernelpool-python3"
-
-
-@dataclass
-class KernelLaunch:
-    """What the sandbox needs to start one kernel."""
-
-    env: dict[str, str]
-    cwd: str
-    identity: Identity | None
-    cgroup: Cgroup | None
-    rundir: KernelRunDir  # created; holds the connection file (`connection_file`) and sockets (`ip`)
-    network: str = "host"
-    private_views: bool = False  # own mount and cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
-    tmpfs_bytes: int = 512 << 20
-    keep_paths: tuple[str, ...] = ()  # folders the kernel needs besides its cwd (kept visible under a private /tmp)
-    hide_mounts_below: tuple[str, ...] = ()  # where other users' mounts (volumes) are detached in its namespace
-    seccomp: bool = False
-    start_timeout: float = 60.0  # seconds the kernel may take to create its sockets
-    netns: str | None = None  # the user's network namespace to join (nsfs path), when there is one
-    extra: dict[str, Any] = field(default_factory=dict)  # "zygote": a ForkServer to fork the kernel from
-
 
 class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
-    """Starts a kernel with `sandbox.spawn`; removes its cgroup when the kernel is cleaned up."""
+    """Starts a kernel with `sandbox.spawn`, or forks it from the fork server."""
 
     _launch: KernelLaunch | None = None
 
@@ -85,7 +62,7 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             cwd=launch.cwd,
             identity=launch.identity,
             cgroup=launch.cgroup,
-            network=launch.network,  # type: ignore[arg-type]
+            network=launch.network,
             private_views=launch.private_views,
             tmpfs_bytes=launch.tmpfs_bytes,
             keep_paths=launch.keep_paths,
@@ -96,10 +73,9 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         self.process = None
         launch.rundir.open_for_binding()
         try:
-            zygote = launch.extra.get("zygote")
-            if isinstance(zygote, ForkServer):
+            if launch.fork_server is not None:
                 try:
-                    self.process = await zygote.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
+                    self.process = await launch.fork_server.spawn(spec)  # type: ignore[assignment]  # Popen-shaped
                 except ZygoteUnavailable as exc:
                     log.warning("starting a kernel without the fork server: %s", exc)
                     if launch.cgroup is not None:
@@ -124,34 +100,3 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         prefix = os.path.basename(str(info["ip"]))
         return [f"{prefix}-{info[port]}" for port in  # type: ignore[literal-required]
                 ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
-
-    async def cleanup(self, restart: bool = False) -> None:
-        await super().cleanup(restart=restart)
-        if not restart and self._launch is not None:
-            if self._launch.cgroup is not None:
-                self._launch.cgroup.remove()
-            self._launch.rundir.remove()
-
-
-class KernelpoolSpecManager(KernelSpecManager):
-    """Serves the one kernel spec kernelpool uses, built from settings rather than found on disk."""
-
-    python: str = ""
-    extensions: list[str] = []  # IPython extensions every kernel loads (kernelpool.kernels.pip_extension)
-
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        if kernel_name != KERNEL_NAME:
-            return super().get_kernel_spec(kernel_name)
-        return KernelSpec(
-            name=KERNEL_NAME,
-            display_name="Python 3 (kernelpool)",
-            language="python",
-            interrupt_mode="signal",
-            argv=[
-                self.python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                # one history database per user would be shared by all its kernels and lock up
-                "--HistoryManager.hist_file=:memory:",
-                *(f"--IPKernelApp.extensions={name}" for name in self.extensions),
-            ],
-            metadata={"kernel_provisioner": {"provisioner_name": PROVISIONER_NAME}},
-        )

@@ -151,6 +151,24 @@ def test_spec_is_checked_in_the_parent() -> None:
         spawn(LaunchSpec(["/bin/true"], {}, "/", network="bridge"))  # type: ignore[arg-type]
 
 
+def test_spec_travels_as_json() -> None:
+    """`to_json`/`from_json`: how kernelpool's fork server hands a spec to the child that enters it."""
+    from sandbox.launcher import CgroupProcs
+
+    spec = LaunchSpec(
+        ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "/run/k.json"], {"PATH": "/usr/bin", "HOME": "/h"}, "/h",
+        Identity("kp-alice", 20001, 20001, "/h"), CgroupProcs(("/sys/fs/cgroup/x/cgroup.procs",)),
+        network="none", netns="/run/netns/kp-20001", umask=0o027, private_views=True, tmpfs_bytes=1 << 20,
+        keep_paths=("/tmp/a",), hide_mounts_below=("/data/users",), seccomp=True,
+    )
+    back = LaunchSpec.from_json(spec.to_json())
+    assert back == spec and back.cgroup is not None
+    assert back.cgroup.procs_files() == ["/sys/fs/cgroup/x/cgroup.procs"]
+    assert LaunchSpec.from_json(LaunchSpec(["/bin/true"], {}, "/").to_json()) == LaunchSpec(["/bin/true"], {}, "/")
+    with pytest.raises(ValueError):
+        LaunchSpec(["/bin/true"], {}, "/", stdout=1).to_json()  # a descriptor of this process cannot travel
+
+
 VIEWS = """
 import ctypes, errno, json, os
 libc = ctypes.CDLL(None, use_errno=True)

@@ -16,8 +16,9 @@ server can reach it), JSON messages:
                        {"op": "failed", "id": N, "error": "..."}          fork itself failed
                        {"op": "exited", "pid": P, "returncode": R}        a child was reaped
 
-Spec socket, server <-> child: the server writes one JSON spec; the child answers b"ok" once
-`sandbox.enter` succeeded, or b"step\\0message" (then exits 127) if it did not.
+Spec socket, server <-> child: the server writes one spec (`sandbox.LaunchSpec.to_json`, read
+back with `LaunchSpec.from_json`); the child answers b"ok" once `sandbox.enter` succeeded, or
+b"step\\0message" (then exits 127) if it did not.
 
 The child: closes every inherited descriptor but its spec socket, resets signal handling,
 calls `sandbox.enter` (cgroup, network namespace, private /tmp, /dev/shm, /proc and cgroup
@@ -38,10 +39,13 @@ import signal
 import site
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sandbox.launcher import LaunchSpec
 
 # Modules a kernel imports while it starts (measured: `sys.modules` of a started kernel); the
-# ones that read the environment at import time are listed in `zygote._zygote_env`. Not
+# ones that read the environment at import time are listed in `kernels.environment.scrubbed_env`. Not
 # matplotlib: it reads MPLBACKEND at import.
 PRELOAD = (
     "ipykernel.kernelapp",
@@ -113,7 +117,7 @@ def _preload() -> None:
 
 def _kernel_sys_path(stock: list[str]) -> None:
     # A kernel's path is what a stock `python -m ipykernel_launcher` from the same interpreter
-    # has (the server read it off the interpreter: `zygote._zygote_env`), not ours: ours began
+    # has (the server read it off the interpreter: `zygote.server._zygote_env`), not ours: ours began
     # with the zygote's working folder and, from a source checkout, the PYTHONPATH that found
     # this module. IPython's init_path adds '' in the kernel, as in a stock one.
     sys.path[:] = stock
@@ -237,35 +241,6 @@ class _Zygote:
                     pass
 
 
-class _ChildCgroup:
-    def __init__(self, procs: list[str]) -> None:
-        self._procs = procs
-
-    def procs_files(self) -> list[str]:
-        return self._procs
-
-
-class _ChildSpec:
-    def __init__(self, raw: dict[str, Any]) -> None:
-        from sandbox.identity import Identity
-
-        ident = raw.get("identity")
-        self.identity = Identity(**ident) if ident else None
-        procs = raw.get("cgroup_procs")
-        self.cgroup = _ChildCgroup(list(procs)) if procs is not None else None
-        self.cwd: str = raw["cwd"]
-        self.network: str = raw.get("network", "host")
-        self.netns: str | None = raw.get("netns")
-        self.umask: int = int(raw.get("umask", 0o077))
-        self.private_views: bool = bool(raw.get("private_views", False))
-        self.tmpfs_bytes: int = int(raw.get("tmpfs_bytes", 512 << 20))
-        self.keep_paths: tuple[str, ...] = tuple(raw.get("keep_paths", ()))
-        self.hide_mounts_below: tuple[str, ...] = tuple(raw.get("hide_mounts_below", ()))
-        self.seccomp: bool = bool(raw.get("seccomp", False))
-        self.env: dict[str, str] = dict(raw["env"])
-        self.kernel_args: list[str] = list(raw["kernel_args"])
-
-
 def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | None) -> None:
     """The forked kernel: sandbox first, then become a fresh ipykernel. Never returns."""
     code = 127
@@ -281,13 +256,12 @@ def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | Non
         raw = os.read(spec_fd, 1 << 20)
         if not raw:
             os._exit(127)
-        spec = _ChildSpec(json.loads(raw))
-
         from sandbox import _libc
-        from sandbox.launcher import enter
+        from sandbox.launcher import LaunchSpec, enter
 
+        spec = LaunchSpec.from_json(raw)
         try:
-            enter(spec, spec_fd, filter_program)  # type: ignore[arg-type]  # _ChildCgroup has what enter() uses of a Cgroup
+            enter(spec, spec_fd, filter_program)
         except BaseException:
             os._exit(127)  # enter wrote "step\0message" to spec_fd
         # as exec would: changing uid made the process undumpable, which hides it from its own
@@ -316,7 +290,7 @@ def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | Non
         os._exit(code)
 
 
-def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
+def _fresh_state(spec: LaunchSpec, import_env: dict[str, str]) -> None:
     """Whatever the zygote computed at start-up from its own process, recomputed for this kernel."""
     import random
     import tempfile
@@ -339,13 +313,15 @@ def _fresh_state(spec: _ChildSpec, import_env: dict[str, str]) -> None:
     # the preloaded objects stay frozen: the collector never writes to their pages, so they stay shared
 
 
-def _run_kernel(spec: _ChildSpec) -> int:
-    # what `python -m ipykernel_launcher ARGS` does after its sys.path fix-up
+def _run_kernel(spec: LaunchSpec) -> int:
+    # what `python -m ipykernel_launcher ARGS` does after its sys.path fix-up (the server checked
+    # that argv is `PYTHON -m ipykernel_launcher ARGS`)
     import ipykernel_launcher
     from ipykernel import kernelapp
 
-    sys.argv = [ipykernel_launcher.__file__, *spec.kernel_args]
-    kernelapp.launch_new_instance(argv=spec.kernel_args)
+    kernel_args = spec.argv[3:]
+    sys.argv = [ipykernel_launcher.__file__, *kernel_args]
+    kernelapp.launch_new_instance(argv=kernel_args)
     return 0
 
 
