@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from typing import Any, Literal
 from nbformat import NotebookNode
 
 from kernelpool.executions.outputs import OutputLimits, Outputs
-from kernelpool.kernels.registry import Kernel, KernelState
+from kernelpool.kernels.channels import Inbox
+from kernelpool.kernels.kernel import Kernel, KernelState
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +60,32 @@ class _Run:
         self.message: str | None = None
         self.interrupted_at: float | None = None
         self.stuck = False
+        self.replied = False
+        self.execution_count: int | None = None
 
-    async def until_idle(self) -> None:
-        client = self.kernel.client
-        assert client is not None
+    async def until_idle(self, inbox: Inbox) -> None:
+        """Read the request's answers until the kernel is idle again (or the run ends otherwise)."""
         while True:
             now = time.monotonic()
             if not await self._keep_time(now):
                 return
-            try:
-                msg = await client.get_iopub_msg(timeout=max(self._wait(now), 0.01))
-            except queue.Empty:
+            got = await inbox.get(max(self._wait(now), 0.01))
+            if got is None:
                 if not await self.kernel.manager.is_alive():
                     self.status = "died"
                     return
                 continue
-            if self._take(msg):
+            if self._take(*got):
                 return
+
+    async def reply(self, inbox: Inbox) -> None:
+        """Wait (5 s at most) for the execute_reply if it has not come yet: it carries the count."""
+        deadline = time.monotonic() + 5.0
+        while not self.replied and (left := deadline - time.monotonic()) > 0:
+            got = await inbox.get(left)
+            if got is None:
+                return
+            self._take(*got)
 
     async def _keep_time(self, now: float) -> bool:
         """Interrupt at the timeout, give up after the grace, send progress; False: stop reading."""
@@ -100,11 +109,14 @@ class _Run:
             wait = min(wait, self.next_progress - now)
         return wait
 
-    def _take(self, msg: dict[str, Any]) -> bool:
-        """Add one iopub message to the outputs; True when the kernel went idle after our request."""
-        if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
-            return False
+    def _take(self, channel: str, msg: dict[str, Any]) -> bool:
+        """Take one answer to our request; True when the kernel went idle after it."""
         kind = msg["msg_type"]
+        if channel == "shell":
+            if kind == "execute_reply":
+                self.replied = True
+                self.execution_count = msg["content"].get("execution_count")
+            return False
         if kind == "status":
             return bool(msg["content"].get("execution_state") == "idle")
         if kind == "execute_input":
@@ -132,34 +144,24 @@ async def execute(
     interrupt at the timeout) leave the kernel of no use. `interrupt` stops the kernel's work,
     at the timeout or when this call is cancelled.
     """
-    client = kernel.client
-    assert client is not None
+    client, channels = kernel.client, kernel.channels
+    assert client is not None and channels is not None
     start = time.monotonic()
     msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
+    inbox = channels.listen(msg_id)  # no await since the send: no answer can have been missed
     run = _Run(kernel, msg_id, start, timeout, interrupt, progress, progress_interval, limits)
     try:
-        await run.until_idle()
+        await run.until_idle(inbox)
+        if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:
+            await run.reply(inbox)
     except asyncio.CancelledError:
         # the client cancelled: stop the kernel's work too, and let the cancellation go on
         await interrupt()
         raise
-    count = None
-    if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:
-        count = await _reply_count(client, msg_id)
+    finally:
+        channels.done(msg_id)
     if run.status == "timeout":
         # the KeyboardInterrupt traceback is our doing, not the user's code: say so once, in `message`
         run.outputs.remove_errors("KeyboardInterrupt")
-    return ExecutionResult(run.status, count, run.outputs.items, run.message, time.monotonic() - start, run.stuck)
-
-
-async def _reply_count(client: Any, msg_id: str) -> int | None:
-    """The execute_reply's execution_count; skips replies to earlier, abandoned requests."""
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        try:
-            reply = await client.get_shell_msg(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            return None
-        if reply.get("parent_header", {}).get("msg_id") == msg_id:
-            return reply["content"].get("execution_count")
-    return None
+    return ExecutionResult(run.status, run.execution_count if run.replied else None, run.outputs.items, run.message,
+                           time.monotonic() - start, run.stuck)

@@ -23,7 +23,8 @@ from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
 from kernelpool.executions.execute import ExecutionResult, Progress, execute
 from kernelpool.executions.outputs import OutputLimits, outputs_size
-from kernelpool.kernels.registry import Kernel, KernelRegistry, KernelState
+from kernelpool.kernels.kernel import Kernel, KernelState
+from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import cells
 from kernelpool.notebooks.service import NotebookService

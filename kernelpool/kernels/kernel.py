@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
+from kernelpool.kernels.channels import KernelChannels
+
 from sandbox import Cgroup, Identity, Limits
 from sandbox.rundir import KernelRunDir
 
@@ -48,6 +50,7 @@ class Kernel:
     limits: Limits | None = None  # the per-kernel limits it was started with
     notebook: str | None = None
     client: AsyncKernelClient | None = None
+    channels: KernelChannels | None = None  # its IOPub and shell read by one task each, once it answered
     state: KernelState = KernelState.STARTING
     started_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)

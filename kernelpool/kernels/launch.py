@@ -20,6 +20,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from kernelpool.config import Settings
 from kernelpool.kernels import packages
+from kernelpool.kernels.channels import KernelChannels
 from kernelpool.kernels.client import KernelpoolClient
 from kernelpool.kernels.environment import kernel_env
 from kernelpool.kernels.kernel import Kernel
@@ -191,14 +192,18 @@ class KernelLauncher:
         """Open the started kernel's channels and wait until it answers."""
         client = kernel.manager.client()
         assert isinstance(client, KernelpoolClient)
-        client.max_message_bytes = self._settings.max_saved_execution_chars
         client.start_channels()
         kernel.client = client
         await client.wait_for_ready(timeout=self._settings.kernel_start_timeout)
+        # from now on every message is read by these, and handed to the request it answers
+        kernel.channels = KernelChannels(client.session, client.iopub_channel.socket, client.shell_channel.socket,
+                                         max_bytes=self._settings.max_saved_execution_chars)
 
     async def stop(self, kernel: Kernel, now: bool = False) -> None:
         """Shut the process down (shutdown request, then SIGKILL to its group), then remove its
         cgroup and runtime folder: the only place either is removed."""
+        if kernel.channels is not None:
+            await kernel.channels.close()
         if kernel.client is not None:
             kernel.client.stop_channels()
         try:

@@ -28,7 +28,7 @@ from kernelpool.store import KernelRow, Store
 from kernelpool.users.accounts import User, UserService
 from sandbox import CgroupBackend
 
-__all__ = ["Kernel", "KernelRegistry", "KernelState"]
+__all__ = ["KernelRegistry"]
 
 log = logging.getLogger(__name__)
 

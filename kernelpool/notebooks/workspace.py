@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kernelpool.kernels.registry import Kernel, KernelRegistry
+from kernelpool.kernels.kernel import Kernel
+from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.users.accounts import UserService
 from kernelpool.users.sessions import SessionContexts
