@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -23,6 +23,23 @@ from pydantic_settings import (
 )
 
 from sandbox.limits import parse_memory
+
+
+def memory_limit(value: str | int | None) -> int | None:
+    """A memory limit as people write it ("2G", "512M", "none", "max") in bytes; None = no limit.
+
+    The one parser of memory limits: `Settings` (kernel_memory, user_memory) and
+    `UserService.set_limits` / the per-user overrides that `users set-limits` stores.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "max"):
+        return None
+    return parse_memory(str(value))  # ValueError names the problem
+
+
+# parsed when the settings are built: everything after sees bytes or None
+MemoryLimit = Annotated[int | None, BeforeValidator(memory_limit)]
 
 
 class Settings(BaseSettings):
@@ -55,12 +72,12 @@ class Settings(BaseSettings):
         description="blocked IPv4 ranges (private, link-local, ...) that kernels may reach after all ('egress'), comma-separated")
     network_prefix: str = Field(
         "kp", description="names this server's namespaces (PREFIX-UID), links (PREFIXUID) and nftables table; unique per host")
-    kernel_memory: str | None = Field("2G", description="memory limit per kernel")
+    kernel_memory: MemoryLimit = Field(2 << 30, description="memory limit per kernel")
     kernel_cpus: float | None = Field(1.0, gt=0, description="CPU limit per kernel, in cores")
     kernel_pids: int | None = Field(256, gt=0, description="process/thread limit per kernel")
     kernel_tmpfs_size: str = Field(
         "512M", description="size cap of each kernel's private /tmp and of its /dev/shm (tmpfs: what is stored there counts against the kernel's memory limit)")
-    user_memory: str | None = Field("4G", description="memory limit for all of one user's kernels together")
+    user_memory: MemoryLimit = Field(4 << 30, description="memory limit for all of one user's kernels together")
     user_cpus: float | None = Field(None, gt=0, description="CPU limit for all of one user's kernels together")
     user_pids: int | None = Field(1024, gt=0, description="process/thread limit for all of one user's kernels together")
 
@@ -158,14 +175,6 @@ class Settings(BaseSettings):
     def _bytes(cls, value: str) -> str:
         parse_memory(value)
         return value
-
-    @field_validator("kernel_memory", "user_memory")
-    @classmethod
-    def _memory(cls, value: str | None) -> str | None:
-        if value is not None and value.lower() not in ("", "none", "max"):
-            parse_memory(value)
-            return value
-        return None
 
     @field_validator("kernel_tmpfs_size")
     @classmethod

@@ -309,3 +309,17 @@ def test_network_settings_are_checked(tmp_path, monkeypatch) -> None:
     for values in bad:
         with pytest.raises(ValueError):
             load_settings(data_dir=tmp_path, **values)
+
+
+def test_memory_limits_are_parsed_once_into_bytes() -> None:
+    from pydantic import ValidationError
+
+    from kernelpool.config import Settings, memory_limit
+
+    s = Settings(kernel_memory="512M", user_memory="none")
+    assert (s.kernel_memory, s.user_memory) == (512 << 20, None)
+    assert Settings().kernel_memory == 2 << 30, "the default is bytes too"
+    assert [memory_limit(v) for v in ("max", "None", "", None, "1G", 4096)] == [None, None, None, None, 1 << 30, 4096]
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(ValidationError, match="kernel_memory"):
+            Settings(kernel_memory=bad)
