@@ -71,6 +71,8 @@ def _typed(name: str) -> dict[str, Any]:
     if typing.get_origin(kind) is typing.Literal:
         return {"choices": list(typing.get_args(kind))}
     kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None: X
+    if typing.get_origin(kind) is typing.Annotated:
+        kind = typing.get_args(kind)[0]  # PositiveFloat: float (the field checks the constraint)
     if kind is bool:
         return {"action": argparse.BooleanOptionalAction if field.default else "store_true", "default": None}
     if kind in (int, float) and not any(isinstance(meta, BeforeValidator) for meta in field.metadata):
