@@ -21,7 +21,7 @@ from kernelpool.errors import InvalidArgument, RemovalFailed, UserExists, UserNo
 from kernelpool.store import Store, UserRow
 from sandbox import Identity, Limits, accounts, prepare_dir
 from sandbox.errors import SandboxError
-from sandbox.fs import remove_tree
+from sandbox.folders import remove_tree
 from sandbox.rundir import TMP, prepare_user_run, user_run_folder
 
 log = logging.getLogger(__name__)
