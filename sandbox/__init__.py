@@ -21,6 +21,7 @@ from sandbox.errors import (
     FileTooLarge,
     InvalidPath,
     LaunchError,
+    NetworkError,
     PathError,
     PathOutsideRoot,
     SandboxError,
@@ -30,7 +31,8 @@ from sandbox.fs import Entry, SafeRoot
 from sandbox.identity import Identity
 from sandbox.launcher import LaunchSpec, enter, spawn
 from sandbox.limits import Limits, parse_memory
-from sandbox.network import NetworkError, NetworkPlan, UserNetworks
+from sandbox.netplan import NetworkPlan
+from sandbox.network import UserNetworks
 from sandbox.probe import probe
 
 __all__ = [

@@ -93,7 +93,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
     ("kernelpool/kernels/networks.py", "report", "os.listdir"): (1, NETNS),
     ("sandbox/launcher.py", "_network", "os.open"): (1, NETNS + "; opened read-only in the kernel's child before it drops root"),
-    ("sandbox/network.py", "resolvers_from", "open"): (1, "/etc/resolv.conf: the host's"),
+    ("sandbox/netplan.py", "resolvers_from", "open"): (1, "/etc/resolv.conf: the host's"),
     ("sandbox/network.py", "UserNetworks.reap", "os.listdir"): (1, NETNS),
     ("sandbox/network.py", "UserNetworks.exists", "os.path.exists"): (1, NETNS),
     ("sandbox/network.py", "UserNetworks.ensure", "os.path.exists"): (2, NETNS),
@@ -102,7 +102,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/network.py", "_read", "open"): (1, "/proc/sys/net: the host's or a namespace's sysctl files"),
     ("sandbox/network.py", "_write", "open"): (2, "/proc/sys/net: the host's or a namespace's sysctl files"),
     ("sandbox/network.py", "_write", "os.open"): (1, "/proc/thread-self/ns/net: the server's own thread"),
-    ("sandbox/network.py", "_iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
+    ("sandbox/_docker.py", "iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
     ("sandbox/probe.py", "_ip_forward", "open"): (1, "/proc/sys/net/ipv4/ip_forward"),
     # sandbox: cgroups, accounts, host probes
     ("sandbox/_cgroupfs.py", "write_file", "os.open"): (1, CGROUP),
