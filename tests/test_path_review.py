@@ -318,8 +318,9 @@ def test_a_real_server_uses_no_tenant_path_by_name() -> None:
 
     import pytest
 
+    from testkit.client import mcp_client
+    from testkit.server import KernelpoolServer, make_data_dir, server_env
     from tests.conftest import SANDBOX_SKIP
-    from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
 
     if SANDBOX_SKIP is not None:
         pytest.skip(f"needs isolation: {SANDBOX_SKIP}")
