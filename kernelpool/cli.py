@@ -84,7 +84,7 @@ def _setting_option(parser: argparse.ArgumentParser, name: str) -> None:
     field = Settings.model_fields[name]
     key = field.alias or name
     default = field.get_default(call_default_factory=True)
-    shown = "" if default in (None, False) else f"default {default}, "
+    shown = "" if default is None or default is False else f"default {default}, "
     parser.add_argument("--" + key.replace("_", "-"), dest=key, **_typed(name),
                         help=f"{field.description}; {shown}also KERNELPOOL_{key.upper()}".replace("%", "%%"))
 
