@@ -1,6 +1,6 @@
 """A benchmark's world: data folders, users made with the real CLI, real servers, and cleanup.
 
-Built on `tests/server.py` (`KernelpoolServer`, `mcp_client`). Accounts get a uid range and a
+Built on `testkit` (`KernelpoolServer`, `mcp_client`). Accounts get a uid range and a
 name prefix of their own (63000-63999, `kpb<pid>-`; the tests use 62000-62999) and cgroups
 the prefix `kernelpool-bench-<pid>`, so that cleanup can never touch anything else. Cleanup
 removes the users (their Unix accounts too), the data folders, and checks that no kernel
@@ -25,18 +25,15 @@ import httpx2
 import psutil
 
 from benchmarks.procs import RssSampler, cgroup_tree_dirs, kernel_processes, memory_cgroup_of
-from tests.server import NEUTRAL_CWD, KernelpoolServer, kernelpool_command, server_env
+from testkit.server import NEUTRAL_CWD, KernelpoolServer, kernelpool_command, sandbox_reason, server_env
 
 UID_MIN, UID_MAX = 63000, 63999
 _CLI_WORKERS = 4  # users are added by several CLI processes at once, each in a uid slice of its own
 
 
 def sandbox_args() -> tuple[list[str], str]:
-    """`serve` options for this host, and the isolation in words (as in tests/conftest.py)."""
-    from sandbox import probe
-
-    host = probe()
-    if host.get("root") and (host.get("cgroup") or {}).get("writable"):
+    """`serve` options for this host, and the isolation in words (as the tests decide it)."""
+    if sandbox_reason() is None:
         return [], "sandbox (own uid per user, cgroups)"
     return ["--insecure-no-sandbox"], "none (--insecure-no-sandbox: not root or no writable cgroups)"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx2
 
-from tests.server import mcp_client
+from testkit.client import mcp_client
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "misbehave", "version": "0"}}}

@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.harness import Bench
 from benchmarks.scenarios import WrongResult, call, texts
 from benchmarks.stats import summary
-from tests.server import mcp_client
+from testkit.client import mcp_client
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -23,7 +23,8 @@ from benchmarks.load import Phase, Run, Verdict, check_notebook, closed_loop, ju
 from benchmarks.procs import memory_of
 from benchmarks.stats import diff, ratio, summary
 from benchmarks.stock import StockKernel, StockKernels
-from tests.server import free_port, mcp_client
+from testkit.client import mcp_client
+from testkit.server import free_port
 
 
 class WrongResult(Exception):

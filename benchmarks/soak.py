@@ -42,7 +42,8 @@ import nbformat
 import psutil
 
 from benchmarks.misbehave import Misbehaver
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
+from testkit.client import mcp_client
+from testkit.server import KernelpoolServer, make_data_dir, server_env
 
 RSS_GROWTH_BOUND = 64 * 2**20  # bytes the server may grow in the measured window
 FD_GROWTH_BOUND = 32

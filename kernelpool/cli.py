@@ -15,8 +15,11 @@ import os
 import re
 import sys
 import time
+import typing
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from pydantic import BeforeValidator
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError, fmt_bytes
@@ -51,76 +54,93 @@ def parse_since(text: str) -> float:
     return parse_when(text)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML configuration file (also KERNELPOOL_CONFIG)")
-    p.add_argument("--data-dir", help="data folder (default ./kernelpool-data; also KERNELPOOL_DATA_DIR)")
-    p.add_argument("--insecure-no-sandbox", action="store_true", default=None,
-                   help="run kernels as this server's own user, without cgroups (single-user development only)")
+# settings that every command takes as options, and those that only `serve` takes; the others come
+# from the environment or the TOML file. Each option is made from its Settings field.
+COMMON_SETTINGS = ("config_file", "data_dir", "insecure_no_sandbox")
+SERVE_SETTINGS = ("host", "port", "kernel_network", "pool_size", "log_json", "log_level")
+# `users set-limits`: one user's overrides of these settings
+LIMIT_OPTIONS = {"--memory": "kernel_memory", "--cpus": "kernel_cpus", "--pids": "kernel_pids",
+                 "--user-memory": "user_memory", "--user-cpus": "user_cpus", "--user-pids": "user_pids"}
+
+
+def _typed(name: str) -> dict[str, Any]:
+    """argparse keywords for Settings field `name`: its choices or type, a flag for a boolean.
+    Not given is None, so that the environment, the file and the default still apply."""
+    field = Settings.model_fields[name]
+    kind = field.annotation
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": list(typing.get_args(kind))}
+    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None: X
+    if typing.get_origin(kind) is typing.Annotated:
+        kind = typing.get_args(kind)[0]  # PositiveFloat: float (the field checks the constraint)
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if field.default else "store_true", "default": None}
+    if kind in (int, float) and not any(isinstance(meta, BeforeValidator) for meta in field.metadata):
+        return {"type": kind}
+    return {}  # text, which the field's own validator parses (a path, a memory limit "2G")
+
+
+def _setting_option(parser: argparse.ArgumentParser, name: str) -> None:
+    field = Settings.model_fields[name]
+    key = field.alias or name
+    default = field.get_default(call_default_factory=True)
+    shown = "" if default is None or default is False else f"default {default}, "
+    parser.add_argument("--" + key.replace("_", "-"), dest=key, **_typed(name),
+                        help=f"{field.description}; {shown}also KERNELPOOL_{key.upper()}".replace("%", "%%"))
+
+
+def _command(parent: Any, name: str, help: str, *settings: str) -> argparse.ArgumentParser:
+    """A subcommand taking the common settings, and `settings`, as options."""
+    parser: argparse.ArgumentParser = parent.add_parser(name, help=help)
+    for setting in (*COMMON_SETTINGS, *settings):
+        _setting_option(parser, setting)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kernelpool", description="A sandboxed multi-user Jupyter kernel server over MCP.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="run the server")
-    _common(serve)
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8765)")
-    serve.add_argument("--kernel-network", choices=["egress", "none", "host"],
-                       help="per-user namespace with NAT to public addresses (egress), loopback only (none), "
-                            "or the host's network shared by all users (host: unsafe)")
-    serve.add_argument("--pool-size", type=int, help="warm kernels kept per active user")
-    serve.add_argument("--log-json", action="store_true", default=None, help="structured JSON logs")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _command(sub, "serve", "run the server", *SERVE_SETTINGS)
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
-    p = users.add_parser("add", help="add a user and print its first token (alone, on stdout)")
-    _common(p)
+    p = _command(users, "add", "add a user and print its first token (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--expires", type=parse_when, help="token expiry: 30d, 12h, or an ISO date")
-    p = users.add_parser("list", help="list users")
-    _common(p)
-    p = users.add_parser("remove", help="remove a user, its tokens and its Unix account")
-    _common(p)
+    _command(users, "list", "list users")
+    p = _command(users, "remove", "remove a user, its tokens and its Unix account")
     p.add_argument("name")
     p.add_argument("--delete-files", action="store_true", help="also delete the user's folder")
-    p = users.add_parser("set-limits", help="override a user's limits (per kernel, and for all its kernels)")
-    _common(p)
+    p = _command(users, "set-limits", "override a user's limits (per kernel, and for all its kernels)")
     p.add_argument("name")
-    p.add_argument("--memory", dest="kernel_memory", help="per kernel, e.g. 2G ('none' for no limit)")
-    p.add_argument("--cpus", dest="kernel_cpus", type=float, help="per kernel, in cores")
-    p.add_argument("--pids", dest="kernel_pids", type=int, help="per kernel")
-    p.add_argument("--user-memory", dest="user_memory", help="all the user's kernels together")
-    p.add_argument("--user-cpus", dest="user_cpus", type=float)
-    p.add_argument("--user-pids", dest="user_pids", type=int)
+    for option, name in LIMIT_OPTIONS.items():
+        none = "; 'none' for no limit" if "memory" in name else ""
+        p.add_argument(option, dest=name, metavar=option[2:].upper().replace("-", "_"), **_typed(name),
+                       help=f"{Settings.model_fields[name].description} (default: the server's {name}){none}")
 
     tokens = sub.add_parser("tokens", help="manage tokens").add_subparsers(dest="action", required=True)
-    p = tokens.add_parser("create", help="create a token for a user and print it (alone, on stdout)")
-    _common(p)
+    p = _command(tokens, "create", "create a token for a user and print it (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--expires", type=parse_when, help="30d, 12h, or an ISO date")
-    p = tokens.add_parser("list", help="list tokens (ids, not secrets)")
-    _common(p)
+    p = _command(tokens, "list", "list tokens (ids, not secrets)")
     p.add_argument("name", nargs="?")
-    p = tokens.add_parser("revoke", help="revoke a token by its id (or the token itself)")
-    _common(p)
+    p = _command(tokens, "revoke", "revoke a token by its id (or the token itself)")
     p.add_argument("token_id")
 
-    p = sub.add_parser("audit", help="read the audit log")
-    _common(p)
+    p = _command(sub, "audit", "read the audit log")
     p.add_argument("--user")
     p.add_argument("--since", type=parse_since, help="e.g. 1h, 2d, or an ISO date")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = sub.add_parser("doctor", help="report what isolation this host gives and what is in force")
-    _common(p)
+    p = _command(sub, "doctor", "report what isolation this host gives and what is in force")
     p.add_argument("--json", action="store_true")
     return parser
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    return load_settings(config=args.config, data_dir=args.data_dir, insecure_no_sandbox=args.insecure_no_sandbox, **extra)
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings, with the setting options this command was given."""
+    keys = {Settings.model_fields[name].alias or name for name in (*COMMON_SETTINGS, *SERVE_SETTINGS)}
+    return load_settings(**{key: value for key, value in vars(args).items() if key in keys})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +167,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kernelpool.logs import setup_logging
     from kernelpool.store import check_not_newer
 
-    settings = _settings(
-        args, host=args.host, port=args.port, kernel_network=args.kernel_network, pool_size=args.pool_size,
-        log_json=args.log_json, log_level=args.log_level,
-    )
+    settings = _settings(args)
     setup_logging(settings.log_level, settings.log_json)
     # before anything is built: a data folder of a newer kernelpool is refused untouched
     check_not_newer(settings.db_path)
@@ -213,7 +230,7 @@ async def _users(args: argparse.Namespace) -> int:
             await users.remove(args.name, delete_files=args.delete_files)
             _err(f"removed user {args.name}")
         elif args.action == "set-limits":
-            given = {k: getattr(args, k) for k in ("kernel_memory", "kernel_cpus", "kernel_pids", "user_memory", "user_cpus", "user_pids")}
+            given = {k: getattr(args, k) for k in LIMIT_OPTIONS.values()}
             if all(v is None for v in given.values()):
                 _err("kernelpool: give at least one limit (--memory, --cpus, --pids, --user-memory, ...)")
                 return 2

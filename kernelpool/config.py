@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,101 +33,156 @@ from pydantic_settings import (
 from sandbox.limits import parse_memory
 
 
+def memory_limit(value: str | int | None) -> int | None:
+    """A memory limit as people write it ("2G", "512M", "none", "max") in bytes; None = no limit.
+
+    The one parser of memory limits: `Settings` (kernel_memory, user_memory) and
+    `UserService.set_limits` / the per-user overrides that `users set-limits` stores.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "max"):
+        return None
+    return parse_memory(str(value))  # ValueError names the problem
+
+
+# parsed when the settings are built: everything after sees bytes or None
+MemoryLimit = Annotated[int | None, BeforeValidator(memory_limit)]
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True,
+                                      use_attribute_docstrings=True)
 
-    data_dir: Path = Field(Path("kernelpool-data"), description="where the database, users' folders and runtime files live")
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8765, ge=0, le=65535, description="port to listen on (0 = any free port)")
-    public_url: str | None = Field(None, description="the URL clients use, when behind a proxy (printed, used for auth metadata)")
-    allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="extra Host headers to accept (DNS-rebinding protection): host:port or host:*, comma-separated")
-    allowed_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="extra Origin headers to accept, comma-separated")
+    data_dir: Path = Path("kernelpool-data")
+    """where the database, users' folders and runtime files live"""
+    host: str = "127.0.0.1"
+    """address to listen on"""
+    port: int = Field(8765, ge=0, le=65535)
+    """port to listen on (0 = any free port)"""
+    public_url: str | None = None
+    """the URL clients use, when behind a proxy (printed, used for auth metadata)"""
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """extra Host headers to accept (DNS-rebinding protection): host:port or host:*, comma-separated"""
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """extra Origin headers to accept, comma-separated"""
 
-    first_user: str = Field("default", description="name of the user created on first start, when there is none")
-    insecure_no_sandbox: bool = Field(False, description="run kernels as the server's own user, without cgroups (single-user development only)")
-    uid_min: int = Field(20000, ge=1000, description="first uid/gid handed to kernelpool users")
-    uid_max: int = Field(29999, ge=1000, description="last uid/gid handed to kernelpool users")
-    account_prefix: str = Field("kp-", description="prefix of the Unix account names created for users")
-    cgroup_prefix: str = Field("kernelpool", description="folder name under the server's own cgroup")
-    kernel_network: Literal["egress", "none", "host"] = Field(
-        "egress",
-        description="each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public "
-                    "addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe)")
-    kernel_network_range: str = Field(
-        "10.201.0.0/16", description="private IPv4 range from which each user's namespace gets a /31 ('egress')")
-    kernel_network_allow: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="blocked IPv4 ranges (private, link-local, ...) that kernels may reach after all ('egress'), comma-separated")
-    network_prefix: str = Field(
-        "kp", description="names this server's namespaces (PREFIX-UID), links (PREFIXUID) and nftables table; unique per host")
-    kernel_memory: str | None = Field("2G", description="memory limit per kernel")
-    kernel_cpus: float | None = Field(1.0, gt=0, description="CPU limit per kernel, in cores")
-    kernel_pids: int | None = Field(256, gt=0, description="process/thread limit per kernel")
-    kernel_tmpfs_size: str = Field(
-        "512M", description="size cap of each kernel's private /tmp and of its /dev/shm (tmpfs: what is stored there counts against the kernel's memory limit)")
-    user_memory: str | None = Field("4G", description="memory limit for all of one user's kernels together")
-    user_cpus: float | None = Field(None, gt=0, description="CPU limit for all of one user's kernels together")
-    user_pids: int | None = Field(1024, gt=0, description="process/thread limit for all of one user's kernels together")
+    first_user: str = "default"
+    """name of the user created on first start, when there is none"""
+    insecure_no_sandbox: bool = False
+    """run kernels as the server's own user, without cgroups (single-user development only)"""
+    uid_min: int = Field(20000, ge=1000)
+    """first uid/gid handed to kernelpool users"""
+    uid_max: int = Field(29999, ge=1000)
+    """last uid/gid handed to kernelpool users"""
+    account_prefix: str = "kp-"
+    """prefix of the Unix account names created for users"""
+    cgroup_prefix: str = "kernelpool"
+    """folder name under the server's own cgroup"""
+    kernel_network: Literal["egress", "none", "host"] = "egress"
+    """each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe)"""
+    kernel_network_range: str = "10.201.0.0/16"
+    """private IPv4 range from which each user's namespace gets a /31 ('egress')"""
+    kernel_network_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """blocked IPv4 ranges (private, link-local, ...) that kernels may reach after all ('egress'), comma-separated"""
+    network_prefix: str = "kp"
+    """names this server's namespaces (PREFIX-UID), links (PREFIXUID) and nftables table; unique per host"""
+    kernel_memory: MemoryLimit = 2 << 30
+    """memory limit per kernel"""
+    kernel_cpus: PositiveFloat | None = 1.0
+    """CPU limit per kernel, in cores"""
+    kernel_pids: PositiveInt | None = 256
+    """process/thread limit per kernel"""
+    kernel_tmpfs_size: str = "512M"
+    """size cap of each kernel's private /tmp and of its /dev/shm (tmpfs: what is stored there counts against the kernel's memory limit)"""
+    user_memory: MemoryLimit = 4 << 30
+    """memory limit for all of one user's kernels together"""
+    user_cpus: PositiveFloat | None = None
+    """CPU limit for all of one user's kernels together"""
+    user_pids: PositiveInt | None = 1024
+    """process/thread limit for all of one user's kernels together"""
 
-    kernel_python: str | None = Field(None, description="python interpreter for kernels (default: the server's own)")
-    kernel_start_timeout: float = Field(60.0, gt=0, description="seconds a kernel may take to become ready")
-    max_kernels_per_user: int = Field(16, ge=1, description="kernels one user may have at once (pool kernels included)")
-    max_kernels: int = Field(512, ge=1, description="kernels on this server at once")
-    kernel_idle_timeout: float = Field(3600.0, ge=0, description="seconds after which an idle kernel is shut down (0 = never)")
-    session_idle_timeout: float = Field(1800.0, gt=0, description="seconds after which an idle MCP session's context is forgotten")
-    max_sessions: int = Field(10000, ge=1, description="MCP sessions (protocol 2025-11-25 and older) open on this server at once")
-    max_sessions_per_user: int = Field(100, ge=1, description="MCP sessions one user may have open at once (below max_sessions)")
-    pool_size: int = Field(1, ge=0, description="warm kernels kept ready per active user")
-    user_packages: bool = Field(
-        True, description="%pip / !pip in a kernel install into the user's own folder (~/.local), seen by that user's kernels only")
-    fork_server: bool = Field(True, description="fork kernels from a pre-imported process (faster start, shared memory); off = start each the stock way")
+    kernel_python: str | None = None
+    """python interpreter for kernels (default: the server's own)"""
+    kernel_start_timeout: PositiveFloat = 60.0
+    """seconds a kernel may take to become ready"""
+    max_kernels_per_user: PositiveInt = 16
+    """kernels one user may have at once (pool kernels included)"""
+    max_kernels: PositiveInt = 512
+    """kernels on this server at once"""
+    kernel_idle_timeout: NonNegativeFloat = 3600.0
+    """seconds after which an idle kernel is shut down (0 = never)"""
+    session_idle_timeout: PositiveFloat = 1800.0
+    """seconds after which an idle MCP session's context is forgotten"""
+    max_sessions: PositiveInt = 10000
+    """MCP sessions (protocol 2025-11-25 and older) open on this server at once"""
+    max_sessions_per_user: PositiveInt = 100
+    """MCP sessions one user may have open at once (below max_sessions)"""
+    pool_size: NonNegativeInt = 1
+    """warm kernels kept ready per active user"""
+    user_packages: bool = True
+    """%pip / !pip in a kernel install into the user's own folder (~/.local), seen by that user's kernels only"""
+    fork_server: bool = True
+    """fork kernels from a pre-imported process (faster start, shared memory); off = start each the stock way"""
 
-    execute_timeout: float = Field(300.0, gt=0, description="default timeout of one execution, seconds")
-    max_execute_timeout: float = Field(3600.0, gt=0, description="largest timeout a client may ask for, seconds")
-    progress_interval: float = Field(5.0, gt=0, description="seconds between progress notifications of a running execution")
-    max_output_chars: int = Field(20000, ge=100, description="text returned per execution, at most (the notebook keeps more)")
-    max_image_bytes: int = Field(2_000_000, ge=0, description="images larger than this are referenced, not inlined")
-    max_saved_output_chars: int = Field(2_000_000, ge=1000, description="text kept per output in the notebook (the middle is dropped)")
-    max_saved_image_bytes: int = Field(10_000_000, ge=0, description="images larger than this are not kept in the notebook")
-    max_saved_execution_chars: int = Field(
-        20_000_000, ge=1000,
-        description="outputs kept per execution, all outputs together (text characters and payload bytes); past it outputs are cut or replaced by a note")
-    max_result_bytes_per_user: int = Field(
-        64 * 2**20, ge=0,
-        description="finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')")
-    max_result_bytes: int = Field(
-        512 * 2**20, ge=0, description="finished background results kept in server memory for all users together")
-    disk_free_floor: str = Field(
-        "512M", description="free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)")
-    audit_queue_max: int = Field(
-        100_000, ge=1, description="audit rows kept in memory while they cannot be written (a full disk); past it the oldest are dropped and counted")
-    metrics_token: str | None = Field(
-        None, description="bearer token that /metrics requires (per-user figures); without it /metrics answers 403")
-    trusted_proxies: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is believed, comma-separated")
-    auth_failures_before_backoff: int = Field(
-        10, ge=1, description="failed authentications from one client address within auth_failure_window before it gets 429")
-    auth_failure_window: float = Field(60.0, gt=0, description="seconds over which an address's failed authentications are counted")
-    auth_backoff: float = Field(30.0, gt=0, description="seconds an address over the failure count is answered 429 (a valid token still passes)")
-    housekeeping_interval: float = Field(30.0, gt=0, description="seconds between idle-kernel culls and session expiry")
+    execute_timeout: PositiveFloat = 300.0
+    """default timeout of one execution, seconds"""
+    max_execute_timeout: PositiveFloat = 3600.0
+    """largest timeout a client may ask for, seconds"""
+    progress_interval: PositiveFloat = 5.0
+    """seconds between progress notifications of a running execution"""
+    max_output_chars: int = Field(20000, ge=100)
+    """text returned per execution, at most (the notebook keeps more)"""
+    max_image_bytes: NonNegativeInt = 2_000_000
+    """images larger than this are referenced, not inlined"""
+    max_saved_output_chars: int = Field(2_000_000, ge=1000)
+    """text kept per output in the notebook (the middle is dropped)"""
+    max_saved_image_bytes: NonNegativeInt = 10_000_000
+    """images larger than this are not kept in the notebook"""
+    max_saved_execution_chars: int = Field(20_000_000, ge=1000)
+    """outputs kept per execution, all outputs together (text characters and payload bytes); past it outputs are cut or replaced by a note"""
+    max_result_bytes_per_user: NonNegativeInt = 64 * 2**20
+    """finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')"""
+    max_result_bytes: NonNegativeInt = 512 * 2**20
+    """finished background results kept in server memory for all users together"""
+    disk_free_floor: str = "512M"
+    """free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)"""
+    audit_queue_max: PositiveInt = 100_000
+    """audit rows kept in memory while they cannot be written (a full disk); past it the oldest are dropped and counted"""
+    metrics_token: str | None = None
+    """bearer token that /metrics requires (per-user figures); without it /metrics answers 403"""
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is believed, comma-separated"""
+    auth_failures_before_backoff: PositiveInt = 10
+    """failed authentications from one client address within auth_failure_window before it gets 429"""
+    auth_failure_window: PositiveFloat = 60.0
+    """seconds over which an address's failed authentications are counted"""
+    auth_backoff: PositiveFloat = 30.0
+    """seconds an address over the failure count is answered 429 (a valid token still passes)"""
+    housekeeping_interval: PositiveFloat = 30.0
+    """seconds between idle-kernel culls and session expiry"""
 
     # resumable streams (kernelpool/mcp/events.py); the event store is in memory
-    resume_events_per_session: int = Field(
-        2000, ge=0, description="events kept per MCP session for clients that resume a dropped stream (0 = no resumption)")
-    resume_bytes_per_session: str = Field("16M", description="bytes of events kept per MCP session for resumption")
-    resume_bytes_per_user: str = Field("64M", description="bytes of events kept for all of one user's sessions together")
-    resume_max_age: float = Field(900.0, gt=0, description="seconds an event is kept for resumption")
-    sse_retry_ms: int = Field(2000, ge=0, description="reconnection delay suggested to clients in SSE `retry` fields, milliseconds")
-    near_limit_ratio: float = Field(0.8, gt=0, le=1, description="share of a per-user limit at which the user's sessions are told they are near it")
+    resume_events_per_session: NonNegativeInt = 2000
+    """events kept per MCP session for clients that resume a dropped stream (0 = no resumption)"""
+    resume_bytes_per_session: str = "16M"
+    """bytes of events kept per MCP session for resumption"""
+    resume_bytes_per_user: str = "64M"
+    """bytes of events kept for all of one user's sessions together"""
+    resume_max_age: PositiveFloat = 900.0
+    """seconds an event is kept for resumption"""
+    sse_retry_ms: NonNegativeInt = 2000
+    """reconnection delay suggested to clients in SSE `retry` fields, milliseconds"""
+    near_limit_ratio: float = Field(0.8, gt=0, le=1)
+    """share of a per-user limit at which the user's sessions are told they are near it"""
 
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level of the server")
-    log_json: bool = Field(False, description="structured JSON logs")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """log level of the server"""
+    log_json: bool = False
+    """structured JSON logs"""
 
-    config_file: Path | None = Field(None, alias="config", description="TOML file read at start-up")
+    config_file: Path | None = Field(None, alias="config")
+    """TOML file read at start-up"""
 
     @field_validator("data_dir")
     @classmethod
@@ -164,14 +227,6 @@ class Settings(BaseSettings):
     def _bytes(cls, value: str) -> str:
         parse_memory(value)
         return value
-
-    @field_validator("kernel_memory", "user_memory")
-    @classmethod
-    def _memory(cls, value: str | None) -> str | None:
-        if value is not None and value.lower() not in ("", "none", "max"):
-            parse_memory(value)
-            return value
-        return None
 
     @field_validator("kernel_tmpfs_size")
     @classmethod

@@ -2,10 +2,12 @@
 
 Knows nothing of Jupyter or MCP; kernelpool is its only caller. Modules: `identity` (who),
 `limits` (how much), `accounts` (passwd entries), `cgroups` (v1/v2), `launcher` (fork, drop,
-exec), `network` (per-user network namespaces and their firewall), `views` (a kernel's private
-/tmp, /dev/shm, /proc and cgroup views), `seccomp` (its syscall filter), `fs` (the root server's
-link-proof file access inside a user's folder), `rundir` (each kernel's root-owned folder for its
-connection file and sockets), `probe` (what this host can isolate), `errors`.
+exec), `network` (per-user network namespaces), `netplan` (their addresses and firewall table),
+`views` (a kernel's private /tmp, /dev/shm, /proc and cgroup views), `seccomp` (its syscall
+filter), `fs` (the root server's link-proof file access inside a user's folder), `paths` (the
+rules for the paths clients give), `folders` (the server's own folders, made and deleted),
+`rundir` (each kernel's root-owned folder for its connection file and sockets), `probe` (what
+this host can isolate), `errors`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from sandbox.errors import (
     FileTooLarge,
     InvalidPath,
     LaunchError,
+    NetworkError,
     PathError,
     PathOutsideRoot,
     SandboxError,
 )
-from sandbox.fs import Entry, SafeRoot, prepare_dir
+from sandbox.folders import prepare_dir
+from sandbox.fs import Entry, SafeRoot
 from sandbox.identity import Identity
 from sandbox.launcher import LaunchSpec, enter, spawn
 from sandbox.limits import Limits, parse_memory
-from sandbox.network import NetworkError, NetworkPlan, UserNetworks
+from sandbox.netplan import NetworkPlan
+from sandbox.network import UserNetworks
 from sandbox.probe import probe
 
 __all__ = [

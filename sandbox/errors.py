@@ -28,6 +28,10 @@ class CgroupError(SandboxError):
     """A cgroup could not be created, configured, joined or removed."""
 
 
+class NetworkError(SandboxError):
+    """A user's network namespace (or the server's firewall table) could not be made or removed."""
+
+
 class LaunchError(SandboxError):
     """The child failed while sandboxing itself, before exec: the command never ran.
 

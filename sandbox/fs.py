@@ -4,8 +4,9 @@ The user's kernel runs as the user and can create symbolic links, replace a fold
 between two of our calls, or hard-link files. The server runs as root. So every path is
 walked one component at a time with openat(O_PATH | O_NOFOLLOW) from a descriptor of the
 folder: no link is followed anywhere, and a swap between two steps can only make the call
-fail, never redirect it. Callers: kernelpool's notebook and file services (`SafeRoot`), and
-its user service at start-up (`prepare_dir`).
+fail, never redirect it. Callers: kernelpool's notebook and file services (`SafeRoot`). The
+path rules are `sandbox.paths`'; the server's own folders are made and deleted by
+`sandbox.folders` (both re-exported here).
 
 Errors: `PathOutsideRoot` (absolute, '..'), `InvalidPath` (NUL, empty or '.' component,
 a symbolic link on the way or at the end, not a regular file), `FileTooLarge`; and the
@@ -19,24 +20,17 @@ import errno
 import os
 import secrets
 import stat as st
-import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
-from sandbox.errors import FileTooLarge, InvalidPath, PathError, PathOutsideRoot, SandboxError
+from sandbox.errors import FileTooLarge, InvalidPath, PathError, PathOutsideRoot
+from sandbox.folders import prepare_dir, remove_tree
+from sandbox.paths import MAX_DEPTH, MAX_NAME_BYTES, normalize_path, split_path
 
 __all__ = [
     "Entry", "SafeRoot", "prepare_dir", "remove_tree", "normalize_path", "MAX_DEPTH", "MAX_NAME_BYTES",
     "PathError", "PathOutsideRoot", "InvalidPath", "FileTooLarge",
 ]
-
-# The path rules, defined once for the whole server (kernelpool's notebook paths use them too).
-MAX_DEPTH = 32  # components in one path
-MAX_NAME_BYTES = 255  # bytes of one component in UTF-8: what Linux file systems allow
-# control characters, invisible format characters (bidi overrides, zero-width joiners, ...),
-# line and paragraph separators, lone surrogates: a name with any of them can look like another
-_REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible format character",
-                       "Zl": "a line separator", "Zp": "a paragraph separator", "Cs": "a lone surrogate"}
 
 _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -66,65 +60,6 @@ def _entry(name: str, info: os.stat_result) -> Entry:
     else:
         kind = "other"
     return Entry(name, kind, info.st_size, info.st_mtime)
-
-
-def _split(relpath: str, *, allow_root: bool = False) -> list[str]:
-    if not isinstance(relpath, str):
-        raise InvalidPath(repr(relpath), "path must be a string")
-    if relpath == "" and allow_root:
-        return []
-    parts = _parts(relpath)
-    # callers hand us normalised paths (`normalize_path`); a name in another form is another file
-    if not unicodedata.is_normalized("NFC", relpath):
-        raise InvalidPath(relpath, "not in Unicode normal form NFC")
-    return parts
-
-
-def _parts(relpath: str) -> list[str]:
-    """The components of `relpath`, each checked against the path rules."""
-    if "\0" in relpath:
-        raise InvalidPath(relpath, "path contains a NUL byte")
-    if relpath == "":
-        raise InvalidPath(relpath, "empty path")
-    if relpath.startswith("/"):
-        raise PathOutsideRoot(relpath, "absolute paths are not allowed; give a path relative to the user's folder")
-    parts = relpath.split("/")
-    if len(parts) > MAX_DEPTH:
-        raise InvalidPath(relpath, f"more than {MAX_DEPTH} levels of folders")
-    for part in parts:
-        if part == "..":
-            raise PathOutsideRoot(relpath, "'..' is not allowed")
-        if part == "":
-            raise InvalidPath(relpath, "empty path component ('//', or a leading or trailing '/')")
-        if part == ".":
-            raise InvalidPath(relpath, "'.' components are not allowed")
-        for ch in part:
-            kind = _REFUSED_CATEGORIES.get(unicodedata.category(ch))
-            if kind is not None:
-                name = unicodedata.name(ch, "")
-                raise InvalidPath(relpath, f"contains {kind} (U+{ord(ch):04X}{' ' + name if name else ''})")
-        if part != part.strip():
-            raise InvalidPath(relpath, f"the name {part!r} begins or ends with a space")
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            raise InvalidPath(relpath, f"a name is longer than {MAX_NAME_BYTES} bytes")
-    return parts
-
-
-def normalize_path(relpath: str) -> str:
-    """A client-given relative path in Unicode NFC, checked against the path rules.
-
-    NFC, so that "café" typed on two systems (composed or not) names one file. Refused, with
-    InvalidPath or PathOutsideRoot saying why: NUL, absolute, '..', empty or '.' components,
-    control and invisible format characters (category Cc, Cf: bidi overrides, zero-width
-    characters), line/paragraph separators (Zl, Zp), a component that begins or ends with
-    white space, more than MAX_DEPTH components, a component over MAX_NAME_BYTES bytes.
-    Called by kernelpool's notebook service for every path a client gives.
-    """
-    if not isinstance(relpath, str):
-        raise InvalidPath(repr(relpath), "path must be a string")
-    normal = unicodedata.normalize("NFC", relpath)
-    _parts(normal)
-    return normal
 
 
 def _oserror(code: int, relpath: str) -> OSError:
@@ -194,7 +129,7 @@ class SafeRoot:
         return fd
 
     def _parent(self, relpath: str) -> tuple[int, str]:
-        parts = _split(relpath)
+        parts = split_path(relpath)
         return self._open_dir(relpath, parts[:-1]), parts[-1]
 
     def _chown(self, fd: int) -> None:
@@ -286,7 +221,7 @@ class SafeRoot:
 
     def makedirs(self, relpath: str, mode: int = 0o700) -> None:
         """Create the folder and any missing parents (owned by uid/gid, `mode`); existing ones are fine."""
-        parts = _split(relpath, allow_root=True)
+        parts = split_path(relpath, allow_root=True)
         fd = self._open_root()
         try:
             for name in parts:
@@ -314,7 +249,7 @@ class SafeRoot:
 
     def listdir(self, relpath: str = "") -> list[Entry]:
         """Entries of a folder, sorted by name; links are listed as "symlink", never followed."""
-        dirfd = self._open_dir(relpath, _split(relpath, allow_root=True))
+        dirfd = self._open_dir(relpath, split_path(relpath, allow_root=True))
         try:
             readable = os.open(".", _READ_DIR, dir_fd=dirfd)
             try:
@@ -336,7 +271,7 @@ class SafeRoot:
 
         "" is the root folder itself. A link on the way there raises InvalidPath.
         """
-        parts = _split(relpath, allow_root=True)
+        parts = split_path(relpath, allow_root=True)
         if not parts:
             fd = self._open_root()
             try:
@@ -382,133 +317,3 @@ class SafeRoot:
                 os.close(dst_fd)
         finally:
             os.close(src_fd)
-
-
-def prepare_dir(path: str, uid: int | None, gid: int | None, mode: int = 0o700) -> None:
-    """Create the folder `path` (missing parents as root-owned 0755), then set its owner and mode.
-
-    Refuses (InvalidPath) if `path` itself is a symbolic link. Parents are the server's own
-    configuration and may be links. Called by kernelpool for the data folders and for each
-    user's folder and runtime folder.
-    """
-    path = os.path.abspath(path)
-    missing = []
-    parent = os.path.dirname(path)
-    while not os.path.isdir(parent):
-        missing.append(parent)
-        parent = os.path.dirname(parent)
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder, 0o755)
-            os.chmod(folder, 0o755)
-        except FileExistsError:
-            pass
-    try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        pass
-    try:
-        fd = os.open(path, _READ_DIR)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise InvalidPath(path, "is a symbolic link; refusing to use it as a folder") from None
-        if exc.errno == errno.ENOTDIR:
-            raise InvalidPath(path, "exists and is not a folder") from None
-        raise
-    try:
-        if uid is not None or gid is not None:
-            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-        os.fchmod(fd, mode)
-    except OSError as exc:
-        raise SandboxError(f"cannot set owner/mode of {path}: {exc.strerror}", path=path) from exc
-    finally:
-        os.close(fd)
-
-
-def remove_tree(parent: str, name: str) -> bool:
-    """Delete `parent/name` and everything below it; False if it did not exist.
-
-    `parent` is the server's own folder (e.g. DATA/users); `name` one component. The walk goes
-    from directory descriptors, one level at a time, with no recursion and one descriptor open
-    at a time, so a tree of any depth goes; a link is removed, never followed. A folder moved
-    while we walk (the user's processes must be stopped first; this is the backstop) or one on
-    another file system below `name` (a mount point) stops the walk with SandboxError, naming
-    the path. When `name` itself is a mount point (a volume per user), it is emptied and left.
-    """
-    if "/" in name or name in ("", ".", ".."):
-        raise InvalidPath(name, "must be a single path component")
-    top = os.open(parent, _READ_DIR)
-    try:
-        try:
-            info = os.stat(name, dir_fd=top, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        if not st.S_ISDIR(info.st_mode):
-            os.unlink(name, dir_fd=top)
-            return True
-        _remove_below(top, name, os.path.join(parent, name))
-        if info.st_dev == os.fstat(top).st_dev:
-            os.rmdir(name, dir_fd=top)
-        return True
-    finally:
-        os.close(top)
-
-
-def _remove_below(top: int, name: str, shown: str) -> None:
-    """Empty the folder `name` in `top`. `shown` names it in errors."""
-    fd = _open_child_dir(top, name, shown, None)
-    device = os.fstat(fd).st_dev
-    # the way back up: (name, dev, ino) of each folder we are inside, below `top`
-    trail: list[tuple[str, int, int]] = [(name, device, os.fstat(fd).st_ino)]
-    try:
-        while True:
-            child = _empty_or_first_subdir(fd, shown)
-            if child is not None:
-                next_fd = _open_child_dir(fd, child, shown, device)
-                info = os.fstat(next_fd)
-                os.close(fd)
-                fd = next_fd
-                trail.append((child, info.st_dev, info.st_ino))
-                continue
-            # `fd` is empty now: climb to its parent and remove it there
-            done, _, _ = trail.pop()
-            if not trail:
-                return
-            up = os.open("..", _READ_DIR, dir_fd=fd)
-            info = os.fstat(up)
-            if (info.st_dev, info.st_ino) != trail[-1][1:]:
-                os.close(up)
-                raise SandboxError(f"{shown}: a folder was moved while it was being deleted; stop the "
-                                   "user's processes and try again", path=shown)
-            os.close(fd)
-            fd = up
-            os.rmdir(done, dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
-def _open_child_dir(dirfd: int, name: str, shown: str, device: int | None) -> int:
-    try:
-        fd = os.open(name, _READ_DIR, dir_fd=dirfd)
-    except OSError as exc:
-        raise SandboxError(f"{shown}: cannot open {name!r} to delete it: {exc.strerror}", path=shown) from None
-    if device is not None and os.fstat(fd).st_dev != device:
-        os.close(fd)
-        raise SandboxError(f"{shown}: {name!r} is on another file system (a mount point); unmount it first",
-                           path=shown)
-    return fd
-
-
-def _empty_or_first_subdir(fd: int, shown: str) -> str | None:
-    """Unlink every non-folder in `fd`; return a subfolder's name, or None once it is empty."""
-    with os.scandir(fd) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                return entry.name
-            try:
-                os.unlink(entry.name, dir_fd=fd)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise SandboxError(f"{shown}: cannot delete {entry.name!r}: {exc.strerror}", path=shown) from None
-    return None

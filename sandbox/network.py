@@ -31,124 +31,24 @@ server's other threads never leave the host's namespace.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import re
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Literal, TypeVar
+from ipaddress import IPv4Address
+from typing import Any, TypeVar
 
-from sandbox import _libc, _nft
-from sandbox.errors import SandboxError
+from sandbox import _docker, _libc, _nft
+from sandbox._docker import docker_rules
+from sandbox.errors import NetworkError
+from sandbox.netplan import BLOCKED_V4, BLOCKED_V6, NetworkPlan, resolvers_from
+
+__all__ = ["BLOCKED_V4", "BLOCKED_V6", "NetworkError", "NetworkPlan", "UserNetworks", "docker_rules", "resolvers_from"]
 
 log = logging.getLogger(__name__)
 
-# what a kernel may never reach in "egress" mode, unless `allow` names a range inside one
-BLOCKED_V4: tuple[IPv4Network, ...] = tuple(IPv4Network(n) for n in (
-    "0.0.0.0/8",        # "this network"
-    "10.0.0.0/8",       # private
-    "100.64.0.0/10",    # shared address space (carrier-grade NAT; also cloud-internal)
-    "127.0.0.0/8",      # loopback
-    "169.254.0.0/16",   # link-local: cloud metadata services live here
-    "172.16.0.0/12",    # private
-    "192.0.0.0/24",     # IETF protocol assignments
-    "192.168.0.0/16",   # private
-    "198.18.0.0/15",    # benchmarking, used inside some data centres
-    "224.0.0.0/4",      # multicast
-    "240.0.0.0/4",      # reserved, and 255.255.255.255
-))
-# IPv6 is not routed for kernels at all; these are named so that a read-back can show them
-BLOCKED_V6 = ("fc00::/7", "fe80::/10")
-# ends in a letter: "<prefix><uid>" link names of two prefixes can then never coincide
-_PREFIX = re.compile(r"[a-z]([a-z0-9]{0,4}[a-z])?")
-_IFNAMSIZ = 15
-_DOCKER_CHAIN = "DOCKER-USER"
 _T = TypeVar("_T")
-
-
-class NetworkError(SandboxError):
-    """A user's network namespace (or the server's firewall table) could not be made or removed."""
-
-
-@dataclass(frozen=True)
-class NetworkPlan:
-    """How this server lays out its kernels' networks; built by kernelpool from settings."""
-
-    mode: Literal["none", "egress"]
-    prefix: str = "kp"  # names: namespace "<prefix>-<uid>", host link "<prefix><uid>", table "<prefix>_kernels"
-    addresses: IPv4Network = IPv4Network("10.201.0.0/16")  # a /31 per user with a namespace
-    allow: tuple[IPv4Network, ...] = ()  # blocked ranges kernels may reach after all
-    resolvers: tuple[IPv4Address, ...] = ()  # reachable on port 53 whatever their address
-    rundir: str = "/run/netns"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("none", "egress"):
-            raise ValueError(f"unknown network mode {self.mode!r} (expected 'none' or 'egress')")
-        if not _PREFIX.fullmatch(self.prefix):
-            raise ValueError(f"network prefix {self.prefix!r}: 1-6 characters a-z, 0-9, starting and ending with a letter")
-        if self.addresses.prefixlen > 31:
-            raise ValueError(f"kernel address range {self.addresses} is too small: a /31 or larger is needed")
-        if not self.addresses.is_private:
-            raise ValueError(f"kernel address range {self.addresses} must be a private range")
-        if not os.path.isabs(self.rundir):
-            raise ValueError(f"namespace folder {self.rundir!r} must be an absolute path")
-
-    @property
-    def table(self) -> str:
-        return f"{self.prefix}_kernels"
-
-    @property
-    def comment(self) -> str:
-        return f"kernelpool {self.prefix}"
-
-    @property
-    def slots(self) -> int:
-        return self.addresses.num_addresses // 2
-
-    def path(self, uid: int) -> str:
-        return os.path.join(self.rundir, f"{self.prefix}-{uid}")
-
-    def host_link(self, uid: int) -> str:
-        name = f"{self.prefix}{uid}"
-        if len(name) > _IFNAMSIZ:
-            raise NetworkError(f"interface name {name!r} is longer than {_IFNAMSIZ} characters: use a shorter prefix")
-        return name
-
-    def pair(self, slot: int) -> tuple[IPv4Address, IPv4Address]:
-        """(host end, namespace end) of the /31 number `slot`."""
-        base = self.addresses.network_address + 2 * slot
-        return base, base + 1
-
-
-def resolvers_from(path: str = "/etc/resolv.conf") -> tuple[list[IPv4Address], list[str]]:
-    """The IPv4 name servers in a resolv.conf, and the entries that were skipped (with why)."""
-    found: list[IPv4Address] = []
-    skipped: list[str] = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        return [], [f"{path}: {exc.strerror}"]
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 2 or parts[0] != "nameserver":
-            continue
-        try:
-            addr = ipaddress.ip_address(parts[1].split("%")[0])
-        except ValueError:
-            skipped.append(f"{parts[1]}: not an address")
-            continue
-        if isinstance(addr, IPv4Address):
-            if addr not in found:
-                found.append(addr)
-        else:
-            skipped.append(f"{addr}: kernels have no IPv6 route")
-    return found, skipped
 
 
 class UserNetworks:
@@ -186,11 +86,11 @@ class UserNetworks:
                         "--sysctl net.ipv4.ip_forward=1") from exc
                 notes.append("set net.ipv4.ip_forward=1 (kernels' traffic is routed and masqueraded)")
             try:
-                _nft.run(self._ruleset())
+                _nft.run(self.plan.ruleset())
             except _nft.NftError as exc:
                 raise NetworkError(f"could not install nftables table {self.plan.table}: {exc}") from exc
-            if _docker_chain_exists():
-                notes.append(f"Docker's {_DOCKER_CHAIN} chain found: kernel links are accepted there")
+            if _docker.chain_exists():
+                notes.append(f"Docker's {_docker.CHAIN} chain found: kernel links are accepted there")
         self._started = True
         return notes
 
@@ -219,7 +119,7 @@ class UserNetworks:
         if _nft.available() is None:
             with contextlib.suppress(_nft.NftError):
                 _nft.run(f"add table inet {self.plan.table}\ndelete table inet {self.plan.table}\n")
-        _docker_remove_all(self.plan.comment)
+        _docker.remove_all(self.plan.comment)
         with self._lock:
             self._slots.clear()
         return count
@@ -273,17 +173,17 @@ class UserNetworks:
     def refresh_docker_rules(self) -> int:
         """Put back the DOCKER-USER rules of live namespaces where they are missing (dockerd started,
         or restarted with a fresh chain, after the namespace was made); returns how many were added."""
-        if self.plan.mode != "egress" or not _docker_chain_exists():
+        if self.plan.mode != "egress" or not _docker.chain_exists():
             return 0
-        listing = _iptables("-S", _DOCKER_CHAIN).stdout
+        listing = _docker.iptables("-S", _docker.CHAIN).stdout
         with self._lock:
             uids = list(self._slots)
         added = 0
         for uid in uids:
             link = self.plan.host_link(uid)
             if f"-i {link} " not in listing or f"-o {link} " not in listing:
-                _docker_rules("-D", link, self.plan.comment, missing_ok=True)  # a half pair would stay twice
-                _docker_rules("-I", link, self.plan.comment)
+                _docker.change_rules("-D", link, self.plan.comment, missing_ok=True)  # a half pair would stay twice
+                _docker.change_rules("-I", link, self.plan.comment)
                 added += 1
         return added
 
@@ -339,8 +239,8 @@ class UserNetworks:
                     _libc.setns(home, _libc.CLONE_NEWNET)
             if link is not None:
                 _nft.run(f'add element inet {plan.table} kernel_links {{ "{link}" }}')
-                if _docker_chain_exists():
-                    _docker_rules("-I", link, plan.comment)
+                if _docker.chain_exists():
+                    _docker.change_rules("-I", link, plan.comment)
         except BaseException as exc:
             if made_link or made_ns:
                 with contextlib.suppress(BaseException):
@@ -368,7 +268,7 @@ class UserNetworks:
                         problems.append(f"link {link}: {_describe(exc)}")
             with contextlib.suppress(_nft.NftError):  # absent element or table: nothing to remove
                 _nft.run(f'delete element inet {plan.table} kernel_links {{ "{link}" }}')
-            _docker_rules("-D", link, plan.comment, missing_ok=True)
+            _docker.change_rules("-D", link, plan.comment, missing_ok=True)
         if os.path.exists(path):
             try:
                 _remove_nsfs(path)
@@ -376,51 +276,6 @@ class UserNetworks:
                 problems.append(f"{path}: {_describe(exc)}")
         if problems:
             raise NetworkError("could not remove the network namespace: " + "; ".join(problems), path=path)
-
-    def _ruleset(self) -> str:
-        plan = self.plan
-        t = plan.table
-        rng = str(plan.addresses)
-        blocked = ", ".join(str(n) for n in BLOCKED_V4)
-        allow = ", ".join(str(n) for n in plan.allow)
-        dns = ", ".join(str(a) for a in plan.resolvers)
-        lines = [
-            f"add table inet {t}",
-            f"delete table inet {t}",  # start from nothing: the add above makes the delete safe
-            f"table inet {t} {{",
-            "  set kernel_links { type ifname; }",
-            "  set resolvers { type ipv4_addr; " + (f"elements = {{ {dns} }}; " if dns else "") + "}",
-            "  set allowed { type ipv4_addr; flags interval; " + (f"elements = {{ {allow} }}; " if allow else "") + "}",
-            f"  set blocked {{ type ipv4_addr; flags interval; elements = {{ {blocked} }}; }}",
-            f"  set blocked6 {{ type ipv6_addr; flags interval; elements = {{ {', '.join(BLOCKED_V6)} }}; }}",
-            # the host itself, on any of its addresses (the server's port too): only its resolvers
-            "  chain input { type filter hook input priority filter; policy accept;",
-            "    iifname @kernel_links meta l4proto { tcp, udp } ip daddr @resolvers th dport 53 accept",
-            "    iifname @kernel_links drop",
-            "  }",
-            "  chain forward { type filter hook forward priority filter; policy accept;",
-            "    iifname @kernel_links oifname @kernel_links drop",
-            "    oifname @kernel_links ct state established,related accept",
-            "    oifname @kernel_links drop",
-            "    iifname @kernel_links ip6 daddr @blocked6 drop",
-            "    iifname @kernel_links meta nfproto ipv6 drop",
-            f"    iifname @kernel_links ip daddr {rng} drop",
-            "    iifname @kernel_links meta l4proto { tcp, udp } ip daddr @resolvers th dport 53 accept",
-            "    iifname @kernel_links ip daddr @allowed accept",
-            "    iifname @kernel_links ip daddr @blocked drop",
-            "  }",
-            # nothing on the host opens a connection into a namespace either
-            "  chain output { type filter hook output priority filter; policy accept;",
-            "    oifname @kernel_links ct state established,related accept",
-            "    oifname @kernel_links drop",
-            "  }",
-            "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;",
-            f"    ip saddr {rng} ip daddr != {rng} masquerade",
-            "  }",
-            "}",
-        ]
-        return "\n".join(lines) + "\n"
-
 
 # ---- helpers -----------------------------------------------------------------------------
 
@@ -476,57 +331,6 @@ def _write(path: str, value: str, netns_of: int | None = None) -> None:
             _libc.setns(here, _libc.CLONE_NEWNET)
     finally:
         os.close(here)
-
-
-def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("iptables")
-    if exe is None:
-        raise FileNotFoundError("iptables")
-    return subprocess.run([exe, "-w", "10", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _docker_chain_exists() -> bool:
-    try:
-        return _iptables("-n", "-L", _DOCKER_CHAIN).returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return False
-
-
-def _docker_rules(op: str, link: str, comment: str, missing_ok: bool = False) -> None:
-    """Insert ("-I") or delete ("-D") the two DOCKER-USER rules that let `link`'s traffic be forwarded."""
-    rules = [
-        ["-i", link, "-m", "comment", "--comment", comment, "-j", "ACCEPT"],
-        ["-o", link, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-m", "comment", "--comment", comment,
-         "-j", "ACCEPT"],
-    ]
-    for rule in rules:
-        try:
-            out = _iptables(op, _DOCKER_CHAIN, *rule)
-        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-            if missing_ok:
-                return
-            raise NetworkError(f"could not change Docker's {_DOCKER_CHAIN} chain: {exc}") from exc
-        if out.returncode != 0 and not missing_ok:
-            raise NetworkError(f"iptables {op} {_DOCKER_CHAIN} {' '.join(rule)}: {out.stderr.strip()}")
-
-
-def _docker_remove_all(comment: str) -> None:
-    if not _docker_chain_exists():
-        return
-    listing = _iptables("-S", _DOCKER_CHAIN).stdout.splitlines()
-    import shlex
-
-    for line in listing:
-        words = shlex.split(line)
-        if words[:2] == ["-A", _DOCKER_CHAIN] and comment in words:
-            _iptables("-D", *words[1:])
-
-
-def docker_rules(comment: str) -> list[str]:
-    """The DOCKER-USER rules carrying `comment` (for tests and `kernelpool doctor`)."""
-    if not _docker_chain_exists():
-        return []
-    return [line for line in _iptables("-S", _DOCKER_CHAIN).stdout.splitlines() if comment in line]
 
 
 def _describe(exc: BaseException) -> str:

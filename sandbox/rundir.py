@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 from sandbox.errors import LaunchError, SandboxError
-from sandbox.fs import prepare_dir, remove_tree
+from sandbox.folders import prepare_dir, remove_tree
 
 CONNECTION_FILE = "kernel.json"
 SOCKETS = "s"

@@ -5,21 +5,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server import KernelpoolServer, make_data_dir, server_env
+from testkit.server import KernelpoolServer, make_data_dir, sandbox_reason, server_env
 
-
-def _sandbox_reason() -> str | None:
-    from sandbox import probe
-
-    host = probe()
-    if not host.get("root"):
-        return "not root: kernels cannot run as other uids here"
-    if not (host.get("cgroup") or {}).get("writable"):
-        return "no writable cgroup hierarchy with memory, cpu and pids on this host"
-    return None
-
-
-SANDBOX_SKIP = _sandbox_reason()
+SANDBOX_SKIP = sandbox_reason()
 METRICS_TOKEN = "test-metrics-token"
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 
-from tests.server import ROOT
+from testkit.server import ROOT
 
 NODE_DIR = os.path.join(ROOT, "tests", "node")
 

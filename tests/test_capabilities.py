@@ -12,8 +12,9 @@ import shutil
 
 import pytest
 
+from testkit.client import mcp_client
+from testkit.server import KernelpoolServer, kernelpool_command, make_data_dir, server_env
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, kernelpool_command, make_data_dir, mcp_client, server_env
 
 pytestmark = [
     pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox unavailable: {SANDBOX_SKIP}"),

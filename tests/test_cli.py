@@ -12,8 +12,9 @@ import time
 import httpx2
 import pytest
 
+from testkit.client import mcp_client
+from testkit.server import NEUTRAL_CWD, KernelpoolServer, free_port
 from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
-from tests.server import NEUTRAL_CWD, KernelpoolServer, free_port, mcp_client
 
 
 def test_users_and_tokens(fresh_server: KernelpoolServer) -> None:

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
+from testkit.client import mcp_client
+from testkit.server import ROOT, KernelpoolServer
 from tests import node_env
-from tests.server import ROOT, KernelpoolServer, mcp_client
 
 
 async def _give_a_notebook(url: str, token: str) -> None:

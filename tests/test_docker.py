@@ -19,8 +19,8 @@ import time
 import httpx2
 import pytest
 
+from testkit.server import ROOT, KernelpoolServer, free_port, make_data_dir, server_env
 from tests.conftest import SANDBOX_SKIP
-from tests.server import ROOT, KernelpoolServer, free_port, make_data_dir, server_env
 
 ENTRYPOINT = os.path.join(ROOT, "docker", "entrypoint.sh")
 

@@ -32,7 +32,8 @@ import nbformat
 import pytest
 
 from kernelpool.store import SCHEMA_VERSION
-from tests.server import ROOT, free_port, mcp_client
+from testkit.client import mcp_client
+from testkit.server import ROOT, free_port
 
 pytestmark = [
     pytest.mark.docker,

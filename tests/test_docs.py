@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from kernelpool.config import Settings
-from tests.server import ROOT
+from testkit.server import ROOT
 
 
 def test_config_table_is_generated_from_settings() -> None:

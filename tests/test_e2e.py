@@ -12,8 +12,9 @@ import httpx2
 import nbformat
 import pytest
 
+from testkit.client import mcp_client
+from testkit.server import KernelpoolServer
 from tests.conftest import METRICS_TOKEN
-from tests.server import KernelpoolServer, mcp_client
 
 MODES = ["legacy", "auto"]
 

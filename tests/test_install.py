@@ -22,15 +22,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server import (
-    FROM_SOURCE,
-    ROOT,
-    KernelpoolServer,
-    kernelpool_command,
-    make_data_dir,
-    mcp_client,
-    server_env,
-)
+from testkit.client import mcp_client
+from testkit.server import FROM_SOURCE, ROOT, KernelpoolServer, kernelpool_command, make_data_dir, server_env
 
 installed_only = pytest.mark.skipif(
     FROM_SOURCE, reason="KERNELPOOL_TEST_FROM_SOURCE=1 runs the checkout; these tests are about the installed wheel",

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
+from testkit.client import run_json
+from testkit.server import KernelpoolServer, make_data_dir, server_env
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, make_data_dir, run_json, server_env
 
 pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"network isolation needs the sandbox: {SANDBOX_SKIP}")
 

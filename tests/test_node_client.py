@@ -11,8 +11,8 @@ import subprocess
 import nbformat
 import pytest
 
+from testkit.server import KernelpoolServer
 from tests import node_env
-from tests.server import KernelpoolServer
 
 pytestmark = pytest.mark.skipif(node_env.missing() is not None, reason=f"Node tests: {node_env.missing()}")
 

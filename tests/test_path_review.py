@@ -94,7 +94,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
     ("kernelpool/kernels/networks.py", "report", "os.listdir"): (1, NETNS),
     ("sandbox/launcher.py", "_network", "os.open"): (1, NETNS + "; opened read-only in the kernel's child before it drops root"),
-    ("sandbox/network.py", "resolvers_from", "open"): (1, "/etc/resolv.conf: the host's"),
+    ("sandbox/netplan.py", "resolvers_from", "open"): (1, "/etc/resolv.conf: the host's"),
     ("sandbox/network.py", "UserNetworks.reap", "os.listdir"): (1, NETNS),
     ("sandbox/network.py", "UserNetworks.exists", "os.path.exists"): (1, NETNS),
     ("sandbox/network.py", "UserNetworks.ensure", "os.path.exists"): (2, NETNS),
@@ -103,7 +103,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/network.py", "_read", "open"): (1, "/proc/sys/net: the host's or a namespace's sysctl files"),
     ("sandbox/network.py", "_write", "open"): (2, "/proc/sys/net: the host's or a namespace's sysctl files"),
     ("sandbox/network.py", "_write", "os.open"): (1, "/proc/thread-self/ns/net: the server's own thread"),
-    ("sandbox/network.py", "_iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
+    ("sandbox/_docker.py", "iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
     ("sandbox/probe.py", "_ip_forward", "open"): (1, "/proc/sys/net/ipv4/ip_forward"),
     # sandbox: cgroups, accounts, host probes
     ("sandbox/_cgroupfs.py", "write_file", "os.open"): (1, CGROUP),
@@ -133,7 +133,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/cgroups.py", "detect", "os.path.exists"): (1, CGROUP),
     ("sandbox/probe.py", "_has_cap_setuid", "open"): (1, "/proc/self/status"),
     ("sandbox/launcher.py", "enter", "os.chdir"): (1, "runs in the child after it dropped to the user's uid: the user's own access"),
-    # sandbox/fs.py: SafeRoot, prepare_dir, remove_tree
+    # sandbox/fs.py: SafeRoot; sandbox/folders.py: prepare_dir, remove_tree
     ("sandbox/fs.py", "SafeRoot._open_root", "os.open"):
         (1, "DATA/users/<name> with O_NOFOLLOW: its parent is root's, so the name cannot be swapped"),
     ("sandbox/fs.py", "SafeRoot._open_root", "os.path.islink"): (1, "only to word the error of the call above"),
@@ -153,22 +153,22 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/fs.py", "SafeRoot.stat", "os.stat"): (1, DIR_FD),
     ("sandbox/fs.py", "SafeRoot.remove", "os.unlink"): (1, DIR_FD),
     ("sandbox/fs.py", "SafeRoot.rename", "os.rename"): (1, DIR_FD),
-    ("sandbox/fs.py", "prepare_dir", "os.path.isdir"):
+    ("sandbox/folders.py", "prepare_dir", "os.path.isdir"):
         (1, "parents of the data folders: configuration; the last component is opened with O_NOFOLLOW"),
-    ("sandbox/fs.py", "prepare_dir", "os.mkdir"): (2, "DATA, DATA/users|run, DATA/users/<name>, DATA/run/<uid>[/tmp]: each in a root folder"),
-    ("sandbox/fs.py", "prepare_dir", "os.chmod"): (1, "missing parents of the data folder: configuration"),
-    ("sandbox/fs.py", "prepare_dir", "os.open"): (1, "O_NOFOLLOW of a folder whose parent is root's; fchown/fchmod the descriptor"),
-    ("sandbox/fs.py", "prepare_dir", "os.path.islink"): (1, "only to word the error of the call above"),
-    ("sandbox/fs.py", "remove_tree", "os.open"): (1, "DATA/users or DATA/run[/<uid>]: root's"),
-    ("sandbox/fs.py", "remove_tree", "os.stat"): (1, DIR_FD),
-    ("sandbox/fs.py", "remove_tree", "os.unlink"): (1, DIR_FD),
-    ("sandbox/fs.py", "remove_tree", "os.rmdir"): (1, DIR_FD),
-    ("sandbox/fs.py", "_remove_below", "os.open"): (1, "'..' of a descriptor, checked against the (dev, ino) it was entered from"),
-    ("sandbox/fs.py", "_remove_below", "os.rmdir"): (1, DIR_FD),
-    ("sandbox/fs.py", "_open_child_dir", "os.open"): (1, DIR_FD + "; another file system is refused"),
-    ("sandbox/fs.py", "_empty_or_first_subdir", "os.scandir"): (1, "of a descriptor"),
-    ("sandbox/fs.py", "_empty_or_first_subdir", ".is_dir"): (1, "DirEntry.is_dir(follow_symlinks=False)"),
-    ("sandbox/fs.py", "_empty_or_first_subdir", "os.unlink"): (1, DIR_FD),
+    ("sandbox/folders.py", "prepare_dir", "os.mkdir"): (2, "DATA, DATA/users|run, DATA/users/<name>, DATA/run/<uid>[/tmp]: each in a root folder"),
+    ("sandbox/folders.py", "prepare_dir", "os.chmod"): (1, "missing parents of the data folder: configuration"),
+    ("sandbox/folders.py", "prepare_dir", "os.open"): (1, "O_NOFOLLOW of a folder whose parent is root's; fchown/fchmod the descriptor"),
+    ("sandbox/folders.py", "prepare_dir", "os.path.islink"): (1, "only to word the error of the call above"),
+    ("sandbox/folders.py", "remove_tree", "os.open"): (1, "DATA/users or DATA/run[/<uid>]: root's"),
+    ("sandbox/folders.py", "remove_tree", "os.stat"): (1, DIR_FD),
+    ("sandbox/folders.py", "remove_tree", "os.unlink"): (1, DIR_FD),
+    ("sandbox/folders.py", "remove_tree", "os.rmdir"): (1, DIR_FD),
+    ("sandbox/folders.py", "_remove_below", "os.open"): (1, "'..' of a descriptor, checked against the (dev, ino) it was entered from"),
+    ("sandbox/folders.py", "_remove_below", "os.rmdir"): (1, DIR_FD),
+    ("sandbox/folders.py", "_open_child_dir", "os.open"): (1, DIR_FD + "; another file system is refused"),
+    ("sandbox/folders.py", "_empty_or_first_subdir", "os.scandir"): (1, "of a descriptor"),
+    ("sandbox/folders.py", "_empty_or_first_subdir", ".is_dir"): (1, "DirEntry.is_dir(follow_symlinks=False)"),
+    ("sandbox/folders.py", "_empty_or_first_subdir", "os.unlink"): (1, DIR_FD),
     # sandbox/rundir.py: the kernels' connection files and sockets
     ("sandbox/rundir.py", "KernelRunDir._open_parent", "os.open"): (1, "DATA/run/<uid>: root's, in root's DATA/run; O_NOFOLLOW"),
     ("sandbox/rundir.py", "KernelRunDir._open", "os.open"): (1, DIR_FD),
@@ -319,8 +319,9 @@ def test_a_real_server_uses_no_tenant_path_by_name() -> None:
 
     import pytest
 
+    from testkit.client import mcp_client
+    from testkit.server import KernelpoolServer, make_data_dir, server_env
     from tests.conftest import SANDBOX_SKIP
-    from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
 
     if SANDBOX_SKIP is not None:
         pytest.skip(f"needs isolation: {SANDBOX_SKIP}")

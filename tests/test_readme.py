@@ -18,12 +18,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import httpx2
 import psutil
 import pytest
 
+from testkit.client import mcp_client
+from testkit.server import ROOT, answers
 from tests.conftest import SANDBOX_SKIP
-from tests.server import ROOT, mcp_client
 
 VENV = "/opt/kernelpool"
 PORT = 8765
@@ -104,11 +104,8 @@ async def test_the_readme_command_installs_and_serves(clean_copy: str) -> None:
         assert f"MCP URL: {url}" in open(log_path).read()
         while True:  # the token is printed during start-up, before the port is bound
             assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-5000:]
-            try:
-                if httpx2.get(f"http://127.0.0.1:{PORT}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
+            if answers(f"http://127.0.0.1:{PORT}", timeout=5):
+                break
             time.sleep(0.2)
         assert os.path.isfile(os.path.join(clean_copy, "kernelpool-data", "kernelpool.db"))
         async with mcp_client(url, token, mode="auto") as c:

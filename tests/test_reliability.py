@@ -14,8 +14,9 @@ import nbformat
 import psutil
 import pytest
 
+from testkit.client import mcp_client
+from testkit.server import KernelpoolServer
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, mcp_client
 
 
 def texts(result) -> list[str]:

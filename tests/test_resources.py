@@ -18,8 +18,8 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import LoggingMessageNotificationParams, ResourceTemplateReference
 
+from testkit.server import KernelpoolServer
 from tests.conftest import METRICS_TOKEN
-from tests.server import KernelpoolServer
 from tests.test_resume import _events, _headers, _open_session
 
 

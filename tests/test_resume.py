@@ -23,8 +23,8 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from testkit.server import KernelpoolServer
 from tests import node_env
-from tests.server import KernelpoolServer
 
 PROTOCOL = "2025-11-25"
 SLOW = "import time\nfor i in range(6):\n    print('tick', i, flush=True)\n    time.sleep(1)\n'done'"

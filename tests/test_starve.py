@@ -30,8 +30,9 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from testkit.client import mcp_client
+from testkit.server import ROOT, KernelpoolServer, make_data_dir, server_env
 from tests.conftest import METRICS_TOKEN
-from tests.server import ROOT, KernelpoolServer, make_data_dir, mcp_client, server_env
 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}

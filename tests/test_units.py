@@ -311,3 +311,37 @@ def test_network_settings_are_checked(tmp_path, monkeypatch) -> None:
     for values in bad:
         with pytest.raises(ValueError):
             load_settings(data_dir=tmp_path, **values)
+
+
+def test_memory_limits_are_parsed_once_into_bytes() -> None:
+    from pydantic import ValidationError
+
+    from kernelpool.config import Settings, memory_limit
+
+    s = Settings(kernel_memory="512M", user_memory="none")
+    assert (s.kernel_memory, s.user_memory) == (512 << 20, None)
+    assert Settings().kernel_memory == 2 << 30, "the default is bytes too"
+    assert [memory_limit(v) for v in ("max", "None", "", None, "1G", 4096)] == [None, None, None, None, 1 << 30, 4096]
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(ValidationError, match="kernel_memory"):
+            Settings(kernel_memory=bad)
+
+
+def test_setting_options_are_made_from_the_settings_fields(tmp_path, monkeypatch) -> None:
+    from kernelpool.cli import _settings, build_parser
+
+    for key in [k for k in os.environ if k.startswith("KERNELPOOL_")]:
+        monkeypatch.delenv(key)
+    parse = build_parser().parse_args
+    s = _settings(parse(["serve", "--data-dir", str(tmp_path), "--port", "0", "--pool-size", "3", "--log-json",
+                         "--kernel-network", "none", "--insecure-no-sandbox", "--log-level", "debug"]))
+    assert (s.port, s.pool_size, s.log_json, s.kernel_network, s.insecure_no_sandbox, s.log_level) == \
+        (0, 3, True, "none", True, "debug")
+    monkeypatch.setenv("KERNELPOOL_POOL_SIZE", "5")
+    s = _settings(parse(["serve", "--data-dir", str(tmp_path)]))
+    assert (s.port, s.pool_size, s.log_json, s.insecure_no_sandbox, s.data_dir) == (8765, 5, False, False, tmp_path)
+    # a user's override is not the server's setting
+    args = parse(["users", "set-limits", "ann", "--memory", "1G", "--cpus", "0.5", "--data-dir", str(tmp_path)])
+    assert (args.kernel_memory, args.kernel_cpus) == ("1G", 0.5) and _settings(args).kernel_memory == 2 << 30
+    with pytest.raises(SystemExit):
+        parse(["serve", "--port", "eighty"])

@@ -19,9 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
@@ -30,8 +28,9 @@ import pytest
 from kernelpool import store as store_module
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
+from testkit.client import mcp_client
+from testkit.server import ROOT, KernelpoolServer, free_port, make_data_dir, server_env
 from tests.conftest import SANDBOX_SKIP
-from tests.server import ROOT, KernelpoolServer, free_port, make_data_dir, mcp_client, server_env
 
 OLD_COMMIT = "bcda1e3"
 CACHE = os.environ.get("KERNELPOOL_CI_CACHE", "/var/cache/kernelpool-ci")
@@ -66,36 +65,6 @@ def old_python() -> str:
                 shutil.rmtree(src, ignore_errors=True)
             Path(venv, ".complete").write_text(OLD_COMMIT + "\n")
     return f"{venv}/bin/python"
-
-
-@dataclass
-class OldServer(KernelpoolServer):
-    """The old install's CLI and server: its own venv, a neutral working folder, no PYTHONPATH."""
-
-    python: str = ""
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.python, "-m", "kernelpool", *args, "--data-dir", self.data_dir],
-                              env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd="/")
-
-    def start(self, *extra: str, wait: float = 60) -> None:
-        self.port = free_port()
-        self.log_path = os.path.join(self.data_dir, "old-server.log")
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                [self.python, "-m", "kernelpool", "serve", "--data-dir", self.data_dir, "--port", str(self.port), *extra],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd="/")
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"old server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx2.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"old server did not answer /healthz in {wait} s:\n{self.log()}")
 
 
 def _tree(path: str) -> dict[str, tuple[int, int]]:
@@ -133,7 +102,8 @@ def upgrade_env() -> Iterator[tuple[dict[str, str], dict[str, str]]]:
 async def test_a_data_folder_of_bcda1e3_upgrades_in_place(upgrade_env: tuple[dict[str, str], dict[str, str]]) -> None:
     old_env, new_env = upgrade_env
     data = make_data_dir()
-    old = OldServer(data, old_env, python=old_python())
+    # the old install's CLI and server: its own venv, a working folder with nothing importable, no PYTHONPATH
+    old = KernelpoolServer(data, old_env, command=[old_python(), "-m", "kernelpool"], cwd="/", log_name="old-server.log")
     new = KernelpoolServer(data, new_env)
     sleeper: subprocess.Popen[bytes] | None = None
     try:

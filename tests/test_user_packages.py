@@ -20,8 +20,9 @@ import httpx2
 import pytest
 
 from sandbox import probe
+from testkit.client import mcp_client
+from testkit.server import KernelpoolServer, make_data_dir, server_env
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
 
 # tiny pure-Python packages that the project does not depend on
 USER_PKG, USER_MOD = "text-unidecode==1.3", "text_unidecode"

@@ -23,8 +23,9 @@ import psutil
 import pytest
 
 from sandbox import _libc, seccomp, views
+from testkit.client import mcp_client, run_json, text
+from testkit.server import KernelpoolServer, server_env
 from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
-from tests.server import KernelpoolServer, mcp_client, run_json, server_env, text
 
 needs_sandbox = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"needs isolation: {SANDBOX_SKIP}")
 

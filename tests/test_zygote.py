@@ -25,8 +25,9 @@ import pytest
 
 from kernelpool.kernels.zygote.server import ForkServer, ZygoteProcess
 from sandbox import LaunchError, LaunchSpec
+from testkit.client import mcp_client
+from testkit.server import KernelpoolServer, make_data_dir, server_env
 from tests.conftest import SANDBOX_SKIP
-from tests.server import KernelpoolServer, make_data_dir, mcp_client, server_env
 
 needs_sandbox = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"needs isolation: {SANDBOX_SKIP}")
 
@@ -347,7 +348,7 @@ def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
     ).stdout.strip()
     if os.path.samefile(installed, package):
         pytest.skip("kernelpool is imported from where this python installs it (editable install)")
-    # imported from the source tree (tests/server.py's PYTHONPATH): the zygote needs the path
+    # imported from the source tree (testkit/server.py's PYTHONPATH): the zygote needs the path
     env, kernel_path = zygote._zygote_env(sys.executable)
     assert env["PYTHONPATH"] == source
     # ...and never reaches the kernels, whose path is the interpreter's own, site-packages included

@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kernelpool.config import Settings
+from kernelpool.config import Settings, memory_limit
 from kernelpool.errors import InvalidArgument, RemovalFailed, UserExists, UserNotFound
 from kernelpool.store import Store, UserRow
-from sandbox import Identity, Limits, accounts, parse_memory, prepare_dir
+from sandbox import Identity, Limits, accounts, prepare_dir
 from sandbox.errors import SandboxError
-from sandbox.fs import remove_tree
+from sandbox.folders import remove_tree
 from sandbox.rundir import TMP, prepare_user_run, user_run_folder
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,8 @@ class UserService:
         for key, value in given.items():
             if value is None:
                 continue
-            if key.endswith("memory") and str(value).lower() not in ("none", "max"):
-                parse_memory(str(value))
+            if key.endswith("memory"):
+                memory_limit(value)  # refused here, not at the next kernel start; stored as written
             limits[key] = value
         await self._store.set_user_limits(name, limits)
         return limits
@@ -254,17 +254,17 @@ class UserService:
         s, o = self._settings, row.limits
 
         def pick(key: str) -> Any:
+            # an override is stored as written ("512M", "none"); the settings' memory is bytes already
+            if key.endswith("memory") and key in o:
+                return memory_limit(o[key])
             return o.get(key, getattr(s, key))
-
-        def mem(value: Any) -> int | None:
-            return None if value is None or str(value).lower() in ("none", "max") else parse_memory(str(value))
 
         return User(
             name=row.name,
             uid=row.uid,
             identity=self._identity(row),
-            kernel_limits=Limits(mem(pick("kernel_memory")), pick("kernel_cpus"), pick("kernel_pids")),
-            user_limits=Limits(mem(pick("user_memory")), pick("user_cpus"), pick("user_pids")),
+            kernel_limits=Limits(pick("kernel_memory"), pick("kernel_cpus"), pick("kernel_pids")),
+            user_limits=Limits(pick("user_memory"), pick("user_cpus"), pick("user_pids")),
         )
 
     async def _free_uid(self) -> int:

@@ -11,10 +11,29 @@ holds (`live`) are forgotten at the next look, and contexts also after `idle_tim
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Hashable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from kernelpool.errors import LimitReached
+
+
+class _Used(Protocol):
+    last_used: float  # time.monotonic() of the last use
+
+
+_K = TypeVar("_K", bound=Hashable)
+_E = TypeVar("_E", bound=_Used)
+
+
+def forget_idle(entries: dict[_K, _E], idle_timeout: float) -> int:
+    """Drop the entries unused for `idle_timeout` seconds; returns how many. For the per-session
+    tables that housekeeping expires: the contexts here, the notice subscriptions (mcp/notices.py)."""
+    cutoff = time.monotonic() - idle_timeout
+    stale = [key for key, entry in entries.items() if entry.last_used < cutoff]
+    for key in stale:
+        del entries[key]
+    return len(stale)
 
 
 @dataclass
@@ -101,11 +120,7 @@ class SessionContexts:
         """Forget closed sessions and contexts idle past the timeout (housekeeping); returns how many contexts."""
         for user in list(self._issued):
             self._prune(user)
-        cutoff = time.monotonic() - self._idle_timeout
-        stale = [k for k, c in self._contexts.items() if c.last_used < cutoff]
-        for key in stale:
-            del self._contexts[key]
-        return len(stale)
+        return forget_idle(self._contexts, self._idle_timeout)
 
     def __len__(self) -> int:
         return len(self._contexts)

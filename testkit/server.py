@@ -1,6 +1,6 @@
-"""A real kernelpool server process on a free port, and real MCP clients for it.
+"""A real kernelpool server process on a free port, its data folder, users and cleanup.
 
-Used by the end-to-end tests and the benchmarks. The server is what users install: the
+Used by the end-to-end tests, the benchmarks and scripts/conformance. The server is what users install: the
 `kernelpool` console script of the virtual environment that runs the tests (scripts/test
 installs a wheel built from this checkout into it), started from a neutral working folder with
 no PYTHONPATH, so it imports the installed package, never this source tree. For quick local
@@ -11,8 +11,6 @@ also when a test fails.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import signal
@@ -21,13 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx2
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROM_SOURCE = os.environ.get("KERNELPOOL_TEST_FROM_SOURCE") == "1"
@@ -45,10 +39,30 @@ def kernelpool_command() -> list[str]:
     return [script]
 
 
+def sandbox_reason() -> str | None:
+    """Why kernels cannot be sandboxed on this host (then servers run with --insecure-no-sandbox), or None."""
+    from sandbox import probe
+
+    host = probe()
+    if not host.get("root"):
+        return "not root: kernels cannot run as other uids here"
+    if not (host.get("cgroup") or {}).get("writable"):
+        return "no writable cgroup hierarchy with memory, cpu and pids on this host"
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def answers(base: str, timeout: float = 1) -> bool:
+    """True if the server at `base` (http://host:port) answers its /healthz."""
+    try:
+        return httpx2.get(f"{base}/healthz", timeout=timeout).status_code == 200
+    except httpx2.HTTPError:
+        return False
 
 
 def make_data_dir() -> str:
@@ -69,6 +83,8 @@ class KernelpoolServer:
     tokens: dict[str, str] = field(default_factory=dict)
     log_path: str = ""
     command: list[str] = field(default_factory=kernelpool_command)
+    cwd: str = NEUTRAL_CWD  # where the CLI and the server run
+    log_name: str = "server.log"  # in the data folder
 
     @property
     def url(self) -> str:
@@ -81,7 +97,7 @@ class KernelpoolServer:
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*self.command, *args, "--data-dir", self.data_dir],
-            env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd=NEUTRAL_CWD,
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd=self.cwd,
         )
 
     def add_user(self, name: str) -> str:
@@ -106,23 +122,20 @@ class KernelpoolServer:
 
     def start(self, *extra: str, wait: float = 60) -> None:
         self.port = free_port()
-        self.log_path = os.path.join(self.data_dir, "server.log")
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [*self.command, "serve", "--data-dir", self.data_dir, "--port", str(self.port), *extra],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=NEUTRAL_CWD,
-        )
+        self.log_path = os.path.join(self.data_dir, self.log_name)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [*self.command, "serve", "--data-dir", self.data_dir, "--port", str(self.port), *extra],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
+            )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx2.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
+                raise RuntimeError(f"server {self.command} exited with {self.proc.returncode}:\n{self.log()}")
+            if answers(self.base):
+                return
             time.sleep(0.1)
-        raise RuntimeError(f"server did not answer /healthz in {wait} s:\n{self.log()}")
+        raise RuntimeError(f"server {self.command} did not answer /healthz in {wait} s:\n{self.log()}")
 
     def log(self) -> str:
         try:
@@ -196,34 +209,3 @@ def server_env(**extra: str) -> dict[str, str]:
     env.setdefault("KERNELPOOL_KERNEL_NETWORK_RANGE", addresses)
     env.update(extra)
     return env
-
-
-@contextlib.asynccontextmanager
-async def mcp_client(url: str, token: str | None, mode: str = "legacy") -> AsyncIterator[Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
-    async with http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            yield client
-
-
-def text(result: Any) -> str:
-    """The text blocks of a tool result, joined."""
-    return "".join(c.text for c in result.content if c.type == "text")
-
-
-async def run_code(server: KernelpoolServer, user: str, notebook: str, code: str) -> str:
-    """Run `code` in `user`'s kernel for `notebook` (created if new); its output, stripped."""
-    async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
-        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
-        if r.is_error and "already exists" not in text(r):
-            raise AssertionError(text(r))
-        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
-        assert not r.is_error, text(r)
-        return text(r).strip()
-
-
-async def run_json(server: KernelpoolServer, user: str, code: str, notebook: str) -> Any:
-    """`run_code` for code that prints one JSON line last: that line, parsed."""
-    return json.loads((await run_code(server, user, notebook, code)).splitlines()[-1])
-
