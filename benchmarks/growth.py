@@ -20,7 +20,7 @@ import nbformat
 
 from benchmarks.harness import Bench
 from benchmarks.stats import ratio, summary
-from tests.server import mcp_client
+from testkit.client import mcp_client
 
 CHECKPOINTS_MB = (0.1, 1.0, 5.0, 12.0)
 WINDOW = 20  # cells per checkpoint window

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server import ROOT
+from testkit.server import ROOT
 
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80

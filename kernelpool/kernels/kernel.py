@@ -17,7 +17,6 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from kernelpool.kernels.channels import KernelChannels
-
 from sandbox import Cgroup, Identity, Limits
 from sandbox.rundir import KernelRunDir
 
