@@ -48,7 +48,7 @@ SERVICE = "a method of our own (NotebookService/SafeRoot), not a file-system cal
 REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     # kernelpool
     ("kernelpool/kernels/zygote/child.py", "_child", "os.open"): (1, "/dev/null"),
-    ("kernelpool/app.py", "create_app.lifespan", ".open"): (1, "Store.open(): " + SERVICE),
+    ("kernelpool/app.py", "_Server.lifespan", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/cli.py", "_with_store", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/config.py", "_config_file_from", ".is_file"): (1, "the --config file: the administrator's"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.path.realpath"): (1, "the kernel interpreter: configuration"),
@@ -90,7 +90,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/views.py", "hide_mounts", "open"): (1, "/proc/self/mountinfo"),
     ("sandbox/views.py", "private_cgroupfs", "open"): (1, "/proc/self/cgroup"),
     ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
-    ("kernelpool/app.py", "create_app", ".mkdir"): (1, "DATA: configuration"),
+    ("kernelpool/app.py", "_Server.__init__", ".mkdir"): (1, "DATA: configuration"),
     ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
     ("kernelpool/kernels/networks.py", "report", "os.listdir"): (1, NETNS),
     ("sandbox/launcher.py", "_network", "os.open"): (1, NETNS + "; opened read-only in the kernel's child before it drops root"),
