@@ -7,97 +7,7 @@ and to CLI messages in `cli`. Sandbox path errors become `PathRefused` in one pl
 
 from __future__ import annotations
 
-
-class KernelpoolError(Exception):
-    """Base class: `str(exc)` is the message shown to the client."""
-
-
-class InvalidArgument(KernelpoolError):
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"invalid {name}: {reason}")
-        self.name = name
-        self.reason = reason
-
-
-class NoNotebook(KernelpoolError):
-    def __init__(self) -> None:
-        super().__init__(
-            "no notebook given: pass `notebook` (a path relative to your folder, e.g. 'analysis.ipynb'), "
-            "or call use_notebook first (that works only for clients with an MCP session)"
-        )
-
-
-class NotebookNotFound(KernelpoolError):
-    def __init__(self, path: str) -> None:
-        super().__init__(f"notebook not found: {path!r} (use_notebook with mode='create' creates it)")
-        self.path = path
-
-
-class NotebookExists(KernelpoolError):
-    def __init__(self, path: str) -> None:
-        super().__init__(f"notebook already exists: {path!r} (use mode='connect')")
-        self.path = path
-
-
-class CorruptNotebook(KernelpoolError):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path!r} is not a valid notebook ({reason}); it was left untouched")
-        self.path = path
-        self.reason = reason
-
-
-class CellNotFound(KernelpoolError):
-    def __init__(self, path: str, ref: str, count: int) -> None:
-        super().__init__(f"no cell {ref} in {path!r} (it has {count} cells)")
-        self.path = path
-        self.ref = ref
-
-
-class PathRefused(KernelpoolError):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"path refused: {path!r}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-class UserNotFound(KernelpoolError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no such user: {name!r}")
-        self.name = name
-
-
-class UserExists(KernelpoolError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"user already exists: {name!r}")
-        self.name = name
-
-
-class RemovalFailed(KernelpoolError):
-    """`users remove` stopped at `step`; what was done and what to do next are in the message."""
-
-    def __init__(self, name: str, step: str, reason: str, state: str, advice: str) -> None:
-        super().__init__(f"could not remove user {name!r} ({step}: {reason}). {state} {advice}")
-        self.name = name
-        self.step = step
-        self.reason = reason
-
-
-class KernelFailed(KernelpoolError):
-    """A kernel could not be started, or died; `cause` says why in words."""
-
-    def __init__(self, notebook: str, cause: str) -> None:
-        super().__init__(f"kernel for {notebook!r}: {cause}")
-        self.notebook = notebook
-        self.cause = cause
-
-
-class LimitReached(KernelpoolError):
-    """A per-user or server-wide cap: the message names it, its value, and what to do."""
-
-    def __init__(self, what: str, limit: int, advice: str = "shut a kernel down with unuse_notebook first") -> None:
-        super().__init__(f"{what} limit reached ({limit}); {advice}")
-        self.what = what
-        self.limit = limit
+from typing import Any, ClassVar
 
 
 def fmt_bytes(n: int) -> str:
@@ -107,22 +17,118 @@ def fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+class KernelpoolError(Exception):
+    """Base class: `str(exc)` is the message shown to the client.
+
+    A subclass names its constructor's arguments in `fields` (in order; `defaults` for the ones
+    that may be left out) and words its message in `template`, formatted with them. The
+    arguments stay on the exception as attributes.
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+    template: ClassVar[str] = ""
+
+    def __init__(self, *values: Any) -> None:
+        if not self.fields:  # a fixed template (NoNotebook), or a message given whole (SandboxUnavailable)
+            super().__init__(*(values or (self.template,)))
+            return
+        if len(values) > len(self.fields):
+            raise TypeError(f"{type(self).__name__} takes {self.fields}, got {len(values)} values")
+        named = self.defaults | dict(zip(self.fields, values, strict=False))
+        missing = [f for f in self.fields if f not in named]
+        if missing:
+            raise TypeError(f"{type(self).__name__} needs {missing}")
+        self.__dict__.update(named)
+        super().__init__(self.template.format(**named, **self.formatted(named)))
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        """Extra values for the template, computed from the fields."""
+        return {}
+
+
+class InvalidArgument(KernelpoolError):
+    fields = ("name", "reason")
+    template = "invalid {name}: {reason}"
+
+
+class NoNotebook(KernelpoolError):
+    template = ("no notebook given: pass `notebook` (a path relative to your folder, e.g. 'analysis.ipynb'), "
+                "or call use_notebook first (that works only for clients with an MCP session)")
+
+
+class NotebookNotFound(KernelpoolError):
+    fields = ("path",)
+    template = "notebook not found: {path!r} (use_notebook with mode='create' creates it)"
+
+
+class NotebookExists(KernelpoolError):
+    fields = ("path",)
+    template = "notebook already exists: {path!r} (use mode='connect')"
+
+
+class CorruptNotebook(KernelpoolError):
+    fields = ("path", "reason")
+    template = "{path!r} is not a valid notebook ({reason}); it was left untouched"
+
+
+class CellNotFound(KernelpoolError):
+    fields = ("path", "ref", "count")
+    template = "no cell {ref} in {path!r} (it has {count} cells)"
+
+
+class PathRefused(KernelpoolError):
+    fields = ("path", "reason")
+    template = "path refused: {path!r}: {reason}"
+
+
+class UserNotFound(KernelpoolError):
+    fields = ("name",)
+    template = "no such user: {name!r}"
+
+
+class UserExists(KernelpoolError):
+    fields = ("name",)
+    template = "user already exists: {name!r}"
+
+
+class RemovalFailed(KernelpoolError):
+    """`users remove` stopped at `step`; what was done and what to do next are in the message."""
+
+    fields = ("name", "step", "reason", "state", "advice")
+    template = "could not remove user {name!r} ({step}: {reason}). {state} {advice}"
+
+
+class KernelFailed(KernelpoolError):
+    """A kernel could not be started, or died; `cause` says why in words."""
+
+    fields = ("notebook", "cause")
+    template = "kernel for {notebook!r}: {cause}"
+
+
+class LimitReached(KernelpoolError):
+    """A per-user or server-wide cap: the message names it, its value, and what to do."""
+
+    fields = ("what", "limit", "advice")
+    defaults = {"advice": "shut a kernel down with unuse_notebook first"}
+    template = "{what} limit reached ({limit}); {advice}"
+
+
 class DiskLow(KernelpoolError):
-    def __init__(self, what: str, free: int, floor: int) -> None:
-        super().__init__(
-            f"refused to {what}: the server's data folder has {fmt_bytes(free)} free, under its floor of "
-            f"{fmt_bytes(floor)} (disk_free_floor); nothing was changed. Delete files you no longer need, "
-            "or ask the administrator for space")
-        self.what = what
-        self.free = free
-        self.floor = floor
+    fields = ("what", "free", "floor")
+    template = ("refused to {what}: the server's data folder has {free_text} free, under its floor of {floor_text} "
+                "(disk_free_floor); nothing was changed. Delete files you no longer need, or ask the administrator "
+                "for space")
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        return {"free_text": fmt_bytes(named["free"]), "floor_text": fmt_bytes(named["floor"])}
 
 
 class ResultExpired(KernelpoolError):
-    def __init__(self, execution_id: str, reason: str) -> None:
-        super().__init__(f"execution {execution_id!r} expired: {reason}")
-        self.execution_id = execution_id
-        self.reason = reason
+    fields = ("execution_id", "reason")
+    template = "execution {execution_id!r} expired: {reason}"
 
 
 class SandboxUnavailable(KernelpoolError):
@@ -130,19 +136,13 @@ class SandboxUnavailable(KernelpoolError):
 
 
 class DataFromNewerVersion(KernelpoolError):
-    def __init__(self, path: str, found: int, supported: int) -> None:
-        super().__init__(
-            f"the data folder's database {path} was written by a newer kernelpool (schema version {found}; "
-            f"this kernelpool knows versions up to {supported}). Run that newer kernelpool on it; this one "
-            "refuses, and has changed nothing in the folder"
-        )
-        self.path = path
-        self.found = found
-        self.supported = supported
+    fields = ("path", "found", "supported")
+    template = ("the data folder's database {path} was written by a newer kernelpool (schema version {found}; "
+                "this kernelpool knows versions up to {supported}). Run that newer kernelpool on it; this one "
+                "refuses, and has changed nothing in the folder")
 
 
 class NoSpace(KernelpoolError):
-    def __init__(self, path: str) -> None:
-        super().__init__(f"could not write {path!r}: no space left on the server's disk; the file was left as it "
-                         "was. Delete files you no longer need, or ask the administrator for space")
-        self.path = path
+    fields = ("path",)
+    template = ("could not write {path!r}: no space left on the server's disk; the file was left as it was. "
+                "Delete files you no longer need, or ask the administrator for space")
