@@ -39,7 +39,7 @@ from benchmarks.sessions import RESULTS, machine
 
 PARTS: list[tuple[str, re.Pattern[str]]] = [
     # both layouts: today's packages and the flat modules of before the restructure (for before/after runs)
-    ("notebook writes", re.compile(r"\((?:nbformat/|kernelpool/notebooks[/.]|sandbox/fs\.py:\d+\).*write_bytes_atomic)")),
+    ("notebook writes", re.compile(r"\((?:nbformat/|kernelpool/notebooks[/.])|write_bytes_atomic \(")),
     ("auth", re.compile(r"\((?:kernelpool/users/tokens\.py|kernelpool/mcp/auth\.py|kernelpool/auth\.py)")),
     ("SQLite", re.compile(r"\((?:aiosqlite/|sqlite3/|kernelpool/store\.py)")),
     ("kernel messages", re.compile(r"\((?:jupyter_client/|zmq/|kernelpool/kernels[/.]|kernelpool/executions/|"
