@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -31,6 +32,8 @@ import sys
 import time
 from collections import Counter
 from typing import Any
+
+import psutil
 
 from benchmarks.harness import Bench
 from benchmarks.load import closed_loop
@@ -85,13 +88,31 @@ async def level(bench: Bench, n: int, duration: float, tool: str, rate: int, out
                                 "--format", "raw", "--output", raw, "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         t0 = time.perf_counter()
+        before = _cpu(srv)
         phase = await closed_loop(runs, f"prof{n}", duration, 10**6)
+        after = _cpu(srv)
         _, err = await asyncio.to_thread(spy.communicate)
         log(f"  x{n}: {len(phase.latencies)} cells in {time.perf_counter() - t0:.1f} s, {len(phase.errors)} errors")
+    cells = max(1, len(phase.latencies))
+    # where the 2 cores went, per answered cell: the MCP clients (this process), the server, the kernels
+    cpu_ms = {k: round(1000 * (after[k] - before[k]) / cells, 2) for k in before}
     if spy.returncode != 0:
         raise RuntimeError(f"py-spy failed: {err.strip()[-500:]}")
     return {"sessions": n, "cells": len(phase.latencies), "errors": len(phase.errors),
-            "cells_per_s": round(len(phase.latencies) / phase.wall, 1), "raw": raw, **breakdown(raw)}
+            "cells_per_s": round(len(phase.latencies) / phase.wall, 1), "cpu_ms_per_cell": cpu_ms, "raw": raw,
+            **breakdown(raw)}
+
+
+def _cpu(srv: Any) -> dict[str, float]:
+    """CPU seconds so far (user + system) of this process, of the server, and of its kernels."""
+    def used(p: psutil.Process) -> float:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            return float(t.user + t.system)
+        return 0.0
+
+    return {"clients": used(psutil.Process()), "server": used(psutil.Process(srv.pid)),
+            "kernels": sum(used(k) for k in srv.kernels())}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
     names = [name for name, _ in PARTS] + ["other"]
-    print("| sessions | cells/s | samples | " + " | ".join(names) + " |")
-    print("|---" * (3 + len(names)) + "|")
+    print("| sessions | cells/s | CPU ms per cell: clients / server / kernels | samples | " + " | ".join(names) + " |")
+    print("|---" * (4 + len(names)) + "|")
     for lv in result["levels"]:
-        print(f"| {lv['sessions']} | {lv['cells_per_s']} | {lv['samples']} | "
+        c = lv["cpu_ms_per_cell"]
+        print(f"| {lv['sessions']} | {lv['cells_per_s']} | {c['clients']} / {c['server']} / {c['kernels']} | {lv['samples']} | "
               + " | ".join(f"{lv['parts'].get(n, 0.0)}%" for n in names) + " |")
     print(f"\nraw stacks and summary.json: {os.path.dirname(result['levels'][0]['raw']) if result['levels'] else '-'}")
     return 1 if any(lv["errors"] for lv in result["levels"]) else 0
