@@ -183,16 +183,25 @@ async def test_subscribers_hear_of_changes_to_their_notebook_only(kp: Kernelpool
         await bob.subscribe_resource("notebook://watched.ipynb")  # bob's own notebook of the same name
         await editor.call_tool("insert_cell", {"notebook": "other.ipynb", "cell_index": -1, "cell_type": "code", "cell_source": "0"})
         await editor.call_tool("insert_execute_code_cell", {"notebook": "watched.ipynb", "cell_index": -1, "cell_source": "1"})
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(alice_heard.updated) < 2:
-            await asyncio.sleep(0.1)
-        assert alice_heard.updated[:2] == ["notebook://watched.ipynb"] * 2, "cell saved, then its outputs saved"
+        await _heard(alice_heard, 1)
+        await asyncio.sleep(0.5)
+        assert alice_heard.updated == ["notebook://watched.ipynb"], "a quick cell is saved once, with its outputs"
+        await editor.call_tool("insert_execute_code_cell", {"notebook": "watched.ipynb", "cell_index": -1,
+                                                            "cell_source": "import time; time.sleep(1)"})
+        await _heard(alice_heard, 3)
+        assert alice_heard.updated[:3] == ["notebook://watched.ipynb"] * 3, "a slow cell is saved, then its outputs"
         assert bob_heard.updated == [], "alice's edits never reach bob, whatever his notebook is called"
         await watcher.unsubscribe_resource("notebook://watched.ipynb")
         before = len(alice_heard.updated)
         await editor.call_tool("insert_cell", {"notebook": "watched.ipynb", "cell_index": -1, "cell_type": "code", "cell_source": "2"})
         await asyncio.sleep(1)
         assert len(alice_heard.updated) == before
+
+
+async def _heard(heard: Heard, updates: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(heard.updated) < updates:
+        await asyncio.sleep(0.1)
 
 
 async def test_log_messages_go_to_their_user_at_the_level_asked(kp: KernelpoolServer) -> None:

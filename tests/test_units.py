@@ -272,7 +272,7 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
 def test_an_oversized_stream_message_keeps_head_and_tail_unparsed() -> None:
     import json
 
-    from kernelpool.kernels.client import _head_and_tail
+    from kernelpool.kernels.channels import _head_and_tail
 
     body = "".join(("é\"\\\n" if i % 7 == 0 else "abc\u2603") for i in range(100_000)) + "THE END\n"
     raw = json.dumps({"name": "stdout", "text": body}, ensure_ascii=False).encode()
