@@ -58,19 +58,34 @@ class NoNotebook(KernelpoolError):
                 "or call use_notebook first (that works only for clients with an MCP session)")
 
 
-class NotebookNotFound(KernelpoolError):
+class NotebookError(KernelpoolError):
+    """About one notebook file, named by the client's path."""
+
     fields = ("path",)
+
+
+class NotebookNotFound(NotebookError):
     template = "notebook not found: {path!r} (use_notebook with mode='create' creates it)"
 
 
-class NotebookExists(KernelpoolError):
-    fields = ("path",)
+class NotebookExists(NotebookError):
+    """`use_notebook(mode="create")` of a notebook that is there already."""
+
     template = "notebook already exists: {path!r} (use mode='connect')"
 
 
-class CorruptNotebook(KernelpoolError):
+class RefusedPath(KernelpoolError):
+    """A path or a file the server will not use, and why."""
+
     fields = ("path", "reason")
+
+
+class CorruptNotebook(RefusedPath):
     template = "{path!r} is not a valid notebook ({reason}); it was left untouched"
+
+
+class PathRefused(RefusedPath):
+    template = "path refused: {path!r}: {reason}"
 
 
 class CellNotFound(KernelpoolError):
@@ -78,18 +93,18 @@ class CellNotFound(KernelpoolError):
     template = "no cell {ref} in {path!r} (it has {count} cells)"
 
 
-class PathRefused(KernelpoolError):
-    fields = ("path", "reason")
-    template = "path refused: {path!r}: {reason}"
+class UserError(KernelpoolError):
+    """About one user, by name: raised by `users.accounts` for the CLI's `users` commands and for
+    the server's look-ups of who a token names."""
 
-
-class UserNotFound(KernelpoolError):
     fields = ("name",)
+
+
+class UserNotFound(UserError):
     template = "no such user: {name!r}"
 
 
-class UserExists(KernelpoolError):
-    fields = ("name",)
+class UserExists(UserError):
     template = "user already exists: {name!r}"
 
 
@@ -142,7 +157,6 @@ class DataFromNewerVersion(KernelpoolError):
                 "refuses, and has changed nothing in the folder")
 
 
-class NoSpace(KernelpoolError):
-    fields = ("path",)
+class NoSpace(NotebookError):
     template = ("could not write {path!r}: no space left on the server's disk; the file was left as it was. "
                 "Delete files you no longer need, or ask the administrator for space")
