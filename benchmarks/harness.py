@@ -106,12 +106,18 @@ class Bench:
         self.dirs: list[DataDir] = []
         self._uid_next = UID_MIN
         self._servers = 0
+        self._ranges = 0  # network ranges handed out (env)
 
     def env(self, **extra: str) -> dict[str, str]:
+        # a /20 per data folder (1024 users' namespaces; the tests' /24 holds 128, too few for the
+        # 300-session level's 150 users), in 10.240.0.0/12, apart from the tests' 10.224.0.0/12
+        self._ranges += 1
+        k = (os.getpid() * 16 + self._ranges) % 256
         return server_env(
             KERNELPOOL_UID_MIN=str(UID_MIN), KERNELPOOL_UID_MAX=str(UID_MAX),
             KERNELPOOL_ACCOUNT_PREFIX=self.account_prefix, KERNELPOOL_CGROUP_PREFIX=self.cgroup_prefix,
-            KERNELPOOL_LOG_LEVEL="warning", **extra,
+            KERNELPOOL_LOG_LEVEL="warning", KERNELPOOL_KERNEL_NETWORK_RANGE=f"10.{240 + k // 16}.{(k % 16) * 16}.0/20",
+            **extra,
         )
 
     async def data_dir(self, users: list[str]) -> DataDir:
