@@ -13,7 +13,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # `-e 143`: the server re-raises SIGTERM after its graceful shutdown (uvicorn does); that is
 # a clean stop, reported as 0.
 # libseccomp2: the kernels' seccomp filter is built with it (through pyseccomp; apt already
-# pulls it in, named here because kernelpool needs it). nftables (libnftables) carries the
+# pulls it in, named here because kernelpool needs it). nftables (the nft command) carries the
 # kernels' firewall for kernel_network = "egress".
 # (Versions of Debian bookworm amd64; other architectures may carry another build suffix.)
 RUN apt-get update \

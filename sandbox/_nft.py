@@ -1,114 +1,65 @@
-"""nftables through libnftables (the library behind `nft`), loaded with ctypes.
+"""nftables through the `nft` command, one short process per change.
 
-Used by `sandbox.network` for the kernels' firewall table. A library call rather than a
-`nft -f -` subprocess: no process per change, and errors come back as the library's own
-message. Debian ships libnftables1 with the `nftables` package; `available()` says whether it
-loads here. Python bindings exist (python3-nftables) but only as a Debian package for the
-system interpreter, not for a virtual environment, so the few calls needed are declared here.
+Used by `sandbox.network` for the kernels' firewall table. Not libnftables in the server's own
+process (as before 2026-12): libnftables (1.0.6, Debian 12) waits on its netlink socket with
+`select()`, and glibc aborts a process whose descriptor is past FD_SETSIZE (1024). A server with
+a few hundred kernels holds more descriptors than that, so the next user's namespace killed the
+whole server ("bit out of range 0 - FD_SETSIZE on fd_set"). `nft` starts with only the
+descriptors it needs. Changes are rare (one per user's namespace), so a process each costs
+nothing that matters. Debian ships `nft` in the `nftables` package.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
-import threading
+import os
+import shutil
+import subprocess
 from typing import Any
 
-_OUTPUT_JSON = 1 << 4
-_SONAME = "libnftables.so.1"
+_TIMEOUT = 30.0
 
 
 class NftError(Exception):
-    """libnftables refused a command; the message is its own error text."""
+    """nft refused a command, or could not run; the message is its own error text."""
 
 
-class _Lib:
-    def __init__(self) -> None:
-        lib = ctypes.CDLL(_SONAME)
-        self.ctx_new = lib.nft_ctx_new
-        self.ctx_new.restype = ctypes.c_void_p
-        self.ctx_new.argtypes = [ctypes.c_uint32]
-        self.ctx_free = lib.nft_ctx_free
-        self.ctx_free.argtypes = [ctypes.c_void_p]
-        self.set_flags = lib.nft_ctx_output_set_flags
-        self.set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        self.buffer_output = lib.nft_ctx_buffer_output
-        self.buffer_output.argtypes = [ctypes.c_void_p]
-        self.buffer_error = lib.nft_ctx_buffer_error
-        self.buffer_error.argtypes = [ctypes.c_void_p]
-        self.output = lib.nft_ctx_get_output_buffer
-        self.output.restype = ctypes.c_char_p
-        self.output.argtypes = [ctypes.c_void_p]
-        self.error = lib.nft_ctx_get_error_buffer
-        self.error.restype = ctypes.c_char_p
-        self.error.argtypes = [ctypes.c_void_p]
-        self.run = lib.nft_run_cmd_from_buffer
-        self.run.restype = ctypes.c_int
-        self.run.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-
-
-_lib: _Lib | None = None
-_load_error: str | None = None
-_lock = threading.Lock()
-
-
-def _load() -> _Lib:
-    global _lib, _load_error
-    with _lock:
-        if _lib is None and _load_error is None:
-            try:
-                _lib = _Lib()
-            except OSError as exc:
-                _load_error = f"{_SONAME} not found ({exc}); install the 'nftables' package"
-        if _lib is None:
-            raise NftError(_load_error or "libnftables unavailable")
-        return _lib
+def _binary() -> str | None:
+    found = shutil.which("nft")
+    if found is not None:
+        return found
+    for candidate in ("/usr/sbin/nft", "/sbin/nft"):  # root's PATH may lack the sbin folders
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def available() -> str | None:
-    """None if libnftables loads, else why not."""
-    try:
-        _load()
-    except NftError as exc:
-        return str(exc)
-    return None
+    """None if the `nft` command is there, else why not."""
+    return None if _binary() is not None else "the nft command is not installed (Debian: the 'nftables' package)"
 
 
 def run(commands: str) -> None:
     """Run nft commands given as text (one transaction: all or nothing); raises NftError."""
-    _call(commands, as_json=False)
+    _nft(["-f", "-"], commands)
 
 
 def list_json(what: str) -> list[dict[str, Any]]:
-    """`list <what>` as libnftables' JSON objects (the "nftables" array)."""
-    out = _call(f"list {what}", as_json=True)
+    """`list <what>` as nft's JSON objects (the "nftables" array)."""
+    out = _nft(["-j", "list", *what.split()])
     data = json.loads(out) if out.strip() else {"nftables": []}
     return list(data.get("nftables", []))
 
 
-_call_lock = threading.Lock()
-
-
-def _call(commands: str, *, as_json: bool) -> str:
-    lib = _load()
-    # one call at a time in this process: libnftables keeps global state besides its contexts
-    # (the parser's and the cache's), and the server makes namespaces from several threads
-    with _call_lock:
-        return _call_locked(lib, commands, as_json)
-
-
-def _call_locked(lib: _Lib, commands: str, as_json: bool) -> str:
-    ctx = lib.ctx_new(0)
-    if not ctx:
-        raise NftError("nft_ctx_new failed")
+def _nft(args: list[str], stdin: str | None = None) -> str:
+    binary = _binary()
+    if binary is None:
+        raise NftError(available() or "nft unavailable")
     try:
-        lib.buffer_output(ctx)
-        lib.buffer_error(ctx)
-        lib.set_flags(ctx, _OUTPUT_JSON if as_json else 0)
-        rc = lib.run(ctx, commands.encode())
-        if rc != 0:
-            message = (lib.error(ctx) or b"").decode("utf-8", "replace").strip()
-            raise NftError(message or f"nft command failed: {commands[:200]!r}")
-        return (lib.output(ctx) or b"").decode("utf-8", "replace")
-    finally:
-        lib.ctx_free(ctx)
+        done = subprocess.run([binary, *args], input=stdin, capture_output=True, text=True, timeout=_TIMEOUT,
+                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NftError(f"nft could not run: {exc}") from None
+    if done.returncode != 0:
+        raise NftError(done.stderr.strip() or f"nft failed ({done.returncode}): {' '.join(args)[:200]}")
+    return done.stdout

@@ -87,7 +87,7 @@ class NetworkPlan:
         return base, base + 1
 
     def ruleset(self) -> str:
-        """The nftables table of this server, replacing any it had (libnftables script)."""
+        """The nftables table of this server, replacing any it had (an nft script)."""
         t = self.table
         rng = str(self.addresses)
         blocked = ", ".join(str(n) for n in BLOCKED_V4)

@@ -195,7 +195,7 @@ class UserNetworks:
         return self.plan.pair(slot)[1]
 
     def rules(self) -> list[dict[str, Any]]:
-        """This server's nftables table as libnftables JSON objects ([] when there is none)."""
+        """This server's nftables table as nft JSON objects ([] when there is none)."""
         try:
             return _nft.list_json(f"table inet {self.plan.table}")
         except _nft.NftError:

@@ -81,7 +81,7 @@ def _try_views() -> int:
 
 
 def _nftables() -> bool:
-    """libnftables loads and lets us read the ruleset (CAP_NET_ADMIN)."""
+    """The nft command is there and lets us read the ruleset (CAP_NET_ADMIN)."""
     if _nft.available() is not None:
         return False
     try:

@@ -37,7 +37,7 @@ def _host_reason() -> str | None:
     if not host.get("netns"):
         return "this host cannot create network namespaces"
     if not host.get("nftables"):
-        return "nftables (libnftables) is not usable here"
+        return "nftables (the nft command) is not usable here"
     return None
 
 

@@ -153,7 +153,7 @@ class JobService:
 
     async def _run(self, job: Job, code: str, timeout: float, store_history: bool) -> None:
         try:
-            job.kernel = await self._kernels.acquire(await self._users.get(job.user), job.notebook)
+            job.kernel = await self._kernels.acquire(job.user, job.notebook)
             result = await self._execute(job, job.kernel, code, timeout, store_history)
             if job.cancelled and result.status in ("ok", "error"):
                 result.status = "interrupted"

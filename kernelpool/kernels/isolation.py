@@ -70,7 +70,7 @@ def decide(settings: Settings) -> Isolation:
         missing.append(f"network namespaces (CAP_SYS_ADMIN and CAP_NET_ADMIN; for kernel_network = "
                        f"{settings.kernel_network!r}, or set it to 'host', shared by all users)")
     if settings.kernel_network == "egress" and not host.get("nftables"):
-        missing.append("nftables (libnftables1, the 'nftables' package, and CAP_NET_ADMIN) for kernel_network = 'egress'")
+        missing.append("nftables (the nft command, Debian's 'nftables' package, and CAP_NET_ADMIN) for kernel_network = 'egress'")
     for key, what in (
         ("mount_namespace", "mount namespaces with a private tmpfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
         ("proc_hidepid", "a private /proc with hidepid=invisible (Linux 5.8 or later)"),

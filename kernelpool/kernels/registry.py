@@ -46,6 +46,7 @@ class KernelRegistry:
         self._settings = settings
         self.networks = networks or UserNetworkPolicy(None)
         self._store = store
+        self._users = users
         self._cgroups = cgroups
         self._disk_check = disk_check
         self._metrics = metrics or Metrics()
@@ -81,9 +82,12 @@ class KernelRegistry:
 
     # ---- acquiring -------------------------------------------------------------------
 
-    async def acquire(self, user: User, notebook: str) -> Kernel:
-        """The live kernel of (user, notebook): the existing one, a warm one, or a new one."""
-        key = (user.name, notebook)
+    async def acquire(self, name: str, notebook: str) -> Kernel:
+        """The live kernel of (user, notebook): the existing one, a warm one, or a new one.
+
+        The user's record (identity, limits) is read only when a kernel has to be found or started.
+        """
+        key = (name, notebook)
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         async with lock:
             kernel = self._kernels.get(key)
@@ -93,6 +97,7 @@ class KernelRegistry:
                     return kernel
                 # a dead kernel is replaced by a fresh one on the next call
                 await self._discard(kernel)
+            user = await self._users.get(name)
             kernel = await self._pool.take(user)
             if kernel is None:
                 self._metrics.pool_misses.inc()
@@ -191,7 +196,7 @@ class KernelRegistry:
 
     async def restart(self, user: User, notebook: str) -> Kernel:
         await self.shutdown(user.name, notebook)
-        return await self.acquire(user, notebook)
+        return await self.acquire(user.name, notebook)
 
     async def interrupt(self, kernel: Kernel) -> None:
         await kernel.interrupt()
@@ -240,6 +245,7 @@ class KernelRegistry:
         kernels = list(self._kernels.values()) + pooled
         self._kernels.clear()
         await asyncio.gather(*(self._stop(k) for k in kernels), return_exceptions=True)
+        self._launcher.close()
         if self._cgroups is not None:
             # the users' cgroups and our prefix folder: a stopped server leaves nothing in the tree
             root = self._cgroups.get("")

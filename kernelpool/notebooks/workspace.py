@@ -46,7 +46,7 @@ class Workspace:
             await self._notebooks.create(user, path)
         else:
             await self._notebooks.load(user, path)  # exists and is a valid notebook
-        kernel = await self._kernels.acquire(await self._users.get(user), path)
+        kernel = await self._kernels.acquire(user, path)
         count = len(self._kernels.of_user(user))
         # only for a session id the server issued to this user: a made-up one gets no context
         active = session_id is not None and self._sessions.set_notebook(user, session_id, path)

@@ -398,3 +398,28 @@ def test_joining_a_namespace_that_is_not_one_fails_before_exec(tmp_path) -> None
     with pytest.raises(LaunchError, match="absolute"):
         spawn(LaunchSpec(argv, {}, "/", netns="relative/ns"))
     assert not marker.exists(), "the command never ran"
+
+
+def test_firewall_changes_work_in_a_process_with_thousands_of_descriptors() -> None:
+    """A server with a few hundred kernels holds more than 1024 descriptors; libnftables in-process
+    (before 2026-12) then aborted the whole server at the next user's namespace (glibc's
+    FD_SETSIZE check on its select()). Run in a child, so that a regression fails this test only."""
+    _require()
+    table = f"kptestfd{os.getpid()}"
+    code = textwrap.dedent(f"""
+        import os, resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1500)]
+        assert max(held) > 1100
+        from sandbox import _nft
+        _nft.run("add table inet {table}\\n")
+        assert any(t.get("table", {{}}).get("name") == "{table}" for t in _nft.list_json("tables"))
+        _nft.run("delete table inet {table}\\n")
+        print("ok")
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)

@@ -29,7 +29,7 @@ def test_probe_reports_this_host() -> None:
         loads = _nft.available() is None
     except OSError:
         loads = False
-    assert found["nftables"] == (loads and found["root"]), "libnftables loads, and root may read the ruleset"
+    assert found["nftables"] == (loads and found["root"]), "nft is there, and root may read the ruleset"
     if found["cgroup"]["version"] is not None:
         assert {"memory", "cpu", "pids"} <= set(found["cgroup"]["controllers"]) or found["cgroup"]["version"] == 2
 
