@@ -74,7 +74,7 @@ def breakdown(raw_path: str) -> dict[str, Any]:
 
 
 async def level(bench: Bench, n: int, duration: float, tool: str, rate: int, out_dir: str, log: Any) -> dict[str, Any]:
-    users = [f"p{j // 2}" for j in range(n)]
+    users = [f"p{n}u{j // 2}" for j in range(n)]  # names unique across the run: they are Unix accounts
     paths = [f"prof{n}/s{j}.ipynb" for j in range(n)]
     d = await bench.data_dir(sorted(set(users)))
     raw = os.path.join(out_dir, f"py-spy-{n}.txt")
