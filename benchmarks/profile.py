@@ -2,8 +2,10 @@
 
 For each level N (default 10 and 100 sessions, N/2 users x 2 notebooks) one server is started,
 every session opens its notebook, and then every session runs cells back to back while
-`py-spy record` samples the server process (not its kernels). Each sample is put in the part
-of the innermost frame that belongs to one, scanning from the leaf:
+`py-spy record --gil` samples the server process (not its kernels): only the thread that holds
+the GIL, so the samples are the Python work that competes for the one event loop, and waits in
+worker threads (a notebook write's fsync) are left out. Each sample is put in the part of the
+innermost frame that belongs to one, scanning from the leaf:
 
   notebook writes  nbformat, kernelpool's notebook modules, the atomic write in sandbox/fs.py
   kernel messages  jupyter_client, zmq, kernelpool's kernel and execution modules
@@ -85,7 +87,7 @@ async def level(bench: Bench, n: int, duration: float, tool: str, rate: int, out
         await closed_loop(runs, f"warm{n}", 2.0, 50)  # warm up: first cells, caches
         spy = subprocess.Popen([shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"),
                                 "record", "--pid", str(srv.pid), "--duration", str(int(duration)), "--rate", str(rate),
-                                "--format", "raw", "--output", raw, "--nonblocking"],
+                                "--format", "raw", "--output", raw, "--nonblocking", "--gil"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         t0 = time.perf_counter()
         before = _cpu(srv)
