@@ -6,7 +6,7 @@ grows with every cell added. `CellCachingEncoder` gives the same bytes (a test c
 with nbformat's on generated notebooks) but keeps each cell's encoded text while the cell is
 unchanged, so a save costs the changed cells plus joining the rest.
 
-"Unchanged" is decided by `fingerprint` and `unchanged` (also what the notebook service uses to
+"Unchanged" is decided by `fingerprint` and `same` (also what the notebook service uses to
 validate only changed cells): edits assign new objects to a cell's parts and never change them
 in place, so identity tells a changed cell.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 import secrets
 from typing import Any
 
@@ -26,21 +27,21 @@ from nbformat.v4.rwbase import split_lines
 _DUMP: dict[str, Any] = {"cls": BytesEncoder, "indent": 1, "sort_keys": True, "separators": (",", ": "),
                          "ensure_ascii": False}
 _CELL_INDENT = "\n  "  # a cell sits two levels deep: {"cells": [ <cell>, ... ]}
-_CELL_PARTS = ("source", "outputs", "metadata", "attachments")
+# (the objects a change to a cell replaces, compared by identity; its scalar fields, by value)
+Mark = tuple[tuple[Any, ...], tuple[Any, ...]]
 
 
-def fingerprint(cell: NotebookNode) -> tuple[Any, ...]:
-    """What a change to a cell replaces: edits assign new objects to these keys (never change
-    them in place), so holding the objects and comparing with `is` tells a changed cell."""
-    return (cell, len(cell), cell.get("cell_type"), cell.get("id"), cell.get("execution_count"),
-            *(cell.get(k) for k in _CELL_PARTS))
+def fingerprint(cell: NotebookNode) -> Mark:
+    """What a change to a cell replaces: edits assign new objects to its parts (never change
+    them in place), so holding the objects and comparing them with `is` tells a changed cell."""
+    get = cell.get
+    return ((cell, get("source"), get("outputs"), get("metadata"), get("attachments")),
+            (len(cell), get("cell_type"), get("id"), get("execution_count")))
 
 
-def unchanged(cell: NotebookNode, known: tuple[Any, ...] | None) -> bool:
-    if known is None:
-        return False
-    now = fingerprint(cell)
-    return all(a is b or (type(a) in (int, str, type(None)) and a == b) for a, b in zip(now, known, strict=True))
+def same(now: Mark, known: Mark | None) -> bool:
+    """Whether a cell's mark now is the one it had (`known`: None when it had none)."""
+    return known is not None and now[1] == known[1] and all(map(operator.is_, now[0], known[0]))
 
 
 def encode_cell(cell: NotebookNode) -> str:
@@ -72,18 +73,19 @@ class CellCachingEncoder:
     """Encodes notebooks, reusing each unchanged cell's text from the previous encoding."""
 
     def __init__(self) -> None:
-        # id(notebook) -> {id(cell): (fingerprint, text)}; a fingerprint holds its cell, so an
-        # id cannot be reused by another cell while its entry exists
-        self._cells: dict[int, dict[int, tuple[tuple[Any, ...], str]]] = {}
+        # id(notebook) -> {id(cell): (mark, text)}; a mark holds its cell, so an id cannot be
+        # reused by another cell while its entry exists
+        self._cells: dict[int, dict[int, tuple[Mark, str]]] = {}
 
-    def encode(self, nb: NotebookNode) -> str:
+    def encode(self, nb: NotebookNode, marks: list[Mark] | None = None) -> str:
+        """The file's text; `marks` are the cells' fingerprints if the caller has them already."""
         known = self._cells.get(id(nb), {})
-        fresh: dict[int, tuple[tuple[Any, ...], str]] = {}
+        fresh: dict[int, tuple[Mark, str]] = {}
         texts = []
-        for cell in nb.cells:
+        for cell, mark in zip(nb.cells, marks if marks is not None else map(fingerprint, nb.cells), strict=True):
             held = known.get(id(cell))
-            if held is None or not unchanged(cell, held[0]):
-                held = (fingerprint(cell), encode_cell(cell))
+            if held is None or not same(mark, held[0]):
+                held = (mark, encode_cell(cell))
             fresh[id(cell)] = held
             texts.append(held[1])
         self._cells[id(nb)] = fresh

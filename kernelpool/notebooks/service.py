@@ -33,7 +33,7 @@ from kernelpool.errors import (
     PathRefused,
 )
 from kernelpool.notebooks import cells
-from kernelpool.notebooks.encoding import CellCachingEncoder, fingerprint, unchanged
+from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, fingerprint, same
 from kernelpool.notebooks.paths import check_dir_path, refusing
 from sandbox import SafeRoot
 from sandbox.errors import SandboxError
@@ -49,10 +49,10 @@ _CACHE_BYTES = 64 * 1024 * 1024  # ...while their files add up to no more than t
 
 # ---- validation --------------------------------------------------------------------------
 
-def _check(nb: NotebookNode, validated: dict[int, tuple[Any, ...]]) -> None:
+def _check(nb: NotebookNode, marks: list[Mark], validated: dict[int, Mark]) -> None:
     """Validate `nb` with nbformat, re-checking only the cells changed since it was validated
     (whole-notebook validation grows with the notebook and was most of an edit's cost)."""
-    changed = [c for c in nb.cells if not unchanged(c, validated.get(id(c)))]
+    changed = [c for c, mark in zip(nb.cells, marks, strict=True) if not same(mark, validated.get(id(c)))]
     skeleton = NotebookNode({k: v for k, v in nb.items() if k != "cells"})
     skeleton["cells"] = changed
     try:
@@ -78,7 +78,7 @@ class NotebookService:
         self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
         self._cached_bytes = 0
         # id(cached notebook) -> {id(cell): fingerprint of the cell as last validated}
-        self._validated: dict[int, dict[int, tuple[Any, ...]]] = {}
+        self._validated: dict[int, dict[int, Mark]] = {}
         # and each cached notebook's cells as encoded in its file: a save encodes only changed cells
         self._encoder = CellCachingEncoder()
         # called with (user, path) after each write: resource subscriptions (kernelpool/mcp/notices.py)
@@ -170,8 +170,9 @@ class NotebookService:
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
         # a notebook JupyterLab would refuse is never written: every cell changed since the
         # notebook was last validated, and everything outside the cells, is validated now
-        _check(nb, self._validated.get(id(nb), {}))
-        text = self._encoder.encode(nb)
+        marks = [fingerprint(c) for c in nb.cells]  # once per write: validation and encoding share them
+        _check(nb, marks, self._validated.get(id(nb), {}))
+        text = self._encoder.encode(nb, marks)
         stamp = None
         try:
             self._write(user, path, text.encode("utf-8"))
@@ -183,7 +184,7 @@ class NotebookService:
             if stamp is None:  # nothing remembered: neither are its encoded cells
                 self._encoder.forget(nb)
         if stamp is not None:
-            self._remember(user, path, stamp, nb)
+            self._remember(user, path, stamp, nb, marks)
 
     def _write(self, user: str, path: str, data: bytes) -> None:
         try:
@@ -208,7 +209,8 @@ class NotebookService:
         self._validated.pop(id(entry[1]), None)
         self._encoder.forget(entry[1])
 
-    def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode) -> None:
+    def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode,
+                  marks: list[Mark] | None = None) -> None:
         """Keep `nb` (valid: just read or written) as the parsed form of the file at `stamp`."""
         key = (user, path)
         old = self._cache.pop(key, None)
@@ -223,7 +225,7 @@ class NotebookService:
             return
         self._cache[key] = (stamp, nb)
         self._cached_bytes += stamp[0]
-        self._validated[id(nb)] = {id(c): fingerprint(c) for c in nb.cells}
+        self._validated[id(nb)] = {id(c): m for c, m in zip(nb.cells, marks or map(fingerprint, nb.cells), strict=True)}
         while len(self._cache) > _CACHE_ENTRIES or self._cached_bytes > _CACHE_BYTES:
             _, dropped = self._cache.popitem(last=False)
             self._drop(dropped)
