@@ -83,6 +83,8 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
         (2, "an account's home and DATA/users/<name> (whose parent is root's), compared as strings: nothing is opened or written"),
     ("kernelpool/kernels/zygote/server.py", "_zygote_env", "os.path.realpath"): (1, "kernelpool's own installed files"),
     ("sandbox/launcher.py", "_join_cgroup", "os.open"): (1, CGROUP),
+    ("sandbox/_nft.py", "_binary", "shutil.which"): (1, "the nft command in root's PATH: system folders, root's"),
+    ("sandbox/_nft.py", "_binary", "os.access"): (1, "/usr/sbin/nft, /sbin/nft: system folders, root's"),
     ("sandbox/views.py", "private_tmpfs", "os.path.isdir"): (1, FRESH_NS),
     ("sandbox/views.py", "private_tmpfs", "os.makedirs"): (1, FRESH_NS),
     ("sandbox/views.py", "_open_kept", "os.open"):
