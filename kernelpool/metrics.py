@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,22 @@ class Metrics:
             ["source"], registry=self.registry)
         self.pool_hits = Counter("kernelpool_pool_hits_total", "kernels handed out warm", registry=self.registry)
         self.pool_misses = Counter("kernelpool_pool_misses_total", "kernels started on demand", registry=self.registry)
+        # the cyclic garbage collector stops the one event loop that serves everyone (`watch_gc`)
+        self.gc_pauses = Histogram(
+            "kernelpool_gc_pause_seconds", "pauses of Python's cyclic garbage collector, by generation", ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=self.registry)
+
+    def watch_gc(self) -> None:
+        """Time every collection of the cyclic garbage collector into `gc_pauses`."""
+        started: list[float] = []
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[:] = [time.perf_counter()]
+            elif started:
+                self.gc_pauses.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
 
     def add_gauges(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
         """Register gauges read at scrape time (sessions, kernels per user and state, memory)."""

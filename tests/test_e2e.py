@@ -361,6 +361,8 @@ async def test_healthz_and_metrics(kp: KernelpoolServer) -> None:
         assert re.search(r"^kernelpool_pool_misses_total [1-9]", metrics, re.M), metrics
         assert re.search(r"^kernelpool_pool_hits_total \d", metrics, re.M), metrics
         assert re.search(r'^kernelpool_kernel_starts_total\{source="(fork_server|stock)"\} [1-9]', metrics, re.M), metrics
+        # the garbage collector's pauses are timed (kernelpool serve tunes and watches it)
+        assert re.search(r'^kernelpool_gc_pause_seconds_count\{generation="[012]"\} [1-9]', metrics, re.M), metrics
     rows = [json.loads(line) for line in kp.cli("audit", "--user", "alice", "--json").stdout.splitlines()]
     assert rows and {r["user"] for r in rows} == {"alice"}
     assert {"use_notebook", "insert_execute_code_cell"} <= {r["tool"] for r in rows}
