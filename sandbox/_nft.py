@@ -25,13 +25,11 @@ class NftError(Exception):
 
 
 def _binary() -> str | None:
-    found = shutil.which("nft")
-    if found is not None:
-        return found
-    for candidate in ("/usr/sbin/nft", "/sbin/nft"):  # root's PATH may lack the sbin folders
+    # the system's own first: the server runs as root, and its PATH is not ours to trust
+    for candidate in ("/usr/sbin/nft", "/sbin/nft"):
         if os.access(candidate, os.X_OK):
             return candidate
-    return None
+    return shutil.which("nft")
 
 
 def available() -> str | None:

@@ -44,10 +44,9 @@ class ExecutionResult:
 class _Run:
     """The reading side of one execution: iopub messages into outputs, the timeout, progress."""
 
-    def __init__(self, kernel: Kernel, msg_id: str, start: float, timeout: float, interrupt: Interrupt,
+    def __init__(self, kernel: Kernel, start: float, timeout: float, interrupt: Interrupt,
                  progress: Progress | None, progress_interval: float, limits: OutputLimits) -> None:
         self.kernel = kernel
-        self.msg_id = msg_id
         self.start = start
         self.timeout = timeout
         self.deadline = start + timeout
@@ -149,7 +148,7 @@ async def execute(
     start = time.monotonic()
     msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
     inbox = channels.listen(msg_id)  # no await since the send: no answer can have been missed
-    run = _Run(kernel, msg_id, start, timeout, interrupt, progress, progress_interval, limits)
+    run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits)
     try:
         await run.until_idle(inbox)
         if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 
+_INBOX_MAX = 1000  # messages waiting for one request (ZMQ's own receive queue holds 1000 too)
+
 _STREAM_NAME = re.compile(rb'"name"\s*:\s*"(stdout|stderr)"')
 _TEXT_START = re.compile(rb'"text"\s*:\s*"')
 
@@ -40,9 +42,15 @@ class Inbox:
     def __init__(self) -> None:
         self._items: deque[tuple[str, Message]] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # set while the inbox has room: a full one holds its channel's reader back, so that a
+        # kernel that floods its output waits in ZMQ's bounded queues, not in the server's memory
+        self.room = asyncio.Event()
+        self.room.set()
 
     def put(self, channel: str, msg: Message) -> None:
         self._items.append((channel, msg))
+        if len(self._items) >= _INBOX_MAX:
+            self.room.clear()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -57,7 +65,11 @@ class Inbox:
             finally:
                 timer.cancel()
                 self._waiter = None
-        return self._items.popleft() if self._items else None
+        if not self._items:
+            return None
+        if len(self._items) <= _INBOX_MAX // 2:
+            self.room.set()
+        return self._items.popleft()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -81,7 +93,9 @@ class KernelChannels:
         return inbox
 
     def done(self, msg_id: str) -> None:
-        self._inboxes.pop(msg_id, None)
+        inbox = self._inboxes.pop(msg_id, None)
+        if inbox is not None:
+            inbox.room.set()  # nobody reads it any more: a reader held back by it goes on
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -106,6 +120,7 @@ class KernelChannels:
             inbox = self._inboxes.get(msg["parent_header"].get("msg_id", ""))
             if inbox is not None:
                 inbox.put(channel, msg)
+                await inbox.room.wait()
 
 
 def parse(session: Session, frames: list[bytes], max_bytes: int = 0) -> Message:
