@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from kernelpool import schema
 from kernelpool import store as store_module
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
@@ -219,7 +220,7 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
     path = tmp_path / "kernelpool.db"
     # a database as versions before bcda1e3 made it: the tables, no version
     with sqlite3.connect(path) as db:
-        db.executescript(store_module._SCHEMA)
+        db.executescript(schema.SCHEMA)
         db.execute("INSERT INTO users(name, uid, gid, created_at) VALUES ('alice', 20001, 20001, 1.0)")
     db.close()
     store = await Store(path).open()

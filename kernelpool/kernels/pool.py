@@ -81,6 +81,12 @@ class WarmPool:
                 return
             pool.append(kernel)
 
+    def drop(self, user: str) -> list[Kernel]:
+        """The user was removed: its warm kernels leave the pool (the caller stops them); a refill
+        running for it fails on its own (`KernelRegistry` admits no kernel of a removed user)."""
+        self._last_acquire.pop(user, None)
+        return list(self._pools.pop(user, ()))
+
     async def retire_inactive(self, now: float, timeout: float) -> int:
         """Stop the warm kernels of users who have not asked for a kernel for `timeout` seconds."""
         retired = 0
