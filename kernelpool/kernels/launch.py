@@ -126,7 +126,7 @@ class KernelLauncher:
         known = self._user_cgroups.get(user)
         return self._cgroups.get(known[1]) if self._cgroups is not None and known is not None else None
 
-    def forget(self, user: str, uid: int | None) -> None:
+    async def forget(self, user: str, uid: int | None) -> None:
         """The user was removed (`KernelRegistry.forget_removed`, after its kernels stopped; `uid`
         is the uid the name has now, if it was added again): the cgroup of the removed one goes,
         if `users remove` has not taken it already."""
@@ -137,7 +137,7 @@ class KernelLauncher:
         del self._user_cgroups[user]
         if cgroup is not None:
             try:
-                cgroup.remove()
+                await asyncio.to_thread(cgroup.remove)
             except Exception as exc:
                 log.warning("removing the cgroup of removed user %s: %s", user, exc)
 
@@ -247,7 +247,9 @@ class KernelLauncher:
             log.warning("kernel %s: shutdown: %s", kernel.id, exc)
         if kernel.cgroup is not None:
             try:
-                kernel.cgroup.remove()
+                # off the event loop: what the kernel left running is frozen and killed first,
+                # which may wait (a freeze, a task that takes its time to exit)
+                await asyncio.to_thread(kernel.cgroup.remove)
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
         if kernel.rundir is not None:

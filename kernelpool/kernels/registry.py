@@ -239,7 +239,7 @@ class KernelRegistry:
                 log.info("kernel %s of %s: dropped (the user was removed)", kernel.id, user)
                 await self._stop(kernel, now=True)
                 stopped += 1
-            self._launcher.forget(user, current.get(user))
+            await self._launcher.forget(user, current.get(user))
         return stopped
 
     async def reap_leftovers(self) -> int:
