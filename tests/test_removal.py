@@ -340,6 +340,25 @@ def test_uid_exhaustion_says_so_and_adds_nothing() -> None:
         server.cleanup()
 
 
+def test_a_failed_add_removes_no_account_it_did_not_make() -> None:
+    # an account of the host already has the name kernelpool would give: the add fails, says why,
+    # and leaves that account alone (the cleanup of a half-made add removes only what has our uid)
+    from sandbox import Identity, accounts
+
+    prefix = f"kpf{os.getpid() % 100000}-"
+    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_ACCOUNT_PREFIX=prefix))
+    foreign = next(u for u in range(63900, 63999) if not accounts.id_in_use(u))
+    accounts.ensure_account(Identity(name=f"{prefix}zed", uid=foreign, gid=foreign, home="/nonexistent"))
+    try:
+        out = server.cli("users", "add", "zed", check=False)
+        assert out.returncode == 2 and f"group '{prefix}zed' exists with gid {foreign}" in out.stderr, out
+        assert out.stdout == "" and "zed" not in server.cli("users", "list").stdout
+        assert accounts.account_exists(f"{prefix}zed") and accounts.id_in_use(foreign)
+    finally:
+        accounts.remove_account(f"{prefix}zed")
+        server.cleanup()
+
+
 # ---- a task that cannot be killed: the removal stops and says so ---------------------------------
 
 class StuckFuse:

@@ -111,9 +111,9 @@ class UserService:
             self.prepare(row)
         except Exception:
             identity = self.identity(row)
-            if identity is not None and accounts.can_manage_accounts():
+            if identity is not None and accounts.can_manage_accounts() and _uid_of(identity.name) == row.uid:
                 with contextlib.suppress(SandboxError):
-                    accounts.remove_account(identity.name)  # made with a uid given just now: ours alone
+                    accounts.remove_account(identity.name)  # made here with a uid given just now: ours alone
             await self._store.discard_user(name)
             raise
         self._known[name] = row
@@ -241,3 +241,10 @@ class UserService:
             if self._settings.uid_min <= owner <= self._settings.uid_max:
                 floor = max(floor, owner)
         return floor
+
+
+def _uid_of(account: str) -> int | None:
+    try:
+        return pwd.getpwnam(account).pw_uid
+    except KeyError:
+        return None
