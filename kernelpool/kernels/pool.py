@@ -47,8 +47,9 @@ class WarmPool:
         while pool:
             kernel = pool.popleft()
             # a warm kernel started before the user's limits changed (`users set-limits`) would
-            # keep the old ones: it goes, and a kernel with the current limits starts instead
-            if kernel.limits != user.kernel_limits:
+            # keep the old ones, and one of a removed user of the same name runs as another uid:
+            # it goes, and a kernel of this user with the current limits starts instead
+            if kernel.limits != user.kernel_limits or kernel.uid != user.uid:
                 await self._stop(kernel, True)
             elif await kernel.is_alive():
                 return kernel
