@@ -270,6 +270,7 @@ async def _housekeeping(services: Services) -> None:
             services.jobs.prune()
             await services.kernels.cull_idle()
             await services.kernels.networks.refresh()
-            await services.users.load()  # users that the CLI added while we run
+            await services.users.load()  # users that the CLI added or removed while we run
+            await services.kernels.forget_removed(services.users.current())
         except Exception:
             log.exception("housekeeping failed")

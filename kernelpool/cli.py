@@ -237,7 +237,8 @@ async def _users(args: argparse.Namespace) -> int:
         if args.action == "add":
             row = await users.add(args.name)
             _, token = await create_token(store, row.name, args.expires)
-            _err(f"created user {row.name} (uid {row.uid}); its token follows on stdout")
+            account = f", account {users.account_name(row)}" if users.isolated else ""
+            _err(f"created user {row.name} (uid {row.uid}{account}); its token follows on stdout")
             print(token)
         elif args.action == "list":
             for row in await store.list_users():

@@ -108,6 +108,15 @@ class UserExists(UserError):
     template = "user already exists: {name!r}"
 
 
+class NoUidLeft(KernelpoolError):
+    """`users add` found no uid to give: a uid is never given twice (`kernelpool.store.Store.add_user`)."""
+
+    fields = ("low", "high", "highest", "removed")
+    template = ("no uid left to give in {low}-{high} (uid_min-uid_max): a uid is never given twice, every one up to "
+                "{highest} was given already ({removed} of them to users removed since), and the host's own accounts "
+                "hold the rest. Nothing was added. Raise uid_max, or set a range above {highest}")
+
+
 class RemovalFailed(KernelpoolError):
     """`users remove` stopped at `step`; what was done and what to do next are in the message."""
 

@@ -13,68 +13,21 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from kernelpool.errors import DataFromNewerVersion
+from kernelpool.errors import DataFromNewerVersion, NoUidLeft, UserExists
+from kernelpool.schema import MIGRATIONS as _MIGRATIONS
 
 log = logging.getLogger(__name__)
 
 _AUDIT_DELAY = 0.05  # seconds an audit row may wait to be written with others
 _AUDIT_RETRY = (0.5, 10.0)  # first and longest wait between attempts while audit writes fail
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    name        TEXT PRIMARY KEY,
-    uid         INTEGER NOT NULL UNIQUE,
-    gid         INTEGER NOT NULL,
-    created_at  REAL NOT NULL,
-    limits      TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    id          TEXT PRIMARY KEY,
-    user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-    hash        TEXT NOT NULL UNIQUE,
-    created_at  REAL NOT NULL,
-    expires_at  REAL,
-    revoked_at  REAL
-);
-CREATE TABLE IF NOT EXISTS kernels (
-    id          TEXT PRIMARY KEY,
-    user        TEXT NOT NULL,
-    notebook    TEXT,
-    pid         INTEGER,
-    cgroup      TEXT,
-    connection_file TEXT,
-    started_at  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts          REAL NOT NULL,
-    user        TEXT,
-    tool        TEXT NOT NULL,
-    notebook    TEXT,
-    outcome     TEXT NOT NULL,
-    duration_ms REAL NOT NULL,
-    detail      TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_user_ts ON audit(user, ts);
-"""
-
-
-# The schema's version, kept in the database header (PRAGMA user_version). _MIGRATIONS[n] takes a
-# database from version n to n + 1; all pending ones run at start, in one transaction. Version
-# 0 is both a new, empty file and a database made before there were versions (up to commit
-# bcda1e3), whose tables migration 1's IF NOT EXISTS statements leave as they were. Append a
-# migration for every change of what is stored; never edit one that has shipped.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    tuple(statement.strip() for statement in _SCHEMA.split(";") if statement.strip()),
-    # 2: users being removed (`users remove` marks them first: their tokens stop working at once)
-    ("CREATE TABLE removing (user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE, since REAL NOT NULL)",),
-)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -125,6 +78,7 @@ class UserRow:
     gid: int
     created_at: float
     limits: dict[str, Any]
+    reissued: bool = False  # the name had an account before: this one is named after its uid
 
 
 @dataclass(frozen=True)
@@ -134,6 +88,7 @@ class TokenRow:
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+    uid: int | None = None  # the user's, when looked up to check the token
 
 
 @dataclass(frozen=True)
@@ -203,14 +158,36 @@ class Store:
             self._conn = None
 
     # users
-    async def add_user(self, name: str, uid: int, gid: int, limits: dict[str, Any] | None = None) -> UserRow:
-        now = time.time()
-        await self._db.execute(
-            "INSERT INTO users(name, uid, gid, created_at, limits) VALUES (?, ?, ?, ?, ?)",
-            (name, uid, gid, now, json.dumps(limits or {})),
-        )
-        await self._db.commit()
-        return UserRow(name, uid, gid, now, limits or {})
+    async def add_user(self, name: str, uids: tuple[int, int], floor: int, in_use: Callable[[int], bool]) -> UserRow:
+        """Add `name` with the lowest uid (its gid the same number) in `uids` that is above every uid
+        ever given (the mark) and above `floor`, skipping those `in_use` says the host gives away.
+        One transaction: two commands at once never get the same uid. Raises UserExists, NoUidLeft."""
+        low, high = uids
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if await self._value("SELECT 1 FROM users WHERE name = ?", name) is not None:
+                raise UserExists(name)
+            mark = await self._value("SELECT uid FROM uid_mark")
+            reissued = await self._value("SELECT 1 FROM removed_users WHERE name = ? LIMIT 1", name) is not None
+            start = max(low, (mark or 0) + 1, floor + 1)
+            uid = next((u for u in range(start, high + 1) if not in_use(u)), None)
+            if uid is None:
+                removed = await self._value("SELECT COUNT(*) FROM removed_users WHERE uid IS NOT NULL")
+                raise NoUidLeft(low, high, max(start - 1, low), removed or 0)
+            now = time.time()
+            await self._db.execute("INSERT INTO users(name, uid, gid, created_at, limits, reissued) VALUES (?, ?, ?, ?, '{}', ?)",
+                                   (name, uid, uid, now, int(reissued)))
+            await self._db.execute("INSERT OR REPLACE INTO uid_mark(one, uid) VALUES (1, ?)", (uid,))
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
+        return UserRow(name, uid, uid, now, {}, reissued)
+
+    async def _value(self, sql: str, *args: Any) -> Any:
+        async with self._db.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
 
     async def get_user(self, name: str) -> UserRow | None:
         async with self._db.execute("SELECT * FROM users WHERE name = ?", (name,)) as cur:
@@ -221,8 +198,15 @@ class Store:
         async with self._db.execute("SELECT * FROM users ORDER BY name") as cur:
             return [_user(r) for r in await cur.fetchall()]
 
-    async def used_uids(self) -> set[int]:
-        async with self._db.execute("SELECT uid FROM users") as cur:
+    async def admits(self, name: str, uid: int) -> bool:
+        """Whether `name` is a user with this uid that is not being removed (checked by the server
+        once a kernel of theirs runs: a removal that began before may have missed it)."""
+        return await self._value("SELECT 1 FROM users WHERE name = ? AND uid = ? AND name NOT IN (SELECT user FROM removing)",
+                                 name, uid) is not None
+
+    async def removing(self) -> set[str]:
+        """The users `users remove` has marked and not yet removed."""
+        async with self._db.execute("SELECT user FROM removing") as cur:
             return {r[0] for r in await cur.fetchall()}
 
     async def set_user_limits(self, name: str, limits: dict[str, Any]) -> None:
@@ -238,11 +222,27 @@ class Store:
         await self._db.commit()
         self._access_changes += 1
 
-    async def remove_user(self, name: str) -> bool:
-        cur = await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
-        await self._db.commit()
+    async def remove_user(self, name: str, account: str | None) -> bool:
+        """Drop the user's row with its tokens, mark and kernel rows, keeping its name, uid and
+        Unix `account` among the removed (neither is given again)."""
+        try:
+            cur = await self._db.execute(
+                "INSERT INTO removed_users(name, uid, account, removed_at) SELECT name, uid, ?, ? FROM users WHERE name = ?",
+                (account, time.time(), name))
+            await self._db.execute("DELETE FROM kernels WHERE user = ?", (name,))
+            await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
         self._access_changes += 1
         return cur.rowcount > 0
+
+    async def discard_user(self, name: str) -> None:
+        """Drop a user whose `add` failed half way: no tombstone, but its uid stays given (the mark)."""
+        await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+        await self._db.commit()
+        self._access_changes += 1
 
     # tokens
     async def add_token(self, token_id: str, user: str, token_hash: str, expires_at: float | None) -> TokenRow:
@@ -257,8 +257,8 @@ class Store:
     async def token_by_hash(self, token_hash: str) -> TokenRow | None:
         async with self._db.execute(
             # a user being removed has no valid token: its agents start nothing while it goes
-            "SELECT id, user, created_at, expires_at, revoked_at FROM tokens WHERE hash = ?"
-            " AND user NOT IN (SELECT user FROM removing)", (token_hash,)
+            "SELECT t.id, t.user, t.created_at, t.expires_at, t.revoked_at, u.uid FROM tokens t"
+            " JOIN users u ON u.name = t.user WHERE t.hash = ? AND t.user NOT IN (SELECT user FROM removing)", (token_hash,)
         ) as cur:
             row = await cur.fetchone()
         return TokenRow(*row) if row else None
@@ -390,4 +390,4 @@ class Store:
 
 
 def _user(row: aiosqlite.Row) -> UserRow:
-    return UserRow(row["name"], row["uid"], row["gid"], row["created_at"], json.loads(row["limits"]))
+    return UserRow(row["name"], row["uid"], row["gid"], row["created_at"], json.loads(row["limits"]), bool(row["reissued"]))

@@ -5,18 +5,15 @@ Public names are re-exported by `sandbox.cgroups`; import them from there.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import signal
-import time
 from abc import ABC, abstractmethod
 
 from sandbox.errors import CgroupError
 from sandbox.limits import Limits
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")
-_KILL_ROUNDS = 100
+_KILL_WAIT_S = 3.0
 _REMOVE_WAIT_S = 3.0
 
 
@@ -147,30 +144,19 @@ class Cgroup:
         return self.backend._cpu_usage(self.relpath)
 
     def kill_all(self) -> None:
-        """SIGKILL every process in this cgroup and below; returns once none is left or gives up."""
+        """End every task in this cgroup and below (`sandbox.cgroupkill.kill_trees`: forks blocked,
+        frozen where the host can, killed, thawed); returns once none is left or gives up."""
         self.backend._kill_all(self)
 
     def remove(self) -> None:
         """Kill what runs inside, then delete this cgroup and its children. Idempotent."""
+        from sandbox import cgroupkill  # it uses this module's file helpers
+
         dirs = [d for d in self.directories() if os.path.isdir(d)]
         if not dirs:
             return
         self.kill_all()
-        deadline = time.monotonic() + _REMOVE_WAIT_S
-        for top in dirs:
-            for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
-                while True:
-                    try:
-                        os.rmdir(dirpath)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError as exc:
-                        # EBUSY: a killed process has not finished exiting yet
-                        if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                            raise CgroupError(f"cannot remove cgroup {dirpath}: {exc.strerror}", path=dirpath) from exc
-                        self.kill_all()
-                        time.sleep(0.02)
+        cgroupkill.remove_trees(dirs, wait=_REMOVE_WAIT_S)
 
 
 class CgroupBackend(ABC):
@@ -233,17 +219,12 @@ class CgroupBackend(ABC):
                 )
 
     def _kill_all(self, cgroup: Cgroup) -> None:
-        # without a freezer a forking process can race us: repeat until nothing is left
-        for _ in range(_KILL_ROUNDS):
-            pids = cgroup.all_pids()
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
+        from sandbox import cgroupkill  # it uses this module's file helpers
+
+        try:
+            cgroupkill.kill_trees(cgroup.directories(), timeout=_KILL_WAIT_S)
+        except CgroupError:
+            pass  # what is left keeps its cgroup busy: `remove` says so
 
     @abstractmethod
     def _dirs(self, relpath: str) -> list[str]: ...

@@ -108,3 +108,30 @@ def get_no_new_privs() -> bool:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return bool(value == 1)
+
+
+IPC_RMID = 0
+_shmctl = _libc.shmctl
+_shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_shmctl.restype = ctypes.c_int
+_msgctl = _libc.msgctl
+_msgctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_msgctl.restype = ctypes.c_int
+_semctl = _libc.semctl
+_semctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+_semctl.restype = ctypes.c_int
+
+
+def ipc_remove(kind: str, ident: int) -> None:
+    """IPC_RMID on a System V object: "shm" (a segment: freed once no process has it attached),
+    "msg" (a message queue) or "sem" (a semaphore set)."""
+    if kind == "shm":
+        done = _shmctl(ident, IPC_RMID, None)
+    elif kind == "msg":
+        done = _msgctl(ident, IPC_RMID, None)
+    elif kind == "sem":
+        done = _semctl(ident, 0, IPC_RMID)
+    else:
+        raise ValueError(f"unknown System V IPC kind {kind!r}")
+    if done != 0:
+        _raise()

@@ -125,8 +125,8 @@ def ensure_account(identity: Identity) -> None:
 def remove_account(name: str, force: bool = False) -> None:
     """Delete the user and its group; idempotent. The home directory is left alone.
 
-    userdel refuses while processes of that uid run, zombies included: kill them first
-    (`kill_processes`), then `force` lets the zombies their parents have not reaped yet pass.
+    userdel refuses while processes of that uid run, zombies included: end them first
+    (`sandbox.tasks.kill_tasks`), then `force` lets the zombies their parents have not reaped yet pass.
     """
     _check_name(name)
     if _user(name) is not None:
@@ -158,58 +158,3 @@ def account_exists(name: str) -> bool:
 def can_manage_accounts() -> bool:
     """True if we are root and shadow-utils are installed (checked by kernelpool at start-up)."""
     return os.geteuid() == 0 and all(_tool(t) is not None for t in ("useradd", "userdel", "groupadd", "groupdel"))
-
-
-def _pids_of(uid: int) -> list[int]:
-    """Live processes any of whose uids (real, effective, saved, file system) is `uid`; zombies
-    (dead, waiting for their parent to reap them) are not counted."""
-    found = []
-    want = str(uid).encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status", "rb") as f:
-                status = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        except OSError:
-            continue  # gone meanwhile
-        if status.get(b"State", b"").strip().startswith(b"Z"):
-            continue
-        if want in status.get(b"Uid", b"").split():
-            found.append(int(entry))
-    return found
-
-
-def kill_processes(uid: int, timeout: float = 10.0) -> int:
-    """SIGKILL every process of `uid` until none is left; returns how many were killed.
-
-    A uid's processes cannot leave it (no_new_privs, no setuid), so killing what /proc lists
-    again and again ends even a forking one (its pids limit bounds it). Raises AccountError if
-    some still run after `timeout` seconds. Called by kernelpool before removing an account.
-    Refuses uid 0 and the caller's own uid.
-    """
-    if uid <= 0 or uid in (os.getuid(), os.geteuid()):
-        raise AccountError(f"refusing to kill the processes of uid {uid}", path=str(uid))
-    import signal
-    import time
-
-    killed = 0
-    deadline = time.monotonic() + timeout
-    quiet = 0
-    while quiet < 2:  # two scans in a row that find nothing: a fork in flight during the first is seen by the second
-        pids = _pids_of(uid)
-        if not pids:
-            quiet += 1
-            time.sleep(0.02)
-            continue
-        quiet = 0
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            raise AccountError(f"processes of uid {uid} still run after {timeout:g} s: {pids[:10]}", path=str(uid))
-        time.sleep(0.01)
-    return killed

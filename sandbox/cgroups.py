@@ -36,7 +36,8 @@ __all__ = ["Cgroup", "CgroupBackend", "CgroupV1Backend", "CgroupV2Backend", "det
 
 # v1 reports "no limit" as a huge page-aligned number (LONG_MAX rounded down), not -1
 _V1_UNLIMITED = 1 << 62
-_V1_CONTROLLERS = ("memory", "cpu", "pids", "cpuacct")  # cpuacct only for cpu_usage_seconds
+# cpuacct only for cpu_usage_seconds; freezer (where writable) so that a kill cannot be dodged
+_V1_CONTROLLERS = ("memory", "cpu", "pids", "cpuacct", "freezer")
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
 
 
@@ -59,8 +60,18 @@ def _v1_mounts(root: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+def _creatable(path: str) -> bool:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.access(path, os.W_OK)
+
+
 class CgroupV1Backend(CgroupBackend):
-    """cgroup v1: the same relative path in the memory, cpu, pids (and cpuacct) hierarchies.
+    """cgroup v1: the same relative path in the memory, cpu, pids (and cpuacct, freezer) hierarchies.
+
+The freezer hierarchy is used where it is mounted and writable (not in a Docker container,
+whose entry point makes only memory, cpu, cpuacct and pids writable): kernels then sit in a
+freezer cgroup too, which `sandbox.cgroupkill` freezes before it kills.
 
     `mounts` maps controller -> mount point (default: read from /proc/self/mountinfo under
     `root`); `own_paths` maps controller -> this process's cgroup path in that hierarchy
@@ -94,6 +105,8 @@ class CgroupV1Backend(CgroupBackend):
             if mount_root != "/" and (path == mount_root or path.startswith(mount_root + "/")):
                 path = path[len(mount_root):]
             self._bases[controller] = os.path.join(mount_point, path.lstrip("/"), prefix)
+        if "freezer" in self._bases and not _creatable(self._bases["freezer"]):
+            del self._bases["freezer"]  # optional: a read-only freezer must not take the others down
         self.controllers = set(self._bases) & {"memory", "cpu", "pids"}
 
     def base(self, controller: str) -> str | None:
@@ -297,12 +310,6 @@ class CgroupV2Backend(CgroupBackend):
             None if cpu[0] == "max" else int(cpu[0]) / int(cpu[1] if len(cpu) > 1 else CPU_PERIOD_US),
             None if pids == "max" else int(pids),
         )
-
-    def _kill_all(self, cgroup: Cgroup) -> None:
-        kill = os.path.join(self._dirs(cgroup.relpath)[0], "cgroup.kill")
-        if os.path.exists(kill):  # Linux 5.14+: atomic, races no fork
-            write_file(kill, "1")
-        super()._kill_all(cgroup)
 
     def _oom_kills(self, relpath: str) -> int:
         return read_keyed(os.path.join(self._dirs(relpath)[0], "memory.events"), "oom_kill") or 0

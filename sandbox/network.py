@@ -139,6 +139,16 @@ class UserNetworks:
     def exists(self, uid: int) -> bool:
         return os.path.exists(self.plan.path(uid))
 
+    def present(self, uid: int) -> bool:
+        """Whether anything of uid's namespace is on the host: its nsfs file or its host link
+        (kernelpool's user removal, in the CLI, asks before it calls `remove`)."""
+        if self.exists(uid):
+            return True
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return bool(ipr.link_lookup(ifname=self.plan.host_link(uid)))
+
     def ensure(self, uid: int) -> str:
         """The nsfs path of uid's namespace, made (with its link and rules) if it does not exist."""
         path = self.plan.path(uid)

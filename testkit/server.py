@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -174,10 +175,20 @@ class KernelpoolServer:
             return 0
         from sandbox.network import NetworkPlan, UserNetworks
 
-        try:
-            return UserNetworks(NetworkPlan(mode="egress", prefix=prefix)).reap()
-        except Exception:
-            return 0
+        reaped: list[int] = []
+
+        def reap() -> None:
+            try:
+                reaped.append(UserNetworks(NetworkPlan(mode="egress", prefix=prefix)).reap())
+            except Exception:
+                pass
+
+        # in a thread of its own: pyroute2 runs an event loop, which fails in a thread that has one
+        # (cleanup called from an async test) and then reaped nothing
+        thread = threading.Thread(target=reap)
+        thread.start()
+        thread.join()
+        return reaped[0] if reaped else 0
 
 
 _servers_made = 0

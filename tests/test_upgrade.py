@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from kernelpool import schema
 from kernelpool import store as store_module
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
@@ -123,7 +124,15 @@ async def test_a_data_folder_of_bcda1e3_upgrades_in_place(upgrade_env: tuple[dic
             assert not (await c.call_tool("use_notebook", {"notebook": "bob.ipynb", "mode": "create"})).is_error
             r = await c.call_tool("insert_execute_code_cell", {"notebook": "bob.ipynb", "cell_index": -1, "cell_source": "'b' * 3"})
             assert text(r) == "'bbb'", text(r)
+        # carol works a little, then the old version removes her and keeps her files: the old
+        # database forgets her uid, but her folder still belongs to it, and the audit log names her
+        old.add_user("carol")
+        carol_uid = old.uid("carol")
+        async with mcp_client(old.url, old.tokens.pop("carol"), mode="auto") as c:
+            assert not (await c.call_tool("use_notebook", {"notebook": "c.ipynb", "mode": "create"})).is_error
         assert old.stop() in (0, -signal.SIGTERM)
+        old.cli("users", "remove", "carol")  # that version's userdel refuses while her kernel runs
+        assert os.stat(os.path.join(data, "users", "carol")).st_uid == carol_uid
         users_before = old.cli("users", "list").stdout
         tokens_before = sorted(old.cli("tokens", "list").stdout.splitlines())
         audit_before = old.cli("audit", "--json").stdout.splitlines()
@@ -179,6 +188,15 @@ async def test_a_data_folder_of_bcda1e3_upgrades_in_place(upgrade_env: tuple[dic
         audit_after = new.cli("audit", "--json").stdout.splitlines()
         assert audit_after[: len(audit_before)] == audit_before
         assert any(json.loads(row)["tool"] == "execute_cell" for row in audit_after[len(audit_before):])
+
+        # no uid given twice: not the old users', nor the removed carol's (her kept folder says it);
+        # and carol, added again, gets an account of another name than her first
+        new.add_user("dave")
+        assert new.uid("dave") > max(*uids.values(), carol_uid)
+        new.add_user("carol")
+        again = new.uid("carol")
+        assert again > new.uid("dave")
+        assert pwd.getpwuid(again).pw_name == f"{new_env['KERNELPOOL_ACCOUNT_PREFIX']}{again}-carol"
     finally:
         if sleeper is not None and sleeper.poll() is None:
             sleeper.kill()
@@ -215,11 +233,48 @@ async def test_a_data_folder_of_a_newer_version_is_refused_untouched(fresh_serve
         db.close()
 
 
+async def test_a_version_2_database_learns_what_it_gave_before(tmp_path: Path) -> None:
+    """Migration 3 on a database of the previous schema: the uid mark starts at the highest uid in
+    use, the names of removed users come from the audit log, and new users go above the owners of
+    the folders removed users left."""
+    from kernelpool.config import Settings
+    from kernelpool.users.accounts import UserService
+
+    low = 63100
+    path = tmp_path / "kernelpool.db"
+    with sqlite3.connect(path) as db:
+        for statement in (*schema.MIGRATIONS[0], *schema.MIGRATIONS[1]):
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 2")
+        db.execute(f"INSERT INTO users(name, uid, gid, created_at) VALUES ('alice', {low + 1}, {low + 1}, 1.0), "
+                   f"('bob', {low + 4}, {low + 4}, 1.0)")
+        db.executemany("INSERT INTO audit(ts, user, tool, outcome, duration_ms) VALUES (1.0, ?, 'x', 'ok', 1)",
+                       [("alice",), ("carol",), ("carol",), ("eve",), (None,)])
+    db.close()
+    settings = Settings(data_dir=tmp_path, uid_min=low, uid_max=low + 50, account_prefix="kpu-")
+    os.makedirs(tmp_path / "users" / "dora")
+    os.chown(tmp_path / "users" / "dora", low + 7, low + 7)  # dora was removed with her files kept
+    store = await Store(path).open()
+    try:
+        users = UserService(settings, store, isolated=False)
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            assert db.execute("SELECT uid FROM uid_mark").fetchall() == [(low + 4,)]
+            assert sorted(db.execute("SELECT name, uid FROM removed_users").fetchall()) == [("carol", None), ("eve", None)]
+        db.close()
+        erin = await users.add("erin")
+        assert erin.uid == low + 8 and not erin.reissued
+        carol = await users.add("carol")
+        assert carol.uid == low + 9 and carol.reissued and users.account_name(carol) == f"kpu-{low + 9}-carol"
+        assert users.account_name(await store.get_user("alice")) == "kpu-alice"  # type: ignore[arg-type]
+    finally:
+        await store.close()
+
+
 async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "kernelpool.db"
     # a database as versions before bcda1e3 made it: the tables, no version
     with sqlite3.connect(path) as db:
-        db.executescript(store_module._SCHEMA)
+        db.executescript(schema.SCHEMA)
         db.execute("INSERT INTO users(name, uid, gid, created_at) VALUES ('alice', 20001, 20001, 1.0)")
     db.close()
     store = await Store(path).open()

@@ -106,7 +106,7 @@ class KernelLauncher:
         extensions = [packages.EXTENSION] if settings.user_packages else []
         self._spec_manager = KernelpoolSpecManager(python=self.python, extensions=extensions)
         self._cgroups = cgroups
-        self._user_cgroups: dict[str, str] = {}  # user name -> the name of the user's cgroup
+        self._user_cgroups: dict[str, tuple[int, str]] = {}  # user name -> (its uid, the name of its cgroup)
         self._networks = networks
         self._fork_server = fork_server
         self._metrics = metrics
@@ -123,8 +123,23 @@ class KernelLauncher:
 
     def user_cgroup(self, user: str) -> Cgroup | None:
         """The cgroup of all the user's kernels, once one has started."""
-        name = self._user_cgroups.get(user)
-        return self._cgroups.get(name) if self._cgroups is not None and name is not None else None
+        known = self._user_cgroups.get(user)
+        return self._cgroups.get(known[1]) if self._cgroups is not None and known is not None else None
+
+    async def forget(self, user: str, uid: int | None) -> None:
+        """The user was removed (`KernelRegistry.forget_removed`, after its kernels stopped; `uid`
+        is the uid the name has now, if it was added again): the cgroup of the removed one goes,
+        if `users remove` has not taken it already."""
+        known = self._user_cgroups.get(user)
+        if known is None or known[0] == uid:
+            return
+        cgroup = self.user_cgroup(user)
+        del self._user_cgroups[user]
+        if cgroup is not None:
+            try:
+                await asyncio.to_thread(cgroup.remove)
+            except Exception as exc:
+                log.warning("removing the cgroup of removed user %s: %s", user, exc)
 
     async def prepare(self, user: User, kid: str) -> Kernel:
         """A kernel not started yet: its runtime folder, cgroups and manager (nothing is left of
@@ -154,7 +169,7 @@ class KernelLauncher:
             context=self.zmq_context,
         )
         manager.shutdown_wait_time = 2.0
-        return Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup,
+        return Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, uid=user.uid,
                       memory_limit=user.kernel_limits.memory_bytes, rundir=rundir, limits=user.kernel_limits)
 
     def _create_cgroup(self, user: User) -> Cgroup | None:
@@ -162,7 +177,10 @@ class KernelLauncher:
             return None
         # world-readable names: the uid and a random id, never the user's name or the kernel's id
         # (a kernel id known in advance names its connection file)
-        user_cgroup = self._user_cgroups.setdefault(user.name, user_cgroup_name(user))
+        known = self._user_cgroups.get(user.name)
+        if known is None or known[0] != user.uid:  # new, or the name was removed and added again
+            known = self._user_cgroups[user.name] = (user.uid, user_cgroup_name(user))
+        user_cgroup = known[1]
         self._cgroups.create(user_cgroup, user.user_limits)
         return self._cgroups.create(f"{user_cgroup}/k{secrets.token_hex(8)}", user.kernel_limits)
 
@@ -229,7 +247,9 @@ class KernelLauncher:
             log.warning("kernel %s: shutdown: %s", kernel.id, exc)
         if kernel.cgroup is not None:
             try:
-                kernel.cgroup.remove()
+                # off the event loop: what the kernel left running is frozen and killed first,
+                # which may wait (a freeze, a task that takes its time to exit)
+                await asyncio.to_thread(kernel.cgroup.remove)
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
         if kernel.rundir is not None:

@@ -88,11 +88,12 @@ class UserNetworkPolicy:
             return None
         uid = identity.uid
         async with self._locks.setdefault(uid, asyncio.Lock()):
-            if self._counts.get(uid, 0) == 0:
+            path = self._nets.plan.path(uid)
+            # made afresh also when kernels still count but the namespace is gone: a `users remove`
+            # that failed after it had taken the namespace away leaves the user, and its next kernels
+            if self._counts.get(uid, 0) == 0 or not self._nets.exists(uid):
                 path = await self._run(self._nets.ensure, uid)
                 log.info("network namespace %s made for %s", path, identity.name)
-            else:
-                path = self._nets.plan.path(uid)
             self._counts[uid] = self._counts.get(uid, 0) + 1
             return path
 

@@ -47,8 +47,9 @@ class WarmPool:
         while pool:
             kernel = pool.popleft()
             # a warm kernel started before the user's limits changed (`users set-limits`) would
-            # keep the old ones: it goes, and a kernel with the current limits starts instead
-            if kernel.limits != user.kernel_limits:
+            # keep the old ones, and one of a removed user of the same name runs as another uid:
+            # it goes, and a kernel of this user with the current limits starts instead
+            if kernel.limits != user.kernel_limits or kernel.uid != user.uid:
                 await self._stop(kernel, True)
             elif await kernel.is_alive():
                 return kernel
@@ -80,6 +81,12 @@ class WarmPool:
                 await self._stop(kernel, False)
                 return
             pool.append(kernel)
+
+    def drop(self, user: str) -> list[Kernel]:
+        """The user was removed: its warm kernels leave the pool (the caller stops them); a refill
+        running for it fails on its own (`KernelRegistry` admits no kernel of a removed user)."""
+        self._last_acquire.pop(user, None)
+        return list(self._pools.pop(user, ()))
 
     async def retire_inactive(self, now: float, timeout: float) -> int:
         """Stop the warm kernels of users who have not asked for a kernel for `timeout` seconds."""

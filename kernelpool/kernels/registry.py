@@ -155,6 +155,10 @@ class KernelRegistry:
         kernel.admitted = True
         try:
             await self._launcher.start(kernel, user)
+            # now that its process runs: `users remove` either began after this (and will kill it)
+            # or has marked the user already, and the kernel goes at once
+            if not await self._users.admits(user):
+                raise KernelFailed("(new kernel)", f"user {user.name!r} is being removed")
             await self._store.add_kernel(KernelRow(
                 id=kid, user=user.name, notebook=None, pid=kernel.pid,
                 cgroup=kernel.cgroup.relpath if kernel.cgroup else None,
@@ -218,6 +222,25 @@ class KernelRegistry:
                 culled += 1
         # warm kernels follow activity: a user who has not opened a kernel for as long goes without
         return culled + await self._pool.retire_inactive(now, timeout)
+
+    async def forget_removed(self, current: dict[str, int]) -> int:
+        """Stop the kernels (warm ones too) of users who are no longer in `current` (name -> uid),
+        or are there with another uid: `users remove` (in the CLI) has ended their processes
+        already; this drops what the server kept of them. Called after each user reload."""
+        def stale(kernel: Kernel) -> bool:
+            return current.get(kernel.user) != kernel.uid
+
+        stopped = 0
+        for user in sorted({k.user for k in self.all() + self.pooled() if stale(k)}):
+            doomed = [k for k in self.of_user(user) if stale(k)] + self._pool.drop(user)
+            for key in [key for key, kernel in self._kernels.items() if kernel in doomed]:
+                del self._kernels[key]
+            for kernel in doomed:
+                log.info("kernel %s of %s: dropped (the user was removed)", kernel.id, user)
+                await self._stop(kernel, now=True)
+                stopped += 1
+            await self._launcher.forget(user, current.get(user))
+        return stopped
 
     async def reap_leftovers(self) -> int:
         """At start-up: kill what a server that died without cleaning up left behind."""

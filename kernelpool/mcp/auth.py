@@ -30,4 +30,6 @@ class StoreTokenVerifier:
                 self._on_failure(verdict.refused or "unknown")
             return None
         expires = int(verdict.expires_at) if verdict.expires_at is not None else None
-        return AccessToken(token=token, client_id=verdict.user, subject=verdict.user, scopes=[SCOPE], expires_at=expires)
+        # the uid rides along: the tool wrapper re-reads the users when it is not the one it knows
+        return AccessToken(token=token, client_id=verdict.user, subject=verdict.user, scopes=[SCOPE], expires_at=expires,
+                           claims={"uid": verdict.uid})

@@ -94,7 +94,8 @@ async def _run(s: Services, tool: Tool, ctx: Context, arguments: dict[str, Any])
     try:
         if user is None:  # the SDK's auth middleware runs first; this is a wiring bug
             raise ToolError("not authenticated")
-        await s.users.ensure_known(user)  # added by the CLI since we last looked
+        # added by the CLI since we last looked, or removed and added again (another uid)
+        await s.users.ensure_known(user, (token.claims or {}).get("uid") if token else None)
         result = await tool.fn(Call(s, user, ctx), **arguments)
         if result.is_error:
             outcome = "error"

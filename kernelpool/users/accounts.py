@@ -7,7 +7,6 @@ remove, set-limits) and the app at start-up (first user; folders of existing use
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kernelpool.config import Settings, memory_limit
-from kernelpool.errors import InvalidArgument, RemovalFailed, UserExists, UserNotFound
+from kernelpool.errors import InvalidArgument, UserNotFound
 from kernelpool.store import Store, UserRow
 from sandbox import Identity, Limits, accounts, prepare_dir
 from sandbox.errors import SandboxError
@@ -52,8 +51,11 @@ class UserService:
         self._known: dict[str, UserRow] = {}
 
     async def load(self) -> None:
-        """Read every user from the store and prepare the new ones (called at start-up and periodically)."""
-        rows = await self._store.list_users()
+        """Read every user from the store and prepare the new ones (called at start-up and
+        periodically). Users being removed are left out: preparing one would bring back the
+        account and folders that `users remove` is taking away."""
+        removing = await self._store.removing()
+        rows = [row for row in await self._store.list_users() if row.name not in removing]
         for row in rows:
             # new, or removed and added again meanwhile (another uid): prepare it afresh
             if self._known.get(row.name) != row:
@@ -65,11 +67,25 @@ class UserService:
     def known(self, name: str) -> bool:
         return name in self._known
 
-    async def ensure_known(self, name: str) -> None:
-        """Read the users again if `name` is not known yet: added by the CLI since we last looked.
-        Called for every tool call, before the tool runs."""
-        if not self.known(name):
+    def current(self) -> dict[str, int]:
+        """Name -> uid of the users as last loaded (the server drops the kernels of any other)."""
+        return {name: row.uid for name, row in self._known.items()}
+
+    def forget(self, name: str) -> None:
+        self._known.pop(name, None)
+
+    async def ensure_known(self, name: str, uid: int | None = None) -> None:
+        """Read the users again if `name` is not known yet (added by the CLI since we last looked),
+        or is known with another uid than its token's (removed and added again). Called for every
+        tool call, before the tool runs."""
+        row = self._known.get(name)
+        if row is None or (uid is not None and row.uid != uid):
             await self.load()
+
+    async def admits(self, user: User) -> bool:
+        """Whether `user` still exists, as this uid, and is not being removed. The kernel registry
+        asks once a kernel of theirs runs: `users remove` may have begun before it started."""
+        return await self._store.admits(user.name, user.uid)
 
     def owner(self, name: str) -> tuple[int | None, int | None]:
         """The uid/gid that files created for `name` belong to (None, None: the server's own)."""
@@ -86,95 +102,30 @@ class UserService:
         return os.path.join(user_run_folder(str(self._settings.run_dir), uid), TMP)
 
     async def add(self, name: str) -> UserRow:
+        """Add a user with a uid never given before (and a Unix account named so that no name is
+        given twice either: `account_name`). Called by `kernelpool users add` and at first start."""
         check_name(name)
-        if await self._store.get_user(name) is not None:
-            raise UserExists(name)
-        uid = await self._free_uid()
-        row = await self._store.add_user(name, uid, uid)
+        uids = (self._settings.uid_min, self._settings.uid_max)
+        row = await self._store.add_user(name, uids, self._folder_owners_floor(), accounts.id_in_use)
         try:
             self.prepare(row)
         except Exception:
-            await self._store.remove_user(name)
+            identity = self.identity(row)
+            if identity is not None and accounts.can_manage_accounts() and _uid_of(identity.name) == row.uid:
+                with contextlib.suppress(SandboxError):
+                    accounts.remove_account(identity.name)  # made here with a uid given just now: ours alone
+            await self._store.discard_user(name)
             raise
         self._known[name] = row
         return row
 
     async def remove(self, name: str, delete_files: bool = False) -> None:
-        """Remove a user, all or nothing. Called by `kernelpool users remove`, also while a server runs.
+        """Remove a user, all or nothing (`kernelpool.users.removal.UserRemoval.run`). Called by
+        `kernelpool users remove`, also while a server runs."""
+        from kernelpool.users.removal import UserRemoval
 
-        1. its tokens stop working (a mark in the store), so no agent starts anything meanwhile;
-        2. every process of its uid is killed: its kernels, whichever server started them;
-        3. its Unix account goes (the uid stays reserved by the row until the end);
-        4. its runtime folder and, with `delete_files`, its own folder are deleted (fd-relative,
-           no depth limit, no link followed);
-        5. only then its row, tokens and limits are dropped.
-        If a step fails, what was done is undone where it can be (the mark, the account), the
-        row stays, and RemovalFailed says what happened and what to do: the same command, run
-        again, carries on.
-        """
         check_name(name)
-        row = await self._store.get_user(name)
-        if row is None:
-            raise UserNotFound(name)
-        identity = self._identity(row)
-        again = f"Run `kernelpool users remove {name}{' --delete-files' if delete_files else ''}` again."
-        await self._store.set_removing(name, True)
-        try:
-            await asyncio.to_thread(self._stop_processes, name, row)
-        except SandboxError as exc:
-            await self._store.set_removing(name, False)
-            raise RemovalFailed(name, "stopping its kernels", str(exc), "Nothing was removed.",
-                                "Stop the kernelpool server, then " + again[0].lower() + again[1:]) from None
-        accounts_managed = identity is not None and accounts.can_manage_accounts()
-        if accounts_managed:
-            try:
-                await asyncio.to_thread(accounts.remove_account, self._account_name(name), True)
-            except SandboxError as exc:
-                # userdel may have gone half way (user gone, group not): put the account back
-                with contextlib.suppress(SandboxError, OSError):
-                    await asyncio.to_thread(self.prepare, row)
-                await self._store.set_removing(name, False)
-                raise RemovalFailed(name, "removing its Unix account", str(exc),
-                                    "Its kernels were stopped; nothing was removed.",
-                                    "Fix the cause (see the message), then " + again[0].lower() + again[1:]) from None
-        try:
-            await asyncio.to_thread(self._delete_folders, name, row, delete_files)
-        except (SandboxError, OSError) as exc:
-            undo = ""
-            try:
-                # back as it was, but for what was deleted: account, folders (for the next kernels)
-                await asyncio.to_thread(self.prepare, row)
-            except (SandboxError, OSError) as again_exc:
-                undo = f" Restoring its account and folders failed too ({again_exc}); the next server start does it."
-            await self._store.set_removing(name, False)
-            raise RemovalFailed(name, "deleting its files", str(exc),
-                                "Its kernels were stopped and some of its files may be gone; the user still exists."
-                                + undo, "Fix the cause (see the message), then " + again[0].lower() + again[1:]) from None
-        if identity is not None:
-            # a kernel a server was starting during the steps above (its request came in before
-            # the mark) has no files and no account left: it goes too
-            with contextlib.suppress(SandboxError):
-                await asyncio.to_thread(accounts.kill_processes, row.uid)
-        await self._store.remove_user(name)
-        self._known.pop(name, None)
-
-    def _stop_processes(self, name: str, row: UserRow) -> None:
-        if self._identity(row) is not None:
-            accounts.kill_processes(row.uid)
-            return
-        # without isolation kernels run as the server's own uid: they cannot be told apart by
-        # uid, so a server with kernels of this user must be stopped first
-        user_run = user_run_folder(str(self._settings.run_dir), row.uid)
-        live = [n for n in (os.listdir(user_run) if os.path.isdir(user_run) else []) if n != TMP]
-        if live:
-            raise SandboxError(f"{len(live)} kernel(s) of {name!r} may be running (folders in {user_run}), and "
-                               "without isolation they cannot be stopped from here", path=user_run)
-
-    def _delete_folders(self, name: str, row: UserRow, delete_files: bool) -> None:
-        if delete_files:
-            remove_tree(str(self._settings.users_dir), name)
-        remove_tree(str(self._settings.run_dir), str(row.uid))
-        remove_tree(str(self._settings.run_dir), name)  # the runtime folder of versions before 2026-11-27
+        await UserRemoval(self._settings, self._store, self).run(name, delete_files)
 
     async def get(self, name: str) -> User:
         row = await self._store.get_user(name)
@@ -199,7 +150,7 @@ class UserService:
 
     def prepare(self, row: UserRow) -> None:
         """Create the user's account (where isolated) and folders, owned by the user's uid."""
-        identity = self._identity(row)
+        identity = self.identity(row)
         if identity is not None and accounts.can_manage_accounts():
             self._adopt_account(identity)
             accounts.ensure_account(identity)
@@ -242,13 +193,19 @@ class UserService:
             log.info("replacing account %s (uid %d) of an earlier kernelpool with %s", old.pw_name, identity.uid, identity.name)
             accounts.remove_account(old.pw_name)
 
-    def _account_name(self, name: str) -> str:
-        return f"{self._settings.account_prefix}{name}"
+    def account_name(self, row: UserRow) -> str:
+        """The user's Unix account: `<account_prefix><name>` for the first account a name gets (as
+        before tombstones existed, so existing accounts keep their names), and
+        `<account_prefix><uid>-<name>` (cut to 32 characters) for a name added again after a
+        removal. A user name starts with a letter, so the second form is never the first form of
+        another name, and the uid, never given twice, makes it unique."""
+        prefix = self._settings.account_prefix
+        return f"{prefix}{row.uid}-{row.name}"[:32] if row.reissued else f"{prefix}{row.name}"
 
-    def _identity(self, row: UserRow) -> Identity | None:
+    def identity(self, row: UserRow) -> Identity | None:
         if not self.isolated:
             return None
-        return Identity(name=self._account_name(row.name), uid=row.uid, gid=row.gid, home=self.folder(row.name))
+        return Identity(name=self.account_name(row), uid=row.uid, gid=row.gid, home=self.folder(row.name))
 
     def _user(self, row: UserRow) -> User:
         s, o = self._settings, row.limits
@@ -262,15 +219,32 @@ class UserService:
         return User(
             name=row.name,
             uid=row.uid,
-            identity=self._identity(row),
+            identity=self.identity(row),
             kernel_limits=Limits(pick("kernel_memory"), pick("kernel_cpus"), pick("kernel_pids")),
             user_limits=Limits(pick("user_memory"), pick("user_cpus"), pick("user_pids")),
         )
 
-    async def _free_uid(self) -> int:
-        used = await self._store.used_uids()
-        for uid in range(self._settings.uid_min, self._settings.uid_max + 1):
-            # a uid (or gid) that the host already gives to someone else is not ours to hand out
-            if uid not in used and not accounts.id_in_use(uid):
-                return uid
-        raise InvalidArgument("uid range", f"no free uid left in {self._settings.uid_min}-{self._settings.uid_max}")
+    def _folder_owners_floor(self) -> int:
+        """The highest uid in our range that owns a folder in DATA/users, else 0. A database from
+        before uids were never given twice does not know the uids of the users it removed; those
+        whose files were kept still own them, and new uids go above them."""
+        floor = 0
+        try:
+            entries = list(os.scandir(self._settings.users_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                owner = entry.stat(follow_symlinks=False).st_uid
+            except OSError:
+                continue
+            if self._settings.uid_min <= owner <= self._settings.uid_max:
+                floor = max(floor, owner)
+        return floor
+
+
+def _uid_of(account: str) -> int | None:
+    try:
+        return pwd.getpwnam(account).pw_uid
+    except KeyError:
+        return None

@@ -33,6 +33,7 @@ class Verdict:
     user: str | None
     expires_at: float | None = None
     refused: str | None = None  # "unknown", "revoked" or "expired"
+    uid: int | None = None  # the user's: a name removed and added again comes back with another
 
 
 async def check_token(store: Store, token: str) -> Verdict:
@@ -44,7 +45,7 @@ async def check_token(store: Store, token: str) -> Verdict:
         return Verdict(None, refused="revoked")
     if row.expires_at is not None and row.expires_at <= time.time():
         return Verdict(None, refused="expired")
-    return Verdict(row.user, row.expires_at)
+    return Verdict(row.user, row.expires_at, uid=row.uid)
 
 
 class TokenChecker:

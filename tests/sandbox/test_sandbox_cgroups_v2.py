@@ -8,13 +8,18 @@ assertions are on what the backend writes.
 from __future__ import annotations
 
 import errno
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import sandbox._cgroupfs as cgroupfs
 import sandbox.cgroups as cgroups
-from sandbox import CgroupError, CgroupV2Backend, Limits
+from sandbox import CgroupError, CgroupV2Backend, Limits, cgroupkill
 
 
 @pytest.fixture
@@ -134,3 +139,122 @@ def test_own_cgroup_with_processes_is_evacuated(tree: Path, monkeypatch: pytest.
     CgroupV2Backend(root=str(tree), own_path="").create("gus/k-1", Limits())
     assert moved == ["101"]
     assert tokens(tree / "cgroup.subtree_control") == {"+memory", "+cpu", "+pids"}
+
+
+# ---- freeze and kill (sandbox.cgroupkill) on the stand-in tree ---------------------------------
+# The stand-in cannot act: writing cgroup.kill or cgroup.freeze there changes nothing. So the
+# tests list real child processes in cgroup.threads, set cgroup.events to what the kernel would
+# report, and check what kill_trees writes, in which order, and that the children die by the
+# signals it sends itself. tests/sandbox/test_sandbox_removal.py runs the same against real trees.
+
+def standin(tree: Path, *pids: int, frozen: bool = True, kill_file: bool = True) -> Path:
+    leaf = tree / "kernelpool" / "u5" / "k1"
+    leaf.mkdir(parents=True)
+    top = leaf.parent
+    for path in (top, leaf):
+        (path / "cgroup.threads").write_text("")
+        (path / "cgroup.procs").write_text("")
+        (path / "cgroup.freeze").write_text("0\n")
+        (path / "cgroup.events").write_text(f"populated 1\nfrozen {int(frozen)}\n")
+        if kill_file:
+            (path / "cgroup.kill").write_text("")
+    (top / "pids.max").write_text("1024\n")
+    (leaf / "cgroup.threads").write_text("".join(f"{p}\n" for p in pids))
+    return top
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    made: list[subprocess.Popen[bytes]] = []
+    yield made
+    for child in made:
+        child.kill()
+        child.wait()
+
+
+def sleeper(children: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    child = subprocess.Popen(["sleep", "600"])
+    children.append(child)
+    # reaped as soon as it dies, as init would: a zombie is not a task any more
+    threading.Thread(target=child.wait, daemon=True).start()
+    return child
+
+
+def recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    written: list[tuple[str, str]] = []
+    real = cgroupkill.write_file
+
+    def record(path: str, value: str) -> None:
+        written.append((os.path.relpath(path, os.path.dirname(os.path.dirname(path))), value))
+        real(path, value)
+
+    monkeypatch.setattr(cgroupkill, "write_file", record)
+    return written
+
+
+def test_kill_trees_blocks_forks_freezes_kills_thaws_and_puts_the_limit_back(
+        tree: Path, children: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    child = sleeper(children)
+    top = standin(tree, child.pid)
+    written = recording(monkeypatch)
+    assert cgroupkill.kill_trees([str(top)], timeout=5) == 1
+    assert child.wait(5) == -signal.SIGKILL
+    assert written == [("u5/pids.max", "0"), ("u5/cgroup.freeze", "1"), ("u5/cgroup.kill", "1"),
+                       ("u5/cgroup.freeze", "0"), ("u5/pids.max", "1024")]
+
+
+def test_kill_trees_without_cgroup_kill_and_a_freeze_that_never_completes(
+        tree: Path, children: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Linux before 5.14 has no cgroup.kill; a task in uninterruptible sleep never freezes. The
+    # kill goes ahead after FREEZE_WAIT, each task pinned by a pidfd before it is signalled
+    monkeypatch.setattr(cgroupkill, "FREEZE_WAIT", 0.2)
+    first, second = sleeper(children), sleeper(children)
+    top = standin(tree, first.pid, second.pid, frozen=False, kill_file=False)
+    written = recording(monkeypatch)
+    assert cgroupkill.kill_trees([str(top)], timeout=5) == 2
+    assert first.wait(5) == -signal.SIGKILL and second.wait(5) == -signal.SIGKILL
+    assert ("u5/cgroup.kill", "1") not in written
+    assert written[-2:] == [("u5/cgroup.freeze", "0"), ("u5/pids.max", "1024")]
+
+
+def test_a_task_that_left_the_tree_before_it_was_pinned_is_not_signalled(
+        tree: Path, children: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # what a pid handed to another process looks like from here: listed once, then not any more
+    monkeypatch.setattr(cgroupkill, "FREEZE_WAIT", 0.05)
+    stays, leaves = sleeper(children), sleeper(children)
+    top = standin(tree, stays.pid, leaves.pid, frozen=False, kill_file=False)
+    threads = top / "k1" / "cgroup.threads"
+    real_open = os.pidfd_open
+
+    def pin(pid: int, flags: int = 0) -> int:
+        threads.write_text(f"{stays.pid}\n")  # `leaves` is gone from the tree by the time it is pinned
+        return real_open(pid, flags)
+
+    monkeypatch.setattr(cgroupkill.os, "pidfd_open", pin)
+    cgroupkill.kill_trees([str(top)], timeout=5)
+    assert stays.wait(5) == -signal.SIGKILL
+    assert leaves.poll() is None
+
+
+def test_a_tree_with_no_task_is_left_untouched(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    top = standin(tree)
+    written = recording(monkeypatch)
+    assert cgroupkill.kill_trees([str(top)]) == 0
+    assert written == []  # the common case, a kernel that shut down cleanly: no freeze, no limit change
+
+
+def test_kill_trees_reports_what_it_could_not_end(tree: Path, children: list[subprocess.Popen[bytes]],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a task that no signal ends (here the signals are made to do nothing; for real, a task in
+    # uninterruptible sleep, as tests/test_removal.py makes one) ends in an error naming it, and
+    # the tree is thawed and its limit put back
+    monkeypatch.setattr(cgroupkill, "FREEZE_WAIT", 0.05)
+    monkeypatch.setattr(cgroupkill.os, "kill", lambda pid, sig: None)
+    monkeypatch.setattr(cgroupkill.signal, "pidfd_send_signal", lambda fd, sig: None)
+    child = sleeper(children)
+    top = standin(tree, child.pid)
+    with pytest.raises(CgroupError, match=rf"1 task\(s\) still in .*u5 after SIGKILL for 0.3 s: \[{child.pid}\]"):
+        cgroupkill.kill_trees([str(top)], timeout=0.3)
+    assert child.poll() is None
+    assert (top / "pids.max").read_text() == "1024"
+    assert (top / "cgroup.freeze").read_text() == "0"

@@ -1,0 +1,69 @@
+"""The database's schema and its versions: what `kernelpool.store.Store.open` brings every
+database up to (the migrations run there, in one transaction)."""
+
+from __future__ import annotations
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name        TEXT PRIMARY KEY,
+    uid         INTEGER NOT NULL UNIQUE,
+    gid         INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    limits      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    hash        TEXT NOT NULL UNIQUE,
+    created_at  REAL NOT NULL,
+    expires_at  REAL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS kernels (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL,
+    notebook    TEXT,
+    pid         INTEGER,
+    cgroup      TEXT,
+    connection_file TEXT,
+    started_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts          REAL NOT NULL,
+    user        TEXT,
+    tool        TEXT NOT NULL,
+    notebook    TEXT,
+    outcome     TEXT NOT NULL,
+    duration_ms REAL NOT NULL,
+    detail      TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_user_ts ON audit(user, ts);
+"""
+
+
+# The schema's version, kept in the database header (PRAGMA user_version). MIGRATIONS[n] takes a
+# database from version n to n + 1; all pending ones run at start, in one transaction. Version
+# 0 is both a new, empty file and a database made before there were versions (up to commit
+# bcda1e3), whose tables migration 1's IF NOT EXISTS statements leave as they were. Append a
+# migration for every change of what is stored; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    tuple(statement.strip() for statement in SCHEMA.split(";") if statement.strip()),
+    # 2: users being removed (`users remove` marks them first: their tokens stop working at once)
+    ("CREATE TABLE removing (user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE, since REAL NOT NULL)",),
+    # 3: no uid and no Unix account name is given twice. `uid_mark` is the highest uid ever given
+    # (new ones go above it); `removed_users` keeps each removed user's name, uid and account, so
+    # that a name added again gets an account of another name. A database from before this
+    # version does not know what it removed before: the mark starts at the highest uid in use
+    # (`UserService` also stays above the owners of the folders in DATA/users), and the names of
+    # removed users are those the audit log still shows (uid and account unknown).
+    (
+        "ALTER TABLE users ADD COLUMN reissued INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE removed_users (name TEXT NOT NULL, uid INTEGER, account TEXT, removed_at REAL)",
+        "CREATE INDEX removed_users_name ON removed_users(name)",
+        "CREATE TABLE uid_mark (one INTEGER PRIMARY KEY CHECK (one = 1), uid INTEGER NOT NULL)",
+        "INSERT INTO uid_mark(one, uid) SELECT 1, uid FROM users ORDER BY uid DESC LIMIT 1",
+        "INSERT INTO removed_users(name) SELECT DISTINCT user FROM audit"
+        " WHERE user IS NOT NULL AND user NOT IN (SELECT name FROM users)",
+    ),
+)
