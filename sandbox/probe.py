@@ -27,7 +27,8 @@ def _has_cap_setuid() -> bool:
     return False
 
 
-_CHECKS = ("netns", "no_new_privs", "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp")
+_CHECKS = ("netns", "no_new_privs", "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "ipc_namespace",
+           "private_sysfs")
 
 
 def _try_in_child(filter_program: bytes | None) -> dict[str, bool]:
@@ -77,6 +78,18 @@ def _try_views() -> int:
         code |= 16
     except BaseException:
         pass
+    try:
+        views.enter_ipc_namespace()
+        views.limit_shm(1 << 20)
+        code |= 64
+    except BaseException:
+        pass
+    if code & 4:  # only in the child's own mount namespace: never the host's /sys
+        try:
+            views.private_sysfs()
+            code |= 128
+        except BaseException:
+            pass
     return code
 
 
@@ -104,7 +117,8 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
 
     {"root", "setuid", "accounts", "cgroup": {"version", "controllers", "writable"},
     "netns", "nftables", "ip_forward", "no_new_privs", "mount_namespace" (with a private tmpfs),
-    "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error"}.
+    "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error",
+    "ipc_namespace" (with its shm limits set), "private_sysfs"}.
     kernelpool decides from it whether it can run isolated, and refuses to pretend when it cannot.
     """
     root = os.geteuid() == 0
