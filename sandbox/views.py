@@ -170,6 +170,8 @@ def limit_shm(max_bytes: int) -> None:
 def private_mqueue(mountinfo: str) -> None:
     """A mqueue file system of this IPC namespace over each one the host has mounted (Docker's
     /dev/mqueue), which would list the host's POSIX message queues."""
+    if " - mqueue " not in mountinfo:
+        return  # the usual case outside containers
     for point in _mount_points(mountinfo, "mqueue"):
         _detach(point)
         _libc.mount("mqueue", point, "mqueue", _MNT_FLAGS | _libc.MS_NOEXEC, None)
@@ -197,9 +199,7 @@ def hide_dirs(dirs: list[str] | tuple[str, ...], mountinfo: str) -> list[str]:
     they are resolved as root."""
     covered: list[str] = []
     points = sorted(_mount_points(mountinfo), key=len)
-    for folder in dict.fromkeys(os.path.realpath(d) for d in dirs):
-        if not os.path.isdir(folder):
-            continue
+    for folder in dict.fromkeys(os.path.realpath(d) for d in dirs if os.path.isdir(d)):
         detached: list[str] = []
         for point in points:  # top-most first: a detached mount takes the ones below it along
             if point != folder and not point.startswith(folder + "/"):
