@@ -67,7 +67,7 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
     step("hide other mounts", lambda: views.hide_mounts(["/var/lib/kp-bench-none"], ["/var/lib/kp-bench-none/x"],
                                                         mountinfo=box["mountinfo"]))
     step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))
-    step("account files", lambda: views.replace_files(files, views.MASKED_FILES))
+    step("account files", lambda: views.replace_files(files, views.MASKED_FILES, box["mountinfo"]))
     step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))
     step("private /dev/mqueue", lambda: views.private_mqueue(box["mountinfo"]))
     step("private /dev/pts", views.private_devpts)

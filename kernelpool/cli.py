@@ -365,6 +365,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         print(f"cgroup namespaces:   {'yes' if host.get('cgroup_namespace') else 'NO'}")
         print(f"ipc namespaces:      {'yes' if host.get('ipc_namespace') else 'NO'}")
         print(f"own /sys:            {'yes' if host.get('private_sysfs') else 'NO'} (sysfs of the kernel's network namespace)")
+        print(f"own /etc/passwd:     {'yes' if host.get('etc_overlay') else 'NO'} (an overlay on /etc)")
         print(f"seccomp:             {'yes' if host.get('seccomp') else 'NO'}"
               + (f" ({host['seccomp_error']})" if host.get("seccomp_error") else ""))
         inf = report["in_force"]

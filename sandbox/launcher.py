@@ -206,7 +206,7 @@ def _private_views(spec: LaunchSpec, step: _Steps) -> None:
     step.name = "private /tmp"
     views.private_tmpfs("/tmp", spec.tmpfs_bytes, keep=(spec.cwd, *spec.keep_paths))
     step.name = "account files"  # its scratch tmpfs sits on /dev/shm until the private one covers it
-    views.replace_files(spec.replaced_files, views.MASKED_FILES)
+    views.replace_files(spec.replaced_files, views.MASKED_FILES, mountinfo)
     step.name = "private /dev/shm"
     views.private_tmpfs("/dev/shm", spec.tmpfs_bytes)
     step.name = "private /dev/mqueue"

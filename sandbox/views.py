@@ -25,8 +25,8 @@ namespace and before it drops to the user's uid, each step a small function in t
    with the kernel's last process;
 5. `replace_files`: /etc/passwd and /etc/group with only the kernel's own user, root and nobody
    (rendered by the server, `sandbox.passwd`), and the other account files that list every user
-   (`MASKED_FILES`: the backups, subordinate ids) empty; bound from a scratch tmpfs of root's that
-   is detached at once, so no path leads to them but the bound ones;
+   (`MASKED_FILES`: the backups, subordinate ids) empty: a read-only overlay on /etc whose top
+   layer holds them (in a scratch tmpfs of root's, detached at once) over the host's live /etc;
 6. `private_tmpfs` on /dev/shm, as /tmp; `private_mqueue`: a POSIX message queue file system of
    this IPC namespace over each mqueue mount (/dev/mqueue in Docker); `private_devpts`: a
    pseudo-terminal instance of its own on /dev/pts (`ls /dev/pts` showed the uids of other
@@ -66,7 +66,7 @@ _HIDDEN_FLAGS = _MNT_FLAGS | _libc.MS_NOEXEC | _libc.MS_RDONLY
 # host folders whose entries name other users: network namespace files (PREFIX-UID), and the sockets
 # of systemd-userdbd and nscd, which answer any user look-up from the host's account files
 HIDDEN_DIRS = ("/run/netns", "/run/systemd/userdb", "/run/nscd")
-# account files that list every user besides /etc/passwd and /etc/group (replaced, not masked):
+# account files that list every user besides /etc/passwd and /etc/group, which a kernel reads empty:
 # shadow-utils' backups (world-readable, one change behind) and the subordinate id ranges.
 # /etc/shadow and /etc/gshadow are not here: they are root:shadow 0640, unreadable to a kernel
 MASKED_FILES = ("/etc/passwd-", "/etc/group-", "/etc/subuid", "/etc/subuid-", "/etc/subgid", "/etc/subgid-")
@@ -106,7 +106,7 @@ def private_tmpfs(path: str, size_bytes: int, keep: list[str] | tuple[str, ...] 
             os.close(fd)
 
 
-def _open_kept(path: str, keep: list[str] | tuple[str, ...]) -> list[tuple[str, int]]:
+def _open_kept(path: str, keep: list[str] | tuple[str, ...], kind: int = os.O_DIRECTORY) -> list[tuple[str, int]]:
     below = sorted({os.path.normpath(k) for k in keep if os.path.normpath(k).startswith(path.rstrip("/") + "/")})
     # a folder inside another kept one comes along with it
     outer = [k for k in below if not any(k != o and k.startswith(o + "/") for o in below)]
@@ -114,7 +114,7 @@ def _open_kept(path: str, keep: list[str] | tuple[str, ...]) -> list[tuple[str, 
     try:
         for folder in outer:
             # opened before the tmpfs hides them; O_NOFOLLOW: a kept folder that is a link is refused
-            kept.append((folder, os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)))
+            kept.append((folder, os.open(folder, os.O_PATH | kind | os.O_NOFOLLOW | os.O_CLOEXEC)))
     except BaseException:
         for _, fd in kept:
             os.close(fd)
@@ -179,10 +179,10 @@ def private_mqueue(mountinfo: str) -> None:
 
 def private_devpts(max_ptys: int = PTY_MAX) -> None:
     """A pseudo-terminal instance of its own: /dev/pts lists only this kernel's terminals, at most
-    `max_ptys` at once, and /dev/ptmx opens new ones there."""
+    `max_ptys` at once. /dev/ptmx needs no bind: since Linux 4.7 it opens the instance mounted at
+    the /dev/pts beside it."""
     _libc.mount("devpts", "/dev/pts", "devpts", _libc.MS_NOSUID | _libc.MS_NOEXEC,
                 f"newinstance,ptmxmode=0666,mode=0620,max={max_ptys}")
-    _libc.mount("/dev/pts/ptmx", "/dev/ptmx", None, _libc.MS_BIND, None)
 
 
 def private_sysfs() -> None:
@@ -217,34 +217,56 @@ def hide_dirs(dirs: list[str] | tuple[str, ...], mountinfo: str) -> list[str]:
     return covered
 
 
-def replace_files(contents: dict[str, str], masked: list[str] | tuple[str, ...], scratch: str = "/dev/shm") -> None:
-    """Bind a root-owned, read-only copy of each text in `contents` over the file at its path, and
-    an empty one over each file of `masked`; files the host lacks are left out. The copies live in
-    a small tmpfs mounted on `scratch` (a folder covered later anyway) and detached once they are
-    bound, so the bound paths are the only way to them."""
-    targets = [p for p in contents if os.path.isfile(p)]
-    empties = [p for p in masked if os.path.isfile(p)]
-    if not targets and not empties:
+def replace_files(contents: dict[str, str], masked: list[str] | tuple[str, ...], mountinfo: str,
+                  scratch: str = "/dev/shm") -> None:
+    """Show each text of `contents` at its path, and an empty file at each path of `masked`, over a
+    live view of the rest of the folder that holds them (/etc): a read-only overlay whose top layer,
+    root's, holds these files and whose lower layer is the host's folder. Not bind mounts over the
+    files: shadow-utils replaces /etc/passwd by renaming a new one over it at every account change,
+    and the kernel then detaches every mount on the old file, in every namespace, which would show
+    the host's new file. Mounts below the folder (Docker's /etc/hosts, /etc/resolv.conf) are bound
+    back on top. The top layers live in a small tmpfs on `scratch` (a folder covered later anyway),
+    detached once the overlays hold them, so no other path leads to them."""
+    folders: dict[str, dict[str, bytes]] = {}
+    for path, text in [*contents.items(), *((m, "") for m in masked)]:
+        folders.setdefault(os.path.dirname(path), {}).setdefault(os.path.basename(path), text.encode())
+    folders = {d: files for d, files in folders.items() if os.path.isdir(d)}
+    if not folders:
         return
-    _libc.mount("tmpfs", scratch, "tmpfs", _HIDDEN_FLAGS & ~_libc.MS_RDONLY, "size=1m,mode=700")
+    _libc.mount("tmpfs", scratch, "tmpfs", _MNT_FLAGS | _libc.MS_NOEXEC, "size=1m,mode=700")
     try:
-        for i, target in enumerate(targets):
-            _bind_new_file(f"{scratch}/{i}", contents[target].encode(), target)
-        for target in empties:
-            _bind_new_file(f"{scratch}/empty", b"", target)
+        for i, (folder, files) in enumerate(folders.items()):
+            if any(c in folder for c in ":,\\"):
+                raise ValueError(f"cannot lay an overlay on {folder!r}: ':', ',' and '\\' separate its options")
+            layer = f"{scratch}/{i}"
+            _layer(layer, folder, files)
+            below = [p for p in _mount_points(mountinfo) if p.startswith(folder.rstrip("/") + "/")]
+            kept = _open_kept(folder, below, kind=0)  # files or folders; opened before the overlay hides them
+            try:
+                _libc.mount("overlay", folder, "overlay", _MNT_FLAGS | _libc.MS_RDONLY, f"lowerdir={layer}:{folder}")
+                for point, fd in kept:
+                    _libc.mount(f"/proc/self/fd/{fd}", point, None, _libc.MS_BIND | _libc.MS_REC, None)
+            finally:
+                for _, fd in kept:
+                    os.close(fd)
     finally:
         _libc.umount2(scratch, _libc.MNT_DETACH)
 
 
-def _bind_new_file(path: str, data: bytes, target: str) -> None:
-    if not os.path.exists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
+def _layer(layer: str, folder: str, files: dict[str, bytes]) -> None:
+    # the merged folder takes its owner and mode from the top layer's: the host folder's
+    info = os.stat(folder)
+    os.mkdir(layer, 0o700)
+    for name, data in files.items():
+        fd = os.open(f"{layer}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
+            os.fchmod(fd, 0o644)  # whatever the umask this process inherited
             while data:
                 data = data[os.write(fd, data):]
         finally:
             os.close(fd)
-    _libc.mount(path, target, None, _libc.MS_BIND, None)
+    os.chown(layer, info.st_uid, info.st_gid)
+    os.chmod(layer, info.st_mode & 0o7777)
 
 
 def enter_cgroup_namespace() -> None:

@@ -94,11 +94,13 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/views.py", "hide_dirs", "os.path.realpath"):
         (1, "HIDDEN_DIRS and the namespace folder: root's folders of the host (/run/...), in the kernel's child before user code"),
     ("sandbox/views.py", "hide_dirs", "os.path.isdir"): (1, "the same root's folders"),
-    ("sandbox/views.py", "replace_files", "os.path.isfile"):
-        (2, "/etc/passwd, /etc/group and MASKED_FILES: the host's root-owned /etc, in the kernel's child before user code"),
-    ("sandbox/views.py", "_bind_new_file", "os.path.exists"):
-        (1, "the scratch tmpfs just mounted by the kernel's child (root, mode 0700), before user code; O_EXCL|O_NOFOLLOW"),
-    ("sandbox/views.py", "_bind_new_file", "os.open"): (1, "the same scratch tmpfs: root's alone, O_CREAT|O_EXCL|O_NOFOLLOW"),
+    ("sandbox/views.py", "replace_files", "os.path.isdir"):
+        (1, "/etc (the folder of the replaced files): the host's, root's; in the kernel's child before user code"),
+    ("sandbox/views.py", "_layer", "os.stat"): (1, "/etc, the host's"),
+    ("sandbox/views.py", "_layer", "os.mkdir"): (1, "the scratch tmpfs just mounted by the kernel's child (root, mode 0700)"),
+    ("sandbox/views.py", "_layer", "os.open"): (1, "the same scratch tmpfs: root's alone, O_CREAT|O_EXCL|O_NOFOLLOW"),
+    ("sandbox/views.py", "_layer", "os.chown"): (1, "the layer folder just made in that scratch tmpfs"),
+    ("sandbox/views.py", "_layer", "os.chmod"): (1, "the layer folder just made in that scratch tmpfs"),
     ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
     ("kernelpool/app.py", "_Server.__init__", ".mkdir"): (1, "DATA: configuration"),
     ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),

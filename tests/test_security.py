@@ -320,7 +320,10 @@ async def test_network_none_gives_only_loopback(server_args: list[str]) -> None:
 
     if not probe().get("netns"):
         pytest.skip("this host cannot create network namespaces")
-    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="0"))
+    # a cgroup prefix of its own: at start a server kills whatever runs below its prefix (left by a
+    # crashed server), which with the module server's prefix would be alice's and bob's kernels
+    server = KernelpoolServer(make_data_dir(), server_env(
+        KERNELPOOL_POOL_SIZE="0", KERNELPOOL_CGROUP_PREFIX=f"kernelpool-test-{os.getpid()}-none"))
     try:
         server.add_user("carol")
         server.start("--kernel-network", "none")

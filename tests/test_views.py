@@ -678,10 +678,21 @@ async def test_account_files_name_only_the_kernels_own_user(srv: KernelpoolServe
     assert got["getuser"] == got["bare_getuser"] == got["whoami"] == alice.pw_name
     assert got["ipython_whoami"] == [alice.pw_name]
     assert got["id"] == f"uid={alice.pw_uid}({alice.pw_name}) gid={alice.pw_gid}({alice.pw_name}) groups={alice.pw_gid}({alice.pw_name})"
-    for path, content in got["masked"].items():
-        assert content == ("" if os.path.exists(path) else None), (path, content)
+    assert set(got["masked"].values()) == {""}, got["masked"]
     assert got["shadow"] == got["gshadow"] == "PermissionError"
     assert got["write"] != 0
+    # useradd replaces the host's /etc/passwd and /etc/group (a new file renamed over each); the kernel
+    # that was running keeps its own, with neither bob nor the new user in them
+    before = os.stat("/etc/passwd").st_ino
+    srv.add_user(f"carol{os.getpid() % 1000}")
+    assert os.stat("/etc/passwd").st_ino != before, "the host's file was replaced"
+    carol = pwd.getpwnam(f"{prefix}carol{os.getpid() % 1000}")
+    again = await run_as(srv, "alice", '''
+import json
+print(json.dumps([open("/etc/passwd").read(), open("/etc/group").read(), open("/etc/passwd-").read()]))
+''')
+    assert again[:2] == [got["passwd"], got["group"]] and again[2] == "", again
+    assert carol.pw_name not in json.dumps(again) and bob.pw_name not in json.dumps(again)
     await bob_lives_on(srv)
 
 
@@ -713,6 +724,61 @@ def test_joined_hierarchies_are_the_ones_holding_the_kernels_cgroup() -> None:
         ("/sys/fs/cgroup", "cgroup2", "nsdelegate,memory_recursiveprot")]
     assert views.joined_hierarchies([], MOUNTINFO_V1) == []
     assert views._unescape("/a\\040b\\134c") == "/a b\\c"
+
+
+@needs_sandbox
+def test_replaced_files_survive_a_rename_and_keep_submounts() -> None:
+    # a stand-in for /etc: what the host does to it while the child's overlay is in place
+    base = tempfile.mkdtemp(prefix="kp-views-etc-", dir="/var/tmp")
+    etc, scratch, outside = (os.path.join(base, n) for n in ("etc", "scratch", "hosts-outside"))
+    for folder in (etc, scratch):
+        os.mkdir(folder)
+    for path, data in ((f"{etc}/passwd", "host 1\n"), (f"{etc}/hosts", "underneath\n"), (f"{etc}/subuid", "bob:100000:65536\n"),
+                       (outside, "docker's hosts\n")):
+        with open(path, "w") as f:
+            f.write(data)
+    os.chmod(etc, 0o755)
+    etc_mode = oct(0o755)
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            views.enter_mount_namespace()
+            _libc.mount(outside, f"{etc}/hosts", None, _libc.MS_BIND, None)  # as Docker binds /etc/hosts
+            views.replace_files({f"{etc}/passwd": "ours\n"}, (f"{etc}/subuid",), views.read_mountinfo(), scratch=scratch)
+            def read() -> dict[str, str]:
+                return {n: open(f"{etc}/{n}").read() for n in sorted(os.listdir(etc))}
+            first = read()
+            os.write(out_w, b"x")
+            os.read(go_r, 1)
+            os.write(out_w, json.dumps({"first": first, "then": read(), "scratch": os.listdir(scratch),
+                                        "mode": oct(os.stat(etc).st_mode & 0o7777)}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        os.close(out_w)
+        assert os.read(out_r, 1) == b"x"
+        with open(f"{etc}/passwd+", "w") as f:
+            f.write("host 2\n")
+        os.rename(f"{etc}/passwd+", f"{etc}/passwd")  # what useradd does
+        with open(f"{etc}/newfile", "w") as f:
+            f.write("new\n")
+        os.write(go_w, b"x")
+        with os.fdopen(out_r, "rb") as report:
+            seen = json.loads(report.read())
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(go_r)
+        os.close(go_w)
+        shutil.rmtree(base, ignore_errors=True)
+    assert seen["first"] == {"hosts": "docker's hosts\n", "passwd": "ours\n", "subuid": ""}, seen
+    assert seen["then"] == {**seen["first"], "newfile": "new\n"}, "still its own passwd; a new host file shows"
+    assert seen["scratch"] == [], "the top layer is reachable through the overlay only"
+    assert seen["mode"] == etc_mode, "the merged folder keeps the host folder's mode"
 
 
 def test_seccomp_program_is_bpf_and_names_real_syscalls() -> None:

@@ -79,6 +79,7 @@ def decide(settings: Settings) -> Isolation:
         ("cgroup_namespace", "cgroup namespaces (Linux 4.6 or later)"),
         ("ipc_namespace", "IPC namespaces (CAP_SYS_ADMIN; a kernel built with CONFIG_IPC_NS)"),
         ("private_sysfs", "mounting a fresh sysfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
+        ("etc_overlay", "an overlay file system on /etc, for each kernel's own /etc/passwd (CONFIG_OVERLAY_FS)"),
         ("seccomp", f"a seccomp filter ({host.get('seccomp_error') or 'libseccomp2 and a seccomp-enabled kernel'})"),
     ):
         if not host.get(key):
