@@ -240,7 +240,9 @@ def replace_files(contents: dict[str, str], masked: list[str] | tuple[str, ...],
                 raise ValueError(f"cannot lay an overlay on {folder!r}: ':', ',' and '\\' separate its options")
             layer = f"{scratch}/{i}"
             _layer(layer, folder, files)
-            below = [p for p in _mount_points(mountinfo) if p.startswith(folder.rstrip("/") + "/")]
+            # but not a mount over one of these files (`-v /etc/passwd:/etc/passwd` would name everyone)
+            ours = {f"{folder.rstrip('/')}/{name}" for name in files}
+            below = [p for p in _mount_points(mountinfo) if p.startswith(folder.rstrip("/") + "/") and p not in ours]
             kept = _open_kept(folder, below, kind=0)  # files or folders; opened before the overlay hides them
             try:
                 _libc.mount("overlay", folder, "overlay", _MNT_FLAGS | _libc.MS_RDONLY, f"lowerdir={layer}:{folder}")

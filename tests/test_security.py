@@ -441,11 +441,11 @@ def grep(path):
         data = open(path, errors="replace").read()
     except OSError:
         return False
-    return any(w in data for w in ({bob.pw_name!r}, {bob.pw_dir!r}, ":{bob.pw_uid}:"))
+    return any(w in data for w in ({bob.pw_name!r}, {bob.pw_dir!r}, ":{bob.pw_uid}:", {link!r}))
 print(json.dumps({{
   "hits": hits,
   "files": [p for p in ("/etc/passwd", "/etc/group", "/etc/passwd-", "/etc/group-", "/etc/subuid", "/etc/subgid",
-                        "/proc/self/mountinfo", "/proc/net/dev") if grep(p)],
+                        "/proc/self/mountinfo", "/proc/net/dev", "/proc/net/unix", "/proc/net/route") if grep(p)],
   "key_users": [l for l in open("/proc/key-users") if l.split(":")[0].strip() == "{bob.pw_uid}"],
   "getent": subprocess.run(["getent", "passwd", {bob.pw_name!r}, "{bob.pw_uid}"], capture_output=True, text=True).stdout,
   "counters": attempt(lambda: open("/sys/class/net/{link}/statistics/rx_bytes").read()),

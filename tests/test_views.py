@@ -607,7 +607,8 @@ async def test_sys_in_other_network_modes(mode: str, fork_server: str) -> None:
         await _bob_setup(server)
         got = await run_as(server, "alice", NAMES_PROBE)
         assert got["net"] == got["ifaces"], "/sys/class/net is the kernel's own network namespace's"
-        assert got["netns"] == [] and got["pts"] == ["ptmx"], got
+        # covered where it exists ('host' makes no namespace; other servers on the host may have)
+        assert got["netns"] in ([], "FileNotFoundError") and got["pts"] == ["ptmx"], got
         assert all(line.endswith(":/") for line in got["cgroup"].splitlines()), got["cgroup"]
         if mode == "none":
             assert got["net"] == ["lo"]
@@ -734,7 +735,7 @@ def test_replaced_files_survive_a_rename_and_keep_submounts() -> None:
     for folder in (etc, scratch):
         os.mkdir(folder)
     for path, data in ((f"{etc}/passwd", "host 1\n"), (f"{etc}/hosts", "underneath\n"), (f"{etc}/subuid", "bob:100000:65536\n"),
-                       (outside, "docker's hosts\n")):
+                       (outside, "docker's hosts\n"), (f"{base}/everyone", "bob:x:1:1::/b:/bin/sh\n")):
         with open(path, "w") as f:
             f.write(data)
     os.chmod(etc, 0o755)
@@ -747,6 +748,7 @@ def test_replaced_files_survive_a_rename_and_keep_submounts() -> None:
         try:
             views.enter_mount_namespace()
             _libc.mount(outside, f"{etc}/hosts", None, _libc.MS_BIND, None)  # as Docker binds /etc/hosts
+            _libc.mount(f"{base}/everyone", f"{etc}/passwd", None, _libc.MS_BIND, None)  # -v /etc/passwd:/etc/passwd
             views.replace_files({f"{etc}/passwd": "ours\n"}, (f"{etc}/subuid",), views.read_mountinfo(), scratch=scratch)
             def read() -> dict[str, str]:
                 return {n: open(f"{etc}/{n}").read() for n in sorted(os.listdir(etc))}
