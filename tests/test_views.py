@@ -492,24 +492,39 @@ print(json.dumps([libc.shmget(0, 1 << 20, 0o1600), libc.semget(0, 1, 0o1600), li
 
 
 @needs_sandbox
-async def test_shared_memory_counts_against_the_kernels_memory(srv: KernelpoolServer) -> None:
+async def test_shared_memory_and_messages_count_against_the_kernels_memory(srv: KernelpoolServer) -> None:
     pid = await pid_of(srv, "alice", "shm.ipynb")
     with open(f"/proc/{pid}/cgroup") as f:
         memory = next(line.split(":", 2)[2] for line in f.read().splitlines() if ":memory:" in line)
     usage = f"/sys/fs/cgroup/memory{memory}/memory.usage_in_bytes"
-    before = int(open(usage).read())
-    await run_as(srv, "alice", '''
+
+    async def grows_by(code: str) -> int:
+        before = int(open(usage).read())
+        assert await run_as(srv, "alice", code, notebook="shm.ipynb") == "held"
+        return int(open(usage).read()) - before
+
+    # a segment filled, then detached but not removed: no process maps its pages, which stay
+    assert await grows_by('''
 import ctypes, json
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
-sid = libc.shmget(0, 48 << 20, 0o1600)
-addr = libc.shmat(sid, None, 0)
+addr = libc.shmat(libc.shmget(0, 48 << 20, 0o1600), None, 0)
 ctypes.memset(addr, 1, 48 << 20)
-libc.shmdt(ctypes.c_void_p(addr))  # detached, not removed: the segment keeps its pages
-print(json.dumps(sid))
-''', notebook="shm.ipynb")
-    after = int(open(usage).read())
-    assert after - before >= 40 << 20, (before, after)
+libc.shmdt(ctypes.c_void_p(addr))
+print(json.dumps("held"))
+''') >= 40 << 20
+    # messages left in queues (kernel memory, charged to the sender's cgroup): 2 x 8000 bytes in each of 1000
+    assert await grows_by('''
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+class Msg(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_long), ("text", ctypes.c_char * 8000)]
+msg = Msg(1, b"x" * 7999)
+for _ in range(1000):
+    q = libc.msgget(0, 0o1600)
+    assert libc.msgsnd(q, ctypes.byref(msg), 8000, 0o4000) == 0 and libc.msgsnd(q, ctypes.byref(msg), 8000, 0o4000) == 0
+print(json.dumps("held"))
+''') >= 12 << 20
     async with mcp_client(srv.url, srv.tokens["alice"], mode="auto") as c:
         assert not (await c.call_tool("unuse_notebook", {"notebook": "shm.ipynb"})).is_error
     await bob_lives_on(srv)
