@@ -813,13 +813,16 @@ def test_doctor_reports_mount_pid_and_seccomp_isolation() -> None:
         server = KernelpoolServer(data_dir, server_env())
         out = server.cli("doctor", "--json")
         report = json.loads(out.stdout)
-        for key in ("mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp"):
+        for key in ("mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "ipc_namespace", "private_sysfs",
+                    "etc_overlay"):
             assert report["host"][key] is True, key
         inf = report["in_force"]
         assert inf["private_mounts"] and inf["cgroup_namespace"] and inf["seccomp"]
+        assert inf["ipc_namespace"] and inf["private_sysfs"] and inf["own_account_files"]
         assert inf["pid_isolation"] == "proc hidepid=invisible"
         plain = server.cli("doctor").stdout
-        for line in ("mount isolation:     yes", "pid isolation:       yes", "seccomp:             yes"):
+        for line in ("mount isolation:     yes", "pid isolation:       yes", "seccomp:             yes",
+                     "ipc namespaces:      yes", "own /sys:            yes", "own /etc/passwd:     yes"):
             assert line in plain, plain
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -44,7 +44,8 @@ class Isolation:
             # per kernel, whenever kernels run as their user's uid (see sandbox.views, sandbox.seccomp)
             "private_mounts": self.sandboxed,  # own mount namespace: private /tmp and /dev/shm
             "ipc_namespace": self.sandboxed,  # own SysV IPC and POSIX message queues, per kernel
-            "private_sysfs": self.sandboxed,  # /sys of its network namespace; own /etc/passwd and /etc/group
+            "private_sysfs": self.sandboxed,  # /sys of its network namespace
+            "own_account_files": self.sandboxed,  # /etc/passwd and /etc/group with its own user only
             "pid_isolation": "proc hidepid=invisible" if self.sandboxed else None,
             "cgroup_namespace": self.sandboxed,
             "seccomp": self.sandboxed,
