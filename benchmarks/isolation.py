@@ -2,13 +2,15 @@
 
 Forks children the way the fork server does (from a process that has `sandbox` imported and the
 seccomp filter built) and times every step of `enter` on its own, in the order `enter` runs them:
-joining a real cgroup, the mount namespace, the private /tmp and /dev/shm, the hidepid /proc, the
-cgroup namespace and cgroupfs, dropping to a uid, no_new_privs, and loading the seccomp filter.
-Prints median and 90th percentile per step in microseconds, and the total of the steps issue 10
-added. Then, through kernelpool's real fork server: the time from asking it for a kernel to the
-child reporting itself sandboxed, with and without those steps (interleaved, so that load on a
-shared machine hits both alike). Needs root and writable cgroups; makes one cgroup of its own
-(removed at the end) and uses a uid that no account has.
+joining a real cgroup, the mount and IPC namespaces, the private /tmp, account files, /dev/shm,
+mqueue, /dev/pts and the hidepid /proc, the shm limits, the fresh /sys, the cgroup namespace and
+cgroupfs, the hidden folders, dropping to a uid, no_new_privs, and loading the seccomp filter.
+Prints median and 90th percentile per step in microseconds, and the totals of the steps issue 10
+added and of those the tenant-boundary issue (classes 3 and 5) added. Then, through kernelpool's
+real fork server: the time from asking it for a kernel to the child reporting itself sandboxed,
+with and without those steps (interleaved, so that load on a shared machine hits both alike).
+Needs root and writable cgroups; makes one cgroup of its own (removed at the end) and uses a uid
+that no account has.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ from sandbox import Identity, LaunchSpec, _libc, seccomp, views
 from sandbox.accounts import id_in_use
 from sandbox.cgroups import detect
 from sandbox.limits import Limits
+from sandbox.passwd import kernel_files
 
-NEW_STEPS = ("mount namespace", "hide other mounts", "private /tmp", "private /dev/shm", "private /proc",
+NEW_STEPS = ("mount namespace", "read mountinfo", "hide other mounts", "private /tmp", "private /dev/shm", "private /proc",
              "cgroup namespace", "private cgroupfs", "seccomp")
+# the tenant-boundary issue, classes 3 (IPC) and 5 (names); the mount table was read twice before it, now once
+BOUNDARY_STEPS = ("ipc namespace", "account files", "private /dev/mqueue", "private /dev/pts",
+                  "shm limits", "private /sys", "hide folders")
 
 
 def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> None:
     times: dict[str, int] = {}
+    box: dict[str, str] = {}
 
     def step(name: str, fn) -> None:  # type: ignore[no-untyped-def]
         t = time.perf_counter_ns()
@@ -51,15 +58,25 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
         os.setgid(uid)
         os.setuid(uid)
 
+    files = kernel_files(Identity(f"kp-bench-{uid}", uid, uid, "/nonexistent"))  # rendered before the fork, as the server does
     step("join cgroup", join)
     step("mount namespace", views.enter_mount_namespace)
+    step("ipc namespace", views.enter_ipc_namespace)
+    step("read mountinfo", lambda: box.update(mountinfo=views.read_mountinfo()))
     # with no volume below (per other user's volume, one umount more)
-    step("hide other mounts", lambda: views.hide_mounts(["/var/lib/kp-bench-none"], ["/var/lib/kp-bench-none/x"]))
+    step("hide other mounts", lambda: views.hide_mounts(["/var/lib/kp-bench-none"], ["/var/lib/kp-bench-none/x"],
+                                                        mountinfo=box["mountinfo"]))
     step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))
+    step("account files", lambda: views.replace_files(files, views.MASKED_FILES, box["mountinfo"]))
     step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))
+    step("private /dev/mqueue", lambda: views.private_mqueue(box["mountinfo"]))
+    step("private /dev/pts", views.private_devpts)
     step("private /proc", views.private_proc)
+    step("shm limits", lambda: views.limit_shm(tmpfs))
+    step("private /sys", views.private_sysfs)
     step("cgroup namespace", views.enter_cgroup_namespace)
-    step("private cgroupfs", lambda: views.private_cgroupfs(procs))
+    step("private cgroupfs", lambda: views.private_cgroupfs(procs, mountinfo=box["mountinfo"]))
+    step("hide folders", lambda: views.hide_dirs(views.HIDDEN_DIRS, box["mountinfo"]))
     step("drop uid", drop)
     step("no_new_privs", _libc.set_no_new_privs)
     step("seccomp", lambda: _libc.load_seccomp_filter(program))
@@ -129,7 +146,8 @@ async def fork_server_starts(rounds: int) -> dict[str, list[float]]:
             cg = backend.create(f"u0/k{i}", Limits(1 << 30, None, 256))
             spec = LaunchSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", os.path.join(folder, f"k{i}.json")],
                               env={"PATH": "/usr/bin:/bin"}, cwd=folder, identity=ident, cgroup=cg,
-                              private_views=on, tmpfs_bytes=64 << 20, seccomp=on)
+                              private_views=on, tmpfs_bytes=64 << 20, seccomp=on,
+                              replaced_files=kernel_files(ident) if on else {})
             t = time.perf_counter()
             child = await fs.spawn(spec)
             out["with views and seccomp" if on else "without views and seccomp"].append(time.perf_counter() - t)
@@ -151,13 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=50, help="children forked (default 50)")
     args = p.parse_args(argv)
     samples = measure(args.rounds)
-    print(f"{'step':<18} {'median µs':>10} {'p90 µs':>10}")
+    print(f"{'step':<20} {'median µs':>10} {'p90 µs':>10}")
     for name, ns in samples.items():
         q = statistics.quantiles(ns, n=10)
-        print(f"{name:<18} {statistics.median(ns) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
+        print(f"{name:<20} {statistics.median(ns) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
     totals = [sum(samples[s][i] for s in NEW_STEPS) for i in range(args.rounds)]
     q = statistics.quantiles(totals, n=10)
-    print(f"{'added (issue 10)':<18} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
+    print(f"{'added (issue 10)':<20} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
+    totals = [sum(samples[s][i] for s in BOUNDARY_STEPS) for i in range(args.rounds)]
+    q = statistics.quantiles(totals, n=10)
+    print(f"{'added (boundary)':<20} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
     print()
     print(f"{'fork server: spawn -> sandboxed':<34} {'median ms':>10} {'p90 ms':>10}")
     for name, secs in asyncio.run(fork_server_starts(args.rounds)).items():

@@ -364,11 +364,14 @@ async def _doctor(args: argparse.Namespace) -> int:
         print(f"mount isolation:     {'yes' if host.get('mount_namespace') else 'NO'} (mount namespace, private /tmp and /dev/shm)")
         print(f"pid isolation:       {'yes' if host.get('proc_hidepid') else 'NO'} (own /proc with hidepid=invisible)")
         print(f"cgroup namespaces:   {'yes' if host.get('cgroup_namespace') else 'NO'}")
+        print(f"ipc namespaces:      {'yes' if host.get('ipc_namespace') else 'NO'}")
+        print(f"own /sys:            {'yes' if host.get('private_sysfs') else 'NO'} (sysfs of the kernel's network namespace)")
+        print(f"own /etc/passwd:     {'yes' if host.get('etc_overlay') else 'NO'} (an overlay on /etc)")
         print(f"seccomp:             {'yes' if host.get('seccomp') else 'NO'}"
               + (f" ({host['seccomp_error']})" if host.get("seccomp_error") else ""))
         inf = report["in_force"]
-        print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc and "
-                                          "cgroup views, seccomp filter)" if inf.get("sandboxed")
+        print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc, /sys, "
+                                          "cgroup views, IPC and /etc/passwd, seccomp filter)" if inf.get("sandboxed")
                                          else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
         print("network in force:    " + _describe_network(report["network"]))
     if report["disk"]["low"]:

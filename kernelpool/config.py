@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     kernel_pids: PositiveInt | None = 256
     """process/thread limit per kernel"""
     kernel_tmpfs_size: str = "512M"
-    """size cap of each kernel's private /tmp and of its /dev/shm (tmpfs: what is stored there counts against the kernel's memory limit)"""
+    """size cap of each kernel's private /tmp, of its /dev/shm and of its System V shared memory (what is stored there counts against the kernel's memory limit)"""
     user_memory: MemoryLimit = 4 << 30
     """memory limit for all of one user's kernels together"""
     user_cpus: PositiveFloat | None = None

@@ -1,6 +1,6 @@
 """Start a command as a user's uid, in a cgroup, with no_new_privs, in a network namespace (the
-user's own, or a new one with only loopback), private views of the shared trees (/tmp, /dev/shm,
-/proc, cgroups) and a seccomp filter.
+user's own, or a new one with only loopback), an IPC namespace and private views of the shared
+trees (/tmp, /dev/shm, /proc, /sys, cgroups, /etc/passwd, ...) of its own, and a seccomp filter.
 
 `spawn` is what kernelpool's kernel provisioner calls; `enter` is the part that runs in the
 forked child before exec, shared with the fork server (kernelpool.kernels.zygote.child). CPython
@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 from sandbox import _libc, seccomp, views
@@ -59,8 +59,11 @@ class LaunchSpec:
     # a namespace to join (the user's, from `sandbox.network`): its nsfs path; overrides `network`
     netns: str | None = None
     umask: int = 0o077
-    private_views: bool = False  # own mount + cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
-    tmpfs_bytes: int = 512 << 20  # size cap of each of the private /tmp and /dev/shm
+    # own mount, IPC and cgroup namespaces: private /tmp, /dev/shm, /proc, /sys, cgroupfs, ... (sandbox.views)
+    private_views: bool = False
+    tmpfs_bytes: int = 512 << 20  # size cap of each of the private /tmp and /dev/shm, and of SysV shared memory
+    # with private_views: host files the process sees with this text instead (`sandbox.passwd.kernel_files`)
+    replaced_files: dict[str, str] = field(default_factory=dict)
     keep_paths: tuple[str, ...] = ()  # folders besides cwd that stay visible if below /tmp (runtime, interpreter)
     hide_mounts_below: tuple[str, ...] = ()  # folders whose mounts, but cwd's and keep_paths', are detached
     seccomp: bool = False  # load `sandbox.seccomp`'s filter last
@@ -84,6 +87,7 @@ class LaunchSpec:
             "umask": self.umask,
             "private_views": self.private_views,
             "tmpfs_bytes": self.tmpfs_bytes,
+            "replaced_files": self.replaced_files,
             "keep_paths": list(self.keep_paths),
             "hide_mounts_below": list(self.hide_mounts_below),
             "seccomp": self.seccomp,
@@ -105,6 +109,7 @@ class LaunchSpec:
             umask=int(raw["umask"]),
             private_views=bool(raw["private_views"]),
             tmpfs_bytes=int(raw["tmpfs_bytes"]),
+            replaced_files={str(k): str(v) for k, v in raw["replaced_files"].items()},
             keep_paths=tuple(raw["keep_paths"]),
             hide_mounts_below=tuple(raw["hide_mounts_below"]),
             seccomp=bool(raw["seccomp"]),
@@ -121,8 +126,9 @@ def enter(spec: LaunchSpec, errfd: int | None = None, filter_program: bytes | No
     """Sandbox the calling process; runs in the child between fork and exec.
 
     Order: join cgroup; network namespace (join `spec.netns`, or a new one with
-    loopback up); private views (mount namespace,
-    other users' mounts detached, /tmp, /dev/shm, /proc, cgroup namespace, cgroupfs); drop supplementary groups, gid, uid
+    loopback up); private views (mount and IPC namespaces, other users' mounts detached, /tmp,
+    account files, /dev/shm, mqueue, /dev/pts, /proc, shm limits, /sys, cgroup namespace,
+    cgroupfs, hidden folders); drop supplementary groups, gid, uid
     (and check root cannot be regained); no_new_privs; umask; chdir; seccomp filter (last: it
     forbids mount and unshare, and needs no_new_privs). `filter_program` is
     `sandbox.seccomp.program()`, built by the caller before it forked. Raises on the first
@@ -183,26 +189,43 @@ def _network(spec: LaunchSpec, step: _Steps) -> None:
 
 
 def _private_views(spec: LaunchSpec, step: _Steps) -> None:
-    # after joining the cgroup (the cgroup namespace is rooted where the process is) and before
-    # dropping root (mounting needs CAP_SYS_ADMIN); see sandbox.views for what each step hides
+    # after joining the cgroup (the cgroup namespace is rooted where the process is) and the network
+    # namespace (the fresh sysfs shows the links of the caller's), before dropping root (mounting
+    # needs CAP_SYS_ADMIN); see sandbox.views for what each step hides
     if not spec.private_views:
         return
     step.name = "mount namespace"
     views.enter_mount_namespace()
+    step.name = "ipc namespace"
+    views.enter_ipc_namespace()
+    mountinfo = views.read_mountinfo()  # the host's table as this namespace got it: read once
     if spec.hide_mounts_below:
         # before /tmp is replaced: a data folder under /tmp keeps its volumes reachable until then
         step.name = "hide other mounts"
-        views.hide_mounts(spec.hide_mounts_below, keep=(spec.cwd, *spec.keep_paths))
+        views.hide_mounts(spec.hide_mounts_below, keep=(spec.cwd, *spec.keep_paths), mountinfo=mountinfo)
     step.name = "private /tmp"
     views.private_tmpfs("/tmp", spec.tmpfs_bytes, keep=(spec.cwd, *spec.keep_paths))
+    step.name = "account files"  # its scratch tmpfs sits on /dev/shm until the private one covers it
+    views.replace_files(spec.replaced_files, views.MASKED_FILES, mountinfo)
     step.name = "private /dev/shm"
     views.private_tmpfs("/dev/shm", spec.tmpfs_bytes)
+    step.name = "private /dev/mqueue"
+    views.private_mqueue(mountinfo)
+    step.name = "private /dev/pts"
+    views.private_devpts()
     step.name = "private /proc"
     views.private_proc()
+    step.name = "shm limits"
+    views.limit_shm(spec.tmpfs_bytes)
+    step.name = "private /sys"
+    views.private_sysfs()
     step.name = "cgroup namespace"
     views.enter_cgroup_namespace()
     step.name = "private cgroupfs"
-    views.private_cgroupfs(spec.cgroup.procs_files() if spec.cgroup is not None else [])
+    views.private_cgroupfs(spec.cgroup.procs_files() if spec.cgroup is not None else [], mountinfo=mountinfo)
+    step.name = "hide folders"
+    netns_dir = (os.path.dirname(spec.netns),) if spec.netns is not None else ()
+    views.hide_dirs((*views.HIDDEN_DIRS, *netns_dir), mountinfo)
 
 
 def _drop_privileges(spec: LaunchSpec, step: _Steps) -> None:

@@ -27,11 +27,13 @@ def _has_cap_setuid() -> bool:
     return False
 
 
-_CHECKS = ("netns", "no_new_privs", "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp")
+_CHECKS = ("netns", "no_new_privs", "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "ipc_namespace",
+           "private_sysfs", "etc_overlay")
 
 
 def _try_in_child(filter_program: bytes | None) -> dict[str, bool]:
-    """Which of `_CHECKS` a child can do: each bit of its exit code is one of them."""
+    """Which of `_CHECKS` a child can do: each bit of the number it writes back is one of them."""
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish calls, then _exit
         code = 0
@@ -56,10 +58,16 @@ def _try_in_child(filter_program: bytes | None) -> dict[str, bool]:
                     code |= 32  # loaded, and in force
         except BaseException:
             pass
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return {name: code >= 0 and bool(code >> i & 1) for i, name in enumerate(_CHECKS)}
+        try:
+            os.write(w, code.to_bytes(4, "little"))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as report:
+        data = report.read()
+    os.waitpid(pid, 0)
+    code = int.from_bytes(data, "little") if len(data) == 4 else 0
+    return {name: bool(code >> i & 1) for i, name in enumerate(_CHECKS)}
 
 
 def _try_views() -> int:
@@ -77,6 +85,23 @@ def _try_views() -> int:
         code |= 16
     except BaseException:
         pass
+    try:
+        views.enter_ipc_namespace()
+        views.limit_shm(1 << 20)
+        code |= 64
+    except BaseException:
+        pass
+    if code & 4:  # only in the child's own mount namespace: never the host's /sys or /etc
+        try:
+            views.private_sysfs()
+            code |= 128
+        except BaseException:
+            pass
+        try:
+            views.replace_files({"/etc/passwd": "root:x:0:0::/root:/bin/sh\n"}, (), views.read_mountinfo())
+            code |= 256
+        except BaseException:
+            pass
     return code
 
 
@@ -104,7 +129,8 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
 
     {"root", "setuid", "accounts", "cgroup": {"version", "controllers", "writable"},
     "netns", "nftables", "ip_forward", "no_new_privs", "mount_namespace" (with a private tmpfs),
-    "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error"}.
+    "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error",
+    "ipc_namespace" (with its shm limits set), "private_sysfs", "etc_overlay" (an overlay on /etc)}.
     kernelpool decides from it whether it can run isolated, and refuses to pretend when it cannot.
     """
     root = os.geteuid() == 0

@@ -423,6 +423,29 @@ async def test_one_users_kernel_cannot_write_another_users_volume(dep: Deploymen
     assert os.stat(dep.host_path("bob")).st_mode & 0o777 == 0o700
 
 
+async def test_kernel_sees_only_its_own_names_ipc_and_queues_inside_the_container(dep: Deployment) -> None:
+    # Docker gives the container a mqueue at /dev/mqueue and binds /etc/hosts, /etc/resolv.conf and
+    # /etc/hostname into /etc, and the container's root is itself an overlay: the kernel's views on top
+    dep.exec("sh", "-c", "touch /dev/mqueue/kp-container-queue")  # a POSIX queue of the container's
+    hosts = dep.exec("cat", "/etc/hosts").stdout
+    code = ("import json, os, pwd\n"
+            "print(json.dumps({'users': sorted(e.pw_name for e in pwd.getpwall()), 'hosts': open('/etc/hosts').read(),\n"
+            "  'resolv': os.path.getsize('/etc/resolv.conf'), 'mqueue': os.listdir('/dev/mqueue'),\n"
+            "  'net': sorted(os.listdir('/sys/class/net')), 'shm': open('/proc/sysvipc/shm').read().splitlines()[1:],\n"
+            "  'netns': os.listdir('/run/netns'), 'me': pwd.getpwuid(os.getuid()).pw_dir}))")
+    async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "names.ipynb", "mode": "create"})
+        r = await c.call_tool("execute_code", {"notebook": "names.ipynb", "code": code})
+        assert not r.is_error, text(r)
+    got = json.loads(text(r).strip().splitlines()[-1])
+    assert got["users"] == ["kp-alice", "nobody", "root"], got["users"]
+    assert got["me"] == "/data/users/alice"
+    assert got["hosts"] == hosts and got["resolv"] > 0, "Docker's files in /etc still show through"
+    assert got["mqueue"] == [] and got["shm"] == [] and got["netns"] == [], got
+    assert got["net"] == ["eth0", "lo"], got["net"]
+    dep.exec("rm", "-f", "/dev/mqueue/kp-container-queue")
+
+
 async def test_memory_limit_kills_the_kernel_inside_the_container(dep: Deployment) -> None:
     assert f"kernel_memory={MEMORY_LIMIT}" in dep.exec("kernelpool", "users", "list").stdout
     async with mcp_client(dep.url, dep.tokens["alice"], mode="auto") as c:

@@ -92,8 +92,19 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/views.py", "private_tmpfs", "os.makedirs"): (1, FRESH_NS),
     ("sandbox/views.py", "_open_kept", "os.open"):
         (1, "the kernel's own folders, opened O_NOFOLLOW|O_PATH in the child before user code runs; every parent is root's"),
-    ("sandbox/views.py", "hide_mounts", "open"): (1, "/proc/self/mountinfo"),
-    ("sandbox/views.py", "private_cgroupfs", "open"): (1, "/proc/self/cgroup"),
+    ("sandbox/views.py", "read_mountinfo", "os.open"): (1, "/proc/self/mountinfo"),
+    ("sandbox/views.py", "limit_shm", "os.open"): (1, "/proc/sys/kernel/shm*, in the kernel's child (root) before user code runs"),
+    ("sandbox/views.py", "hide_dirs", "os.path.realpath"):
+        (1, "HIDDEN_DIRS and the namespace folder: root's folders of the host (/run/...), in the kernel's child before user code"),
+    ("sandbox/views.py", "hide_dirs", "os.path.isdir"): (1, "the same root's folders"),
+    ("sandbox/views.py", "replace_files", "os.path.isdir"):
+        (1, "/etc (the folder of the replaced files): the host's, root's; in the kernel's child before user code"),
+    ("sandbox/views.py", "_layer", "os.stat"): (1, "/etc, the host's"),
+    ("sandbox/views.py", "_layer", "os.mkdir"): (1, "the scratch tmpfs just mounted by the kernel's child (root, mode 0700)"),
+    ("sandbox/views.py", "_layer", "os.open"): (1, "the same scratch tmpfs: root's alone, O_CREAT|O_EXCL|O_NOFOLLOW"),
+    ("sandbox/views.py", "_layer", "os.link"): (1, "two names in that scratch tmpfs, root's alone"),
+    ("sandbox/views.py", "_layer", "os.chown"): (1, "the layer folder just made in that scratch tmpfs"),
+    ("sandbox/views.py", "_layer", "os.chmod"): (1, "the layer folder just made in that scratch tmpfs"),
     ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
     ("kernelpool/app.py", "_Server.__init__", ".mkdir"): (1, "DATA: configuration"),
     ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),

@@ -320,7 +320,10 @@ async def test_network_none_gives_only_loopback(server_args: list[str]) -> None:
 
     if not probe().get("netns"):
         pytest.skip("this host cannot create network namespaces")
-    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="0"))
+    # a cgroup prefix of its own: at start a server kills whatever runs below its prefix (left by a
+    # crashed server), which with the module server's prefix would be alice's and bob's kernels
+    server = KernelpoolServer(make_data_dir(), server_env(
+        KERNELPOOL_POOL_SIZE="0", KERNELPOOL_CGROUP_PREFIX=f"kernelpool-test-{os.getpid()}-none"))
     try:
         server.add_user("carol")
         server.start("--kernel-network", "none")
@@ -335,3 +338,120 @@ print(json.dumps({{"ifaces": sorted(n for _, n in socket.if_nameindex()), "serve
         assert got["server"] == "ConnectionRefusedError"
     finally:
         server.cleanup()
+
+
+# ---- SysV IPC, /sys, /etc/passwd (the tenant-boundary issue, classes 3 and 5) ---------------------
+
+async def test_sysv_objects_of_another_user_are_out_of_reach(sec: KernelpoolServer) -> None:
+    bob = await run_as(sec, "bob", '''
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+BOB_SEG = libc.shmget(0xB0B5EC, 4096, 0o1666)  # IPC_CREAT, mode 0666: anyone who can name it may attach
+ctypes.memmove(libc.shmat(BOB_SEG, None, 0), b"bob-shm-secret", 14)
+BOB_Q = libc.msgget(0xB0B5EC, 0o1666)
+print(json.dumps({"seg": BOB_SEG, "q": BOB_Q}))
+''', notebook="secret.ipynb")
+    assert bob["seg"] >= 0 and bob["q"] >= 0, bob
+    got = await run_as(sec, "alice", ATTEMPT + f'''
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+def err(r):
+    return r if r not in (-1, 2**64 - 1, None) else errno.errorcode[ctypes.get_errno()]
+found = []
+for shmid in range(0, 32768 * 4):  # the ids a busy namespace would hand out first
+    addr = libc.shmat(shmid, None, 0o10000)  # SHM_RDONLY
+    if addr not in (None, 2**64 - 1):
+        found.append(ctypes.string_at(addr, 14).decode("latin-1"))
+        libc.shmdt(ctypes.c_void_p(addr))
+print(json.dumps({{"by_key": err(libc.shmget(0xB0B5EC, 0, 0)), "by_id": err(libc.shmat({bob["seg"]}, None, 0)),
+  "queue": err(libc.msgget(0xB0B5EC, 0)), "send": err(libc.msgsnd({bob["q"]}, b"\\x01" + bytes(15), 8, 0o4000)),
+  "found": found}}))
+''')
+    assert got == {"by_key": "ENOENT", "by_id": "EINVAL", "queue": "ENOENT", "send": "EINVAL", "found": []}, got
+    async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
+        r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "ctypes.string_at(libc.shmat(BOB_SEG, None, 0), 14)"})
+        assert text(r) == "b'bob-shm-secret'", "bob's segment is intact"
+
+
+async def test_shared_memory_beyond_the_limit_kills_only_that_kernel(sec: KernelpoolServer) -> None:
+    # segments filled and detached: no process maps their pages, which still count against the
+    # kernel's memory limit; at the limit the kernel dies, and its IPC namespace with every segment
+    code = '''
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+print("filling", flush=True)
+for i in range(8):
+    sid = libc.shmget(0, 64 << 20, 0o1600)
+    addr = libc.shmat(sid, None, 0)
+    ctypes.memset(addr, 1, 64 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+print("survived")
+'''
+    host_ns = os.readlink("/proc/self/ns/ipc")
+    async with mcp_client(sec.url, sec.tokens["alice"], mode="auto") as c:
+        await c.call_tool("use_notebook", {"notebook": "shm-oom.ipynb", "mode": "create"})
+        pid = (await c.call_tool("execute_code", {"notebook": "shm-oom.ipynb", "code": "import os; os.getpid()"}))
+        ns = os.readlink(f"/proc/{text(pid)}/ns/ipc")
+        assert ns != host_ns
+        r = await c.call_tool("execute_code", {"notebook": "shm-oom.ipynb", "code": code})
+        assert r.is_error and "out of memory" in r.structured_content["message"], text(r)
+        assert "survived" not in text(r)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _ipc_ns(p) == ns]
+    assert left == [], "no process is left in alice's IPC namespace: its segments went with it"
+    assert not _ipc_lines_of(pwd.getpwnam(f"{sec.env['KERNELPOOL_ACCOUNT_PREFIX']}alice").pw_uid), "none in the host's"
+    async with mcp_client(sec.url, sec.tokens["bob"], mode="auto") as b:
+        r = await b.call_tool("execute_code", {"notebook": "secret.ipynb", "code": "SECRET"})
+        assert text(r) == "'bob-secret'"
+
+
+def _ipc_ns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/ipc")
+    except OSError:
+        return None
+
+
+def _ipc_lines_of(uid: int) -> list[str]:
+    found = []
+    for table in ("shm", "sem", "msg"):
+        with open(f"/proc/sysvipc/{table}") as f:
+            lines = f.read().splitlines()
+        col = lines[0].split().index("uid")
+        found += [line for line in lines[1:] if int(line.split()[col]) == uid]
+    return found
+
+
+async def test_no_other_users_name_uid_folder_or_link(sec: KernelpoolServer) -> None:
+    bob = pwd.getpwnam(f"{sec.env['KERNELPOOL_ACCOUNT_PREFIX']}bob")
+    link = f"{sec.env['KERNELPOOL_NETWORK_PREFIX']}{bob.pw_uid}"
+    assert os.path.exists(f"/sys/class/net/{link}/statistics/rx_bytes"), "the host counts bob's traffic there"
+    got = await run_as(sec, "alice", ATTEMPT + f'''
+import subprocess
+hits = []
+for top in ("/etc", "/run", "/sys/class/net", "/sys/devices/virtual/net", "/dev"):
+    for folder, dirs, files in os.walk(top):  # links are not followed: /sys links back up
+        for path in (os.path.join(folder, n) for n in dirs + files):
+            if {bob.pw_name!r} in path or {link!r} in path or "/{bob.pw_uid}" in path:
+                hits.append(path)
+def grep(path):
+    try:
+        data = open(path, errors="replace").read()
+    except OSError:
+        return False
+    return any(w in data for w in ({bob.pw_name!r}, {bob.pw_dir!r}, ":{bob.pw_uid}:", {link!r}))
+print(json.dumps({{
+  "hits": hits,
+  "files": [p for p in ("/etc/passwd", "/etc/group", "/etc/passwd-", "/etc/group-", "/etc/subuid", "/etc/subgid",
+                        "/proc/self/mountinfo", "/proc/net/dev", "/proc/net/unix", "/proc/net/route") if grep(p)],
+  "key_users": [l for l in open("/proc/key-users") if l.split(":")[0].strip() == "{bob.pw_uid}"],
+  "getent": subprocess.run(["getent", "passwd", {bob.pw_name!r}, "{bob.pw_uid}"], capture_output=True, text=True).stdout,
+  "counters": attempt(lambda: open("/sys/class/net/{link}/statistics/rx_bytes").read()),
+  "netns": attempt(lambda: os.listdir("/run/netns")) if os.path.isdir("/run/netns") else "none",
+  "netns_list": os.listdir("/run/netns") if os.path.isdir("/run/netns") else [],
+}}))
+''')
+    assert got["hits"] == [] and got["files"] == [] and got["key_users"] == [] and got["getent"] == "", got
+    assert got["counters"] == "FileNotFoundError" and got["netns_list"] == [], got

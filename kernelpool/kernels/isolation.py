@@ -43,6 +43,9 @@ class Isolation:
             "cgroup_version": self.cgroups.version if self.cgroups else None,
             # per kernel, whenever kernels run as their user's uid (see sandbox.views, sandbox.seccomp)
             "private_mounts": self.sandboxed,  # own mount namespace: private /tmp and /dev/shm
+            "ipc_namespace": self.sandboxed,  # own SysV IPC and POSIX message queues, per kernel
+            "private_sysfs": self.sandboxed,  # /sys of its network namespace
+            "own_account_files": self.sandboxed,  # /etc/passwd and /etc/group with its own user only
             "pid_isolation": "proc hidepid=invisible" if self.sandboxed else None,
             "cgroup_namespace": self.sandboxed,
             "seccomp": self.sandboxed,
@@ -75,6 +78,9 @@ def decide(settings: Settings) -> Isolation:
         ("mount_namespace", "mount namespaces with a private tmpfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
         ("proc_hidepid", "a private /proc with hidepid=invisible (Linux 5.8 or later)"),
         ("cgroup_namespace", "cgroup namespaces (Linux 4.6 or later)"),
+        ("ipc_namespace", "IPC namespaces (CAP_SYS_ADMIN; a kernel built with CONFIG_IPC_NS)"),
+        ("private_sysfs", "mounting a fresh sysfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
+        ("etc_overlay", "an overlay file system on /etc, for each kernel's own /etc/passwd (CONFIG_OVERLAY_FS)"),
         ("seccomp", f"a seccomp filter ({host.get('seccomp_error') or 'libseccomp2 and a seccomp-enabled kernel'})"),
     ):
         if not host.get(key):

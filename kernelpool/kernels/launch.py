@@ -12,7 +12,7 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import zmq
@@ -31,6 +31,7 @@ from kernelpool.kernels.zygote.server import ForkServer, ZygoteProcess
 from kernelpool.metrics import Metrics
 from kernelpool.users.accounts import User, UserService
 from sandbox import Cgroup, CgroupBackend, Identity, SafeRoot
+from sandbox.passwd import kernel_files
 from sandbox.rundir import KernelRunDir
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ class KernelLaunch:
     cgroup: Cgroup | None
     rundir: KernelRunDir  # created; holds the connection file (`connection_file`) and sockets (`ip`)
     network: Literal["host", "none"] = "host"
-    private_views: bool = False  # own mount and cgroup namespaces: private /tmp, /dev/shm, /proc, cgroupfs
+    private_views: bool = False  # own mount, IPC and cgroup namespaces: private /tmp, /dev/shm, /proc, /sys, cgroupfs
     tmpfs_bytes: int = 512 << 20
+    replaced_files: dict[str, str] = field(default_factory=dict)  # /etc/passwd and /etc/group with its own user only
     keep_paths: tuple[str, ...] = ()  # folders the kernel needs besides its cwd (kept visible under a private /tmp)
     hide_mounts_below: tuple[str, ...] = ()  # where other users' mounts (volumes) are detached in its namespace
     seccomp: bool = False
@@ -209,6 +211,8 @@ class KernelLauncher:
             # with a uid of its own, a kernel gets its own views and the syscall filter too
             private_views=user.identity is not None,
             tmpfs_bytes=self._settings.tmpfs_bytes,
+            # its own account only: the host's /etc/passwd lists every user, with their folders
+            replaced_files=kernel_files(user.identity) if user.identity is not None else {},
             # the interpreter's environment (sys.prefix) may lie below /tmp too, as in a test venv
             keep_paths=(runtime, os.path.dirname(rundir.connection_file), os.path.dirname(os.path.dirname(self.python))),
             # other users' volumes (Docker: one per user at DATA/users/NAME): not even their names

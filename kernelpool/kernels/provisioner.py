@@ -65,6 +65,7 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             network=launch.network,
             private_views=launch.private_views,
             tmpfs_bytes=launch.tmpfs_bytes,
+            replaced_files=launch.replaced_files,
             keep_paths=launch.keep_paths,
             hide_mounts_below=launch.hide_mounts_below,
             seccomp=launch.seccomp,

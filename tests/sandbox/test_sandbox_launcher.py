@@ -160,6 +160,7 @@ def test_spec_travels_as_json() -> None:
         Identity("kp-alice", 20001, 20001, "/h"), CgroupProcs(("/sys/fs/cgroup/x/cgroup.procs",)),
         network="none", netns="/run/netns/kp-20001", umask=0o027, private_views=True, tmpfs_bytes=1 << 20,
         keep_paths=("/tmp/a",), hide_mounts_below=("/data/users",), seccomp=True,
+        replaced_files={"/etc/passwd": "root:x:0:0::/root:/bin/sh\n"},
     )
     back = LaunchSpec.from_json(spec.to_json())
     assert back == spec and back.cgroup is not None
@@ -182,22 +183,34 @@ print(json.dumps({
     "memory_below": [d for d in os.listdir("/sys/fs/cgroup/memory") if os.path.isdir("/sys/fs/cgroup/memory/" + d)],
     "seccomp": open("/proc/self/status").read().split("Seccomp:")[1].split()[0],
     "unshare_userns": call(272, 0x10000000), "io_uring_setup": call(425, 1, ctypes.create_string_buffer(120)),
+    "net": sorted(os.listdir("/sys/class/net")), "sysvipc": open("/proc/sysvipc/shm").read().splitlines()[1:],
+    "shmmax": int(open("/proc/sys/kernel/shmmax").read()), "pts": sorted(os.listdir("/dev/pts")),
+    "passwd": open("/etc/passwd").read(), "group": open("/etc/group").read(),
+    "netns": os.listdir("/run/netns") if os.path.isdir("/run/netns") else [],
 }))
 """
 
 
 def test_private_views_and_seccomp(v1: CgroupBackend, identity: Identity, user_python: str) -> None:
+    import ctypes
+
+    from sandbox.passwd import kernel_files
+
     cg = v1.create("u1/kviews", Limits(memory_bytes=256 << 20))
     marker = f"/tmp/kptest-host-{os.getpid()}"
     open(marker, "w").close()
+    libc = ctypes.CDLL(None, use_errno=True)
+    host_segment = libc.shmget(0, 4096, 0o1644)  # a SysV segment of the host's, which the child must not see
+    assert host_segment >= 0
     try:
-        spec = LaunchSpec([user_python, "-c", VIEWS], dict(ENV), identity.home, identity, cg,
-                          private_views=True, tmpfs_bytes=8 << 20, seccomp=True)
+        spec = LaunchSpec([user_python, "-c", VIEWS], dict(ENV), identity.home, identity, cg, network="none",
+                          private_views=True, tmpfs_bytes=8 << 20, seccomp=True, replaced_files=kernel_files(identity))
         code, out = run(spec)
         assert code == 0, out
         seen = json.loads(out)
     finally:
         os.unlink(marker)
+        libc.shmctl(host_segment, 0, None)  # IPC_RMID
     # a fresh tmpfs, not the host's /tmp: only the way to the child's own folder (the test's home is there)
     home_top = identity.home.split("/")[2] if identity.home.startswith("/tmp/") else None
     assert seen["tmp"] == ([home_top] if home_top else []) and seen["shm"] == [], seen["tmp"]
@@ -206,6 +219,12 @@ def test_private_views_and_seccomp(v1: CgroupBackend, identity: Identity, user_p
     assert all(line.endswith(":/") for line in seen["cgroup"].splitlines()), seen["cgroup"]
     assert {"memory", "cpu", "pids"} <= set(seen["cgroupfs"]) and seen["memory_below"] == []
     assert seen["seccomp"] == "2" and seen["unshare_userns"] == seen["io_uring_setup"] == "EPERM"
+    # its own IPC namespace (capped like its tmpfs), the sysfs of its network namespace, a pty instance,
+    # account files with only its own user, no network namespace names
+    assert seen["sysvipc"] == [] and seen["shmmax"] == 8 << 20
+    assert seen["net"] == ["lo"] and seen["pts"] == ["ptmx"] and seen["netns"] == []
+    assert seen["passwd"] == kernel_files(identity)["/etc/passwd"] and seen["group"] == kernel_files(identity)["/etc/group"]
+    assert f"{identity.name}:x:{identity.uid}:{identity.gid}::{identity.home}:" in seen["passwd"]
     assert "hidepid" not in open("/proc/self/mountinfo").read(), "nothing leaked into the host's mounts"
 
 

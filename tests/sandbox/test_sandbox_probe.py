@@ -10,7 +10,8 @@ from sandbox import probe
 def test_probe_reports_this_host() -> None:
     found = probe()
     assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "nftables", "ip_forward", "no_new_privs",
-                          "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error"}
+                          "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error",
+                          "ipc_namespace", "private_sysfs", "etc_overlay"}
     assert found["root"] == (os.geteuid() == 0)
     assert found["no_new_privs"] is True  # any Linux since 3.5
     assert found["cgroup"]["version"] in (1, 2, None)
@@ -19,6 +20,7 @@ def test_probe_reports_this_host() -> None:
     if found["root"]:
         assert found["setuid"] and found["netns"]
         assert found["mount_namespace"] and found["proc_hidepid"] and found["cgroup_namespace"]
+        assert found["ipc_namespace"] and found["private_sysfs"] and found["etc_overlay"]
     # the probe ran in a throwaway child: nothing changed here
     assert "hidepid" not in open("/proc/self/mountinfo").read()
     with open("/proc/sys/net/ipv4/ip_forward") as f:

@@ -21,8 +21,8 @@ back with `LaunchSpec.from_json`); the child answers b"ok" once `sandbox.enter` 
 b"step\\0message" (then exits 127) if it did not.
 
 The child: closes every inherited descriptor but its spec socket, resets signal handling,
-calls `sandbox.enter` (cgroup, network namespace, private /tmp, /dev/shm, /proc and cgroup
-views, uid/gid, no_new_privs, umask, chdir, seccomp filter) before it
+calls `sandbox.enter` (cgroup, network namespace, IPC namespace, private /tmp, /dev/shm, /proc,
+/sys, cgroup and account views, uid/gid, no_new_privs, umask, chdir, seccomp filter) before it
 has created any socket, thread or event loop, starts a new session, points stdio at /dev/null,
 replaces the environment with exactly the spec's, re-seeds what forked state would share, and
 runs ipykernel's launcher code. When the server's end of the control socket closes (the server
