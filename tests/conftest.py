@@ -40,5 +40,15 @@ def fresh_server(server_args: list[str]) -> Iterator[KernelpoolServer]:
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[None]:
+    """A Docker engine for the container tests (marker `docker`): started when none runs, and then
+    stopped at the end of the session (see testkit/docker.py)."""
+    from testkit.docker import running_engine
+
+    with running_engine():
+        yield
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"kernelpool sandbox: {'on' if SANDBOX_SKIP is None else 'OFF (' + SANDBOX_SKIP + ')'}; euid={os.geteuid()}"

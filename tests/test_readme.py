@@ -1,32 +1,45 @@
-"""The README's first command, run as written: a fresh venv from /usr/bin/python3, `pip install .`
-from a clean copy of the checkout, `kernelpool serve` on its embedded defaults. Then the token it
-prints works for a real MCP client, and a kernel of that install imports a package of its venv.
+"""The README's commands, as a newcomer meets them: on a fresh Debian 12 machine, as root, from a
+checkout in root's home.
 
-It uses the paths the README names (/opt/kernelpool, ./kernelpool-data, 127.0.0.1:8765), so it
-runs where nothing else owns them: in CI, or where /opt/kernelpool does not exist yet. It removes
-the venv, the data and the account it created afterwards, also when it fails.
+The machine is a container of a stand-in Debian bookworm root (debootstrap with python3 and
+ca-certificates only: no venv module, no nftables, as cloud images ship; testkit/docker.py),
+started with a private cgroup namespace and named capabilities, its read-only cgroup v1 mounts
+made writable before anything else, with apt and PyPI reached through Docker's bridge. The
+checkout is HEAD of this repository (`git archive`: commit what you want tested) in /root/kernelpool,
+below root's 0700 home. The README's first command is copied from the README and run as written
+in that folder; the token it prints works for the real MCP client (run inside the machine, where
+the server listens on 127.0.0.1 as the command leaves it) and a kernel runs 1+1. Then, on the same
+machine: the command again (nothing to install, the same data), the server without nftables (the
+default network falls back to 'none' and says how to get egress), an explicit 'egress' without
+nftables (refused), and an upgrade from a ./kernelpool-data of an earlier version (refused with
+the fix; the fix followed works). Then the README's test command, with the venv module removed
+again. pip's download cache is kept in /var/cache/kernelpool-ci between runs (downloads only;
+pip still resolves against PyPI).
+
+The tests run in order on one machine, and the container and image are removed afterwards.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
-import signal
+import shlex
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-import psutil
 import pytest
 
-from testkit.client import mcp_client
-from testkit.server import ROOT, answers
-from tests.conftest import SANDBOX_SKIP
+from testkit.docker import CACHE, FRESH_ROOT, RUN, V1_REMOUNT, docker, import_root
+from testkit.server import ROOT
 
 VENV = "/opt/kernelpool"
-PORT = 8765
+CHECKOUT = "/root/kernelpool"
+DATA = "/var/lib/kernelpool"
+URL = "http://127.0.0.1:8765"
 
 
 def readme_commands() -> tuple[str, str]:
@@ -37,98 +50,158 @@ def readme_commands() -> tuple[str, str]:
 
 def test_readme_starts_with_the_two_commands() -> None:
     serve, test = readme_commands()
-    assert serve == f"/usr/bin/python3 -m venv {VENV} && {VENV}/bin/pip install . && {VENV}/bin/kernelpool serve"
+    assert serve == f"scripts/install {VENV} && {VENV}/bin/kernelpool serve"
+    assert "\n" not in serve, "the first command is one line"
     assert test == "scripts/test"
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert re.search(r"^scripts/test\b", f.read(), re.M), ".ci/run must run the README's test command"
 
 
-def _port_free() -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", PORT)) != 0
-
-
-@pytest.fixture
-def clean_copy() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("the README's command is written for root (kernels run as other uids)")
-    if SANDBOX_SKIP is not None:
-        pytest.skip(f"the embedded defaults need isolation, which this host cannot give: {SANDBOX_SKIP}")
-    if os.path.exists(VENV) and os.environ.get("CI") != "true":
-        pytest.skip(f"{VENV} exists and is not this test's: run in CI, or remove it")
-    if not _port_free():
-        pytest.skip(f"127.0.0.1:{PORT} is taken by something else")
-    shutil.rmtree(VENV, ignore_errors=True)
-    folder = tempfile.mkdtemp(prefix="kp-readme-")
-    os.chmod(folder, 0o711)
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        if not os.path.exists(os.path.join(ROOT, name)):
-            continue  # deleted in the work tree, not yet committed
-        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, name), os.path.join(folder, name))
-    try:
-        yield folder
-    finally:
-        data = os.path.join(folder, "kernelpool-data")
-        if os.path.exists(os.path.join(VENV, "bin", "kernelpool")) and os.path.exists(data):
-            subprocess.run([f"{VENV}/bin/kernelpool", "users", "remove", "default"], cwd=folder,
-                           env=_env(), capture_output=True, timeout=60)
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(VENV, ignore_errors=True)
+def test_install_script_passes_shellcheck() -> None:
+    if subprocess.run(["sh", "-c", "command -v shellcheck"], capture_output=True).returncode != 0:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    out = subprocess.run(["shellcheck", "scripts/install", "scripts/test", ".ci/run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
-def _env() -> dict[str, str]:
-    # what a person's shell has: none of the test run's variables
-    return {k: v for k, v in os.environ.items() if not k.startswith(("KERNELPOOL_", "PYTHON", "VIRTUAL_ENV"))}
+# ---- the fresh machine --------------------------------------------------------------------------
 
+# run inside the machine by the venv's python (mcp and httpx2 come with kernelpool): the real
+# client, on the README's URL, with a token; prints the tool's outcome as JSON
+CLIENT = r"""
+import asyncio, json, sys
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
-async def test_the_readme_command_installs_and_serves(clean_copy: str) -> None:
-    serve, _ = readme_commands()
-    log_path = os.path.join(clean_copy, "serve.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(["bash", "-c", serve], cwd=clean_copy, env=_env(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600  # pip installs the dependencies
-        token = None
-        while time.monotonic() < deadline and token is None:
-            assert proc.poll() is None, open(log_path).read()[-5000:]
-            m = re.search(r"token \(shown once\):\s+(kp_\S+)", open(log_path).read())
-            token = m.group(1) if m else None
-            time.sleep(0.5)
-        assert token, open(log_path).read()[-5000:]
-        url = f"http://127.0.0.1:{PORT}/mcp"
-        assert f"MCP URL: {url}" in open(log_path).read()
-        while True:  # the token is printed during start-up, before the port is bound
-            assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-5000:]
-            if answers(f"http://127.0.0.1:{PORT}", timeout=5):
-                break
-            time.sleep(0.2)
-        assert os.path.isfile(os.path.join(clean_copy, "kernelpool-data", "kernelpool.db"))
-        async with mcp_client(url, token, mode="auto") as c:
-            r = await c.call_tool("use_notebook", {"notebook": "hello.ipynb", "mode": "create"})
-            assert not r.is_error, r
-            r = await c.call_tool("insert_execute_code_cell", {
-                "notebook": "hello.ipynb", "cell_index": -1,
-                "cell_source": "import sys, nbformat, numbers\nprint(1+1, nbformat.__file__.startswith(sys.prefix))",
-            })
-            assert r.structured_content["status"] == "ok", r
-            assert "2 True" in "".join(b.text for b in r.content if b.type == "text")
-        assert os.path.isfile(os.path.join(clean_copy, "kernelpool-data", "users", "default", "hello.ipynb"))
-    finally:
-        # SIGTERM to the server alone: the shell runs it as a child or, for the last command of
-        # the list, execs it; either way its status comes back through the shell
-        shell = psutil.Process(proc.pid)
-        for p in (shell, *shell.children()):
-            if p.cmdline()[-1:] == ["serve"]:
-                p.send_signal(signal.SIGTERM)
+async def main():
+    url, token, notebook, code = sys.argv[1:5]
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=300))
+    async with http, Client(streamable_http_client(url + "/mcp", http_client=http), mode="auto") as c:
+        r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})
+        text = "".join(b.text for b in r.content if b.type == "text")
+        if r.is_error and "already exists" not in text:
+            print(json.dumps({"error": True, "text": text}))
+            return
+        r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
+        print(json.dumps({"error": r.is_error, "text": "".join(b.text for b in r.content if b.type == "text")}))
+
+asyncio.run(main())
+"""
+
+# the machine's own python: SIGTERM to every `kernelpool serve`, and wait until they are gone
+SERVERS = r"""
+import os, signal, sys, time
+def servers():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            # uvicorn re-raises the signal it handled once shut down: -15 (or 143 from the shell)
-            assert proc.wait(60) in (0, -signal.SIGTERM, 128 + signal.SIGTERM), open(log_path).read()[-5000:]
-            assert "Application shutdown complete" in open(log_path).read()
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/kernelpool") for a in argv) and b"serve" in argv:
+            found.append(int(pid))
+    return found
+for pid in servers():
+    os.kill(pid, signal.SIGTERM)
+deadline = time.monotonic() + 60
+while servers() and time.monotonic() < deadline:
+    time.sleep(0.2)
+sys.exit(1 if servers() else 0)
+"""
+
+HEALTHZ = r"""
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen("http://127.0.0.1:8765/healthz", timeout=3).read().decode())
+except OSError as e:
+    sys.exit(f"no answer: {e}")
+"""
+
+
+@dataclass
+class Machine:
+    name: str
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """`script` in root's login-like shell on the machine, from the checkout."""
+        extra = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+        return docker("exec", *extra, "-w", CHECKOUT, self.name, "bash", "-c", script, check=check, timeout=timeout)
+
+    def python(self, program: str, *args: str, python: str = "/usr/bin/python3",
+               check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`program` run by the machine's python (or `python`), with `args`."""
+        return docker("exec", "-i", self.name, python, "-", *args, input=program, check=check, timeout=timeout)
+
+    def start(self, command: str, log: str, env: dict[str, str] | None = None) -> None:
+        """`command` in the background, from the checkout: its output to /root/<log>, then its exit
+        status to /root/<log>.rc."""
+        extra = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+        docker("exec", "-d", *extra, "-w", CHECKOUT, self.name, "bash", "-c",
+               f"exec >/root/{log} 2>&1; {command}\necho $? >/root/{log}.rc")
+
+    def log(self, log: str) -> str:
+        return self.sh(f"cat /root/{log}", check=False).stdout
+
+    def status(self, log: str) -> int | None:
+        """The exit status of the command that writes /root/<log>; None while it runs."""
+        out = self.sh(f"cat /root/{log}.rc", check=False)
+        return int(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+
+    def healthz(self) -> dict[str, Any] | None:
+        out = self.python(HEALTHZ, check=False, timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def wait_serving(self, log: str, wait: float) -> dict[str, Any]:
+        """/healthz of the server that writes /root/<log>, once it answers; fails if it exits first."""
+        deadline = time.monotonic() + wait
+        while True:
+            health = self.healthz()
+            if health is not None:
+                return health
+            status = self.status(log)
+            assert status is None, f"exited with {status}:\n{self.log(log)[-6000:]}"
+            assert time.monotonic() < deadline, f"no /healthz in {wait} s:\n{self.log(log)[-6000:]}"
+            time.sleep(1)
+
+    def stop(self, log: str) -> None:
+        """SIGTERM to the server; it shuts down cleanly (uvicorn re-raises the signal: 143 from bash)."""
+        out = self.python(SERVERS, "stop", check=False, timeout=90)
+        assert out.returncode == 0, f"a kernelpool serve did not stop: {out.stderr}"
+        deadline = time.monotonic() + 30
+        while self.status(log) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert self.status(log) in (0, 143), self.log(log)[-6000:]
+        assert "Application shutdown complete" in self.log(log)
+
+    def run_code(self, token: str, notebook: str, code: str) -> dict[str, Any]:
+        out = self.python(CLIENT, URL, token, notebook, code, python=f"{VENV}/bin/python", timeout=300)
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def machine(docker_engine: None) -> Iterator[Machine]:
+    if os.geteuid() != 0:
+        pytest.skip("the fresh machine needs root: it runs dockerd, debootstrap and apt")
+    tag = f"kernelpool-ci-fresh:{RUN}"
+    found = Machine(f"{RUN}-fresh")
+    pip_cache = os.path.join(CACHE, "fresh-pip-cache")
+    os.makedirs(pip_cache, exist_ok=True)
+    try:
+        import_root(FRESH_ROOT, tag)
+        docker("run", "-d", "--name", found.name, "--hostname", "fresh", "--cgroupns=private",
+               "--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--security-opt", "apparmor=unconfined",
+               "--sysctl", "net.ipv4.ip_forward=1", "-v", f"{pip_cache}:/root/.cache/pip", tag,
+               "sh", "-c", f"{V1_REMOUNT}; exec sleep infinity")
+        # a clean checkout of HEAD, as `git clone` leaves it, in root's home
+        archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", "HEAD"], capture_output=True,
+                                 check=True, timeout=120).stdout
+        docker("exec", found.name, "mkdir", CHECKOUT)
+        subprocess.run(["docker", "exec", "-i", found.name, "tar", "-x", "-C", CHECKOUT], input=archive,
+                       check=True, capture_output=True, timeout=120)
+        yield found
+    finally:
+        docker("rm", "-f", "-v", found.name, check=False, timeout=120)
+        docker("rmi", "-f", tag, check=False)
