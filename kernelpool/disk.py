@@ -1,15 +1,13 @@
-"""The data folder on disk: an earlier version's folder left behind, and free space.
+"""The data folder on disk: an earlier version's folder that the default leaves aside, and free space.
 
-`earlier_data_dir`: before 2026-12 the data folder's default was ./kernelpool-data, below the
-folder the server started in, also as root; now it is /var/lib/kernelpool as root. Someone who
-upgrades and starts the same way must not find an empty server with new tokens beside their old
-data: the CLI refuses while the new folder is empty, and says where the old one is. Callers:
-`kernelpool serve`, the CLI's commands that open the database, `doctor`.
+`check_earlier_data_dir`: before 2026-12 the data folder's default was ./kernelpool-data, below
+the folder the server started in, also as root; now it is /var/lib/kernelpool as root. Whoever
+upgrades and starts the same way must not find an empty server with a new token beside their old
+data: the CLI refuses while the new folder is empty, and says where the old one is and how to
+move or keep it. Callers: `kernelpool serve`, the CLI's commands that open the database, `doctor`.
 
-Free space, and the floor below which the server stops writing there:
-
-The server's own writes (notebooks, new kernels' files) are refused while free space is under
-`disk_free_floor`, with an error that says so, rather than started and left half-written.
+`DiskSpace`: the server's own writes (notebooks, new kernels' files) are refused while free space
+is under `disk_free_floor`, with an error that says so, rather than started and left half-written.
 Kernels write to the same filesystem on their own and can still fill it; a write of the
 server's that fails anyway leaves the previous file in place (writes are atomic). Callers: the
 notebook service and the kernel registry (before each write or start), `/healthz` and `doctor`.
@@ -59,8 +57,11 @@ def check_earlier_data_dir(settings: Settings) -> str | None:
         move = f"To keep it, move it to the new default and start again: rmdir {new} && mv {old} {new}"
     else:
         move = f"To keep it, move what it holds into {new} and start again"
-    raise EarlierDataDir(old, new, f"{move}; or {use_old} (a folder that users' uids must be able to reach); "
-                         f"or, to start an empty server and leave {old} as it is, start with --data-dir {new}.")
+    blocked = data_dir_unreachable(settings.model_copy(update={"data_dir": old.absolute()}))
+    stay = (f"{use_old}" if blocked is None
+            else f"{use_old} after letting users' uids reach it ({blocked.blocked}, which other uids may not pass)")
+    raise EarlierDataDir(old, new, f"{move}; or {stay}; or, to start an empty server and leave {old} as it is, "
+                         f"start with --data-dir {new}.")
 
 
 def data_folder_report(settings: Settings) -> dict[str, Any]:

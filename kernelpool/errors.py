@@ -154,6 +154,9 @@ class DataDirUnreachable(KernelpoolError):
     """Kernels (users' uids) could not pass a folder above the data folder: the server refuses to start."""
 
     fields = ("path", "blocked", "fix")
+    path: str
+    blocked: str  # the folder on the way, and why: "/root is mode drwx------"
+    fix: str
     template = ("users' kernels run as the users' own uids and could not reach their folders in the data folder "
                 "{path}: {blocked}, which other uids may not pass. Nothing was changed. {fix}")
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +64,37 @@ def test_install_script_passes_shellcheck() -> None:
     out = subprocess.run(["shellcheck", "scripts/install", "scripts/test", ".ci/run"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_install_as_another_user_installs_nothing_and_says_what_to_do() -> None:
+    """scripts/install as a user other than root, where /usr/bin/python3 lacks its venv module:
+    no apt-get (a stand-in on the PATH would record it), the package and the command named, and
+    a stop (no venv can be made). The stand-in interpreter fails the venv module's import, as
+    Debian's python3 does without python3-venv; the real machine is in the container tests."""
+    if os.geteuid() != 0:
+        pytest.skip("switches to the nobody user")
+    folder = tempfile.mkdtemp(prefix="kp-install-", dir="/var/tmp")
+    try:
+        os.chmod(folder, 0o777)  # nobody writes the stand-in apt-get's record here
+        os.mkdir(os.path.join(folder, "scripts"))
+        shutil.copy(os.path.join(ROOT, "scripts", "install"), os.path.join(folder, "scripts", "install"))
+        tried = os.path.join(folder, "apt-get-ran")
+        for name, body in (("apt-get", f"#!/bin/sh\ntouch {tried}\n"), ("python3", "#!/bin/sh\nexit 1\n")):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(body)
+            os.chmod(os.path.join(folder, name), 0o755)
+        out = subprocess.run(
+            ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "env", f"PATH={folder}:/usr/bin:/bin",
+             f"KERNELPOOL_PYTHON={folder}/python3", f"{folder}/scripts/install", f"{folder}/venv"],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out
+        assert not os.path.exists(tried), "apt-get was run as another user"
+        assert "system packages missing: python3-venv" in out.stderr, out.stderr
+        assert "install them as root: apt-get install python3-venv" in out.stderr, out.stderr
+        assert "cannot make a virtual environment without them; stopping" in out.stderr, out.stderr
+        assert not os.path.exists(f"{folder}/venv")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- the fresh machine --------------------------------------------------------------------------
@@ -205,3 +237,157 @@ def machine(docker_engine: None) -> Iterator[Machine]:
     finally:
         docker("rm", "-f", "-v", found.name, check=False, timeout=120)
         docker("rmi", "-f", tag, check=False)
+
+
+def _token(log: str) -> str:
+    found = re.search(r"token \(shown once\):\s+(kp_\S+)", log)
+    assert found, log[-6000:]
+    return found.group(1)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1200)
+def test_the_first_command_on_a_fresh_debian(machine: Machine) -> None:
+    """The README's first command, copied from the README, on a machine that has neither the
+    venv module nor nftables, from a checkout in root's 0700 home: it installs both, then
+    kernelpool, then serves; the printed token runs 1+1 in a kernel of a user's own uid, in
+    egress mode, with the data in /var/lib/kernelpool."""
+    serve, _ = readme_commands()
+    assert machine.sh("python3 -c 'import ensurepip'", check=False).returncode != 0, "the venv module is there already"
+    assert machine.sh("command -v nft || ls /usr/sbin/nft", check=False).returncode != 0, "nft is there already"
+    assert machine.sh("stat -c %a /root").stdout.strip() == "700"
+    machine.start(serve, "first.log")
+    health = machine.wait_serving("first.log", wait=900)  # apt and pip fetch what they install
+    log = machine.log("first.log")
+    assert "scripts/install: system packages: installing python3-venv nftables with apt-get" in log, log[-6000:]
+    assert f"MCP URL: {URL}/mcp" in log and f"data in {DATA}" in log, log[-6000:]
+    assert health["status"] == "ok" and health["isolation"]["sandboxed"], health
+    assert health["isolation"]["network"]["mode"] == "egress" and health["isolation"]["network"]["fallback"] is None, health
+    token = _token(log)
+    got = machine.run_code(token, "hello.ipynb", "import os\nprint(1+1, os.getuid(), os.getcwd())")
+    assert not got["error"], got
+    two, uid, cwd = got["text"].split()
+    assert two == "2" and int(uid) >= 20000 and cwd == f"{DATA}/users/default", got
+    assert machine.sh(f"test -f {DATA}/users/default/hello.ipynb && stat -c %u {DATA}/users/default/hello.ipynb").stdout.strip() == uid
+    assert machine.sh(f"test -e {CHECKOUT}/kernelpool-data", check=False).returncode != 0  # nothing in the checkout
+    machine.stop("first.log")
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_the_first_command_again_installs_nothing_and_keeps_the_data(machine: Machine) -> None:
+    serve, _ = readme_commands()
+    token = _token(machine.log("first.log"))
+    machine.start(serve, "again.log")
+    machine.wait_serving("again.log", wait=300)
+    log = machine.log("again.log")
+    assert "scripts/install: system packages: all there" in log and "apt-get" not in log, log[-6000:]
+    assert f"using the virtual environment {VENV}" in log, log[-6000:]
+    assert "created user" not in log and "shown once" not in log, log[-6000:]
+    got = machine.run_code(token, "hello.ipynb", "print(21 * 2)")
+    assert got == {"error": False, "text": "42\n"}, got
+    machine.stop("again.log")
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_without_nftables_the_default_gives_loopback_only_and_says_how_to_get_egress(machine: Machine) -> None:
+    token = _token(machine.log("first.log"))
+    machine.sh("mv /usr/sbin/nft /usr/sbin/nft.hidden")
+    try:
+        machine.start(f"{VENV}/bin/kernelpool serve", "no-nft.log")
+        health = machine.wait_serving("no-nft.log", wait=120)
+        network = health["isolation"]["network"]
+        assert network["mode"] == "none" and network["fallback"]["wanted"] == "egress", health
+        assert network["fallback"]["fix"] == "apt-get install nftables, then restart kernelpool", health
+        said = [line for line in machine.log("no-nft.log").splitlines() if "kernel_network" in line]
+        assert len(said) == 1, said  # one clear line at start
+        assert "WARNING" in said[0] and "'none'" in said[0] and "loopback only" in said[0], said
+        assert "apt-get install nftables, then restart kernelpool" in said[0], said
+        doctor = machine.sh(f"{VENV}/bin/kernelpool doctor")
+        line = next(x for x in doctor.stdout.splitlines() if x.startswith("network in force:"))
+        assert "none: a network namespace per user, loopback only (NOT the default 'egress'" in line, line
+        assert "apt-get install nftables, then restart kernelpool" in line, line
+        # the kernel's user has loopback only: no route anywhere else (TEST-NET-1, never routed;
+        # the connect fails before any packet leaves)
+        got = machine.run_code(token, "hello.ipynb", (
+            "import errno, socket\ns = socket.socket()\ntry:\n    s.connect(('192.0.2.1', 80))\n"
+            "except OSError as e:\n    print(errno.errorcode[e.errno])\nprint(1+1)"))
+        assert got == {"error": False, "text": "ENETUNREACH\n2\n"}, got
+        machine.stop("no-nft.log")
+    finally:
+        machine.sh("mv /usr/sbin/nft.hidden /usr/sbin/nft", check=False)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+def test_egress_asked_for_without_nftables_is_refused(machine: Machine) -> None:
+    machine.sh("mv /usr/sbin/nft /usr/sbin/nft.hidden && printf 'kernel_network = \"egress\"\\n' > /root/egress.toml")
+    try:
+        for how, env in ((f"{VENV}/bin/kernelpool serve --kernel-network egress", None),
+                         (f"{VENV}/bin/kernelpool serve", {"KERNELPOOL_KERNEL_NETWORK": "egress"}),
+                         (f"{VENV}/bin/kernelpool serve --config /root/egress.toml", None)):
+            out = machine.sh(how, check=False, env=env, timeout=60)
+            assert out.returncode == 2, (how, env, out.stdout, out.stderr)
+            assert "nftables for kernel_network = 'egress', which was set explicitly" in out.stderr, out.stderr
+            assert "apt-get install nftables" in out.stderr, out.stderr
+            assert machine.healthz() is None
+    finally:
+        machine.sh("mv /usr/sbin/nft.hidden /usr/sbin/nft", check=False)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+def test_an_earlier_kernelpool_data_folder_is_not_left_behind_silently(machine: Machine) -> None:
+    """Upgrading: the data is in ./kernelpool-data of the checkout, as earlier versions kept it
+    also as root. Started the same way, the server refuses, changes nothing and says how to move
+    it; a data folder in root's home is refused with its fix; the fix followed works: the old
+    token runs code again, and a copy left behind is pointed at when the server starts."""
+    token = _token(machine.log("first.log"))
+    machine.sh(f"mv {DATA} {CHECKOUT}/kernelpool-data")
+    for cmd in ("serve", "users list", "tokens list"):
+        out = machine.sh(f"{VENV}/bin/kernelpool {cmd}", check=False, timeout=60)
+        assert out.returncode == 2, (cmd, out.stdout, out.stderr)
+        assert f"{CHECKOUT}/kernelpool-data holds the data of an earlier kernelpool" in out.stderr, out.stderr
+        assert machine.sh(f"test -e {DATA}", check=False).returncode != 0, f"{cmd} made {DATA}"
+    doctor = machine.sh(f"{VENV}/bin/kernelpool doctor", check=False)
+    assert doctor.returncode == 1 and "earlier data folder: REFUSED" in doctor.stdout, doctor.stdout
+    out = machine.sh(f"{VENV}/bin/kernelpool serve", check=False, timeout=60)
+    assert f"start with --data-dir {CHECKOUT}/kernelpool-data after letting users' uids reach it (/root is mode drwx------" in out.stderr
+    # the folder where it is: refused, with the folder and the fix
+    out = machine.sh(f"{VENV}/bin/kernelpool serve --data-dir {CHECKOUT}/kernelpool-data", check=False, timeout=60)
+    assert out.returncode == 2, out
+    assert (f"could not reach their folders in the data folder {CHECKOUT}/kernelpool-data: /root is mode drwx------"
+            in out.stderr), out.stderr
+    assert f"move it there first: mv {CHECKOUT}/kernelpool-data {DATA}" in out.stderr, out.stderr
+    # the fix, as the first message words it
+    move = re.search(r"start again: (mv \S+ \S+);", machine.sh(f"{VENV}/bin/kernelpool serve", check=False).stderr)
+    assert move, "no mv command in the message"
+    machine.sh(move.group(1))
+    machine.sh(f"mkdir {CHECKOUT}/kernelpool-data && cp {DATA}/kernelpool.db {CHECKOUT}/kernelpool-data/")
+    machine.start(f"{VENV}/bin/kernelpool serve", "moved.log")
+    machine.wait_serving("moved.log", wait=120)
+    log = machine.log("moved.log")
+    assert (f"WARNING kernelpool: {CHECKOUT}/kernelpool-data holds the data of an earlier kernelpool and is not "
+            f"used: the data folder is {DATA}") in log, log
+    assert "created user" not in log, log
+    got = machine.run_code(token, "hello.ipynb", "print(6 * 7)")
+    assert got == {"error": False, "text": "42\n"}, got
+    machine.stop("moved.log")
+    machine.sh(f"rm -r {CHECKOUT}/kernelpool-data")
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_the_test_command_on_the_fresh_machine(machine: Machine) -> None:
+    """The README's test command, with pytest arguments: not the whole suite (10+ minutes of both
+    cores, and its container tests would need a Docker engine inside this container), but enough to
+    show that it gets a fresh machine going: the venv module removed again, it installs it, builds
+    the wheel, installs it with the test extras and runs tests that start sandboxed servers."""
+    _, test = readme_commands()
+    machine.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q python3-venv python3.11-venv")
+    assert machine.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
+    out = machine.sh(f"{test} tests/test_units.py tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    assert "scripts/install: system packages: installing python3-venv with apt-get" in out.stderr, out.stderr[-6000:]
+    assert re.search(r"^\d+ passed", out.stdout, re.M) and "skipped" not in out.stdout, out.stdout[-3000:]

@@ -100,8 +100,9 @@ def decide(settings: Settings) -> Isolation:
                        f"{settings.kernel_network!r}, or set it to 'host', shared by all users)")
     fallback = _network_fallback(settings, host)
     if settings.kernel_network == "egress" and not host.get("nftables") and fallback is None:
-        missing.append(f"nftables for kernel_network = 'egress', which was asked for ({host.get('nftables_error')}; "
-                       f"Debian and Ubuntu: {NFTABLES_FIX}, and CAP_NET_ADMIN), or set kernel_network to 'none'")
+        missing.append(f"nftables for kernel_network = 'egress', which was set explicitly ({host.get('nftables_error')}: "
+                       f"install it with `{NFTABLES_FIX}` and give the server CAP_NET_ADMIN, or set kernel_network "
+                       "to 'none', loopback only)")
     for key, what in (
         ("mount_namespace", "mount namespaces with a private tmpfs (CAP_SYS_ADMIN; AppArmor must allow mount)"),
         ("proc_hidepid", "a private /proc with hidepid=invisible (Linux 5.8 or later)"),
