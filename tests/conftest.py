@@ -40,10 +40,11 @@ def fresh_server(server_args: list[str]) -> Iterator[KernelpoolServer]:
         server.cleanup()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def docker_engine() -> Iterator[None]:
-    """A Docker engine for the container tests (marker `docker`): started when none runs, and then
-    stopped at the end of the session (see testkit/docker.py)."""
+    """A Docker engine for a module of container tests (marker `docker`): started when none runs,
+    and then stopped after the module, so that the tests after it run on a host without dockerd
+    as before (see testkit/docker.py)."""
     from testkit.docker import running_engine
 
     with running_engine():
