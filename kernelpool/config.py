@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     cgroup_prefix: str = "kernelpool"
     """folder name under the server's own cgroup"""
     kernel_network: Literal["egress", "none", "host"] = "egress"
-    """each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe). Left at its default on a host without nftables, 'none' is used, and said so"""
+    """each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe). Left at its default on a host without nftables: 'none', said at start, on /healthz and by doctor; an 'egress' that is set is refused there"""
     kernel_network_range: str = "10.201.0.0/16"
     """private IPv4 range from which each user's namespace gets a /31 ('egress')"""
     kernel_network_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)

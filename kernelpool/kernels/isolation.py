@@ -152,7 +152,7 @@ def _first_blocked(path: str, read_last: bool) -> tuple[str, str] | None:
         try:
             mode = os.stat(step).st_mode
         except OSError as exc:
-            return step, f"cannot be read: {exc.strerror}"
+            return step, f"cannot be reached ({exc.strerror})"
         need = stat.S_IXOTH | (stat.S_IROTH if read_last and i == len(parts) else 0)
         if mode & need != need:
             return step, f"is mode {stat.filemode(mode)}"
