@@ -4,7 +4,9 @@ checkout in root's home.
 The machine is a container of a stand-in Debian bookworm root (debootstrap with python3 and
 ca-certificates only: no venv module, no nftables, as cloud images ship; testkit/docker.py),
 started with a private cgroup namespace and named capabilities, its read-only cgroup v1 mounts
-made writable before anything else, with apt and PyPI reached through Docker's bridge. The
+made writable before anything else, net.ipv4.ip_forward=1 given by Docker (a container's
+/proc/sys is read-only; on a machine the server sets it itself), with apt and PyPI reached
+through Docker's bridge. The
 checkout is HEAD of this repository (`git archive`: commit what you want tested) in /root/kernelpool,
 below root's 0700 home. The README's first command is copied from the README and run as written
 in that folder; the token it prints works for the real MCP client (run inside the machine, where
@@ -13,8 +15,7 @@ machine: the command again (nothing to install, the same data), the server witho
 default network falls back to 'none' and says how to get egress), an explicit 'egress' without
 nftables (refused), and an upgrade from a ./kernelpool-data of an earlier version (refused with
 the fix; the fix followed works). Then the README's test command, with the venv module removed
-again. pip's download cache is kept in /var/cache/kernelpool-ci between runs (downloads only;
-pip still resolves against PyPI).
+again. pip downloads everything from PyPI each run (about a minute): no cache is shared with it.
 
 The tests run in order on one machine, and the container and image are removed afterwards.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from testkit.docker import CACHE, FRESH_ROOT, RUN, V1_REMOUNT, docker, import_root
+from testkit.docker import FRESH_ROOT, RUN, V1_REMOUNT, docker, import_root
 from testkit.server import ROOT
 
 VENV = "/opt/kernelpool"
@@ -219,13 +220,11 @@ def machine(docker_engine: None) -> Iterator[Machine]:
         pytest.skip("the fresh machine needs root: it runs dockerd, debootstrap and apt")
     tag = f"kernelpool-ci-fresh:{RUN}"
     found = Machine(f"{RUN}-fresh")
-    pip_cache = os.path.join(CACHE, "fresh-pip-cache")
-    os.makedirs(pip_cache, exist_ok=True)
     try:
         import_root(FRESH_ROOT, tag)
         docker("run", "-d", "--name", found.name, "--hostname", "fresh", "--cgroupns=private",
                "--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--security-opt", "apparmor=unconfined",
-               "--sysctl", "net.ipv4.ip_forward=1", "-v", f"{pip_cache}:/root/.cache/pip", tag,
+               "--sysctl", "net.ipv4.ip_forward=1", tag,
                "sh", "-c", f"{V1_REMOUNT}; exec sleep infinity")
         # a clean checkout of HEAD, as `git clone` leaves it, in root's home
         archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", "HEAD"], capture_output=True,
