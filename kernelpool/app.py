@@ -32,7 +32,7 @@ from kernelpool.config import Settings
 from kernelpool.disk import DiskSpace
 from kernelpool.executions.jobs import JobService
 from kernelpool.executions.service import ExecutionService
-from kernelpool.kernels.isolation import Isolation, decide
+from kernelpool.kernels.isolation import Isolation, data_dir_unreachable, decide
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.kernels.zygote.server import ForkServer
@@ -51,7 +51,7 @@ from kernelpool.users.accounts import UserService
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 from kernelpool.users.tokens import create_token
-from sandbox import SafeRoot
+from sandbox import SafeRoot, prepare_dir
 from sandbox.limits import parse_memory
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,12 @@ class _Server:
     def __init__(self, settings: Settings, iso: Isolation, announce: Callable[[str], None]) -> None:
         self.settings, self.iso, self.announce = settings, iso, announce
         self.url = base_url(settings)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if iso.sandboxed:  # kernels run as the users' uids and must reach their folders
+            unreachable = data_dir_unreachable(settings)
+            if unreachable is not None:
+                raise unreachable
+        # missing parents 0755 (not the umask's): users' uids pass them to reach their folders
+        prepare_dir(str(settings.data_dir), None, None, mode=0o711)
         self.disk = DiskSpace(settings.data_dir, settings.disk_free_floor_bytes)
         # started in the lifespan; until then, and if it cannot start, kernels start the stock way
         self.fork_server = ForkServer(settings.kernel_python or sys.executable) if settings.fork_server else None
@@ -155,7 +160,8 @@ class _Server:
         return JSONResponse({
             "status": "ok" if not space["low"] else "disk low", "version": __version__,
             "isolation": self.iso.describe() | {"network": {
-                "mode": services.kernels.networks.mode, "namespaces": services.kernels.networks.users_with_namespace()}},
+                "mode": services.kernels.networks.mode, "namespaces": services.kernels.networks.users_with_namespace(),
+                "fallback": self.iso.fallback()}},
             "kernels": len(services.kernels.all()), "warm_kernels": len(services.kernels.pooled()),
             "kernels_counted": services.kernels.count(), "disk": space,
             "audit": {"pending": store.audit_pending, "dropped": store.audit_dropped, "failing": store.audit_failing},

@@ -164,12 +164,17 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kernelpool.app import create_app
+    from kernelpool.disk import check_earlier_data_dir
     from kernelpool.logs import setup_logging
     from kernelpool.store import check_not_newer
 
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_json)
-    # before anything is built: a data folder of a newer kernelpool is refused untouched
+    # before anything is built: an earlier version's folder left aside by the new default, and a
+    # data folder of a newer kernelpool, are refused untouched
+    note = check_earlier_data_dir(settings)
+    if note:
+        log.warning("%s", note)
     check_not_newer(settings.db_path)
     app = create_app(settings)
     _tune_gc(app)
@@ -217,11 +222,15 @@ def _uvicorn_server(config: Any) -> Any:
 
 
 async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:
+    from kernelpool.disk import check_earlier_data_dir
     from kernelpool.store import Store
     from kernelpool.users.accounts import UserService
     from sandbox import accounts
 
     settings = _settings(args)
+    note = check_earlier_data_dir(settings)  # raises before a database is made beside an earlier one
+    if note:
+        _err(f"kernelpool: {note}")
     store = await Store(settings.db_path).open()
     try:
         isolated = not settings.insecure_no_sandbox and accounts.can_manage_accounts()
@@ -303,21 +312,8 @@ async def _audit(args: argparse.Namespace) -> int:
     return await _with_store(args, work)
 
 
-def _describe_network(net: dict[str, Any]) -> str:
-    if not net.get("isolated"):
-        return f"{net['mode']}: NOT isolated between users ({net.get('why')})"
-    if net["mode"] == "none":
-        text = "none: a network namespace per user, loopback only"
-    else:
-        text = (f"egress: a network namespace per user, NAT to public addresses only (range {net['range']}, "
-                f"resolvers {', '.join(net['resolvers']) or 'none'}, allowed {', '.join(net['allowed']) or 'none'}); "
-                f"table {net['nftables_table']} {'installed' if net['table_installed'] else 'not installed (no server running)'}")
-        if net.get("docker_user_rules"):
-            text += f", {net['docker_user_rules']} DOCKER-USER rule(s)"
-    return text + f"; {net['live_namespaces']} user namespace(s) live"
-
-
 async def _doctor(args: argparse.Namespace) -> int:
+    from kernelpool.disk import DiskSpace, data_folder_report
     from kernelpool.errors import SandboxUnavailable
     from kernelpool.kernels.isolation import decide
     from kernelpool.kernels.networks import report as network_report
@@ -328,7 +324,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         iso = decide(settings)
         report["host"] = iso.host
         report["in_force"] = iso.describe()
-        report["network"] = network_report(settings, iso.network, iso.sandboxed)
+        report["network"] = network_report(settings, iso.network, iso.sandboxed) | {"fallback": iso.fallback()}
         ok = True
     except SandboxUnavailable as exc:
         from sandbox import probe
@@ -337,43 +333,54 @@ async def _doctor(args: argparse.Namespace) -> int:
         report["in_force"] = {"sandboxed": False, "error": str(exc)}
         report["network"] = {"mode": settings.kernel_network, "isolated": False, "why": "the sandbox cannot run here"}
         ok = False
-    from kernelpool.disk import DiskSpace
-
     folder = settings.data_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # not created yet: the filesystem it will be on
     report["disk"] = DiskSpace(folder, settings.disk_free_floor_bytes).report() | {"path": str(settings.data_dir)}
+    data = report["data_folder"] = data_folder_report(settings)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        disk = report["disk"]
-        print(f"data folder:         {disk['path']}: {fmt_bytes(disk['free_bytes'])} free of {fmt_bytes(disk['total_bytes'])}"
-              + (f"; UNDER the floor of {fmt_bytes(disk['floor_bytes'])} (disk_free_floor): new kernels and writes "
-                 "are refused" if disk["low"] else f" (floor {fmt_bytes(disk['floor_bytes'])})"))
-        host = report["host"]
-        print(f"running as uid {report['euid']}" + (" (root)" if host.get("root") else ""))
-        print(f"switch uids:         {'yes' if host.get('setuid') else 'NO'}")
-        print(f"create accounts:     {'yes' if host.get('accounts') else 'no'}")
-        cg = host.get("cgroup") or {}
-        print(f"cgroups:             v{cg.get('version')} controllers={','.join(cg.get('controllers') or [])} "
-              f"writable={'yes' if cg.get('writable') else 'NO'}" if cg.get("version") else "cgroups:             NONE usable")
-        print(f"network namespaces:  {'yes' if host.get('netns') else 'no'}")
-        print(f"nftables:            {'yes' if host.get('nftables') else 'no'}")
-        print(f"ip forwarding:       {'on' if host.get('ip_forward') else 'off'}")
-        print(f"no_new_privs:        {'yes' if host.get('no_new_privs') else 'no'}")
-        print(f"mount isolation:     {'yes' if host.get('mount_namespace') else 'NO'} (mount namespace, private /tmp and /dev/shm)")
-        print(f"pid isolation:       {'yes' if host.get('proc_hidepid') else 'NO'} (own /proc with hidepid=invisible)")
-        print(f"cgroup namespaces:   {'yes' if host.get('cgroup_namespace') else 'NO'}")
-        print(f"ipc namespaces:      {'yes' if host.get('ipc_namespace') else 'NO'}")
-        print(f"own /sys:            {'yes' if host.get('private_sysfs') else 'NO'} (sysfs of the kernel's network namespace)")
-        print(f"own /etc/passwd:     {'yes' if host.get('etc_overlay') else 'NO'} (an overlay on /etc)")
-        print(f"seccomp:             {'yes' if host.get('seccomp') else 'NO'}"
-              + (f" ({host['seccomp_error']})" if host.get("seccomp_error") else ""))
-        inf = report["in_force"]
-        print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc, /sys, "
-                                          "cgroup views, IPC and /etc/passwd, seccomp filter)" if inf.get("sandboxed")
-                                         else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
-        print("network in force:    " + _describe_network(report["network"]))
-    if report["disk"]["low"]:
+        _print_doctor(report)
+    if report["disk"]["low"] or data["refused"]:
         return 1
-    return 0 if ok or settings.insecure_no_sandbox else 1
+    if settings.insecure_no_sandbox:
+        return 0
+    return 0 if ok and data["reachable_by_users"] else 1
+
+
+def _print_doctor(report: dict[str, Any]) -> None:
+    from kernelpool.kernels.networks import describe_report
+
+    disk, data = report["disk"], report["data_folder"]
+    print(f"data folder:         {disk['path']}: {fmt_bytes(disk['free_bytes'])} free of {fmt_bytes(disk['total_bytes'])}"
+          + (f"; UNDER the floor of {fmt_bytes(disk['floor_bytes'])} (disk_free_floor): new kernels and writes "
+             "are refused" if disk["low"] else f" (floor {fmt_bytes(disk['floor_bytes'])})"))
+    print("users' folders:      " + ("reachable by users' uids" if data["reachable_by_users"] else f"NOT reachable: {data['problem']}"))
+    if data["earlier"]:
+        print(f"earlier data folder: {'REFUSED: ' if data['refused'] else ''}{data['earlier']}")
+    host = report["host"]
+    print(f"running as uid {report['euid']}" + (" (root)" if host.get("root") else ""))
+    print(f"switch uids:         {'yes' if host.get('setuid') else 'NO'}")
+    print(f"create accounts:     {'yes' if host.get('accounts') else 'no'}")
+    cg = host.get("cgroup") or {}
+    print(f"cgroups:             v{cg.get('version')} controllers={','.join(cg.get('controllers') or [])} "
+          f"writable={'yes' if cg.get('writable') else 'NO'}" if cg.get("version") else "cgroups:             NONE usable")
+    print(f"network namespaces:  {'yes' if host.get('netns') else 'no'}")
+    print(f"nftables:            {'yes' if host.get('nftables') else 'no'}"
+          + (f" ({host['nftables_error']})" if host.get("nftables_error") else ""))
+    print(f"ip forwarding:       {'on' if host.get('ip_forward') else 'off'}")
+    print(f"no_new_privs:        {'yes' if host.get('no_new_privs') else 'no'}")
+    print(f"mount isolation:     {'yes' if host.get('mount_namespace') else 'NO'} (mount namespace, private /tmp and /dev/shm)")
+    print(f"pid isolation:       {'yes' if host.get('proc_hidepid') else 'NO'} (own /proc with hidepid=invisible)")
+    print(f"cgroup namespaces:   {'yes' if host.get('cgroup_namespace') else 'NO'}")
+    print(f"ipc namespaces:      {'yes' if host.get('ipc_namespace') else 'NO'}")
+    print(f"own /sys:            {'yes' if host.get('private_sysfs') else 'NO'} (sysfs of the kernel's network namespace)")
+    print(f"own /etc/passwd:     {'yes' if host.get('etc_overlay') else 'NO'} (an overlay on /etc)")
+    print(f"seccomp:             {'yes' if host.get('seccomp') else 'NO'}"
+          + (f" ({host['seccomp_error']})" if host.get("seccomp_error") else ""))
+    inf = report["in_force"]
+    print("in force:            " + ("sandbox (per-user uid, cgroup limits, private /tmp, /dev/shm, /proc, /sys, "
+                                      "cgroup views, IPC and /etc/passwd, seccomp filter)" if inf.get("sandboxed")
+                                     else f"NO ISOLATION: {inf.get('error') or '; '.join(inf.get('warnings', []))}"))
+    print("network in force:    " + describe_report(report["network"]))

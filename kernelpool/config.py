@@ -32,6 +32,17 @@ from pydantic_settings import (
 
 from sandbox.limits import parse_memory
 
+# the data folder where none is given: a system location as root (kernels run as other uids and must
+# reach their folders; a folder in root's 0700 home is out of their reach), one's own otherwise.
+# Versions before 2026-12 used LEGACY_DATA_DIR, relative to the working folder, also as root.
+SYSTEM_DATA_DIR = Path("/var/lib/kernelpool")
+LEGACY_DATA_DIR = Path("kernelpool-data")
+
+
+def default_data_dir() -> Path:
+    """`data_dir` when no option, variable or file sets it. Called by `Settings`."""
+    return SYSTEM_DATA_DIR if os.geteuid() == 0 else LEGACY_DATA_DIR
+
 
 def memory_limit(value: str | int | None) -> int | None:
     """A memory limit as people write it ("2G", "512M", "none", "max") in bytes; None = no limit.
@@ -54,8 +65,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True,
                                       use_attribute_docstrings=True)
 
-    data_dir: Path = Path("kernelpool-data")
-    """where the database, users' folders and runtime files live"""
+    data_dir: Path = Field(default_factory=default_data_dir)
+    """where the database, users' folders and runtime files live (users' uids must be able to pass every folder above it)"""
     host: str = "127.0.0.1"
     """address to listen on"""
     port: int = Field(8765, ge=0, le=65535)
@@ -80,7 +91,7 @@ class Settings(BaseSettings):
     cgroup_prefix: str = "kernelpool"
     """folder name under the server's own cgroup"""
     kernel_network: Literal["egress", "none", "host"] = "egress"
-    """each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe)"""
+    """each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe). Left at its default on a host without nftables: 'none', said at start, on /healthz and by doctor; an 'egress' that is set is refused there"""
     kernel_network_range: str = "10.201.0.0/16"
     """private IPv4 range from which each user's namespace gets a /31 ('egress')"""
     kernel_network_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -256,6 +267,10 @@ class Settings(BaseSettings):
     @property
     def disk_free_floor_bytes(self) -> int:
         return 0 if self.disk_free_floor.strip() in ("0", "") else parse_memory(self.disk_free_floor)
+
+    def given(self, name: str) -> bool:
+        """Whether setting `name` was set (option, environment or file) rather than left at its default."""
+        return name in self.model_fields_set
 
     @property
     def db_path(self) -> Path:

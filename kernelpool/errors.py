@@ -159,6 +159,27 @@ class SandboxUnavailable(KernelpoolError):
     pass
 
 
+class DataDirUnreachable(KernelpoolError):
+    """Kernels (users' uids) could not pass a folder above the data folder: the server refuses to start."""
+
+    fields = ("path", "blocked", "fix")
+    path: str
+    blocked: str  # the folder on the way, and why: "/root is mode drwx------"
+    fix: str
+    template = ("users' kernels run as the users' own uids and could not reach their folders in the data folder "
+                "{path}: {blocked}, which other uids may not pass. Nothing was changed. {fix}")
+
+
+class EarlierDataDir(KernelpoolError):
+    """The default data folder is empty while an earlier version's default folder holds data: the
+    server (and the CLI) refuse rather than start an empty server beside it."""
+
+    fields = ("old", "new", "fix")
+    template = ("the data folder is {new} (the default as root), which holds no data yet; {old} holds the data of "
+                "an earlier kernelpool (which kept it in ./kernelpool-data, below the folder it was started in). "
+                "Nothing was changed. {fix}")
+
+
 class DataFromNewerVersion(KernelpoolError):
     fields = ("path", "found", "supported")
     template = ("the data folder's database {path} was written by a newer kernelpool (schema version {found}; "

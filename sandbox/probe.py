@@ -105,15 +105,16 @@ def _try_views() -> int:
     return code
 
 
-def _nftables() -> bool:
-    """The nft command is there and lets us read the ruleset (CAP_NET_ADMIN)."""
-    if _nft.available() is not None:
-        return False
+def _nftables() -> str | None:
+    """None if the nft command is there and lets us read the ruleset (CAP_NET_ADMIN), else why not."""
+    missing = _nft.available()
+    if missing is not None:
+        return missing
     try:
         _nft.list_json("tables")
-    except _nft.NftError:
-        return False
-    return True
+    except _nft.NftError as exc:
+        return f"nft cannot read the ruleset ({str(exc).strip() or 'no reason given'}; it needs CAP_NET_ADMIN)"
+    return None
 
 
 def _ip_forward() -> bool | None:
@@ -128,9 +129,9 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
     """A summary of this host's isolation abilities.
 
     {"root", "setuid", "accounts", "cgroup": {"version", "controllers", "writable"},
-    "netns", "nftables", "ip_forward", "no_new_privs", "mount_namespace" (with a private tmpfs),
-    "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing unshare), "seccomp_error",
-    "ipc_namespace" (with its shm limits set), "private_sysfs", "etc_overlay" (an overlay on /etc)}.
+    "netns", "nftables", "nftables_error" (why not, or None), "ip_forward", "no_new_privs",
+    "mount_namespace" (with a private tmpfs), "proc_hidepid", "cgroup_namespace", "seccomp" (loaded and refusing
+    unshare), "seccomp_error", "ipc_namespace" (with its shm limits set), "private_sysfs", "etc_overlay" (an overlay on /etc)}.
     kernelpool decides from it whether it can run isolated, and refuses to pretend when it cannot.
     """
     root = os.geteuid() == 0
@@ -141,6 +142,7 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
     except OSError as exc:
         filter_program, seccomp_error = None, str(exc.strerror or exc)
     checks = _try_in_child(filter_program)
+    nftables_error = _nftables()
     return {
         "root": root,
         "setuid": root or _has_cap_setuid(),
@@ -152,6 +154,7 @@ def probe(cgroup_prefix: str = "kernelpool") -> dict[str, Any]:
         },
         **checks,
         "seccomp_error": seccomp_error,
-        "nftables": _nftables(),
+        "nftables": nftables_error is None,
+        "nftables_error": nftables_error,
         "ip_forward": _ip_forward(),
     }

@@ -40,5 +40,16 @@ def fresh_server(server_args: list[str]) -> Iterator[KernelpoolServer]:
         server.cleanup()
 
 
+@pytest.fixture(scope="module")
+def docker_engine() -> Iterator[None]:
+    """A Docker engine for a module of container tests (marker `docker`): started when none runs,
+    and then stopped after the module, so that the tests after it run on a host without dockerd
+    as before (see testkit/docker.py)."""
+    from testkit.docker import running_engine
+
+    with running_engine():
+        yield
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"kernelpool sandbox: {'on' if SANDBOX_SKIP is None else 'OFF (' + SANDBOX_SKIP + ')'}; euid={os.geteuid()}"

@@ -6,14 +6,16 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 
 import httpx2
 import pytest
 
 from testkit.client import mcp_client
-from testkit.server import NEUTRAL_CWD, KernelpoolServer, free_port
+from testkit.server import NEUTRAL_CWD, KernelpoolServer, free_port, server_env
 from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
 
 
@@ -176,3 +178,40 @@ def test_json_logs(fresh_server: KernelpoolServer, server_args: list[str]) -> No
     records = [json.loads(line) for line in lines]
     assert records and all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
     assert any("Application startup complete" in r["message"] for r in records)
+
+
+async def test_a_data_folder_users_cannot_reach_is_refused_at_start_with_its_fix(server_args: list[str]) -> None:
+    """A data folder below a 0700 folder (root's home, say): kernels, as the users' uids, could not
+    reach their folders. The server refuses to start, names the folder and the fix, and makes
+    nothing; doctor says the same. With the fix applied, it starts and a kernel runs there."""
+    if SANDBOX_SKIP is not None:
+        pytest.skip(f"kernels run as the server's own user here ({SANDBOX_SKIP}): any folder it can reach will do")
+    parent = tempfile.mkdtemp(prefix="kp-test-0700-", dir="/var/tmp")  # mode 0700
+    data = os.path.join(parent, "data")
+    kp = KernelpoolServer(data, server_env())
+    try:
+        proc = subprocess.run([*kp.command, "serve", "--data-dir", data, "--port", str(free_port())],
+                              env=kp.env, capture_output=True, text=True, timeout=60, cwd=NEUTRAL_CWD)
+        assert proc.returncode == 2, proc
+        assert (f"could not reach their folders in the data folder {data}: {parent} is mode drwx------, which other "
+                "uids may not pass. Nothing was changed.") in proc.stderr, proc.stderr
+        assert "such as /var/lib/kernelpool (--data-dir, KERNELPOOL_DATA_DIR or data_dir" in proc.stderr, proc.stderr
+        assert f"chmod o+x {parent}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not os.path.exists(data)
+        doctor = kp.cli("doctor", check=False)
+        assert doctor.returncode == 1, doctor
+        assert "users' folders:      NOT reachable: users' kernels run as the users' own uids" in doctor.stdout
+        report = json.loads(kp.cli("doctor", "--json", check=False).stdout)["data_folder"]
+        assert report["reachable_by_users"] is False and f"{parent} is mode drwx------" in report["problem"]
+
+        os.chmod(parent, 0o711)  # the fix the message gives
+        assert "users' folders:      reachable by users' uids" in kp.cli("doctor").stdout
+        kp.add_user("nia")
+        kp.start(*server_args)
+        async with mcp_client(kp.url, kp.tokens["nia"], mode="auto") as c:
+            await c.call_tool("use_notebook", {"notebook": "here.ipynb", "mode": "create"})
+            r = await c.call_tool("execute_code", {"notebook": "here.ipynb", "code": "import os; print(os.getcwd(), 1+1)"})
+            assert not r.is_error and r.content[0].text.split() == [os.path.join(data, "users", "nia"), "2"], r
+    finally:
+        kp.cleanup()
+        shutil.rmtree(parent, ignore_errors=True)

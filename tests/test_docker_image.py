@@ -2,9 +2,9 @@
 
 No image registry can be reached here, so the base is a stand-in: a Debian bookworm root made with
 debootstrap (cached in /var/cache/kernelpool-ci between runs), given the host's CA bundle and
-imported with `docker import`; the Dockerfile's `ARG BASE` points the build at it. The engine is
-Debian's docker.io, installed with apt when missing; the test starts `dockerd` when none runs and
-stops it at the end only if it started it. Everything it makes carries a per-run name (containers,
+imported with `docker import` (testkit/docker.py); the Dockerfile's `ARG BASE` points the build at
+it. The engine is Debian's docker.io (the `docker_engine` fixture: started when none runs, stopped
+at the end only if it was started here). Everything it makes carries a per-run name (containers,
 images, host folders) and is removed afterwards, also when a test fails.
 
 The tests run in order against one deployment (users, tokens and notebooks made by the earlier
@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sqlite3
 import subprocess
 import time
@@ -33,6 +32,7 @@ import pytest
 
 from kernelpool.store import SCHEMA_VERSION
 from testkit.client import mcp_client
+from testkit.docker import IMAGE_ROOT, RUN, V1_REMOUNT, docker, import_root
 from testkit.server import ROOT, free_port
 
 pytestmark = [
@@ -41,108 +41,12 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the image test needs root: it runs dockerd, debootstrap and apt"),
 ]
 
-RUN = f"kpci{os.getpid()}"  # every name this module makes carries it
-CACHE = os.environ.get("KERNELPOOL_CI_CACHE", "/var/cache/kernelpool-ci")
-ROOTFS = os.path.join(CACHE, "bookworm-rootfs")
-CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 EXTRA_PACKAGE = ("tabulate", "0.9.0")  # small, pure Python, not among kernelpool's dependencies
 MEMORY_LIMIT = "256M"
 
 
-def docker(*args: str, timeout: float = 120, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
-    if check and out.returncode != 0:
-        raise AssertionError(f"docker {shlex.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
-    return out
-
-
 def text(result: object) -> str:
     return "".join(c.text for c in result.content if c.type == "text")  # type: ignore[attr-defined]
-
-
-# ---- the engine ---------------------------------------------------------------------------------
-
-def _apt_install(*packages: str) -> None:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if out.returncode != 0:
-            pytest.skip(f"cannot install {' '.join(packages)} with apt: {out.stderr.strip()[-300:]}")
-
-
-def _engine_answers() -> bool:
-    with contextlib.suppress(subprocess.TimeoutExpired, FileNotFoundError):
-        return docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=20).returncode == 0
-    return False
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[None]:
-    missing = [pkg for pkg, cmd in (("docker.io", "dockerd"), ("debootstrap", "debootstrap")) if not shutil.which(cmd)]
-    if missing:
-        _apt_install(*missing)
-    if _engine_answers():  # someone else's daemon: use it, leave it running
-        yield
-        return
-    log_path = f"/tmp/{RUN}-dockerd.log"
-    with open(log_path, "wb") as log:
-        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while not _engine_answers():
-            if started.poll() is not None or time.monotonic() > deadline:
-                with open(log_path) as f:
-                    pytest.fail(f"dockerd did not come up:\n{f.read()[-3000:]}")
-            time.sleep(0.5)
-        yield
-    finally:
-        started.send_signal(signal.SIGTERM)
-        try:
-            started.wait(60)
-        except subprocess.TimeoutExpired:
-            started.kill()  # its log stays, for whoever looks into why
-            started.wait(10)
-        else:
-            os.unlink(log_path)
-
-
-# ---- the images ---------------------------------------------------------------------------------
-
-def _debian_mirror() -> str:
-    """The mirror apt uses on this host (its bookworm suite), for debootstrap."""
-    with contextlib.suppress(OSError):
-        with open("/etc/apt/sources.list.d/debian.sources") as f:
-            for stanza in f.read().split("\n\n"):
-                fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
-                if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
-                    return fields["URIs"].split()[0]
-    with contextlib.suppress(OSError):
-        with open("/etc/apt/sources.list") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
-                    return parts[1]
-    return "http://deb.debian.org/debian"
-
-
-def _stand_in_rootfs() -> str:
-    """debootstrap's bookworm root, made once and kept in CACHE (about 80 s, 265 MB)."""
-    if os.path.isfile(os.path.join(ROOTFS, "usr", "bin", "python3")):
-        return ROOTFS
-    os.makedirs(CACHE, exist_ok=True)
-    partial = f"{ROOTFS}.{RUN}"
-    try:
-        out = subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates",
-             "bookworm", partial, _debian_mirror()],
-            capture_output=True, text=True, timeout=900,
-        )
-        assert out.returncode == 0, f"debootstrap failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-        shutil.rmtree(ROOTFS, ignore_errors=True)
-        os.rename(partial, ROOTFS)  # whole or not at all: a run cut short leaves no half root behind
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return ROOTFS
 
 
 @dataclass
@@ -153,19 +57,10 @@ class Images:
 
 
 @pytest.fixture(scope="module")
-def images(engine: None) -> Iterator[Images]:
+def images(docker_engine: None) -> Iterator[Images]:
     names = Images()
     try:
-        rootfs = _stand_in_rootfs()
-        # pip inside `docker build` and `%pip` in kernels (whose environment is built from nothing,
-        # so PIP_CERT does not reach them) must trust what the host trusts
-        shutil.copyfile(CA_BUNDLE, os.path.join(rootfs, CA_BUNDLE.lstrip("/")))
-        with open(os.path.join(rootfs, "etc", "pip.conf"), "w") as f:
-            f.write(f"[global]\ncert = {CA_BUNDLE}\n")
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", names.base,
-               stdin=tar.stdout, timeout=600)
-        assert tar.wait(60) == 0
+        import_root(IMAGE_ROOT, names.base)
         docker("build", "--build-arg", f"BASE={names.base}", "-t", names.image, ROOT, timeout=900,
                env=dict(os.environ, DOCKER_BUILDKIT="0"))
         yield names
@@ -548,13 +443,7 @@ OLD_COMMIT = "bcda1e3"  # the data format before schema versions (as tests/test_
 # the server are bcda1e3's own, and its kernels run sandboxed as the users' uids, so the data
 # folder is what that version writes in production. KERNELPOOL_INSECURE_NO_SANDBOX=true would also
 # start it, but then kernels run as root and the folder is not what users of that image have.
-OLD_V1_CGROUPS = (
-    "sh", "-c",
-    "set -e; for c in memory cpu cpuacct pids; do"
-    " if grep -q \" /sys/fs/cgroup/$c cgroup ro[, ]\" /proc/self/mounts; then"
-    " umount /sys/fs/cgroup/$c; mount -t cgroup -o nosuid,nodev,noexec,$c cgroup /sys/fs/cgroup/$c; fi;"
-    " done; exec kernelpool-entrypoint serve",
-)
+OLD_V1_CGROUPS = ("sh", "-c", f"set -e; {V1_REMOUNT}; exec kernelpool-entrypoint serve")
 
 
 def _build_old_image(base: str, tag: str, src: str) -> str:

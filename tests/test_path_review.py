@@ -51,8 +51,23 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/app.py", "_Server.lifespan", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/cli.py", "_with_store", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/config.py", "_config_file_from", ".is_file"): (1, "the --config file: the administrator's"),
-    ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.path.realpath"): (1, "the kernel interpreter: configuration"),
-    ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.stat"): (1, "folders on the way to the interpreter: configuration"),
+    ("kernelpool/kernels/isolation.py", "_first_blocked", "os.path.realpath"):
+        (1, "the kernel interpreter, or the folder above DATA: configuration; stat only"),
+    ("kernelpool/kernels/isolation.py", "_first_blocked", "os.stat"):
+        (1, "folders on the way to the interpreter or to DATA: configuration; stat only"),
+    ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.isdir"): (1, "DATA's parents: configuration"),
+    ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.isfile"):
+        (1, "DATA/kernelpool.db: root's folder; stat only, for the message"),
+    ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.lexists"):
+        (1, "/var/lib/kernelpool: the system's; stat only, for the message"),
+    ("kernelpool/disk.py", "earlier_data_dir", ".is_file"):
+        (1, "./kernelpool-data/kernelpool.db below the folder the administrator runs the CLI in: stat only"),
+    ("kernelpool/disk.py", "earlier_data_dir", "os.path.realpath"): (2, "./kernelpool-data and DATA: compared, not opened"),
+    ("kernelpool/disk.py", "check_earlier_data_dir", ".exists"): (1, "DATA/kernelpool.db: root's folder"),
+    ("kernelpool/disk.py", "check_earlier_data_dir", "os.path.lexists"): (1, "DATA: configuration; for the message"),
+    ("kernelpool/disk.py", "check_earlier_data_dir", ".is_dir"): (1, "DATA: configuration; for the message"),
+    ("kernelpool/disk.py", "check_earlier_data_dir", ".iterdir"):
+        (1, "DATA, which holds no database yet (no server ran there): whether it is empty, for the message"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.path.islink"): (1, "DATA/run/<uid>: in root's DATA/run"),
     ("kernelpool/kernels/reaper.py", "reap_leftovers", "os.listdir"):
@@ -106,7 +121,6 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/views.py", "_layer", "os.chown"): (1, "the layer folder just made in that scratch tmpfs"),
     ("sandbox/views.py", "_layer", "os.chmod"): (1, "the layer folder just made in that scratch tmpfs"),
     ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
-    ("kernelpool/app.py", "_Server.__init__", ".mkdir"): (1, "DATA: configuration"),
     ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
     ("kernelpool/kernels/networks.py", "report", "os.listdir"): (1, NETNS),
     ("sandbox/launcher.py", "_network", "os.open"): (1, NETNS + "; opened read-only in the kernel's child before it drops root"),

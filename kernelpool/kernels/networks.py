@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Network
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from kernelpool.config import Settings
 from sandbox.identity import Identity
@@ -29,9 +29,10 @@ HOST_WARNING = (
 )
 
 
-def plan_from(settings: Settings) -> tuple[NetworkPlan | None, list[str]]:
-    """The network plan for these settings (None for 'host'), and warnings about it."""
-    mode = settings.kernel_network
+def plan_from(settings: Settings, mode: Literal["egress", "none", "host"] | None = None) -> tuple[NetworkPlan | None, list[str]]:
+    """The network plan for these settings (None for 'host'), and warnings about it. `mode`, when
+    given, is the mode in force instead of kernel_network (`isolation.decide`'s fallback)."""
+    mode = mode or settings.kernel_network
     if mode == "host":
         return None, [HOST_WARNING]
     warnings: list[str] = []
@@ -173,3 +174,22 @@ def report(settings: Settings, plan: NetworkPlan | None, sandboxed: bool) -> dic
         out["table_installed"] = bool(policy.rules())
         out["docker_user_rules"] = len(policy.docker_rules())
     return out
+
+
+def describe_report(net: dict[str, Any]) -> str:
+    """`report` (with the fallback `isolation.decide` gave, if any) in one line, for `kernelpool doctor`."""
+    if not net.get("isolated"):
+        return f"{net['mode']}: NOT isolated between users ({net.get('why')})"
+    if net["mode"] == "none":
+        text = "none: a network namespace per user, loopback only"
+        if net.get("fallback"):
+            fallback = net["fallback"]
+            text += (f" (NOT the default {fallback['wanted']!r}, which needs nftables: {fallback['reason']}; "
+                     f"to give kernels internet access: {fallback['fix']})")
+    else:
+        text = (f"egress: a network namespace per user, NAT to public addresses only (range {net['range']}, "
+                f"resolvers {', '.join(net['resolvers']) or 'none'}, allowed {', '.join(net['allowed']) or 'none'}); "
+                f"table {net['nftables_table']} {'installed' if net['table_installed'] else 'not installed (no server running)'}")
+        if net.get("docker_user_rules"):
+            text += f", {net['docker_user_rules']} DOCKER-USER rule(s)"
+    return text + f"; {net['live_namespaces']} user namespace(s) live"

@@ -9,8 +9,8 @@ from sandbox import probe
 
 def test_probe_reports_this_host() -> None:
     found = probe()
-    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "nftables", "ip_forward", "no_new_privs",
-                          "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error",
+    assert set(found) == {"root", "setuid", "accounts", "cgroup", "netns", "nftables", "nftables_error", "ip_forward",
+                          "no_new_privs", "mount_namespace", "proc_hidepid", "cgroup_namespace", "seccomp", "seccomp_error",
                           "ipc_namespace", "private_sysfs", "etc_overlay"}
     assert found["root"] == (os.geteuid() == 0)
     assert found["no_new_privs"] is True  # any Linux since 3.5
@@ -32,6 +32,10 @@ def test_probe_reports_this_host() -> None:
     except OSError:
         loads = False
     assert found["nftables"] == (loads and found["root"]), "nft is there, and root may read the ruleset"
+    # why not, in words, exactly when it is not usable (the server's fallback and doctor say it)
+    assert (found["nftables_error"] is None) == found["nftables"], found["nftables_error"]
+    if not loads:
+        assert "not installed" in found["nftables_error"]
     if found["cgroup"]["version"] is not None:
         assert {"memory", "cpu", "pids"} <= set(found["cgroup"]["controllers"]) or found["cgroup"]["version"] == 2
 
