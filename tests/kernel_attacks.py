@@ -18,24 +18,22 @@ MiB = 1 << 20
 
 
 def connection(channel):
-    """The file descriptor of this kernel's end of the server's connection to `channel`, or None."""
+    """The file descriptor of this kernel's end of the server's connection to `channel`, or None:
+    a unix socket named as the channel's socket (accepted ones carry the listener's name) whose
+    peer is another process (ipykernel's debugger connects to its own shell)."""
     path = f"{_app.ip}-{getattr(_app, channel + '_port')}"
-    inodes = set()
-    with open("/proc/net/unix") as f:
-        for line in f.read().splitlines()[1:]:
-            cols = line.split()
-            if len(cols) >= 8 and cols[7] == path and cols[5] == "03":  # connected (accepted) sockets
-                inodes.add(cols[6])
     for name in os.listdir("/proc/self/fd"):
         try:
-            link = os.readlink(f"/proc/self/fd/{name}")
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:["):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as s:
+                if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM or s.getsockname() != path:
+                    continue
+                pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         except OSError:
             continue
-        if link.startswith("socket:[") and link[8:-1] in inodes:
-            with socket.socket(fileno=os.dup(int(name))) as s:
-                pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            if pid != os.getpid():  # not ipykernel's own connection to its shell (the debugger's)
-                return int(name)
+        if pid not in (0, os.getpid()):  # 0: a listening socket has no peer
+            return int(name)
     return None
 
 

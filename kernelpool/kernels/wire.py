@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 
 CHUNK = 64 * 1024  # the most one read takes from a socket; also its receive buffer
-_YIELD_EVERY = 1 << 20  # bytes passed through before other tasks get the event loop
+_YIELD_EVERY = 256 << 10  # bytes passed through before other tasks get the event loop
 
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 _GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
