@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import psutil
 import pytest
-from kernelpool.kernels.manager import KernelpoolManager as AsyncKernelManager
 
 from kernelpool.kernels.channels import Inbox, KernelChannels
-from kernelpool.kernels.messages import ChannelLimits, Message, Misbehaviour
+from kernelpool.kernels.manager import KernelpoolManager as AsyncKernelManager
+from kernelpool.kernels.messages import ChannelLimits, Message, Misbehaviour, Pace
 from tests.kernel_attacks import ATTACKS
 
 MiB = 1 << 20
@@ -41,7 +41,7 @@ async def start(limits: ChannelLimits) -> Kernel:
             break
         await asyncio.sleep(0.05)
     told: list[Misbehaviour] = []
-    channels = await KernelChannels.open(manager.session, paths, limits, manager.is_alive, told.append)
+    channels = await KernelChannels.open(manager.session, paths, limits, Pace(256 * MiB), manager.is_alive, told.append)
     await channels.ready(60)
     return Kernel(manager, channels, told)
 

@@ -561,25 +561,25 @@ async def test_a_flooding_kernel_is_stopped_and_bob_keeps_his_latency(flood_serv
         with PeakRss(kp.proc.pid) as rss:
             for _ in range(2):  # interleaved: the shared machine's own load hits idle and attacked samples alike
                 idle += [await _timed(b) for _ in range(10)]
-                stop = False
+                stop = asyncio.Event()
 
-                async def attack() -> None:  # one attack after another, each on a fresh kernel
-                    while not stop:
+                async def attack(stop: asyncio.Event) -> None:  # one attack after another, each on a fresh kernel
+                    while not stop.is_set():
                         attacks.append(await a.call_tool("execute_code", {"notebook": "a.ipynb", "timeout": 120,
                                                                           "code": ATTACKS + code}))
 
-                task = asyncio.create_task(attack())
+                task = asyncio.create_task(attack(stop))
                 await asyncio.sleep(0.5)  # the attack is under way
                 loaded += [await _timed(b) for _ in range(10)]
-                stop = True
+                stop.set()
                 await task
         r = await a.call_tool("execute_code", {"notebook": "a.ipynb", "code": "6*7"})
         assert not r.is_error and texts(r) == ["42"], f"alice's next call works on a fresh kernel: {texts(r)}"
     shown = ["".join(texts(r)) for r in attacks]
     if reason is None:
-        assert all(not r.is_error and words in s for r, s in zip(attacks, shown)), shown
+        assert all(not r.is_error and words in s for r, s in zip(attacks, shown, strict=True)), shown
     else:
-        assert all(r.is_error and r.structured_content["status"] == "died" and words in s for r, s in zip(attacks, shown)), shown
+        assert all(r.is_error and r.structured_content["status"] == "died" and words in s for r, s in zip(attacks, shown, strict=True)), shown
         assert "the kernel was stopped because it" in shown[0]
         after = misbehaving(kp)
         assert after.get(reason, 0) - before.get(reason, 0) == len(attacks), (before, after, len(attacks))

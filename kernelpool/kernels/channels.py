@@ -28,7 +28,7 @@ from typing import Any
 
 from jupyter_client.session import Session
 
-from kernelpool.kernels.messages import ChannelLimits, FloodMeter, Message, Misbehaviour, read_message
+from kernelpool.kernels.messages import ChannelLimits, FloodMeter, Message, Misbehaviour, Pace, read_message
 from kernelpool.kernels.wire import Wire, WireError
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,12 @@ class KernelChannels:
     `KernelLauncher.open_channels` (`open`); used by the execution layer (`execute`) and the
     registry (`ready`, `close`)."""
 
-    def __init__(self, session: Session, wires: dict[str, Wire], limits: ChannelLimits,
+    def __init__(self, session: Session, wires: dict[str, Wire], limits: ChannelLimits, pace: Pace,
                  alive: Callable[[], Awaitable[bool]], on_misbehaviour: Callable[[Misbehaviour], None]) -> None:
         self._session = session
         self._wires = wires
         self._limits = limits
-        self._meter = FloodMeter(limits)
+        self._meter = FloodMeter(limits, pace)
         self._alive = alive
         self._on_misbehaviour = on_misbehaviour
         self._inboxes: dict[str, Inbox] = {}
@@ -112,10 +112,10 @@ class KernelChannels:
         self._tasks = [asyncio.create_task(self._read(name, wire), name=f"kernel-{name}") for name, wire in wires.items()]
 
     @classmethod
-    async def open(cls, session: Session, paths: dict[str, str], limits: ChannelLimits,
+    async def open(cls, session: Session, paths: dict[str, str], limits: ChannelLimits, pace: Pace,
                    alive: Callable[[], Awaitable[bool]], on_misbehaviour: Callable[[Misbehaviour], None]) -> KernelChannels:
         """Connect to the kernel's sockets at `paths` (channel -> ipc path, in its locked
-        runtime folder) and start reading them."""
+        runtime folder) and start reading them; `pace` is shared by the user's kernels."""
         wires: dict[str, Wire] = {}
         try:
             for name, kind in _SOCKET_TYPES.items():
@@ -124,7 +124,7 @@ class KernelChannels:
             for wire in wires.values():
                 wire.close()
             raise
-        return cls(session, wires, limits, alive, on_misbehaviour)
+        return cls(session, wires, limits, pace, alive, on_misbehaviour)
 
     def listen(self, msg_id: str) -> Inbox:
         """An inbox for the answers to `msg_id`; `done(msg_id)` when they no longer matter."""
@@ -208,7 +208,9 @@ class KernelChannels:
                 if msg is not None and isinstance(waiting, Inbox):
                     waiting.put(channel, msg)
                     await waiting.room.wait()
-                await asyncio.sleep(0)  # one message at a time: every other task gets the loop between two
+                # one message at a time: every other task gets the loop between two; what was
+                # passed through unread is read on at the user's pace
+                await asyncio.sleep(self._meter.take_delay())
         except Misbehaviour as exc:
             self._fail(exc)
         except (WireError, OSError) as exc:

@@ -23,7 +23,7 @@ from kernelpool.kernels.channels import KernelChannels
 from kernelpool.kernels.environment import kernel_env
 from kernelpool.kernels.kernel import Kernel
 from kernelpool.kernels.manager import KernelpoolManager
-from kernelpool.kernels.messages import ChannelLimits, Misbehaviour
+from kernelpool.kernels.messages import ChannelLimits, Misbehaviour, Pace
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.zygote.server import ForkServer, ZygoteProcess
 from kernelpool.metrics import Metrics
@@ -114,6 +114,7 @@ class KernelLauncher:
         self.channel_limits = ChannelLimits(
             max_message=settings.kernel_max_message_bytes, max_parse=settings.max_saved_execution_chars,
             flood_bytes=settings.kernel_flood_bytes, flood_rate=float(settings.kernel_flood_rate))
+        self._paces: dict[str, Pace] = {}  # user -> how fast unread traffic of their kernels is passed through
 
     def user_cgroup(self, user: str) -> Cgroup | None:
         """The cgroup of all the user's kernels, once one has started."""
@@ -202,9 +203,17 @@ class KernelLauncher:
                  "control": f"{prefix}-{info['control_port']}"}
         timeout = self._settings.kernel_start_timeout
         kernel.channels = await asyncio.wait_for(
-            KernelChannels.open(kernel.manager.session, paths, self.channel_limits, kernel.manager.is_alive,
+            KernelChannels.open(kernel.manager.session, paths, self.channel_limits, self._pace(kernel.user), kernel.manager.is_alive,
                                 lambda exc: self._on_misbehaviour(kernel, exc)), timeout)
         await kernel.channels.ready(timeout)
+
+    def _pace(self, user: str) -> Pace:
+        pace = self._paces.get(user)
+        if pace is None:
+            # four times the refill: a flood still drains the budget, at a small share of the CPU
+            rate = max(4.0 * self._settings.kernel_flood_rate, 16.0 * 2**20)
+            pace = self._paces[user] = Pace(rate)
+        return pace
 
     async def stop(self, kernel: Kernel, now: bool = False) -> None:
         """Shut the process down (shutdown request, then SIGKILL to its group), then remove its
@@ -222,7 +231,10 @@ class KernelLauncher:
             log.warning("kernel %s: shutdown: %s", kernel.id, exc)
         if kernel.cgroup is not None:
             try:
-                kernel.cgroup.remove()
+                # in a thread: removing waits (sleeps) until the killed processes have exited, and
+                # the event loop serves every other user meanwhile (a kernel that misbehaves in a
+                # loop is stopped and replaced again and again)
+                await asyncio.to_thread(kernel.cgroup.remove)
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)
         if kernel.rundir is not None:

@@ -34,7 +34,7 @@ Message = dict[str, Any]
 _MAX_HEAD = 1 << 20  # identities, signature, header, parent header and metadata together
 _MAX_FRAMES = 256  # a Jupyter message has 6 frames and its buffers; ipykernel sends a handful
 _ALWAYS_PARSE = 64 << 10  # status messages and replies: parsed even when the request keeps nothing more
-_MIN_COST = 4096  # what a message passed through unread counts at least, for `FloodMeter`
+_MIN_COST = 64 << 10  # what a message passed through unread counts at least, for `FloodMeter`: its parsing costs
 
 _STREAM_NAME = re.compile(rb'"name"\s*:\s*"(stdout|stderr)"')
 _TEXT_START = re.compile(rb'"text"\s*:\s*"')
@@ -56,26 +56,50 @@ class ChannelLimits:
     flood_rate: float  # ... that come back each second (kernel_flood_rate)
 
 
+class Pace:
+    """How fast the server reads what it passes through unread from one user's kernels: each
+    charge is followed by a wait that keeps them at `rate` bytes a second together, so that a
+    flood costs the server a small share of its CPU while the kernel's budget runs out."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._free_at = time.monotonic()
+
+    def delay(self, cost: int) -> float:
+        now = time.monotonic()
+        self._free_at = max(self._free_at, now) + cost / self._rate
+        return self._free_at - now
+
+
 class FloodMeter:
     """Bytes a kernel sent that the server passed through unread: a bucket of `flood_bytes`,
-    refilled at `flood_rate` a second. Empty: the kernel is flooding."""
+    refilled at `flood_rate` a second. Empty: the kernel is flooding. `delay` is how long its
+    reader waits (`Pace`, the user's) before reading on."""
 
-    def __init__(self, limits: ChannelLimits) -> None:
+    def __init__(self, limits: ChannelLimits, pace: Pace) -> None:
         self._limits = limits
+        self._pace = pace
         self._level = float(limits.flood_bytes)
         self._at = time.monotonic()
+        self.delay = 0.0
 
     def charge(self, n: int, channel: str) -> None:
         now = time.monotonic()
         self._level = min(float(self._limits.flood_bytes), self._level + (now - self._at) * self._limits.flood_rate)
         self._at = now
-        self._level -= max(n, _MIN_COST)
+        cost = max(n, _MIN_COST)
+        self._level -= cost
+        self.delay += self._pace.delay(cost)
         if self._level < 0:
             raise Misbehaviour("flood", (
                 f"it flooded its {channel} channel: it sent more than {_fmt(self._limits.flood_bytes)} that the server "
                 f"had to pass through unread (output over the {_fmt(self._limits.max_parse)} kept per execution, or "
-                f"messages no request asked for), and that comes back at {_fmt(int(self._limits.flood_rate))} a second "
-                "(kernel_flood_bytes, kernel_flood_rate)"))
+                f"messages no request asked for, each counted as at least {_fmt(_MIN_COST)}), and that comes back at "
+                f"{_fmt(int(self._limits.flood_rate))} a second (kernel_flood_bytes, kernel_flood_rate)"))
+
+    def take_delay(self) -> float:
+        delay, self.delay = self.delay, 0.0
+        return delay
 
 
 class Waiting(Protocol):
