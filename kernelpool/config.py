@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     kernel_max_message_bytes: int = Field(64 * 2**20, ge=2**20)
     """largest message a kernel may send the server, all its frames together; a kernel that sends a larger one is stopped as misbehaving"""
     kernel_flood_bytes: int = Field(256 * 2**20, ge=2**20)
-    """bytes a kernel may send that the server passes through unread (output over max_saved_execution_chars, messages no request asked for; each counts at least 4 KiB) before it is stopped as flooding"""
+    """bytes a kernel may send that the server passes through unread (output over max_saved_execution_chars, messages no request asked for; each counts at least 64 KiB) before it is stopped as flooding"""
     kernel_flood_rate: NonNegativeInt = 16 * 2**20
     """bytes a second that come back to a kernel's kernel_flood_bytes"""
     max_result_bytes_per_user: NonNegativeInt = 64 * 2**20

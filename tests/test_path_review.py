@@ -35,6 +35,7 @@ PATH_FUNCS = {
 METHODS = {
     "connect", "bind", "mkdir", "exists", "is_file", "is_dir", "read_text", "read_bytes", "write_text",
     "write_bytes", "unlink", "rmdir", "touch", "chmod", "symlink_to", "iterdir", "glob", "rglob", "open",
+    "sock_connect",
 }
 
 SERVER_CONFIG = "a path from the server's configuration or the host (DATA itself, /proc, /sys/fs/cgroup, /etc): no tenant writes there"
@@ -51,6 +52,11 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/app.py", "_Server.lifespan", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/cli.py", "_with_store", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/config.py", "_config_file_from", ".is_file"): (1, "the --config file: the administrator's"),
+    ("kernelpool/kernels/wire.py", "Wire.connect", ".sock_connect"):
+        (1, "a unix connect to a kernel's socket in DATA/run/<uid>/<kid>/s/, only after the provisioner locked s/ "
+            "(root:<gid> 0750) and check_sockets found each entry a socket of the kernel's uid"),
+    ("kernelpool/kernels/channels.py", "KernelChannels.open", ".connect"): (1, "Wire.connect: reviewed where it is defined"),
+    ("kernelpool/kernels/launch.py", "KernelLauncher.open_channels", ".open"): (1, "KernelChannels.open: reviewed where it is defined"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.path.realpath"): (1, "the kernel interpreter: configuration"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.stat"): (1, "folders on the way to the interpreter: configuration"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),

@@ -559,7 +559,7 @@ async def test_a_flooding_kernel_is_stopped_and_bob_keeps_his_latency(flood_serv
         for _ in range(3):
             await _timed(b)
         with PeakRss(kp.proc.pid) as rss:
-            for _ in range(2):  # interleaved: the shared machine's own load hits idle and attacked samples alike
+            for _ in range(3):  # interleaved: the shared machine's own load hits idle and attacked samples alike
                 idle += [await _timed(b) for _ in range(10)]
                 stop = asyncio.Event()
 
@@ -593,3 +593,37 @@ async def test_a_flooding_kernel_is_stopped_and_bob_keeps_his_latency(flood_serv
     # execution, and 64 KiB per connection; two executions run here (alice's and bob's)
     bound = 2 * (4_000_000 + 2**20) + 64 * 2**20
     assert grown <= bound, f"server grew {grown / 2**20:.0f} MiB (bound {bound / 2**20:.0f})"
+
+
+@pytest.mark.filterwarnings("ignore::mcp.MCPDeprecationWarning")
+async def test_a_kernel_that_floods_between_calls_is_stopped_and_its_user_told(flood_server: KernelpoolServer) -> None:
+    from tests.kernel_attacks import ATTACKS
+
+    kp = flood_server
+    heard: list[str] = []
+
+    async def log(params: Any) -> None:
+        heard.append(str(params.data.get("message") if isinstance(params.data, dict) else params.data))
+
+    before = misbehaving(kp)
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kp.tokens['alice']}"}, timeout=httpx2.Timeout(30, read=300))
+    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy",  # type: ignore[arg-type]
+                            logging_callback=log) as c:
+        r = await c.call_tool("use_notebook", {"notebook": "idle.ipynb", "mode": "create"})
+        assert not r.is_error, texts(r)
+        # the cell ends at once; a thread floods IOPub with messages of no request a second later
+        code = ATTACKS + ("import threading\nthreading.Thread(target=lambda: (time.sleep(1), repeated('iopub', "
+                          "signed('stream', {'name': 'stdout', 'text': 'x'}), 200_000)), daemon=True).start()\nprint('started')")
+        r = await c.call_tool("execute_code", {"code": code})
+        assert not r.is_error and texts(r) == ["started\n"], texts(r)
+        deadline = time.monotonic() + 60
+        while not any("flooded" in h for h in heard) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        told = [h for h in heard if "flooded" in h]
+        assert told and told[0].startswith("the kernel of idle.ipynb died: the kernel was stopped because it flooded "
+                                           "its iopub channel"), heard
+        assert "the next call starts a fresh one" in told[0]
+        r = await c.call_tool("execute_code", {"code": "6*7"})
+        assert not r.is_error and texts(r) == ["42"], texts(r)
+    after = misbehaving(kp)
+    assert after.get("flood", 0) - before.get("flood", 0) == 1, (before, after)

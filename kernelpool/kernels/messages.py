@@ -178,29 +178,7 @@ async def read_message(wire: Wire, session: Session, limits: ChannelLimits, chan
     if mac is not None:
         for part in parts:
             mac.update(part)
-    threshold = max(min(limits.max_parse, waiting.budget), _ALWAYS_PARSE)
-    if size <= threshold:
-        raw = await wire.read(size)
-        if mac is not None:
-            mac.update(raw)
-        content: Any = _json(raw, channel, "content")
-        metadata = _json(parts[2], channel, "metadata")
-        if waiting.budget <= 0:
-            meter.charge(size, channel)  # kept by nobody: the request's outputs are full
-        waiting.budget -= size
-    else:
-        keep = max(1, limits.max_parse // 8)
-        sample = _Sample(keep + 256, keep + 64)
-
-        def sink(piece: bytes) -> None:
-            if mac is not None:
-                mac.update(piece)
-            sample.add(piece)
-
-        await wire.skip(size, sink)
-        kind = header.get("msg_type") if isinstance(header, dict) else None
-        content, metadata = bounded_content(kind, bytes(sample.head), bytes(sample.tail), size, limits.max_parse), {}
-        meter.charge(size, channel)
+    content, metadata = await _content(wire, size, waiting, header, parts[2], limits, meter, channel, mac)
     await buffers()
     if mac is not None and not hmac.compare_digest(bytes(signature), mac.hexdigest().encode()):
         raise Misbehaviour("malformed", f"it sent a message with a wrong signature on its {channel} channel")
@@ -208,6 +186,32 @@ async def read_message(wire: Wire, session: Session, limits: ChannelLimits, chan
         raise Misbehaviour("malformed", f"it sent a message whose header or content is not a JSON object on its {channel} channel")
     return ({"header": header, "msg_id": header.get("msg_id"), "msg_type": header.get("msg_type"),
              "parent_header": parent, "metadata": metadata, "content": content, "buffers": []}, waiting)
+
+
+async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadata: bytearray, limits: ChannelLimits,
+                   meter: FloodMeter, channel: str, mac: Any) -> tuple[Any, Any]:
+    """The content (and metadata) of a message a request waits for: parsed while the request
+    may still keep that much, else passed through the signature check keeping head and tail."""
+    if size <= max(min(limits.max_parse, waiting.budget), _ALWAYS_PARSE):
+        raw = await wire.read(size)
+        if mac is not None:
+            mac.update(raw)
+        if waiting.budget <= 0:
+            meter.charge(size, channel)  # kept by nobody: the request's outputs are full
+        waiting.budget -= size
+        return _json(raw, channel, "content"), _json(metadata, channel, "metadata")
+    keep = max(1, limits.max_parse // 8)
+    sample = _Sample(keep + 256, keep + 64)
+
+    def sink(piece: bytes) -> None:
+        if mac is not None:
+            mac.update(piece)
+        sample.add(piece)
+
+    await wire.skip(size, sink)
+    meter.charge(size, channel)
+    kind = header.get("msg_type") if isinstance(header, dict) else None
+    return bounded_content(kind, bytes(sample.head), bytes(sample.tail), size, limits.max_parse), {}
 
 
 def _json(raw: bytes | bytearray, channel: str, what: str) -> Any:
