@@ -129,6 +129,8 @@ ATTACK_CASES = {
                           "malformed", "wrong signature"),
     "unsolicited messages": ("repeated('iopub', signed('stream', {'name': 'stdout', 'text': 'x'}), 100_000)",
                              "flood", "flooded its iopub channel"),
+    "its end of shell shut down": ("import socket as _s; _s.socket(fileno=os.dup(connection('shell'))).shutdown(_s.SHUT_RDWR); "
+                                   "time.sleep(10)", "closed", "closed its shell channel's connection"),
     "medium messages zero-copy": ("iopub_send(signed('display_data', {'data': {'text/plain': 'm' * (8 * MiB)}, "
                                   "'metadata': {}}, _k.get_parent()), 100)", "flood", "flooded its iopub channel"),
 }
