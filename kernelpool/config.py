@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     kernel_flood_bytes: int = Field(256 * 2**20, ge=2**20)
     """bytes a kernel may send that the server passes through unread (output over max_saved_execution_chars, messages no request asked for; each counts at least 64 KiB) before it is stopped as flooding"""
     kernel_flood_rate: NonNegativeInt = 16 * 2**20
-    """bytes a second that come back to a kernel's kernel_flood_bytes"""
+    """bytes a second that come back to a kernel's kernel_flood_bytes; one user's kernels are read no faster than four times this (at least 16 MiB/s) while they send what is passed through unread"""
     max_result_bytes_per_user: NonNegativeInt = 64 * 2**20
     """finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')"""
     max_result_bytes: NonNegativeInt = 512 * 2**20
