@@ -34,6 +34,7 @@ Message = dict[str, Any]
 _MAX_HEAD = 1 << 20  # identities, signature, header, parent header and metadata together
 _MAX_FRAMES = 256  # a Jupyter message has 6 frames and its buffers; ipykernel sends a handful
 _ALWAYS_PARSE = 64 << 10  # status messages and replies: parsed even when the request keeps nothing more
+_MAX_PACE_WAIT = 1.0  # seconds
 _MIN_COST = 64 << 10  # what a message passed through unread counts at least, for `FloodMeter`: its parsing costs
 
 _STREAM_NAME = re.compile(rb'"name"\s*:\s*"(stdout|stderr)"')
@@ -67,7 +68,9 @@ class Pace:
 
     def delay(self, cost: int) -> float:
         now = time.monotonic()
-        self._free_at = max(self._free_at, now) + cost / self._rate
+        # at most a second behind: a kernel stopped for flooding leaves no long wait to the
+        # user's other kernels
+        self._free_at = min(max(self._free_at, now) + cost / self._rate, now + _MAX_PACE_WAIT)
         return self._free_at - now
 
 
