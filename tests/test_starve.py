@@ -475,10 +475,10 @@ FLOODS: dict[str, tuple[str, str | None, str]] = {
         None, "no connection None"),
     "heartbeat: 1 GiB": ("print(raw('hb', head_then_body([b'ping'], 1 << 30)))", None, "no connection"),
     "IOPub: one 80 MiB message": (
-        "iopub_send(signed('display_data', {'data': {'text/plain': 'x' * (80 * MiB)}, 'metadata': {}}, _k.get_parent()), 1)",
+        "iopub_send(signed_raw('display_data', display_bytes(80 * MiB), _k.get_parent()), 1)",
         "too_large", "sent a message of more than 64 MiB on its iopub channel"),
     "IOPub: 40 MiB signed once, sent 50 times zero-copy": (
-        "iopub_send(signed('display_data', {'data': {'text/plain': 'x' * (40 * MiB)}, 'metadata': {}}, _k.get_parent()), 50)",
+        "iopub_send(signed_raw('display_data', display_bytes(40 * MiB), _k.get_parent()), 50)",
         "flood", "flooded its iopub channel"),
     "shell: 2 MiB messages, 1000 of one buffer": (
         "repeated('shell', signed('stream', {'name': 'stdout', 'text': 'm' * (2 * MiB)}, _k.get_parent()), 1000)",
