@@ -10,7 +10,9 @@ content that its request can still keep, up to `max_parse` bytes, is read and pa
 one is passed through the signature check in pieces, and only its head and tail are kept
 (`bounded_content`). Buffers (frames after the content: the protocol does not sign them and
 kernelpool uses none) are passed through too. So what one message makes the server hold is
-bounded by `max_parse` plus `_MAX_HEAD`, whatever its size on the wire.
+bounded by `max_parse` plus `_MAX_HEAD`, whatever its size on the wire. What is passed through
+unread counts against the kernel's `FloodMeter` (empty: it is stopped as flooding) and is read no
+faster than its user's `Pace`.
 
 Callers: `kernels.channels` (one reader per channel).
 """
