@@ -162,3 +162,26 @@ async def test_a_kernel_that_breaks_a_bound_is_stopped_reading(kernels: list[Ker
     # what the attack could make this process hold: one content kept for parsing, plus read buffers
     assert peak - before < LIMITS.max_parse + 16 * MiB, f"grew {(peak - before) / MiB:.0f} MiB"
     assert await k.manager.is_alive(), "the channels only stop reading; the registry stops the process"
+
+
+async def test_an_inbox_nobody_reads_holds_its_reader_back_in_bytes(kernels: list[Kernel]) -> None:
+    k = await start(LIMITS)
+    kernels.append(k)
+    me = psutil.Process()
+    msg_id, inbox = await k.channels.execute(ATTACKS + "repeated('iopub', signed('stream', {'name': 'stdout', "
+                                             "'text': 'y' * 60_000}, _k.get_parent()), 800)")
+    assert inbox is not None
+    try:
+        before = me.memory_info().rss
+        await asyncio.sleep(5)  # nobody reads the inbox: 800 x 60 KB wait in the kernel, not here
+        grown = me.memory_info().rss - before
+        assert grown < LIMITS.max_parse + 8 * MiB, f"grew {grown / MiB:.0f} MiB"
+        streams = 0
+        while (item := await inbox.get(30)) is not None:
+            _, msg = item
+            streams += msg["msg_type"] == "stream"
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+    finally:
+        k.channels.done(msg_id)
+    assert streams == 800 and not k.told, (streams, k.told)

@@ -10,7 +10,8 @@ what a kernel sends there reaches nothing of the server's.
 Each channel has one task that reads one message at a time (`messages.read_message`, which
 bounds what it takes), puts it in the inbox of the request it answers (by the parent header's
 msg_id) and gives the event loop to every other task before the next. A request's inbox holds
-at most `_INBOX_MAX` messages; a full one holds its channel's reader back, so that a kernel
+at most `_INBOX_MAX` messages and about what the request may keep (max_saved_execution_chars)
+in bytes; a full one holds its channel's reader back, so that a kernel
 that floods waits in its own socket buffers, not in the server's memory. A kernel that breaks a
 bound or the protocol (`messages.Misbehaviour`) is no longer read: its requests end at once and
 `on_misbehaviour` is told (the registry stops it), once.
@@ -44,18 +45,22 @@ class Inbox:
     """The messages that answer one request, from every channel, in arrival order."""
 
     def __init__(self, budget: int) -> None:
-        self._items: deque[tuple[str, Message]] = deque()
+        self._items: deque[tuple[str, Message, int]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.budget = budget  # content bytes the reader may still parse for this request
+        self._max_bytes = max(budget, 1 << 20)  # held at once, about: past it the reader waits too
+        self._bytes = 0
         self.closed = False  # the kernel's channels are closed: nothing more will come
         # set while the inbox has room: a full one holds its channel's reader back, so that a
         # kernel that floods its output waits in its own socket buffers, not in the server's memory
         self.room = asyncio.Event()
         self.room.set()
 
-    def put(self, channel: str, msg: Message) -> None:
-        self._items.append((channel, msg))
-        if len(self._items) >= _INBOX_MAX:
+    def put(self, channel: str, msg: Message, size: int = 0) -> None:
+        """Add a message that holds about `size` bytes (messages.read_message says)."""
+        self._items.append((channel, msg, size))
+        self._bytes += size
+        if len(self._items) >= _INBOX_MAX or self._bytes >= self._max_bytes:
             self.room.clear()
         self._wake()
 
@@ -82,9 +87,11 @@ class Inbox:
                 self._waiter = None
         if not self._items:
             return None
-        if len(self._items) <= _INBOX_MAX // 2:
+        channel, msg, size = self._items.popleft()
+        self._bytes -= size
+        if len(self._items) <= _INBOX_MAX // 2 and self._bytes < self._max_bytes // 2:
             self.room.set()
-        return self._items.popleft()
+        return channel, msg
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -201,12 +208,12 @@ class KernelChannels:
     async def _read(self, channel: str, wire: Wire) -> None:
         try:
             while True:
-                msg, waiting = await read_message(wire, self._session, self._limits, channel,
-                                                  self._inboxes.get, self._meter)
+                msg, waiting, size = await read_message(wire, self._session, self._limits, channel,
+                                                        self._inboxes.get, self._meter)
                 if channel == "iopub":
                     self.iopub_seen.set()
                 if msg is not None and isinstance(waiting, Inbox):
-                    waiting.put(channel, msg)
+                    waiting.put(channel, msg, size)
                     await waiting.room.wait()
                 # one message at a time: every other task gets the loop between two; what was
                 # passed through unread is read on at the user's pace

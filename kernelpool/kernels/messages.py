@@ -130,9 +130,11 @@ class _Sample:
 
 
 async def read_message(wire: Wire, session: Session, limits: ChannelLimits, channel: str,
-                       route: Callable[[str], Waiting | None], meter: FloodMeter) -> tuple[Message | None, Waiting | None]:
-    """The next message on `wire` and the request waiting for it; (None, None) if nobody waits
-    (it was passed through unread). Raises Misbehaviour, or WireError when the connection ends."""
+                       route: Callable[[str], Waiting | None],
+                       meter: FloodMeter) -> tuple[Message | None, Waiting | None, int]:
+    """The next message on `wire`, the request waiting for it and about how many bytes the
+    message holds; (None, None, 0) if nobody waits (it was passed through unread). Raises
+    Misbehaviour, or WireError when the connection ends."""
     frames, total, head = 0, 0, 0
 
     async def frame(limit: int, what: str) -> tuple[int, int]:
@@ -178,25 +180,26 @@ async def read_message(wire: Wire, session: Session, limits: ChannelLimits, chan
         await wire.skip(size)
         await buffers()
         meter.charge(total, channel)
-        return None, None
+        return None, None, 0
     mac = session.auth.copy() if session.auth is not None else None
     if mac is not None:
         for part in parts:
             mac.update(part)
-    content, metadata = await _content(wire, size, waiting, header, parts[2], limits, meter, channel, mac)
+    content, metadata, held = await _content(wire, size, waiting, header, parts[2], limits, meter, channel, mac)
     await buffers()
     if mac is not None and not hmac.compare_digest(bytes(signature), mac.hexdigest().encode()):
         raise Misbehaviour("malformed", f"it sent a message with a wrong signature on its {channel} channel")
     if not (isinstance(header, dict) and isinstance(content, dict) and isinstance(metadata, dict)):
         raise Misbehaviour("malformed", f"it sent a message whose header or content is not a JSON object on its {channel} channel")
     return ({"header": header, "msg_id": header.get("msg_id"), "msg_type": header.get("msg_type"),
-             "parent_header": parent, "metadata": metadata, "content": content, "buffers": []}, waiting)
+             "parent_header": parent, "metadata": metadata, "content": content, "buffers": []}, waiting, held + head)
 
 
 async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadata: bytearray, limits: ChannelLimits,
-                   meter: FloodMeter, channel: str, mac: Any) -> tuple[Any, Any]:
-    """The content (and metadata) of a message a request waits for: parsed while the request
-    may still keep that much, else passed through the signature check keeping head and tail."""
+                   meter: FloodMeter, channel: str, mac: Any) -> tuple[Any, Any, int]:
+    """The content and metadata of a message a request waits for, and the bytes they hold:
+    parsed while the request may still keep that much, else passed through the signature check,
+    keeping the head and tail of a stream's text while the request has room for them."""
     if size <= max(min(limits.max_parse, waiting.budget), _ALWAYS_PARSE):
         raw = await wire.read(size)
         if mac is not None:
@@ -204,19 +207,21 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
         if waiting.budget <= 0:
             meter.charge(size, channel)  # kept by nobody: the request's outputs are full
         waiting.budget -= size
-        return _json(raw, channel, "content"), _json(metadata, channel, "metadata")
-    keep = max(1, limits.max_parse // 8)
+        return _json(raw, channel, "content"), _json(metadata, channel, "metadata"), size
+    kind = header.get("msg_type") if isinstance(header, dict) else None
+    keep = min(limits.max_parse // 8, max(0, waiting.budget) // 2) if kind == "stream" else 0
     sample = _Sample(keep + 256, keep + 64)
 
     def sink(piece: bytes) -> None:
         if mac is not None:
             mac.update(piece)
-        sample.add(piece)
+        if keep:
+            sample.add(piece)
 
     await wire.skip(size, sink)
     meter.charge(size, channel)
-    kind = header.get("msg_type") if isinstance(header, dict) else None
-    return bounded_content(kind, bytes(sample.head), bytes(sample.tail), size, limits.max_parse), {}
+    waiting.budget -= 2 * keep
+    return bounded_content(kind, bytes(sample.head), bytes(sample.tail), size, limits.max_parse, keep), {}, 2 * keep
 
 
 def _json(raw: bytes | bytearray, channel: str, what: str) -> Any:
@@ -226,14 +231,14 @@ def _json(raw: bytes | bytearray, channel: str, what: str) -> Any:
         raise Misbehaviour("malformed", f"it sent a message whose {what} is not JSON on its {channel} channel") from None
 
 
-def bounded_content(kind: str | None, head: bytes, tail: bytes, size: int, max_parse: int) -> dict[str, Any]:
+def bounded_content(kind: str | None, head: bytes, tail: bytes, size: int, max_parse: int, keep: int) -> dict[str, Any]:
     """What stands for a content too large to parse, from its first and last bytes: a stream
-    keeps its head and tail, other outputs become a note."""
+    keeps `keep` bytes of its text's head and tail (when it has room), other outputs become a note."""
     note = (f"[an output message of {size} bytes was dropped unread: over the limit of "
             f"{max_parse} bytes kept per execution (max_saved_execution_chars)]")
     if kind == "stream":
         name = _STREAM_NAME.search(head[:200])
-        text = _head_and_tail(head, tail, max(1, max_parse // 8), size)
+        text = _head_and_tail(head, tail, keep, size) if keep > 0 else None
         return {"name": name.group(1).decode() if name else "stdout", "text": text if text is not None else note + "\n"}
     if kind == "error":
         return {"ename": "OutputTooLarge", "evalue": note, "traceback": [note]}
