@@ -115,6 +115,11 @@ def many_frames(channel, n):
     return raw(channel, pieces())
 
 
+def fresh(channel, times, content=b'{"name": "stdout", "text": "x"}', msg_type="stream", parent=None):
+    """`times` messages, each signed anew (a new msg_id) over the same content bytes, raw on `channel`."""
+    return raw(channel, (encode(signed_raw(msg_type, content, parent)) for _ in range(times)))
+
+
 def repeated(channel, frames, times):
     """The same signed message, written `times` times from one buffer."""
     data = encode(frames)

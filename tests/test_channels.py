@@ -127,12 +127,14 @@ ATTACK_CASES = {
                   "malformed", "whose header is not JSON"),
     "a wrong signature": ("raw('iopub', encode(signed('stream', {'name': 'stdout', 'text': 'forged'}, _k.get_parent(), key=1)))",
                           "malformed", "wrong signature"),
-    "unsolicited messages": ("repeated('iopub', signed('stream', {'name': 'stdout', 'text': 'x'}), 100_000)",
-                             "flood", "flooded its iopub channel"),
+    "unsolicited messages": ("fresh('iopub', 100_000)", "flood", "flooded its iopub channel"),
+    "output on shell": ("fresh('shell', 100_000, parent=_k.get_parent())", "flood", "flooded its shell channel"),
+    "a message sent twice": ("repeated('iopub', signed('stream', {'name': 'stdout', 'text': 'x'}), 2)",
+                             "replayed", "sent the same message twice on its iopub channel"),
     "its end of shell shut down": ("import socket as _s; _s.socket(fileno=os.dup(connection('shell'))).shutdown(_s.SHUT_RDWR); "
                                    "time.sleep(10)", "closed", "closed its shell channel's connection"),
     "medium messages zero-copy": ("iopub_send(signed('display_data', {'data': {'text/plain': 'm' * (8 * MiB)}, "
-                                  "'metadata': {}}, _k.get_parent()), 100)", "flood", "flooded its iopub channel"),
+                                  "'metadata': {}}, _k.get_parent()), 100)", "replayed", "sent the same message twice"),
 }
 
 
@@ -168,8 +170,8 @@ async def test_an_inbox_nobody_reads_holds_its_reader_back_in_bytes(kernels: lis
     k = await start(LIMITS)
     kernels.append(k)
     me = psutil.Process()
-    msg_id, inbox = await k.channels.execute(ATTACKS + "repeated('iopub', signed('stream', {'name': 'stdout', "
-                                             "'text': 'y' * 60_000}, _k.get_parent()), 800)")
+    msg_id, inbox = await k.channels.execute(ATTACKS + "fresh('iopub', 800, json.dumps({'name': 'stdout', "
+                                             "'text': 'y' * 60_000}).encode(), parent=_k.get_parent())")
     assert inbox is not None
     try:
         before = me.memory_info().rss
@@ -185,3 +187,21 @@ async def test_an_inbox_nobody_reads_holds_its_reader_back_in_bytes(kernels: lis
     finally:
         k.channels.done(msg_id)
     assert streams == 800 and not k.told, (streams, k.told)
+
+
+async def test_output_over_what_its_request_keeps_is_read_at_the_pace_not_stopped(kernels: list[Kernel]) -> None:
+    k = await start(LIMITS)
+    kernels.append(k)
+    me = psutil.Process()
+    before = me.memory_info().rss
+    start_at = asyncio.get_running_loop().time()
+    # 40 displays of 8 MiB, each signed anew: what a cell that displays 320 MiB sends
+    got, inbox = await asyncio.wait_for(run(k, ATTACKS + "print(fresh('iopub', 40, display_bytes(8 * MiB), "
+                                              "'display_data', _k.get_parent()))"), 120)
+    took = asyncio.get_running_loop().time() - start_at
+    assert not inbox.closed and not k.told, k.told
+    notes = [m for _, m in got if m["msg_type"] == "display_data"]
+    assert len(notes) == 40 and all("dropped unread" in m["content"]["data"]["text/plain"] for m in notes)
+    assert text(got).strip() == "sent"
+    assert me.memory_info().rss - before < LIMITS.max_parse + 16 * MiB
+    assert took >= 320 / 256 * 0.9, f"320 MiB at the pace of 256 MiB/s took {took:.2f} s"

@@ -465,26 +465,26 @@ async def test_bob_keeps_his_latency_while_alice_sits_at_every_cap(server: Kerne
 # what alice's kernel runs (tests/kernel_attacks.py), the metric label of why it is stopped (None:
 # nothing reaches the server, the kernel lives on) and words its call's result must carry
 FLOODS: dict[str, tuple[str, str | None, str]] = {
-    "shell: one 1 GiB message": ("huge('shell', 1 << 30)", "too_large",
-                                 "sent a message of more than 64 MiB on its shell channel"),
-    "control: one 1 GiB message": ("huge('control', 1 << 30)", "too_large",
-                                   "sent a message of more than 64 MiB on its control channel"),
+    "shell: one 2 GiB message": ("huge('shell', 2 << 30)", "too_large",
+                                 "sent a message of more than 1 GiB on its shell channel"),
+    "control: one 2 GiB message": ("huge('control', 2 << 30)", "too_large",
+                                   "sent a message of more than 1 GiB on its control channel"),
+    "IOPub: one 2 GiB message": ("huge('iopub', 2 << 30)", "too_large", "sent a message of more than 1 GiB on its iopub channel"),
     "stdin: 1 GiB, raw and through ipykernel": (
         "print(raw('stdin', head_then_body(signed('input_request', {})[:5], 1 << 30)), "
         "_k.stdin_socket.send_multipart([b'\\x00k', *signed('input_request', {})[:5], bytes(80 * MiB)], copy=False))",
         None, "no connection None"),
     "heartbeat: 1 GiB": ("print(raw('hb', head_then_body([b'ping'], 1 << 30)))", None, "no connection"),
-    "IOPub: one 80 MiB message": (
-        "iopub_send(signed_raw('display_data', display_bytes(80 * MiB), _k.get_parent()), 1)",
-        "too_large", "sent a message of more than 64 MiB on its iopub channel"),
-    "IOPub: 40 MiB signed once, sent 50 times zero-copy": (
-        "iopub_send(signed_raw('display_data', display_bytes(40 * MiB), _k.get_parent()), 50)",
-        "flood", "flooded its iopub channel"),
-    "shell: 2 MiB messages, 1000 of one buffer": (
-        "repeated('shell', signed('stream', {'name': 'stdout', 'text': 'm' * (2 * MiB)}, _k.get_parent()), 1000)",
+    "IOPub: 80 MiB signed once, sent 20 times zero-copy": (
+        "iopub_send(signed_raw('display_data', display_bytes(80 * MiB), _k.get_parent()), 20)",
+        "replayed", "sent the same message twice on its iopub channel"),
+    # what a cell that displays 320 MiB sends: read at the user's pace, kept as notes, not stopped
+    "IOPub: 40 MiB displays, each signed anew, 8 times": (
+        "fresh('iopub', 8, display_bytes(40 * MiB), 'display_data', _k.get_parent())", None, "dropped unread"),
+    "shell: 2 MiB messages, each new, 1000 times": (
+        "fresh('shell', 1000, json.dumps({'name': 'stdout', 'text': 'm' * (2 * MiB)}).encode(), parent=_k.get_parent())",
         "flood", "flooded its shell channel"),
-    "IOPub: 200,000 messages with no parent": (
-        "repeated('iopub', signed('stream', {'name': 'stdout', 'text': 'x'}), 200_000)", "flood", "flooded its iopub channel"),
+    "IOPub: 200,000 messages with no parent": ("fresh('iopub', 200_000)", "flood", "flooded its iopub channel"),
     "shell: one message of a million frames": ("many_frames('shell', 1_000_000)", "malformed", "more than 256 frames"),
     "shell: a header nested 500,000 deep": (
         "raw('shell', encode([b'<IDS|MSG>', b'0' * 64, b'[' * 500_000, b'{}', b'{}', b'{}']))", "malformed",
@@ -615,8 +615,8 @@ async def test_a_kernel_that_floods_between_calls_is_stopped_and_its_user_told(f
         r = await c.call_tool("use_notebook", {"notebook": "idle.ipynb", "mode": "create"})
         assert not r.is_error, texts(r)
         # the cell ends at once; a thread floods IOPub with messages of no request a second later
-        code = ATTACKS + ("import threading\nthreading.Thread(target=lambda: (time.sleep(1), repeated('iopub', "
-                          "signed('stream', {'name': 'stdout', 'text': 'x'}), 200_000)), daemon=True).start()\nprint('started')")
+        code = ATTACKS + ("import threading\nthreading.Thread(target=lambda: (time.sleep(1), fresh('iopub', 200_000)), "
+                          "daemon=True).start()\nprint('started')")
         r = await c.call_tool("execute_code", {"code": code})
         assert not r.is_error and texts(r) == ["started\n"], texts(r)
         deadline = time.monotonic() + 60

@@ -215,9 +215,7 @@ class KernelChannels:
                 if msg is not None and isinstance(waiting, Inbox):
                     waiting.put(channel, msg, size)
                     await waiting.room.wait()
-                # one message at a time: every other task gets the loop between two; what was
-                # passed through unread is read on at the user's pace
-                await asyncio.sleep(self._meter.take_delay())
+                await asyncio.sleep(0)  # one message at a time: every other task gets the loop between two
         except Misbehaviour as exc:
             self._fail(exc)
         except (WireError, OSError) as exc:

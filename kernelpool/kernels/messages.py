@@ -5,24 +5,28 @@ connected. So every message is read frame by frame from `wire.Wire` and checked 
 `ChannelLimits` before its bytes are taken: the whole message (`max_message`, all frames), the
 number of frames, and everything but the content (identities, signature, header, parent header,
 metadata; `_MAX_HEAD` together). The parent header says which request the message answers
-(`route`); what no request waits for is passed through unread, unverified and unparsed. A
-content that its request can still keep, up to `max_parse` bytes, is read and parsed; a larger
-one is passed through the signature check in pieces, and only its head and tail are kept
-(`bounded_content`). Buffers (frames after the content: the protocol does not sign them and
-kernelpool uses none) are passed through too. So what one message makes the server hold is
-bounded by `max_parse` plus `_MAX_HEAD`, whatever its size on the wire. What is passed through
-unread counts against the kernel's `FloodMeter` (empty: it is stopped as flooding) and is read no
-faster than its user's `Pace`.
+(`route`); what no request waits for (and anything but a reply on shell and control) is passed
+through unread, unverified and unparsed, and counts against the kernel's `FloodMeter`: past its
+budget the kernel is stopped as flooding. A content that its request can still keep, up to
+`max_parse` bytes, is read and parsed; a larger one is passed through the signature check in
+pieces, and only its head and tail are kept (`bounded_content`): a cell may print gigabytes.
+Buffers (frames after the content: the protocol does not sign them and kernelpool uses none) are
+passed through too. Whatever is passed through is read no faster than the user's `Pace`, so that
+it costs the server a small share of its CPU. A message id seen before is a replay (a message
+signed once and sent many times), and stops the kernel. So what one message makes the server
+hold is bounded by `max_parse` plus `_MAX_HEAD`, whatever its size on the wire.
 
 Callers: `kernels.channels` (one reader per channel).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,7 +41,8 @@ _MAX_HEAD = 1 << 20  # identities, signature, header, parent header and metadata
 _MAX_FRAMES = 256  # a Jupyter message has 6 frames and its buffers; ipykernel sends a handful
 _ALWAYS_PARSE = 64 << 10  # status messages and replies: parsed even when the request keeps nothing more
 _MAX_PACE_WAIT = 1.0  # seconds
-_MIN_COST = 64 << 10  # what a message passed through unread counts at least, for `FloodMeter`: its parsing costs
+_REMEMBERED_IDS = 10_000  # message ids per kernel checked against replays
+_MIN_COST = 64 << 10  # what a message no request asked for counts at least (`FloodMeter`, `Pace`): its parsing costs
 
 _STREAM_NAME = re.compile(rb'"name"\s*:\s*"(stdout|stderr)"')
 _TEXT_START = re.compile(rb'"text"\s*:\s*"')
@@ -61,8 +66,7 @@ class ChannelLimits:
 
 class Pace:
     """How fast the server reads what it passes through unread from one user's kernels: each
-    charge is followed by a wait that keeps them at `rate` bytes a second together, so that a
-    flood costs the server a small share of its CPU while the kernel's budget runs out."""
+    piece is followed by a wait that keeps them at `rate` bytes a second together."""
 
     def __init__(self, rate: float) -> None:
         self._rate = rate
@@ -77,34 +81,44 @@ class Pace:
 
 
 class FloodMeter:
-    """Bytes a kernel sent that the server passed through unread: a bucket of `flood_bytes`,
-    refilled at `flood_rate` a second. Empty: the kernel is flooding. `delay` is how long its
-    reader waits (`Pace`, the user's) before reading on."""
+    """One kernel's traffic as the reader judges it. Bytes of messages no request asked for go
+    into a bucket of `flood_bytes`, refilled at `flood_rate` a second: empty, the kernel is
+    flooding. A message id seen before is a replay (ipykernel never sends one twice). `pause`
+    is how long to wait after passing bytes through unread (the user's `Pace`)."""
 
     def __init__(self, limits: ChannelLimits, pace: Pace) -> None:
         self._limits = limits
         self._pace = pace
         self._level = float(limits.flood_bytes)
         self._at = time.monotonic()
-        self.delay = 0.0
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
 
     def charge(self, n: int, channel: str) -> None:
+        """Count `n` bytes no request asked for, before they are read; Misbehaviour when flooding."""
         now = time.monotonic()
         self._level = min(float(self._limits.flood_bytes), self._level + (now - self._at) * self._limits.flood_rate)
         self._at = now
-        cost = max(n, _MIN_COST)
-        self._level -= cost
-        self.delay += self._pace.delay(cost)
+        self._level -= n
         if self._level < 0:
             raise Misbehaviour("flood", (
-                f"it flooded its {channel} channel: it sent more than {_fmt(self._limits.flood_bytes)} that the server "
-                f"had to pass through unread (output over the {_fmt(self._limits.max_parse)} kept per execution, or "
-                f"messages no request asked for, each counted as at least {_fmt(_MIN_COST)}), and that comes back at "
+                f"it flooded its {channel} channel: it sent more than {_fmt(self._limits.flood_bytes)} of messages no "
+                f"request asked for (each counted as at least {_fmt(_MIN_COST)}), and that comes back at "
                 f"{_fmt(int(self._limits.flood_rate))} a second (kernel_flood_bytes, kernel_flood_rate)"))
 
-    def take_delay(self) -> float:
-        delay, self.delay = self.delay, 0.0
-        return delay
+    def pause(self, n: int) -> float:
+        return self._pace.delay(n)
+
+    def new(self, msg_id: Any, channel: str) -> None:
+        """Misbehaviour unless `msg_id` is a string not seen among this kernel's recent messages."""
+        if not isinstance(msg_id, str) or not msg_id:
+            raise Misbehaviour("malformed", f"it sent a message without a msg_id on its {channel} channel")
+        if msg_id in self._ids:
+            raise Misbehaviour("replayed", f"it sent the same message twice on its {channel} channel (msg_id {msg_id[:80]!r})")
+        self._ids.add(msg_id)
+        self._order.append(msg_id)
+        if len(self._order) > _REMEMBERED_IDS:
+            self._ids.discard(self._order.popleft())
 
 
 class Waiting(Protocol):
@@ -167,19 +181,27 @@ async def read_message(wire: Wire, session: Session, limits: ChannelLimits, chan
     signature = await small("signature")
     parts = [await small("header"), await small("parent header"), await small("metadata")]
     header, parent = _json(parts[0], channel, "header"), _json(parts[1], channel, "parent header")
-    waiting = route(str(parent.get("msg_id", ""))) if isinstance(parent, dict) else None
+    if not isinstance(header, dict) or not isinstance(parent, dict):
+        raise Misbehaviour("malformed", f"it sent a message whose header is not a JSON object on its {channel} channel")
+    meter.new(header.get("msg_id"), channel)
+    # on shell and control the server asks for replies, nothing else
+    asked = channel == "iopub" or str(header.get("msg_type", "")).endswith("_reply")
+    waiting = route(str(parent.get("msg_id", ""))) if asked else None
     flags, size = await frame(limits.max_message, "content")
 
-    async def buffers() -> None:  # the frames after the content, passed through
+    async def buffers() -> None:  # the frames after the content, passed through at the user's pace
         more = flags
         while wire.more(more):
             more, length = await frame(limits.max_message, "buffers")
-            await wire.skip(length)
+            if waiting is None:
+                meter.charge(length, channel)
+            await wire.skip(length, pause=meter.pause)
 
     if waiting is None:
-        await wire.skip(size)
+        meter.charge(max(total, _MIN_COST), channel)  # before its bytes are read
+        await wire.skip(size, pause=meter.pause)
         await buffers()
-        meter.charge(total, channel)
+        await asyncio.sleep(meter.pause(max(0, _MIN_COST - size)))  # a small message costs its parsing
         return None, None, 0
     mac = session.auth.copy() if session.auth is not None else None
     if mac is not None:
@@ -204,8 +226,6 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
         raw = await wire.read(size)
         if mac is not None:
             mac.update(raw)
-        if waiting.budget <= 0:
-            meter.charge(size, channel)  # kept by nobody: the request's outputs are full
         waiting.budget -= size
         return _json(raw, channel, "content"), _json(metadata, channel, "metadata"), size
     kind = header.get("msg_type") if isinstance(header, dict) else None
@@ -218,8 +238,7 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
         if keep:
             sample.add(piece)
 
-    await wire.skip(size, sink)
-    meter.charge(size, channel)
+    await wire.skip(size, sink, pause=meter.pause)  # output its request keeps no more of: at the user's pace
     waiting.budget -= 2 * keep
     return bounded_content(kind, bytes(sample.head), bytes(sample.tail), size, limits.max_parse, keep), {}, 2 * keep
 

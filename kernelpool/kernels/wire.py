@@ -163,8 +163,11 @@ class Wire:
                 await asyncio.sleep(0)
         return out
 
-    async def skip(self, n: int, sink: Callable[[bytes], None] | None = None) -> None:
-        """Pass the next `n` bytes through `sink` (if any) in pieces of at most CHUNK, keeping none."""
+    async def skip(self, n: int, sink: Callable[[bytes], None] | None = None,
+                   pause: Callable[[int], float] | None = None) -> None:
+        """Pass the next `n` bytes through `sink` (if any) in pieces of at most CHUNK, keeping none;
+        every `_YIELD_EVERY` bytes, and at the end, wait `pause(bytes since)` seconds (at least a
+        turn of the event loop)."""
         since_yield = 0
         while n > 0:
             if self._pos >= len(self._buf):
@@ -175,6 +178,6 @@ class Wire:
             self._pos += take
             n -= take
             since_yield += take
-            if since_yield >= _YIELD_EVERY:
+            if since_yield >= _YIELD_EVERY or (n == 0 and pause is not None):
+                await asyncio.sleep(pause(since_yield) if pause is not None else 0)
                 since_yield = 0
-                await asyncio.sleep(0)
