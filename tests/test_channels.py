@@ -205,3 +205,16 @@ async def test_output_over_what_its_request_keeps_is_read_at_the_pace_not_stoppe
     assert text(got).strip() == "sent"
     assert me.memory_info().rss - before < LIMITS.max_parse + 16 * MiB
     assert took >= 320 / 256 * 0.9, f"320 MiB at the pace of 256 MiB/s took {took:.2f} s"
+
+
+async def test_many_small_outputs_past_what_the_request_keeps_are_read_at_the_pace(kernels: list[Kernel]) -> None:
+    k = await start(LIMITS)
+    kernels.append(k)
+    start_at = asyncio.get_running_loop().time()
+    # 20,000 small outputs: the request's 4 MiB (at least 4 KiB a message) last 1,024 of them; the
+    # rest come at the pace of 256 MiB/s, counted as 64 KiB each: 4,096 a second
+    got, inbox = await asyncio.wait_for(run(k, ATTACKS + "print(fresh('iopub', 20_000, parent=_k.get_parent()))"), 120)
+    took = asyncio.get_running_loop().time() - start_at
+    assert not inbox.closed and not k.told, k.told
+    assert sum(m["msg_type"] == "stream" for _, m in got) >= 20_000
+    assert took >= 19_000 / 4096 * 0.9, f"took {took:.2f} s"

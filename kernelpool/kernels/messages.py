@@ -40,6 +40,7 @@ Message = dict[str, Any]
 _MAX_HEAD = 1 << 20  # identities, signature, header, parent header and metadata together
 _MAX_FRAMES = 256  # a Jupyter message has 6 frames and its buffers; ipykernel sends a handful
 _ALWAYS_PARSE = 64 << 10  # status messages and replies: parsed even when the request keeps nothing more
+_MIN_PARSED = 4096  # what a parsed message takes from its request's budget at least
 _MAX_PACE_WAIT = 1.0  # seconds
 _REMEMBERED_IDS = 10_000  # message ids per kernel checked against replays
 _MIN_COST = 64 << 10  # what a message no request asked for counts at least (`FloodMeter`, `Pace`): its parsing costs
@@ -226,7 +227,9 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
         raw = await wire.read(size)
         if mac is not None:
             mac.update(raw)
-        waiting.budget -= size
+        if waiting.budget <= 0:  # the request keeps no more: many small messages are read at the pace too
+            await asyncio.sleep(meter.pause(max(size, _MIN_COST)))
+        waiting.budget -= max(size, _MIN_PARSED)
         return _json(raw, channel, "content"), _json(metadata, channel, "metadata"), size
     kind = header.get("msg_type") if isinstance(header, dict) else None
     keep = min(limits.max_parse // 8, max(0, waiting.budget) // 2) if kind == "stream" else 0
