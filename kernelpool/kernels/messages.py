@@ -42,7 +42,7 @@ _MAX_FRAMES = 256  # a Jupyter message has 6 frames and its buffers; ipykernel s
 _ALWAYS_PARSE = 64 << 10  # status messages and replies: parsed even when the request keeps nothing more
 _MIN_PARSED = 4096  # what a parsed message takes from its request's budget at least
 _MAX_PACE_WAIT = 1.0  # seconds
-_REMEMBERED_IDS = 10_000  # message ids per kernel checked against replays
+_REMEMBERED_IDS = 1000  # recent message ids per kernel checked against replays (their hashes: about 100 kB)
 _MIN_COST = 64 << 10  # what a message no request asked for counts at least (`FloodMeter`, `Pace`): its parsing costs
 
 _STREAM_NAME = re.compile(rb'"name"\s*:\s*"(stdout|stderr)"')
@@ -92,8 +92,8 @@ class FloodMeter:
         self._pace = pace
         self._level = float(limits.flood_bytes)
         self._at = time.monotonic()
-        self._ids: set[str] = set()
-        self._order: deque[str] = deque()
+        self._ids: set[int] = set()
+        self._order: deque[int] = deque()
 
     def charge(self, n: int, channel: str) -> None:
         """Count `n` bytes no request asked for, before they are read; Misbehaviour when flooding."""
@@ -114,10 +114,11 @@ class FloodMeter:
         """Misbehaviour unless `msg_id` is a string not seen among this kernel's recent messages."""
         if not isinstance(msg_id, str) or not msg_id:
             raise Misbehaviour("malformed", f"it sent a message without a msg_id on its {channel} channel")
-        if msg_id in self._ids:
+        key = hash(msg_id)
+        if key in self._ids:
             raise Misbehaviour("replayed", f"it sent the same message twice on its {channel} channel (msg_id {msg_id[:80]!r})")
-        self._ids.add(msg_id)
-        self._order.append(msg_id)
+        self._ids.add(key)
+        self._order.append(key)
         if len(self._order) > _REMEMBERED_IDS:
             self._ids.discard(self._order.popleft())
 
