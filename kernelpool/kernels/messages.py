@@ -223,7 +223,7 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
                    meter: FloodMeter, channel: str, mac: Any) -> tuple[Any, Any, int]:
     """The content and metadata of a message a request waits for, and the bytes they hold:
     parsed while the request may still keep that much, else passed through the signature check,
-    keeping the head and tail of a stream's text while the request has room for them."""
+    keeping the head and tail of a stream's text."""
     if size <= max(min(limits.max_parse, waiting.budget), _ALWAYS_PARSE):
         raw = await wire.read(size)
         if mac is not None:
@@ -233,7 +233,9 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
         waiting.budget -= max(size, _MIN_PARSED)
         return _json(raw, channel, "content"), _json(metadata, channel, "metadata"), size
     kind = header.get("msg_type") if isinstance(header, dict) else None
-    keep = min(limits.max_parse // 8, max(0, waiting.budget) // 2) if kind == "stream" else 0
+    # a stream keeps its head and tail even past its request's budget (the end of a long output is
+    # what people look for); the request's inbox bounds how many such messages wait at once
+    keep = limits.max_parse // 8 if kind == "stream" else 0
     sample = _Sample(keep + 256, keep + 64)
 
     def sink(piece: bytes) -> None:
