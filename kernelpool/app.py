@@ -122,6 +122,7 @@ class _Server:
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
         jobs = JobService(settings, kernels, notebooks, users, metrics)
         notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
+        kernels.listeners.append(lambda user, notebook, cause: _tell_stopped(notices, user, notebook, cause))
         return Services(
             settings=settings, store=store, users=users, notebooks=notebooks,
             workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
@@ -233,6 +234,13 @@ class _Server:
         sent = await self.services.notices.to_everyone("warning", "the server is shutting down; running executions end with it")
         if sent:
             await asyncio.sleep(0.2)  # let the messages reach the streams before they close
+
+
+def _tell_stopped(notices: Notices, user: str, notebook: str, cause: str) -> None:
+    """A kernel that no call was running on was stopped for misbehaving: its user's sessions hear
+    it as they hear of a kernel that died during a call (kernelpool/mcp/execution.py)."""
+    text = f"the kernel of {notebook} died: {cause}; the next call starts a fresh one"
+    asyncio.get_running_loop().create_task(notices.to_user(user, "error", text, {"notebook": notebook}))
 
 
 def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | None:

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     """images larger than this are not kept in the notebook"""
     max_saved_execution_chars: int = Field(20_000_000, ge=1000)
     """outputs kept per execution, all outputs together (text characters and payload bytes); past it outputs are cut or replaced by a note"""
+    kernel_max_message_bytes: int = Field(2**30, ge=2**20)
+    """largest message a kernel may send the server, all its frames together (a larger one stops the kernel as misbehaving); output over max_saved_execution_chars is read in pieces, never held"""
+    kernel_flood_bytes: int = Field(256 * 2**20, ge=2**20)
+    """bytes of messages no request asked for (each counts at least 64 KiB) a kernel may send before it is stopped as flooding"""
+    kernel_flood_rate: NonNegativeInt = 16 * 2**20
+    """bytes a second that come back to a kernel's kernel_flood_bytes; what the server passes through unread from one user's kernels (messages no request asked for, output over max_saved_execution_chars) is read no faster than four times this (at least 16 MiB/s)"""
     max_result_bytes_per_user: NonNegativeInt = 64 * 2**20
     """finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')"""
     max_result_bytes: NonNegativeInt = 512 * 2**20

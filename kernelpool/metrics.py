@@ -32,6 +32,10 @@ class Metrics:
             ["source"], registry=self.registry)
         self.pool_hits = Counter("kernelpool_pool_hits_total", "kernels handed out warm", registry=self.registry)
         self.pool_misses = Counter("kernelpool_pool_misses_total", "kernels started on demand", registry=self.registry)
+        self.misbehaving_kernels = Counter(
+            "kernelpool_misbehaving_kernels_total", "kernels stopped because they broke a bound on their channels "
+            "(too_large: a message over kernel_max_message_bytes; flood: kernel_flood_bytes; malformed; closed)",
+            ["reason"], registry=self.registry)
         # the cyclic garbage collector stops the one event loop that serves everyone (`watch_gc`)
         self.gc_pauses = Histogram(
             "kernelpool_gc_pause_seconds", "pauses of Python's cyclic garbage collector, by generation", ["generation"],

@@ -35,6 +35,7 @@ PATH_FUNCS = {
 METHODS = {
     "connect", "bind", "mkdir", "exists", "is_file", "is_dir", "read_text", "read_bytes", "write_text",
     "write_bytes", "unlink", "rmdir", "touch", "chmod", "symlink_to", "iterdir", "glob", "rglob", "open",
+    "sock_connect",
 }
 
 SERVER_CONFIG = "a path from the server's configuration or the host (DATA itself, /proc, /sys/fs/cgroup, /etc): no tenant writes there"
@@ -68,6 +69,11 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/disk.py", "check_earlier_data_dir", ".is_dir"): (1, "DATA: configuration; for the message"),
     ("kernelpool/disk.py", "check_earlier_data_dir", ".iterdir"):
         (1, "DATA, which holds no database yet (no server ran there): whether it is empty, for the message"),
+    ("kernelpool/kernels/wire.py", "Wire.connect", ".sock_connect"):
+        (1, "a unix connect to a kernel's socket in DATA/run/<uid>/<kid>/s/, only after the provisioner locked s/ "
+            "(root:<gid> 0750) and check_sockets found each entry a socket of the kernel's uid"),
+    ("kernelpool/kernels/channels.py", "KernelChannels.open", ".connect"): (1, "Wire.connect: reviewed where it is defined"),
+    ("kernelpool/kernels/launch.py", "KernelLauncher.open_channels", ".open"): (1, "KernelChannels.open: reviewed where it is defined"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.path.islink"): (1, "DATA/run/<uid>: in root's DATA/run"),
     ("kernelpool/kernels/reaper.py", "reap_leftovers", "os.listdir"):

@@ -458,3 +458,175 @@ async def test_bob_keeps_his_latency_while_alice_sits_at_every_cap(server: Kerne
     assert rss_max - rss_base <= bound, f"server grew {(rss_max - rss_base) / 2**20:.0f} MiB (bound {bound / 2**20:.0f})"
     print(f"bob p50 idle {idle_p50 * 1000:.1f} ms, loaded {loaded_p50 * 1000:.1f} ms; "
           f"server RSS {rss_base / 2**20:.0f} -> max {rss_max / 2**20:.0f} MiB; alice: {counts}")
+
+
+# ---- (class 2) a kernel cannot make the server hold or parse without bound ---------------------
+
+# what alice's kernel runs (tests/kernel_attacks.py), the metric label of why it is stopped (None:
+# nothing reaches the server, the kernel lives on) and words its call's result must carry
+FLOODS: dict[str, tuple[str, str | None, str]] = {
+    "shell: one 2 GiB message": ("huge('shell', 2 << 30)", "too_large",
+                                 "sent a message of more than 1 GiB on its shell channel"),
+    "control: one 2 GiB message": ("huge('control', 2 << 30)", "too_large",
+                                   "sent a message of more than 1 GiB on its control channel"),
+    "IOPub: one 2 GiB message": ("huge('iopub', 2 << 30)", "too_large", "sent a message of more than 1 GiB on its iopub channel"),
+    "stdin: 1 GiB, raw and through ipykernel": (
+        "print(raw('stdin', head_then_body(signed('input_request', {})[:5], 1 << 30)), "
+        "_k.stdin_socket.send_multipart([b'\\x00k', *signed('input_request', {})[:5], bytes(80 * MiB)], copy=False))",
+        None, "no connection None"),
+    "heartbeat: 1 GiB": ("print(raw('hb', head_then_body([b'ping'], 1 << 30)))", None, "no connection"),
+    "IOPub: 80 MiB signed once, sent 20 times zero-copy": (
+        "iopub_send(signed_raw('display_data', display_bytes(80 * MiB), _k.get_parent()), 20)",
+        "replayed", "sent the same message twice on its iopub channel"),
+    # what a cell that displays 320 MiB sends: read at the user's pace, kept as notes, not stopped
+    "IOPub: 40 MiB displays, each signed anew, 8 times": (
+        "fresh('iopub', 8, display_bytes(40 * MiB), 'display_data', _k.get_parent())", None, "dropped unread"),
+    "shell: 2 MiB messages, each new, 1000 times": (
+        "fresh('shell', 1000, json.dumps({'name': 'stdout', 'text': 'm' * (2 * MiB)}).encode(), parent=_k.get_parent())",
+        "flood", "flooded its shell channel"),
+    "IOPub: 200,000 messages with no parent": ("fresh('iopub', 200_000)", "flood", "flooded its iopub channel"),
+    "shell: one message of a million frames": ("many_frames('shell', 1_000_000)", "malformed", "more than 256 frames"),
+    "shell: a header nested 500,000 deep": (
+        "raw('shell', encode([b'<IDS|MSG>', b'0' * 64, b'[' * 500_000, b'{}', b'{}', b'{}']))", "malformed",
+        "whose header is not JSON"),
+}
+
+
+@pytest.fixture(scope="module")
+def flood_server(server_args: list[str]) -> Iterator[KernelpoolServer]:
+    kp = KernelpoolServer(make_data_dir(), server_env(
+        KERNELPOOL_METRICS_TOKEN=METRICS_TOKEN, KERNELPOOL_POOL_SIZE="1", KERNELPOOL_USER_CPUS="0.5",
+        KERNELPOOL_MAX_SAVED_EXECUTION_CHARS="4000000", KERNELPOOL_KERNEL_MEMORY="1G"))
+    try:
+        kp.add_user("alice")
+        kp.add_user("bob")
+        kp.start(*server_args)
+        yield kp
+    finally:
+        kp.cleanup()
+
+
+def misbehaving(kp: KernelpoolServer) -> dict[str, float]:
+    metrics = httpx2.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^kernelpool_misbehaving_kernels_total\{reason="(\w+)"\} (\S+)$', metrics, re.M)}
+
+
+class PeakRss:
+    """The server process's RSS, sampled every 10 ms in a thread while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self._proc = psutil.Process(pid)
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def _timed(c: Any) -> float:
+    start = time.perf_counter()
+    r = await c.call_tool("execute_code", {"notebook": "b.ipynb", "code": "1+1"})
+    elapsed = time.perf_counter() - start
+    assert not r.is_error and texts(r) == ["2"], texts(r)
+    return elapsed
+
+
+@pytest.mark.parametrize("case", list(FLOODS))
+async def test_a_flooding_kernel_is_stopped_and_bob_keeps_his_latency(flood_server: KernelpoolServer, case: str) -> None:
+    from tests.kernel_attacks import ATTACKS
+
+    kp = flood_server
+    code, reason, words = FLOODS[case]
+    before = misbehaving(kp)
+    attacks: list[Any] = []
+    idle: list[float] = []
+    loaded: list[float] = []
+    async with mcp_client(kp.url, kp.tokens["bob"], mode="auto") as b, \
+            mcp_client(kp.url, kp.tokens["alice"], mode="auto") as a:
+        await b.call_tool("use_notebook", {"notebook": "b.ipynb", "mode": "create"})
+        await a.call_tool("use_notebook", {"notebook": "a.ipynb", "mode": "create"})
+        for _ in range(3):
+            await _timed(b)
+        with PeakRss(kp.proc.pid) as rss:
+            for _ in range(3):  # interleaved: the shared machine's own load hits idle and attacked samples alike
+                idle += [await _timed(b) for _ in range(10)]
+                stop = asyncio.Event()
+
+                async def attack(stop: asyncio.Event) -> None:  # one attack after another, each on a fresh kernel
+                    while not stop.is_set():
+                        attacks.append(await a.call_tool("execute_code", {"notebook": "a.ipynb", "timeout": 120,
+                                                                          "code": ATTACKS + code}))
+                        # at most 5 calls a second: what is measured is the flood, not alice's call rate
+                        # (an attack that reaches nothing returns at once)
+                        await asyncio.sleep(0.2)
+
+                task = asyncio.create_task(attack(stop))
+                await asyncio.sleep(0.5)  # the attack is under way
+                loaded += [await _timed(b) for _ in range(10)]
+                stop.set()
+                await task
+        r = await a.call_tool("execute_code", {"notebook": "a.ipynb", "code": "6*7"})
+        assert not r.is_error and texts(r) == ["42"], f"alice's next call works on a fresh kernel: {texts(r)}"
+    shown = ["".join(texts(r)) for r in attacks]
+    if reason is None:
+        assert all(not r.is_error and words in s for r, s in zip(attacks, shown, strict=True)), shown
+    else:
+        assert all(r.is_error and r.structured_content["status"] == "died" and words in s for r, s in zip(attacks, shown, strict=True)), shown
+        assert "the kernel was stopped because it" in shown[0]
+        after = misbehaving(kp)
+        assert after.get(reason, 0) - before.get(reason, 0) == len(attacks), (before, after, len(attacks))
+    idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
+    grown = rss.peak - rss.base
+    print(f"{case}: {len(attacks)} attacks; bob p50 idle {idle_p50 * 1000:.1f} ms, attacked {loaded_p50 * 1000:.1f} ms; "
+          f"server RSS {rss.base / 2**20:.0f} -> peak {rss.peak / 2**20:.0f} MiB")
+    assert loaded_p50 <= 2 * idle_p50, f"bob's p50: idle {idle_p50 * 1000:.1f} ms, attacked {loaded_p50 * 1000:.1f} ms"
+    # README, "Server memory": what a kernel's channels can make the server hold is one content its
+    # running execution may still keep (max_saved_execution_chars, here 4 MB) and 1 MiB of headers per
+    # execution, and 64 KiB per connection; two executions run here (alice's and bob's)
+    bound = 2 * (4_000_000 + 2**20) + 64 * 2**20
+    assert grown <= bound, f"server grew {grown / 2**20:.0f} MiB (bound {bound / 2**20:.0f})"
+
+
+@pytest.mark.filterwarnings("ignore::mcp.MCPDeprecationWarning")
+async def test_a_kernel_that_floods_between_calls_is_stopped_and_its_user_told(flood_server: KernelpoolServer) -> None:
+    from tests.kernel_attacks import ATTACKS
+
+    kp = flood_server
+    heard: list[str] = []
+
+    async def log(params: Any) -> None:
+        heard.append(str(params.data.get("message") if isinstance(params.data, dict) else params.data))
+
+    before = misbehaving(kp)
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kp.tokens['alice']}"}, timeout=httpx2.Timeout(30, read=300))
+    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy",  # type: ignore[arg-type]
+                            logging_callback=log) as c:
+        r = await c.call_tool("use_notebook", {"notebook": "idle.ipynb", "mode": "create"})
+        assert not r.is_error, texts(r)
+        # the cell ends at once; a thread floods IOPub with messages of no request a second later
+        code = ATTACKS + ("import threading\nthreading.Thread(target=lambda: (time.sleep(1), fresh('iopub', 200_000)), "
+                          "daemon=True).start()\nprint('started')")
+        r = await c.call_tool("execute_code", {"code": code})
+        assert not r.is_error and texts(r) == ["started\n"], texts(r)
+        deadline = time.monotonic() + 60
+        while not any("flooded" in h for h in heard) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        told = [h for h in heard if "flooded" in h]
+        assert told and told[0].startswith("the kernel of idle.ipynb died: the kernel was stopped because it flooded "
+                                           "its iopub channel"), heard
+        assert "the next call starts a fresh one" in told[0]
+        r = await c.call_tool("execute_code", {"code": "6*7"})
+        assert not r.is_error and texts(r) == ["42"], texts(r)
+    after = misbehaving(kp)
+    assert after.get("flood", 0) - before.get("flood", 0) == 1, (before, after)

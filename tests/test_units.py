@@ -272,19 +272,26 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
 def test_an_oversized_stream_message_keeps_head_and_tail_unparsed() -> None:
     import json
 
-    from kernelpool.kernels.channels import _head_and_tail
+    from kernelpool.kernels.messages import _head_and_tail, _Sample
 
     body = "".join(("é\"\\\n" if i % 7 == 0 else "abc\u2603") for i in range(100_000)) + "THE END\n"
     raw = json.dumps({"name": "stdout", "text": body}, ensure_ascii=False).encode()
     for keep in (1000, 1001, 1002, 1003, 1005, 5003):  # cuts land inside escapes and UTF-8 characters
-        text = _head_and_tail(raw, keep, len(raw))
+        sample = _Sample(keep + 256, keep + 64)  # as the reader keeps it: pieces of any size pass through
+        at = 0
+        for size in (1, 700, 65536, 13, 4096) * 200:
+            sample.add(raw[at:at + size])
+            at += size
+        sample.add(raw[at:])
+        assert bytes(sample.head) == raw[:keep + 256] and bytes(sample.tail)[-(keep + 64):] == raw[-(keep + 64):]
+        text = _head_and_tail(bytes(sample.head), bytes(sample.tail), keep, len(raw))
         assert text is not None
         head, _, rest = text.partition("\n[... about ")
         assert "bytes of output dropped unread" in rest
         tail = rest.split(" ...]\n", 1)[1]
         assert body.startswith(head) and len(head) > keep // 4
         assert body.endswith(tail) and tail.endswith("THE END\n")
-    assert _head_and_tail(b'{"data": {}}', 10, 12) is None
+    assert _head_and_tail(b'{"data": {}}', b'{"data": {}}', 10, 12) is None
 
 
 def test_network_settings_are_checked(tmp_path, monkeypatch) -> None:

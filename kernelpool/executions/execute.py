@@ -20,6 +20,7 @@ from nbformat import NotebookNode
 from kernelpool.executions.outputs import OutputLimits, Outputs
 from kernelpool.kernels.channels import Inbox
 from kernelpool.kernels.kernel import Kernel, KernelState
+from kernelpool.kernels.wire import WireError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class _Run:
                 return
             got = await inbox.get(max(self._wait(now), 0.01))
             if got is None:
-                if not await self.kernel.manager.is_alive():
+                # closed: the kernel was stopped for misbehaving, or its process ended
+                if inbox.closed or not await self.kernel.manager.is_alive():
                     self.status = "died"
                     return
                 continue
@@ -143,12 +145,19 @@ async def execute(
     interrupt at the timeout) leave the kernel of no use. `interrupt` stops the kernel's work,
     at the timeout or when this call is cancelled.
     """
-    client, channels = kernel.client, kernel.channels
-    assert client is not None and channels is not None
+    channels = kernel.channels
+    assert channels is not None
     start = time.monotonic()
-    msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
-    inbox = channels.listen(msg_id)  # no await since the send: no answer can have been missed
     run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits)
+    try:
+        # the inbox exists before the request is sent; a kernel that does not read its requests
+        # holds the send back no longer than the timeout
+        msg_id, inbox = await asyncio.wait_for(channels.execute(code, store_history=store_history), timeout)
+    except (TimeoutError, WireError) as exc:
+        if isinstance(exc, TimeoutError) and kernel.death_cause is None:
+            kernel.death_cause = f"the kernel did not take the request within its timeout of {timeout:g} s (it does not read its shell channel)"
+        return ExecutionResult("died", duration=time.monotonic() - start)
+    assert inbox is not None
     try:
         await run.until_idle(inbox)
         if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:

@@ -13,7 +13,6 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
 from kernelpool.kernels.channels import KernelChannels
@@ -48,8 +47,7 @@ class Kernel:
     rundir: KernelRunDir | None = None
     limits: Limits | None = None  # the per-kernel limits it was started with
     notebook: str | None = None
-    client: AsyncKernelClient | None = None
-    channels: KernelChannels | None = None  # its IOPub and shell read by one task each, once it answered
+    channels: KernelChannels | None = None  # the server's connections to it (shell, IOPub, control), once it started
     state: KernelState = KernelState.STARTING
     started_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)

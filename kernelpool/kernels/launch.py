@@ -11,21 +11,19 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import zmq
-import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
 
 from kernelpool.config import Settings
 from kernelpool.kernels import packages
 from kernelpool.kernels.channels import KernelChannels
-from kernelpool.kernels.client import KernelpoolClient
 from kernelpool.kernels.environment import kernel_env
 from kernelpool.kernels.kernel import Kernel
+from kernelpool.kernels.manager import KernelpoolManager
+from kernelpool.kernels.messages import ChannelLimits, Misbehaviour, Pace
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.zygote.server import ForkServer, ZygoteProcess
 from kernelpool.metrics import Metrics
@@ -38,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PROVISIONER_NAME = "kernelpool-sandbox"  # `provisioner.SandboxProvisioner`'s entry point (pyproject.toml)
 KERNEL_NAME = "kernelpool-python3"
-_MAX_ZMQ_SOCKETS = 65536  # about 3 a kernel (shell, IOPub, control); max_kernels is far below
 
 
 @dataclass
@@ -101,7 +98,8 @@ class KernelLauncher:
     """Builds, starts and takes apart kernels; one per registry."""
 
     def __init__(self, settings: Settings, users: UserService, cgroups: CgroupBackend | None,
-                 networks: UserNetworkPolicy, fork_server: ForkServer | None, metrics: Metrics) -> None:
+                 networks: UserNetworkPolicy, fork_server: ForkServer | None, metrics: Metrics,
+                 on_misbehaviour: Callable[[Kernel, Misbehaviour], None]) -> None:
         self._settings = settings
         self._users = users
         self.python = settings.kernel_python or sys.executable
@@ -112,16 +110,13 @@ class KernelLauncher:
         self._networks = networks
         self._fork_server = fork_server
         self._metrics = metrics
-        # One ZMQ context for every kernel's manager and client. jupyter_client makes one per
-        # manager and one per client otherwise, each with an I/O thread and a reaper thread:
-        # 4 threads a kernel, 1,800 at 300 sessions. Its default cap of 1,024 sockets (set before
-        # its first socket, when it allocates its slots) would stop it near 300 kernels.
-        self.zmq_context = zmq.asyncio.Context()
-        self.zmq_context.set(zmq.MAX_SOCKETS, _MAX_ZMQ_SOCKETS)
-
-    def close(self) -> None:
-        """After every kernel stopped: the shared ZMQ context goes (its sockets are closed)."""
-        self.zmq_context.destroy(linger=0)
+        self._on_misbehaviour = on_misbehaviour
+        # the server's side of every kernel's channels is kernels.channels (no ZMQ context, no
+        # libzmq queue): these are the bounds it reads them within
+        self.channel_limits = ChannelLimits(
+            max_message=settings.kernel_max_message_bytes, max_parse=settings.max_saved_execution_chars,
+            flood_bytes=settings.kernel_flood_bytes, flood_rate=float(settings.kernel_flood_rate))
+        self._paces: dict[str, Pace] = {}  # user -> how fast unread traffic of their kernels is passed through
 
     def user_cgroup(self, user: str) -> Cgroup | None:
         """The cgroup of all the user's kernels, once one has started."""
@@ -160,15 +155,13 @@ class KernelLauncher:
         except BaseException:
             rundir.remove()
             raise
-        manager = AsyncKernelManager(
+        manager = KernelpoolManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=self._spec_manager,
             transport="ipc",
             ip=rundir.socket_prefix,
             connection_file=rundir.connection_file,
             kernel_id=kid,
-            client_class="kernelpool.kernels.client.KernelpoolClient",
-            context=self.zmq_context,
         )
         manager.shutdown_wait_time = 2.0
         return Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, uid=user.uid,
@@ -225,23 +218,32 @@ class KernelLauncher:
         )
 
     async def open_channels(self, kernel: Kernel) -> None:
-        """Open the started kernel's channels and wait until it answers."""
-        client = kernel.manager.client(context=self.zmq_context)
-        assert isinstance(client, KernelpoolClient)
-        client.start_channels()
-        kernel.client = client
-        await client.wait_for_ready(timeout=self._settings.kernel_start_timeout)
-        # from now on every message is read by these, and handed to the request it answers
-        kernel.channels = KernelChannels(client.session, client.iopub_channel.socket, client.shell_channel.socket,
-                                         max_bytes=self._settings.max_saved_execution_chars)
+        """Connect to the started kernel's shell, IOPub and control sockets and wait until it answers."""
+        info = kernel.manager.get_connection_info()
+        prefix = info["ip"]
+        paths = {"shell": f"{prefix}-{info['shell_port']}", "iopub": f"{prefix}-{info['iopub_port']}",
+                 "control": f"{prefix}-{info['control_port']}"}
+        timeout = self._settings.kernel_start_timeout
+        kernel.channels = await asyncio.wait_for(
+            KernelChannels.open(kernel.manager.session, paths, self.channel_limits, self._pace(kernel.user), kernel.manager.is_alive,
+                                lambda exc: self._on_misbehaviour(kernel, exc)), timeout)
+        await kernel.channels.ready(timeout)
+
+    def _pace(self, user: str) -> Pace:
+        pace = self._paces.get(user)
+        if pace is None:
+            # four times the refill: a flood still drains the budget, at a small share of the CPU
+            rate = max(4.0 * self._settings.kernel_flood_rate, 16.0 * 2**20)
+            pace = self._paces[user] = Pace(rate)
+        return pace
 
     async def stop(self, kernel: Kernel, now: bool = False) -> None:
         """Shut the process down (shutdown request, then SIGKILL to its group), then remove its
         cgroup and runtime folder: the only place either is removed."""
         if kernel.channels is not None:
+            if not now and kernel.channels.failure is None:
+                await kernel.channels.request_shutdown()
             await kernel.channels.close()
-        if kernel.client is not None:
-            kernel.client.stop_channels()
         try:
             if kernel.manager.has_kernel:
                 await kernel.manager.shutdown_kernel(now=now)
@@ -252,7 +254,9 @@ class KernelLauncher:
         if kernel.cgroup is not None:
             try:
                 # off the event loop: what the kernel left running is frozen and killed first,
-                # which may wait (a freeze, a task that takes its time to exit)
+                # which may wait (a freeze, a task that takes its time to exit), and the event loop
+                # serves every other user meanwhile (a kernel that misbehaves in a loop is stopped
+                # and replaced again and again)
                 await asyncio.to_thread(kernel.cgroup.remove)
             except Exception as exc:
                 log.warning("kernel %s: removing cgroup: %s", kernel.id, exc)

@@ -58,6 +58,14 @@ class WarmPool:
                 await self._stop(kernel, True)
         return None
 
+    def discard(self, kernel: Kernel) -> bool:
+        """Take `kernel` out of its user's pool (it is being stopped); False if it was not there."""
+        pool = self._pools.get(kernel.user)
+        if pool is None or kernel not in pool:
+            return False
+        pool.remove(kernel)
+        return True
+
     def acquired(self, user: User) -> None:
         """`user` was handed a kernel: they count as active, and their pool fills up again."""
         self._last_acquire[user.name] = time.monotonic()

@@ -20,6 +20,7 @@ from kernelpool.errors import KernelFailed, LimitReached
 from kernelpool.kernels import reaper
 from kernelpool.kernels.kernel import Kernel, KernelState
 from kernelpool.kernels.launch import KernelLauncher
+from kernelpool.kernels.messages import Misbehaviour
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.pool import WarmPool
 from kernelpool.kernels.zygote.server import ForkServer
@@ -50,7 +51,8 @@ class KernelRegistry:
         self._cgroups = cgroups
         self._disk_check = disk_check
         self._metrics = metrics or Metrics()
-        self._launcher = KernelLauncher(settings, users, cgroups, self.networks, fork_server, self._metrics)
+        self._launcher = KernelLauncher(settings, users, cgroups, self.networks, fork_server, self._metrics,
+                                        self._misbehaved)
         self._pool = WarmPool(settings.pool_size, self._start, self._stop, lambda user: self._starting.get(user, 0))
         self._kernels: dict[tuple[str, str], Kernel] = {}
         # user -> kernels admitted and not yet fully stopped: starting, warm, assigned or shutting down.
@@ -59,6 +61,9 @@ class KernelRegistry:
         self._slots: dict[str, int] = {}
         self._starting: dict[str, int] = {}  # user -> kernels being started (pool refills included)
         self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # kernels stopped for misbehaving
+        # told (user, notebook, cause) when a kernel no call was running on is stopped for misbehaving
+        self.listeners: list[Callable[[str, str, str], None]] = []
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -115,8 +120,9 @@ class KernelRegistry:
         folder = notebook.rpartition("/")[0]
         if folder:
             # kernels start in the user's folder; Jupyter runs a notebook's code in the notebook's folder
-            assert kernel.client is not None
-            kernel.client.execute(f"import os as _o; _o.chdir({folder!r}); del _o", silent=True, store_history=False)
+            assert kernel.channels is not None
+            await kernel.channels.execute(f"import os as _o; _o.chdir({folder!r}); del _o", silent=True,
+                                          store_history=False, listen=False)
         await self._store.set_kernel_notebook(kernel.id, notebook)
 
     def _admit(self, user: str) -> None:
@@ -184,6 +190,28 @@ class KernelRegistry:
             identity, kernel.network_of = kernel.network_of, None
             await self.networks.leave(identity)
         await self._store.remove_kernel(kernel.id)
+
+    def _misbehaved(self, kernel: Kernel, exc: Misbehaviour) -> None:
+        """A kernel's channel reader found it breaking a bound (kernels.channels): it is stopped
+        and no longer read. A call running on it ends with the cause; otherwise `listeners` hear it."""
+        if kernel.death_cause is not None or kernel.state not in (KernelState.IDLE, KernelState.BUSY):
+            kernel.death_cause = kernel.death_cause or f"the kernel was stopped because {exc}"
+            return  # starting (the start path fails with the cause) or already going
+        kernel.death_cause = f"the kernel was stopped because {exc}"
+        self._metrics.misbehaving_kernels.labels(exc.reason).inc()
+        log.warning("kernel %s of %s stopped as misbehaving: %s", kernel.id, kernel.user, exc)
+        task = asyncio.get_running_loop().create_task(self._stop_misbehaving(kernel, kernel.state is KernelState.BUSY))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop_misbehaving(self, kernel: Kernel, busy: bool) -> None:
+        if kernel.notebook is not None and self._kernels.get((kernel.user, kernel.notebook)) is kernel:
+            del self._kernels[(kernel.user, kernel.notebook)]
+        self._pool.discard(kernel)
+        await self._stop(kernel, now=True)
+        if not busy and kernel.notebook is not None and kernel.death_cause is not None:
+            for listener in self.listeners:
+                listener(kernel.user, kernel.notebook, kernel.death_cause)
 
     async def _discard(self, kernel: Kernel) -> None:
         kernel.explain_death()
@@ -267,8 +295,7 @@ class KernelRegistry:
         pooled = await self._pool.close()
         kernels = list(self._kernels.values()) + pooled
         self._kernels.clear()
-        await asyncio.gather(*(self._stop(k) for k in kernels), return_exceptions=True)
-        self._launcher.close()
+        await asyncio.gather(*(self._stop(k) for k in kernels), *self._stopping, return_exceptions=True)
         if self._cgroups is not None:
             # the users' cgroups and our prefix folder: a stopped server leaves nothing in the tree
             root = self._cgroups.get("")
