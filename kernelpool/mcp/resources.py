@@ -180,7 +180,7 @@ class _Handlers:
 
     async def list_resources(self, ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
         user = _user()
-        paths = await self.s.notebooks.list_notebooks(user)
+        paths = (await self.s.notebooks.list_notebooks(user)).items
         start = 0
         if params.cursor:
             if not params.cursor.isdigit():
@@ -277,9 +277,10 @@ class _Handlers:
         if isinstance(ref, ResourceTemplateReference) and ref.uri in (NOTEBOOK_TEMPLATE, OUTPUT_TEMPLATE):
             known = dict(params.context.arguments or {}) if params.context else {}
             if arg.name in ("path", "notebook"):
-                values = [p for p in await self.s.notebooks.list_notebooks(user) if p.startswith(arg.value)]
+                paths = (await self.s.notebooks.list_notebooks(user)).items  # bounded, in the user's file-work turns
+                values = [p for p in paths if p.startswith(arg.value)]
                 if not values:  # then anything containing what was typed
-                    values = [p for p in await self.s.notebooks.list_notebooks(user) if arg.value in p]
+                    values = [p for p in paths if arg.value in p]
             elif ref.uri == OUTPUT_TEMPLATE and arg.name in ("cell_id", "index") and known.get("notebook"):
                 values = await self._complete_output(user, arg.name, arg.value, known)
             elif arg.name == "format":
