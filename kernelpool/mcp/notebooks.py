@@ -15,7 +15,7 @@ TOOLS = Tools()
 
 
 @TOOLS.add("list_files", "List files and folders in your folder (or a subfolder), optionally filtered by a glob pattern; "
-           "at most 2000 entries (the result says when it was cut).", READ)
+           "at most 500 entries (the result says when it was cut).", READ)
 async def list_files(call: Call, path: str = "", pattern: str | None = None) -> CallToolResult:
     found = await call.services.notebooks.list_files(call.user, path, pattern)
     lines = [f"{e['type']:7} {e['size']:>10}  {e['path']}" for e in found.items] or ["(empty)"]

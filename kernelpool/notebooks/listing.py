@@ -20,9 +20,9 @@ from sandbox import SafeRoot
 from sandbox.errors import SandboxError
 from sandbox.scan import Kind
 
-LIST_LIMIT = 2000  # entries list_files returns
+LIST_LIMIT = 500  # entries list_files returns
 NOTEBOOK_LIMIT = 10000  # notebooks list_notebooks returns
-SCAN_LIMIT = 50_000  # names one listing reads, at most: a folder larger than this is not read to its end
+SCAN_LIMIT = 20_000  # names one listing reads, at most: a folder larger than this is not read to its end
 
 
 @dataclass(frozen=True)
