@@ -52,6 +52,7 @@ from kernelpool.errors import KernelpoolError
 from kernelpool.mcp.content import b64_size, output_text, truncate
 from kernelpool.notebooks.cells import OutputPage
 from kernelpool.notebooks.paths import check_notebook_path
+from kernelpool.mcp.wire import clean_text
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,12 @@ RequestContext = ServerRequestContext[Any, Any]
 
 
 def notebook_uri(path: str) -> str:
-    return "notebook://" + quote(path, safe="/")
+    # a file name of bytes that are not UTF-8 has surrogate escapes, which quote() cannot encode
+    return "notebook://" + quote(clean_text(path), safe="/")
 
 
 def output_uri(notebook: str, cell_id: str, index: int) -> str:
-    return f"output://{quote(notebook, safe='/')}/{quote(cell_id, safe='')}/{index}"
+    return f"output://{quote(clean_text(notebook), safe='/')}/{quote(clean_text(cell_id), safe='')}/{index}"
 
 
 def _split(uri: str, scheme: str) -> tuple[str, dict[str, str]] | None:
