@@ -27,7 +27,7 @@ from kernelpool.notebooks import cells
 
 # bytes held at the peak per JSON object ('{': a dict and the NotebookNode nbformat makes of
 # it), array ('[': a list and its copy) and other value (',' or ':' before it), measured (see above)
-_OBJECT, _ARRAY, _VALUE = 600, 128, 80
+_OBJECT, _ARRAY, _VALUE = 700, 128, 80
 _SLACK = 16 << 20  # what the allocator and nbformat's validator hold beyond the objects
 _ASTRAL = re.compile(rb"[\xf0-\xf4]|\\u[dD][89abAB]")  # a character beyond U+FFFF, raw or escaped
 _WIDE_ESCAPE = re.compile(rb"\\u(?!00)")  # an escaped character from U+0100 on
