@@ -87,8 +87,11 @@ class SafeRoot:
         """Turn an error on `name` into one that names `relpath` and says if a link was refused."""
         if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO):
             try:
-                if st.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
+                if st.S_ISLNK(mode):
                     return InvalidPath(relpath, f"{name!r} is a symbolic link; links are not followed")
+                if exc.errno == errno.ENXIO and st.S_ISSOCK(mode):  # open(2) of a socket
+                    return InvalidPath(relpath, "not a regular file")
             except OSError:
                 pass
         return _oserror(exc.errno or errno.EIO, relpath)

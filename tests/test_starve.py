@@ -605,6 +605,11 @@ write("over.ipynb", cap + 1)
 write("under.ipynb", cap - 1)
 with open("costly.ipynb", "w") as f:
     f.write('{{"cells": [], "metadata": {{"x": [' + ",".join(["{{}}"] * 700_000) + ']}}, "nbformat": 4, "nbformat_minor": 5}}')
+import os, socket
+os.mkfifo("fifo.ipynb")
+held = socket.socket(socket.AF_UNIX)
+held.bind("sock.ipynb")
+os.symlink("/dev/zero", "zero.ipynb")
 print(json.dumps([len(open(p).read()) for p in ("over.ipynb", "under.ipynb")]))
 """
 
@@ -638,6 +643,12 @@ async def test_notebooks_over_max_notebook_bytes_are_refused_before_they_are_rea
             r = await c.call_tool("read_notebook", {"notebook": "costly.ipynb"})
             said = texts(r)[0]
             assert r.is_error and "too costly to open" in said and "4 x max_notebook_bytes" in said, said
+            # what is not a regular file is refused at once (no read of a FIFO or of /dev/zero)
+            for name, why in (("fifo.ipynb", "not a regular file"), ("sock.ipynb", "not a regular file"),
+                              ("zero.ipynb", "symbolic link")):
+                start = time.monotonic()
+                r = await c.call_tool("read_notebook", {"notebook": name})
+                assert r.is_error and why in texts(r)[0] and time.monotonic() - start < 5, (name, texts(r))
             refusals_peak = peak[0] - base
             # just under the cap opens, and its parse holds at most 4 x max_notebook_bytes
             r = await c.call_tool("read_notebook", {"notebook": "under.ipynb", "response_format": "detailed"})
