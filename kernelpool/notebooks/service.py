@@ -207,7 +207,8 @@ class NotebookService:
         marks = [fingerprint(c) for c in nb.cells]  # once per write: validation and encoding share them
         _check(nb, marks, self._validated.get(id(nb), {}))
         data = file_bytes(self._encoder.encode(nb, marks))
-        cost = parse_cost(data)
+        # a parse costs at least 3 times the file: a larger one will not be kept, so no need to weigh it
+        cost = parse_cost(data) if 3 * len(data) <= _CACHE_BYTES else _CACHE_BYTES + 1
         stamp = None
         try:
             self._write(user, path, data)
