@@ -3,7 +3,8 @@
 Each test starts its own real server with the caps it exercises set low, and drives it with
 real clients over HTTP: the atomic kernel limits under concurrent starts, the per-user session
 cap, sessionless clients with made-up session ids, bounded background results and outputs,
-failed-authentication back-off, and a data folder on a small tmpfs that a kernel fills.
+failed-authentication back-off, and a data folder on a small tmpfs that a kernel fills; and what the
+server reads or lists for a user (a folder of 200,000 files, notebooks over max_notebook_bytes).
 """
 
 from __future__ import annotations

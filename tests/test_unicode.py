@@ -119,6 +119,11 @@ async def test_replies_are_valid_unicode_and_the_session_lives_on(planted: Kerne
         assert not r.is_error and "esc\ufffd raw\ufffd end" in text(r) and "shown\ufffd" in text(r), text(r)
         r = await c.call_tool("execute_code", {"notebook": notebook, "code": CRAFTED})
         assert not r.is_error and "esc\ufffd raw\ufffd end" in text(r), text(r)
+        # what ipykernel itself does with a lone surrogate: its message packer refuses it, in the kernel
+        for code, said in (("print('p\\ud800')", "UnicodeEncodeError"),
+                           ("display({'text/plain': 'd\\ud800'}, raw=True)", "UnicodeEncodeError")):
+            r = await c.call_tool("execute_code", {"notebook": notebook, "code": code})
+            assert said in text(r), text(r)
         # the session (or the sessionless client) answers the next call
         r = await c.call_tool("execute_code", {"notebook": notebook, "code": "6 * 7"})
         assert text(r) == "42"
