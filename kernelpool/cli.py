@@ -197,10 +197,6 @@ def _tune_gc(app: Any) -> None:
     gc.collect()  # timed too: the one full collection of everything built so far
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
-    # users' file work (listings, notebook parsing) runs in threads: a thread busy in Python code
-    # holds the GIL for the whole switch interval (5 ms by default) each time the event loop wants
-    # it back, after every poll, so one user's listing added tens of ms to everyone's calls
-    sys.setswitchinterval(0.0005)
 
 
 def _uvicorn_server(config: Any) -> Any:
