@@ -14,6 +14,7 @@ Callers: `kernelpool.mcp.server`, `kernelpool.mcp.notices`.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -45,10 +46,20 @@ def clean(value: Any) -> Any:
     return value
 
 
+def _may_hold_surrogates(value: Any) -> bool:
+    # one pass in C: with ensure_ascii every surrogate, lone or paired (a character beyond
+    # U+FFFF), is written as a \udXXX escape; a false alarm only costs the walk in `clean`
+    try:
+        return "\\ud" in json.dumps(value)
+    except (TypeError, ValueError):
+        return True
+
+
 async def clean_replies(ctx: Any, call_next: Any) -> Any:
     """MCP server middleware: the reply to every request, result or error, made valid Unicode."""
     try:
-        return clean(await call_next(ctx))
+        result = await call_next(ctx)
+        return clean(result) if _may_hold_surrogates(result) else result
     except MCPError as exc:
         message, data = clean_text(exc.message), clean(exc.data)
         if message is exc.message and data is exc.data:

@@ -3,9 +3,12 @@
 Every notebook read and write, listing and stat the server does in a user's folder runs in a
 thread (the file system blocks). They used to share the event loop's default pool: 24 slow
 `list_files` calls of one user filled it, and every other user's notebook reads queued behind
-them for tens of seconds. Here the work goes to a pool of its own, and each user has a few
-turns in it at a time (`per_user`); a user's further calls wait for one of that user's turns,
-in order, so one user's slow calls queue behind each other, not in front of everyone.
+them for tens of seconds. Here the work goes to a pool of its own, and each user has one turn
+in it at a time (`per_user`); a user's further calls wait for that user's turn, in order, so one
+user's slow calls queue behind each other, not in front of everyone. One turn, not two: with two,
+a user's 24 concurrent listings of a folder of 200,000 files kept two threads busy in Python code
+that competed with the event loop for the GIL, and another user's p50 for list_files went over 2x
+its idle value in 2 of 6 runs of tests/test_starve.py; with one, it stayed at 0.8-1.6x in 4 runs.
 
 A turn ends when its thread's work ends, not when the caller stops waiting: a cancelled call
 cannot free a turn while its thread still runs. Callers: `kernelpool.notebooks.service`.
@@ -25,7 +28,7 @@ T = TypeVar("T")
 class FileWork:
     """A thread pool of `workers`, of which one user holds at most `per_user` at once."""
 
-    def __init__(self, workers: int = 6, per_user: int = 2) -> None:
+    def __init__(self, workers: int = 6, per_user: int = 1) -> None:
         self.workers = workers
         self.per_user = per_user
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kp-files")
