@@ -43,6 +43,7 @@ from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.metrics import Metrics, live_gauges
+from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.services import Services
@@ -95,6 +96,7 @@ class _Server:
         # missing parents 0755 (not the umask's): users' uids pass them to reach their folders
         prepare_dir(str(settings.data_dir), None, None, mode=0o711)
         self.disk = DiskSpace(settings.data_dir, settings.disk_free_floor_bytes)
+        self.files = FileWork()  # threads for users' file work, a few turns per user at a time
         # started in the lifespan; until then, and if it cannot start, kernels start the stock way
         self.fork_server = ForkServer(settings.kernel_python or sys.executable) if settings.fork_server else None
         self.services = self._services()
@@ -115,7 +117,7 @@ class _Server:
             uid, gid = users.owner(user)
             return SafeRoot(users.folder(user), uid, gid)
 
-        notebooks = NotebookService(root_of, disk_check=self.disk.check)
+        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check)
         kernels = KernelRegistry(settings, store, users, self.iso.cgroups, UserNetworkPolicy(self.iso.network),
                                  fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics)
         notices = Notices(settings.session_idle_timeout)
@@ -228,6 +230,7 @@ class _Server:
             log.warning("removing the users' network namespaces: %s", exc)
         if self.fork_server is not None:
             await self.fork_server.close()
+        self.files.close()
 
     async def before_shutdown(self) -> None:
         """Called by `cli` when the server starts to shut down, while clients' streams are still open."""

@@ -162,6 +162,8 @@ class Settings(BaseSettings):
     """finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')"""
     max_result_bytes: NonNegativeInt = 512 * 2**20
     """finished background results kept in server memory for all users together"""
+    max_notebook_bytes: int = Field(100 * 2**20, ge=1 << 20)
+    """largest notebook file the server opens (checked before reading it); one whose parse would take more than 4 times this in memory is refused too"""
     disk_free_floor: str = "512M"
     """free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)"""
     audit_queue_max: PositiveInt = 100_000

@@ -88,6 +88,38 @@ class PathRefused(RefusedPath):
     template = "path refused: {path!r}: {reason}"
 
 
+class NotebookTooLarge(KernelpoolError):
+    """A notebook file over `max_notebook_bytes`, seen before reading it or while reading it."""
+
+    fields = ("path", "size", "limit", "grew")
+    defaults = {"grew": False}
+    template = ("notebook {path!r} is too large to open: {said} the limit of {limit_text} (max_notebook_bytes); "
+                "it was not read. Make it smaller with code run in a kernel (clear large outputs, or split it into "
+                "several notebooks), or ask the administrator to raise max_notebook_bytes")
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        said = ("it grew past" if named["grew"] else
+                f"it has {fmt_bytes(named['size'])} ({named['size']} bytes), over")
+        return {"said": said, "limit_text": f"{fmt_bytes(named['limit'])} ({named['limit']} bytes)"}
+
+
+class NotebookTooComplex(KernelpoolError):
+    """A notebook under the size cap whose parse would hold more memory than the server allows one read."""
+
+    fields = ("path", "size", "cost", "limit")
+    template = ("notebook {path!r} ({size_text}) is too costly to open: parsing it would hold about {cost_text} of "
+                "server memory, over the limit of {limit_text} (4 x max_notebook_bytes). It holds millions of small "
+                "JSON values (tiny cells, long lists in outputs or metadata) or much text beyond ASCII. Make it "
+                "smaller with code run in a kernel (clear outputs or metadata, or split it), or ask the "
+                "administrator to raise max_notebook_bytes")
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        return {"size_text": fmt_bytes(named["size"]), "cost_text": fmt_bytes(named["cost"]),
+                "limit_text": fmt_bytes(named["limit"])}
+
+
 class CellNotFound(KernelpoolError):
     fields = ("path", "ref", "count")
     template = "no cell {ref} in {path!r} (it has {count} cells)"

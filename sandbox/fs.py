@@ -20,46 +20,23 @@ import errno
 import os
 import secrets
 import stat as st
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
 
 from sandbox.errors import FileTooLarge, InvalidPath, PathError, PathOutsideRoot
 from sandbox.folders import prepare_dir, remove_tree
 from sandbox.paths import MAX_DEPTH, MAX_NAME_BYTES, normalize_path, split_path
+from sandbox.scan import READ_DIR as _READ_DIR
+from sandbox.scan import Entry, Kind, Scan, scan_dir, walk_files
+from sandbox.scan import entry as _entry
 
 __all__ = [
-    "Entry", "SafeRoot", "prepare_dir", "remove_tree", "normalize_path", "MAX_DEPTH", "MAX_NAME_BYTES",
+    "Entry", "Scan", "SafeRoot", "prepare_dir", "remove_tree", "normalize_path", "MAX_DEPTH", "MAX_NAME_BYTES",
     "PathError", "PathOutsideRoot", "InvalidPath", "FileTooLarge",
 ]
 
 _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO the user planted must not hang the server
 _READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One directory entry as `lstat` sees it (links are reported, not followed)."""
-
-    name: str
-    kind: Literal["file", "dir", "symlink", "other"]
-    size: int
-    mtime: float
-
-
-def _entry(name: str, info: os.stat_result) -> Entry:
-    mode = info.st_mode
-    kind: Literal["file", "dir", "symlink", "other"]
-    if st.S_ISREG(mode):
-        kind = "file"
-    elif st.S_ISDIR(mode):
-        kind = "dir"
-    elif st.S_ISLNK(mode):
-        kind = "symlink"
-    else:
-        kind = "other"
-    return Entry(name, kind, info.st_size, info.st_mtime)
 
 
 def _oserror(code: int, relpath: str) -> OSError:
@@ -110,8 +87,11 @@ class SafeRoot:
         """Turn an error on `name` into one that names `relpath` and says if a link was refused."""
         if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO):
             try:
-                if st.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
+                if st.S_ISLNK(mode):
                     return InvalidPath(relpath, f"{name!r} is a symbolic link; links are not followed")
+                if exc.errno == errno.ENXIO and st.S_ISSOCK(mode):  # open(2) of a socket
+                    return InvalidPath(relpath, "not a regular file")
             except OSError:
                 pass
         return _oserror(exc.errno or errno.EIO, relpath)
@@ -169,15 +149,7 @@ class SafeRoot:
             if max_bytes is not None and info.st_size > max_bytes:
                 raise FileTooLarge(relpath, info.st_size, max_bytes)
             os.set_blocking(fd, True)
-            chunks = []
-            total = 0
-            # the kernel may be appending while we read: stop at the limit whatever fstat said
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-                total += len(chunk)
-                if max_bytes is not None and total > max_bytes:
-                    raise FileTooLarge(relpath, total, max_bytes)
-            return b"".join(chunks)
+            return _read_at_most(fd, relpath, info.st_size, max_bytes)
         finally:
             os.close(fd)
 
@@ -248,21 +220,34 @@ class SafeRoot:
             _close(fd)
 
     def listdir(self, relpath: str = "") -> list[Entry]:
-        """Entries of a folder, sorted by name; links are listed as "symlink", never followed."""
+        """Entries of a folder, sorted by name; links are listed as "symlink", never followed.
+        Reads the whole folder: for a folder a user fills, use `scan`."""
+        found = self.scan(relpath, lambda name, kind: True, limit=1 << 62, max_scan=1 << 62)
+        return sorted(found.entries, key=lambda e: e.name)
+
+    def scan(self, relpath: str, keep: Callable[[str, Kind], bool], limit: int, max_scan: int) -> Scan:
+        """A folder's entries for which `keep(name, kind)`, in directory order, streamed: reading
+        stops after `limit` kept or `max_scan` names read (`Scan.cut`); only kept ones are stat'ed."""
         dirfd = self._open_dir(relpath, split_path(relpath, allow_root=True))
         try:
             readable = os.open(".", _READ_DIR, dir_fd=dirfd)
             try:
-                names = os.listdir(readable)
+                return scan_dir(readable, keep, limit, max_scan)
             finally:
                 os.close(readable)
-            entries = []
-            for name in sorted(names):
-                try:
-                    entries.append(_entry(name, os.stat(name, dir_fd=dirfd, follow_symlinks=False)))
-                except FileNotFoundError:
-                    continue  # removed while we listed
-            return entries
+        finally:
+            os.close(dirfd)
+
+    def walk(self, keep: Callable[[str], bool], limit: int, max_scan: int) -> Scan:
+        """Regular files anywhere below the root whose name passes `keep` (hidden folders and
+        files skipped, links never followed), as relative paths; bounded like `scan`."""
+        dirfd = self._open_root()
+        try:
+            readable = os.open(".", _READ_DIR, dir_fd=dirfd)
+            try:
+                return walk_files(readable, keep, limit, max_scan)
+            finally:
+                os.close(readable)
         finally:
             os.close(dirfd)
 
@@ -317,3 +302,23 @@ class SafeRoot:
                 os.close(dst_fd)
         finally:
             os.close(src_fd)
+
+
+def _read_at_most(fd: int, relpath: str, size: int, max_bytes: int | None) -> bytes:
+    """The rest of the file open at `fd`, reading at most `max_bytes` + 1 bytes: a file that
+    grows past the limit while it is read (a kernel appending) is caught without reading it all.
+    One read of the size fstat gave, so a file that does not grow is read into one buffer."""
+    cap = None if max_bytes is None else max_bytes + 1
+    first = os.read(fd, size + 1)  # the caller checked size <= max_bytes
+    if len(first) <= size:
+        return first  # at its end: no more than fstat said (a short read is the end of a regular file)
+    chunks, total = [first], len(first)
+    while True:
+        room = 1 << 20 if cap is None else min(1 << 20, cap - total)
+        if room <= 0:
+            raise FileTooLarge(relpath, total, max_bytes or 0, grew=True)
+        chunk = os.read(fd, room)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)

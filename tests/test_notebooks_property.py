@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.notebooks import cells as nbops
+from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.service import NotebookService
 from sandbox import SafeRoot
 
@@ -29,7 +30,8 @@ class NotebookEdits(RuleBasedStateMachine):
     def setup(self) -> None:
         self.runner = asyncio.Runner()
         self.folder = tempfile.mkdtemp(prefix="kp-prop-")
-        self.service = NotebookService(lambda user: SafeRoot(self.folder))
+        self.files = FileWork()
+        self.service = NotebookService(lambda user: SafeRoot(self.folder), self.files, 100 << 20)
         self.run(self.service.create("u", PATH))
         self.model: list[tuple[str, str]] = []
         self.ids: list[str] = []
@@ -37,6 +39,7 @@ class NotebookEdits(RuleBasedStateMachine):
     def teardown(self) -> None:
         if hasattr(self, "runner"):
             self.runner.close()
+            self.files.close()
             import shutil
 
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -13,6 +13,7 @@ from kernelpool.errors import InvalidArgument, LimitReached, PathRefused
 from kernelpool.executions.outputs import OutputLimits, Outputs, StreamText, outputs_size
 from kernelpool.kernels.pip_extension import _PIP_COMMAND, diagnose
 from kernelpool.mcp.content import strip_ansi, truncate
+from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.paths import check_notebook_path
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
@@ -146,7 +147,7 @@ async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) 
     from kernelpool.notebooks.service import NotebookService
     from sandbox import SafeRoot
 
-    svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
+    svc = NotebookService(lambda user: SafeRoot(str(tmp_path)), FileWork(), 100 << 20)
     await svc.create("u", "n.ipynb")
     for i in range(5):
         await svc.edit("u", "n.ipynb", lambda nb, i=i: insert_cell(nb, -1, "code", f"x = {i}"))
@@ -216,7 +217,7 @@ async def test_a_cancelled_save_holds_the_lock_until_its_write_is_done(tmp_path)
                 release.wait(10)  # a slow disk, under the writer's control
             super().write_bytes_atomic(path, data)
 
-    svc = NotebookService(lambda user: SafeRoot(str(tmp_path)))
+    svc = NotebookService(lambda user: SafeRoot(str(tmp_path)), FileWork(), 100 << 20)
     await svc.create("u", "n.ipynb")
     svc._roots = lambda user: SlowFirstWrite(str(tmp_path))  # the writes of this test go slow once
     first = asyncio.ensure_future(svc.edit("u", "n.ipynb", lambda nb: insert_cell(nb, -1, "code", "first")))

@@ -16,6 +16,7 @@ from kernelpool.executions.jobs import Job
 from kernelpool.mcp.call import EDIT, READ, RUN, Call, Tools, result
 from kernelpool.mcp.content import simplify, to_content
 from kernelpool.mcp.resources import output_links
+from kernelpool.mcp.wire import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ async def cancel_execution(call: Call, execution_id: str) -> CallToolResult:
 def _progress(ctx: Context) -> Progress:
     async def progress(elapsed: float, message: str) -> None:
         try:
-            await ctx.report_progress(elapsed, None, message)
+            await ctx.report_progress(elapsed, None, clean_text(message))  # notifications pass no middleware
         except Exception as exc:  # a client that went away must not stop the execution
             log.debug("progress not sent: %s", exc)
 

@@ -14,19 +14,25 @@ from kernelpool.notebooks.paths import check_notebook_path
 TOOLS = Tools()
 
 
-@TOOLS.add("list_files", "List files and folders in your folder (or a subfolder), optionally filtered by a glob pattern.", READ)
+@TOOLS.add("list_files", "List files and folders in your folder (or a subfolder), optionally filtered by a glob pattern; "
+           "at most 500 entries (the result says when it was cut).", READ)
 async def list_files(call: Call, path: str = "", pattern: str | None = None) -> CallToolResult:
-    entries = await call.services.notebooks.list_files(call.user, path, pattern)
-    lines = [f"{e['type']:7} {e['size']:>10}  {e['path']}" for e in entries] or ["(empty)"]
-    return result("\n".join(lines), {"path": path, "files": entries})
+    found = await call.services.notebooks.list_files(call.user, path, pattern)
+    lines = [f"{e['type']:7} {e['size']:>10}  {e['path']}" for e in found.items] or ["(empty)"]
+    if found.note:
+        lines.append(f"[{found.note}]")
+    return result("\n".join(lines), {"path": path, "files": found.items, "truncated": found.note is not None,
+                                     "note": found.note})
 
 
 @TOOLS.add("list_notebooks", "List your notebooks, with the state of each one's kernel and which is active in this session.", READ)
 async def list_notebooks(call: Call) -> CallToolResult:
-    entries, active = await call.services.workspace.notebooks(call.user, call.session_id)
+    entries, active, note = await call.services.workspace.notebooks(call.user, call.session_id)
     items = [{"path": e.path, "kernel": e.kernel, "active": e.active} for e in entries]
     lines = [f"{'*' if i['active'] else ' '} {i['path']}  (kernel: {i['kernel']})" for i in items] or ["(no notebooks)"]
-    return result("\n".join(lines), {"notebooks": items, "active": active})
+    if note:
+        lines.append(f"[{note}]")
+    return result("\n".join(lines), {"notebooks": items, "active": active, "truncated": note is not None, "note": note})
 
 
 @TOOLS.add("use_notebook", "Open a notebook (mode='connect') or create it (mode='create'), start its kernel, and make it "

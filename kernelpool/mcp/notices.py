@@ -23,6 +23,8 @@ from mcp import MCPDeprecationWarning
 from mcp.server.session import ServerSession
 from mcp.types import LoggingLevel, RequestId
 
+from kernelpool.mcp.wire import clean
+
 log = logging.getLogger(__name__)
 
 LEVELS: tuple[LoggingLevel, ...] = get_args(LoggingLevel)  # severity ascending
@@ -104,7 +106,7 @@ class Notices:
         for (owner, _), entry in list(self._sessions.items()):
             if owner == user and uri in entry.watching and entry.handle is not None:
                 try:
-                    await entry.handle.send_resource_updated(uri)
+                    await entry.handle.send_resource_updated(clean(uri))
                     sent += 1
                 except Exception as exc:
                     log.debug("resource update not sent: %s", exc)
@@ -151,7 +153,8 @@ class Notices:
 
 
 def _payload(text: str, data: dict[str, Any] | None) -> dict[str, Any]:
-    return {"message": text, **(data or {})}
+    # notifications pass no middleware: made valid Unicode here (kernelpool/mcp/wire.py)
+    return clean({"message": text, **(data or {})})
 
 
 async def send_log(handle: ServerSession, level: LoggingLevel, data: Any, related_request_id: RequestId | None = None) -> None:
@@ -160,5 +163,5 @@ async def send_log(handle: ServerSession, level: LoggingLevel, data: Any, relate
     today negotiate 2025-11-25, where it is current."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
-        coro = handle.send_log_message(level, data, LOGGER, related_request_id=related_request_id)
+        coro = handle.send_log_message(level, clean(data), LOGGER, related_request_id=related_request_id)
     await coro

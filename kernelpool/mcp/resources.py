@@ -50,6 +50,7 @@ from nbformat import writes as nb_writes
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.mcp.content import b64_size, output_text, truncate
+from kernelpool.mcp.wire import clean_text
 from kernelpool.notebooks.cells import OutputPage
 from kernelpool.notebooks.paths import check_notebook_path
 from kernelpool.services import Services
@@ -68,11 +69,12 @@ RequestContext = ServerRequestContext[Any, Any]
 
 
 def notebook_uri(path: str) -> str:
-    return "notebook://" + quote(path, safe="/")
+    # a file name of bytes that are not UTF-8 has surrogate escapes, which quote() cannot encode
+    return "notebook://" + quote(clean_text(path), safe="/")
 
 
 def output_uri(notebook: str, cell_id: str, index: int) -> str:
-    return f"output://{quote(notebook, safe='/')}/{quote(cell_id, safe='')}/{index}"
+    return f"output://{quote(clean_text(notebook), safe='/')}/{quote(clean_text(cell_id), safe='')}/{index}"
 
 
 def _split(uri: str, scheme: str) -> tuple[str, dict[str, str]] | None:
@@ -180,7 +182,7 @@ class _Handlers:
 
     async def list_resources(self, ctx: RequestContext, params: PaginatedRequestParams) -> ListResourcesResult:
         user = _user()
-        paths = await self.s.notebooks.list_notebooks(user)
+        paths = (await self.s.notebooks.list_notebooks(user)).items
         start = 0
         if params.cursor:
             if not params.cursor.isdigit():
@@ -277,9 +279,10 @@ class _Handlers:
         if isinstance(ref, ResourceTemplateReference) and ref.uri in (NOTEBOOK_TEMPLATE, OUTPUT_TEMPLATE):
             known = dict(params.context.arguments or {}) if params.context else {}
             if arg.name in ("path", "notebook"):
-                values = [p for p in await self.s.notebooks.list_notebooks(user) if p.startswith(arg.value)]
+                paths = (await self.s.notebooks.list_notebooks(user)).items  # bounded, in the user's file-work turns
+                values = [p for p in paths if p.startswith(arg.value)]
                 if not values:  # then anything containing what was typed
-                    values = [p for p in await self.s.notebooks.list_notebooks(user) if arg.value in p]
+                    values = [p for p in paths if arg.value in p]
             elif ref.uri == OUTPUT_TEMPLATE and arg.name in ("cell_id", "index") and known.get("notebook"):
                 values = await self._complete_output(user, arg.name, arg.value, known)
             elif arg.name == "format":

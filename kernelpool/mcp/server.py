@@ -27,6 +27,7 @@ from kernelpool.mcp import cells, execution, kernels, notebooks
 from kernelpool.mcp.call import Call, Tool, ToolFunction
 from kernelpool.mcp.resources import register as register_resources
 from kernelpool.mcp.resources import session_of
+from kernelpool.mcp.wire import clean_replies, clean_text
 from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
         return await call_next(ctx)
 
     server.middleware.append(attach_session)
+    server.middleware.append(clean_replies)  # innermost: sees each handler's wire-shaped result first
     register_resources(server._lowlevel_server, services, attach)
     for tool in TOOLS:
         server.tool(name=tool.name, description=tool.description, annotations=tool.annotations)(_entry(services, tool))
@@ -116,6 +118,6 @@ async def _run(s: Services, tool: Tool, ctx: Context, arguments: dict[str, Any])
         notebook = arguments.get("notebook")
         try:
             await s.store.audit(user, tool.name, notebook if isinstance(notebook, str) else None,
-                                outcome, duration, detail)
+                                outcome, duration, clean_text(detail) if detail is not None else None)
         except Exception as exc:  # an audit write must not turn a result into a failure
             log.warning("audit write failed: %s", exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import re
 import secrets
 from typing import Any
 
@@ -27,6 +28,7 @@ from nbformat.v4.rwbase import split_lines
 _DUMP: dict[str, Any] = {"cls": BytesEncoder, "indent": 1, "sort_keys": True, "separators": (",", ": "),
                          "ensure_ascii": False}
 _CELL_INDENT = "\n  "  # a cell sits two levels deep: {"cells": [ <cell>, ... ]}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # (the objects a change to a cell replaces, compared by identity; its scalar fields, by value)
 Mark = tuple[tuple[Any, ...], tuple[Any, ...]]
 
@@ -67,6 +69,17 @@ def encode_outer(nb: NotebookNode, cells: list[str]) -> str:
     outer["cells"] = [marker]
     text = json.dumps(outer, **_DUMP)
     return text.replace(json.dumps(marker), ",\n  ".join(cells), 1)
+
+
+def file_bytes(text: str) -> bytes:
+    """The UTF-8 bytes of an encoded notebook. A notebook can hold lone surrogates (a file with a
+    "\\ud800" escape, a kernel's output), which UTF-8 cannot encode: each is written back as its
+    JSON escape, as such a file has it. They can only stand inside JSON strings, where the escape
+    means the same character, so the file stays valid UTF-8 and valid JSON, and reads back the same."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
 
 
 class CellCachingEncoder:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fnmatch
-import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,27 +23,39 @@ from nbformat import NotebookNode
 from nbformat.v4 import new_notebook
 
 from kernelpool.errors import (
-    CorruptNotebook,
     InvalidArgument,
     KernelpoolError,
     NoSpace,
     NotebookExists,
     NotebookNotFound,
+    NotebookTooComplex,
+    NotebookTooLarge,
     PathRefused,
 )
-from kernelpool.notebooks import cells
-from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, fingerprint, same
-from kernelpool.notebooks.paths import check_dir_path, refusing
-from sandbox import SafeRoot
+from kernelpool.notebooks import cells, listing
+from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, file_bytes, fingerprint, same
+from kernelpool.notebooks.filework import FileWork
+from kernelpool.notebooks.listing import Listing
+from kernelpool.notebooks.paths import refusing
+from kernelpool.notebooks.reading import parse, parse_cost
+from sandbox import FileTooLarge, SafeRoot
 from sandbox.errors import SandboxError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_NOTEBOOK_BYTES = 512 * 1024 * 1024
+PARSE_FACTOR = 4  # a read may hold at most this many times max_notebook_bytes while it parses (reading.py)
 _CACHE_ENTRIES = 512  # parsed notebooks kept in memory...
-_CACHE_BYTES = 64 * 1024 * 1024  # ...while their files add up to no more than this (a larger one is parsed each time)
+_CACHE_BYTES = 64 * 1024 * 1024  # ...while their parse costs add up to no more than this (a larger one is parsed each time)
+# a read of a file up to _SMALL_READ bytes, whose parse costs up to _SMALL_COST, runs in any
+# file-work thread; a larger one waits for the server's one large read at a time
+_SMALL_READ = 4 << 20
+_SMALL_COST = 48 << 20
+
+
+class _Larger(Exception):
+    """The file is larger, or costlier to parse, than a small read may take: read it as a large one."""
 
 
 # ---- validation --------------------------------------------------------------------------
@@ -69,14 +80,21 @@ def _check(nb: NotebookNode, marks: list[Mark], validated: dict[int, Mark]) -> N
 class NotebookService:
     """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
 
-    def __init__(self, roots: Callable[[str], SafeRoot], disk_check: Callable[[str], None] | None = None) -> None:
+    def __init__(self, roots: Callable[[str], SafeRoot], files: FileWork, max_bytes: int,
+                 disk_check: Callable[[str], None] | None = None) -> None:
         self._roots = roots
+        self._files = files  # every file-system call for a user runs there, in one of the user's turns
+        self.max_bytes = max_bytes  # max_notebook_bytes
+        self.max_cost = PARSE_FACTOR * max_bytes
+        self._large = asyncio.Lock()  # one large read at a time, server-wide
         self._disk_check = disk_check  # raises DiskLow when the data folder is under its free-space floor
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        # (user, path) -> ((size, mtime) of the file as last read or written, the parsed notebook).
-        # Callers of `load` must not change the notebook they get; `edit` is the way to change it.
-        self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode]] = OrderedDict()
+        # (user, path) -> ((size, mtime) of the file as last read or written, the parsed notebook,
+        # its parse cost). Callers of `load` must not change the notebook they get; `edit` is the
+        # way to change it. Changed from file-work threads, under `_guard`.
+        self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, float], NotebookNode, int]] = OrderedDict()
         self._cached_bytes = 0
+        self._guard = threading.RLock()
         # id(cached notebook) -> {id(cell): fingerprint of the cell as last validated}
         self._validated: dict[int, dict[int, Mark]] = {}
         # and each cached notebook's cells as encoded in its file: a save encodes only changed cells
@@ -92,14 +110,27 @@ class NotebookService:
         return lock
 
     async def exists(self, user: str, path: str) -> bool:
-        return await asyncio.to_thread(self._exists, user, path)
+        return await self._files.run(user, self._exists, user, path)
 
     def _exists(self, user: str, path: str) -> bool:
         with refusing(path):
             return self._roots(user).exists(path)
 
     async def load(self, user: str, path: str) -> NotebookNode:
-        return await asyncio.to_thread(self._load, user, path)
+        """The parsed notebook (from the cache while the file is the one last read or written).
+        A file over max_notebook_bytes, or whose parse would cost more than PARSE_FACTOR times
+        that, is refused before it is parsed; reads of large files take turns server-wide."""
+        async with self._files.turn(user):
+            nb, size = await self._files.call(self._cached, user, path)
+            if nb is not None:
+                return nb
+            if size is None or size <= _SMALL_READ:
+                try:
+                    return await self._files.call(self._read, user, path, _SMALL_READ, _SMALL_COST)
+                except _Larger:
+                    pass
+            async with self._large:
+                return await self._files.call(self._read, user, path, self.max_bytes, self.max_cost)
 
     def _stamp(self, user: str, path: str) -> tuple[int, float] | None:
         """(size, mtime) of the notebook file, without following links; None when it is not a file."""
@@ -109,38 +140,41 @@ class NotebookService:
             return None
         return (entry.size, entry.mtime) if entry is not None and entry.kind == "file" else None
 
-    def _load(self, user: str, path: str) -> NotebookNode:
+    def _cached(self, user: str, path: str) -> tuple[NotebookNode | None, int | None]:
+        """The cached notebook if the file is still the one it was parsed from; and the file's size."""
+        stamp = self._stamp(user, path)
+        with self._guard:
+            cached = self._cache.get((user, path))
+            if stamp is not None and cached is not None and cached[0] == stamp:
+                self._cache.move_to_end((user, path))
+                return cached[1], stamp[0]
+        return None, stamp[0] if stamp is not None else None
+
+    def _read(self, user: str, path: str, max_bytes: int, max_cost: int) -> NotebookNode:
         # the parsed notebook is kept while the file on disk is the one we last read or wrote:
         # reading, parsing and validating a big notebook on every call costs milliseconds
         stamp = self._stamp(user, path)
-        cached = self._cache.get((user, path))
-        if stamp is not None and cached is not None and cached[0] == stamp:
-            self._cache.move_to_end((user, path))
-            return cached[1]
         try:
             with refusing(path):
-                data = self._roots(user).read_bytes(path, max_bytes=MAX_NOTEBOOK_BYTES)
+                try:
+                    data = self._roots(user).read_bytes(path, max_bytes=max_bytes)
+                except FileTooLarge as exc:
+                    if max_bytes < self.max_bytes:
+                        raise _Larger() from None
+                    raise NotebookTooLarge(path, exc.size, self.max_bytes, exc.grew) from None
         except FileNotFoundError:
             raise NotebookNotFound(path) from None
         except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
             raise PathRefused(path, exc.strerror or str(exc)) from None
-        invalid: dict[str, Any] = {}
-        try:
-            nb = nbformat.reads(data.decode("utf-8"), as_version=4, capture_validation_error=invalid)
-        except (UnicodeDecodeError, json.JSONDecodeError, nbformat.reader.NotJSONError) as exc:
-            raise CorruptNotebook(path, f"not JSON: {exc}") from None
-        except Exception as exc:  # nbformat raises assorted errors for wrong shapes
-            raise CorruptNotebook(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        if "ValidationError" in invalid:
-            raise CorruptNotebook(path, invalid["ValidationError"].message)
-        # notebooks older than 4.5 get cell ids on upgrade, so that cells can be addressed by id
-        if nb.nbformat_minor < 5:
-            nb.nbformat_minor = 5
-            for cell in nb.cells:
-                if "id" not in cell:
-                    cell.id = cells.new_cell("raw", "").id
+        cost = parse_cost(data)
+        if cost > max_cost:
+            if max_cost < self.max_cost:
+                raise _Larger()
+            raise NotebookTooComplex(path, len(data), cost, self.max_cost)
+        nb = parse(data, path)
+        del data
         if stamp is not None and stamp == self._stamp(user, path):
-            self._remember(user, path, stamp, nb)
+            self._remember(user, path, stamp, nb, cost)
         return nb
 
     async def save(self, user: str, path: str, nb: NotebookNode) -> None:
@@ -149,7 +183,7 @@ class NotebookService:
         # The write runs in a thread that a cancellation cannot stop: the caller (and the lock
         # it holds) waits for it all the same, or a later edit's rename could land first and be
         # overwritten by this one. Then the cancellation goes on.
-        write = asyncio.ensure_future(asyncio.to_thread(self._save, user, path, nb))
+        write = asyncio.ensure_future(self._files.run(user, self._save, user, path, nb))
         cancelled = False
         while True:
             try:
@@ -172,10 +206,12 @@ class NotebookService:
         # notebook was last validated, and everything outside the cells, is validated now
         marks = [fingerprint(c) for c in nb.cells]  # once per write: validation and encoding share them
         _check(nb, marks, self._validated.get(id(nb), {}))
-        text = self._encoder.encode(nb, marks)
+        data = file_bytes(self._encoder.encode(nb, marks))
+        # a parse costs at least 3 times the file: a larger one will not be kept, so no need to weigh it
+        cost = parse_cost(data) if 3 * len(data) <= _CACHE_BYTES else _CACHE_BYTES + 1
         stamp = None
         try:
-            self._write(user, path, text.encode("utf-8"))
+            self._write(user, path, data)
             stamp = self._stamp(user, path)
         except KernelpoolError:
             self._forget(user, path)
@@ -184,7 +220,7 @@ class NotebookService:
             if stamp is None:  # nothing remembered: neither are its encoded cells
                 self._encoder.forget(nb)
         if stamp is not None:
-            self._remember(user, path, stamp, nb, marks)
+            self._remember(user, path, stamp, nb, cost, marks)
 
     def _write(self, user: str, path: str, data: bytes) -> None:
         try:
@@ -200,35 +236,38 @@ class NotebookService:
             raise NoSpace(path) from None
 
     def _forget(self, user: str, path: str) -> None:
-        dropped = self._cache.pop((user, path), None)
-        if dropped is not None:
-            self._drop(dropped)
+        with self._guard:
+            dropped = self._cache.pop((user, path), None)
+            if dropped is not None:
+                self._drop(dropped)
 
-    def _drop(self, entry: tuple[tuple[int, float], NotebookNode]) -> None:
-        self._cached_bytes -= entry[0][0]
+    def _drop(self, entry: tuple[tuple[int, float], NotebookNode, int]) -> None:
+        self._cached_bytes -= entry[2]
         self._validated.pop(id(entry[1]), None)
         self._encoder.forget(entry[1])
 
-    def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode,
+    def _remember(self, user: str, path: str, stamp: tuple[int, float], nb: NotebookNode, cost: int,
                   marks: list[Mark] | None = None) -> None:
-        """Keep `nb` (valid: just read or written) as the parsed form of the file at `stamp`."""
+        """Keep `nb` (valid: just read or written) as the parsed form of the file at `stamp`,
+        weighed by its parse cost (what it holds in memory, not its file's size)."""
         key = (user, path)
-        old = self._cache.pop(key, None)
-        if old is not None:
-            self._cached_bytes -= old[0][0]
-            if old[1] is not nb:
-                self._validated.pop(id(old[1]), None)
-                self._encoder.forget(old[1])
-        if stamp[0] > _CACHE_BYTES:
-            self._validated.pop(id(nb), None)
-            self._encoder.forget(nb)
-            return
-        self._cache[key] = (stamp, nb)
-        self._cached_bytes += stamp[0]
-        self._validated[id(nb)] = {id(c): m for c, m in zip(nb.cells, marks or map(fingerprint, nb.cells), strict=True)}
-        while len(self._cache) > _CACHE_ENTRIES or self._cached_bytes > _CACHE_BYTES:
-            _, dropped = self._cache.popitem(last=False)
-            self._drop(dropped)
+        with self._guard:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cached_bytes -= old[2]
+                if old[1] is not nb:
+                    self._validated.pop(id(old[1]), None)
+                    self._encoder.forget(old[1])
+            if cost > _CACHE_BYTES:
+                self._validated.pop(id(nb), None)
+                self._encoder.forget(nb)
+                return
+            self._cache[key] = (stamp, nb, cost)
+            self._cached_bytes += cost
+            self._validated[id(nb)] = {id(c): m for c, m in zip(nb.cells, marks or map(fingerprint, nb.cells), strict=True)}
+            while len(self._cache) > _CACHE_ENTRIES or self._cached_bytes > _CACHE_BYTES:
+                _, dropped = self._cache.popitem(last=False)
+                self._drop(dropped)
 
     async def create(self, user: str, path: str) -> NotebookNode:
         async with self.lock(user, path):
@@ -297,51 +336,10 @@ class NotebookService:
 
         return await self.edit(user, path, change)
 
-    async def list_notebooks(self, user: str, limit: int = 10000) -> list[str]:
-        return await asyncio.to_thread(self._walk, user, "", "*.ipynb", limit)
+    async def list_notebooks(self, user: str) -> Listing:
+        """The user's notebooks (paths), bounded: `Listing.note` says when the list was cut."""
+        return await self._files.run(user, listing.notebooks, self._roots(user))
 
-    async def list_files(self, user: str, path: str, pattern: str | None, limit: int = 2000) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._list, user, path, pattern, limit)
-
-    def _walk(self, user: str, start: str, pattern: str, limit: int) -> list[str]:
-        root = self._roots(user)
-        found: list[str] = []
-        stack = [start]
-        while stack and len(found) < limit:
-            folder = stack.pop()
-            try:
-                entries = root.listdir(folder)
-            except (OSError, SandboxError):
-                continue
-            for entry in sorted(entries, key=lambda e: e.name, reverse=True):
-                rel = f"{folder}/{entry.name}" if folder else entry.name
-                if entry.name.startswith("."):
-                    continue  # .ipynb_checkpoints, .ipython, .local: not the user's notebooks
-                if entry.kind == "dir":
-                    stack.append(rel)
-                elif entry.kind == "file" and fnmatch.fnmatch(entry.name, pattern):
-                    found.append(rel)
-        return sorted(found)
-
-    def _list(self, user: str, path: str, pattern: str | None, limit: int) -> list[dict[str, Any]]:
-        folder = check_dir_path(path)
-        try:
-            with refusing(path):
-                entries = self._roots(user).listdir(folder)
-        except FileNotFoundError:
-            raise PathRefused(path, "no such folder") from None
-        except NotADirectoryError:
-            raise PathRefused(path, "not a folder") from None
-        out = []
-        for entry in sorted(entries, key=lambda e: e.name):
-            if pattern and not fnmatch.fnmatch(entry.name, pattern):
-                continue
-            out.append({
-                "path": f"{folder}/{entry.name}" if folder else entry.name,
-                "type": entry.kind,
-                "size": entry.size,
-                "modified": entry.mtime,
-            })
-            if len(out) >= limit:
-                break
-        return out
+    async def list_files(self, user: str, path: str, pattern: str | None) -> Listing:
+        """Entries of one folder (dicts as list_files returns them), bounded like list_notebooks."""
+        return await self._files.run(user, listing.files, self._roots(user), path, pattern)

@@ -59,14 +59,16 @@ class Workspace:
             self._sessions.set_notebook(user, session_id, None)
         return stopped
 
-    async def notebooks(self, user: str, session_id: str | None) -> tuple[list[NotebookEntry], str | None]:
-        """Every notebook of the user with its kernel's state; and the session's active notebook."""
+    async def notebooks(self, user: str, session_id: str | None) -> tuple[list[NotebookEntry], str | None, str | None]:
+        """Every notebook of the user with its kernel's state; the session's active notebook; and
+        a note when the list was cut (a folder too large to read whole)."""
         active = self._sessions.active_notebook(user, session_id)
         entries = []
-        for path in await self._notebooks.list_notebooks(user):
+        found = await self._notebooks.list_notebooks(user)
+        for path in found.items:
             kernel = self._kernels.get(user, path)
             entries.append(NotebookEntry(path, kernel.state.value if kernel else "none", path == active))
-        return entries, active
+        return entries, active, found.note
 
     def kernels(self, user: str) -> tuple[list[Kernel], int]:
         """The user's kernels, and how many warm ones wait for the user's next notebook."""

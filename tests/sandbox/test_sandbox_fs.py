@@ -142,6 +142,55 @@ def test_max_bytes(root: Path) -> None:
         safe.read_bytes("big", max_bytes=999)
 
 
+def test_a_file_larger_than_fstat_says_is_read_no_further_than_the_limit(root: Path) -> None:
+    # a regular file whose size fstat gives as 0 but which reads as megabytes: what a file that a
+    # kernel appends to between the server's fstat and its read looks like. /proc/kallsyms is one;
+    # a bind mount puts it in the user's folder under a notebook's name
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    target = root / "grows.ipynb"
+    target.write_bytes(b"")
+    if subprocess.run(["mount", "--bind", "/proc/kallsyms", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount /proc/kallsyms here")
+    try:
+        assert os.stat(target).st_size == 0 and len(target.read_bytes()) > 100_000
+        with pytest.raises(FileTooLarge) as refused:
+            SafeRoot(str(root)).read_bytes("grows.ipynb", max_bytes=1000)
+        assert refused.value.grew and refused.value.size == 1001, "read stopped one byte past the limit"
+        assert "grew past 1000 bytes" in str(refused.value)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_scan_stops_at_its_limits_and_stats_only_what_it_keeps(root: Path, outside: Path) -> None:
+    big = root / "big"
+    big.mkdir()
+    for i in range(3000):
+        (big / f"f{i:05d}").write_bytes(b"x" * (i % 7))
+    os.symlink(outside, big / "link")
+    safe = SafeRoot(str(root))
+    every = safe.scan("big", lambda name, kind: True, limit=10_000, max_scan=10_000)
+    assert not every.cut and every.scanned == 3001 and len(every.entries) == 3001
+    assert {e.kind for e in every.entries} == {"file", "symlink"}
+    page = safe.scan("big", lambda name, kind: True, limit=100, max_scan=10_000)
+    assert page.cut and len(page.entries) == 100 and page.scanned == 100
+    none = safe.scan("big", lambda name, kind: name.endswith(".nothing"), limit=100, max_scan=500)
+    assert none.cut and none.entries == [] and none.scanned == 500
+    sizes = {e.name: e.size for e in safe.scan("big", lambda n, k: n.startswith("f001"), 1000, 10_000).entries}
+    assert sizes == {f"f{i:05d}": i % 7 for i in range(100, 200)}
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "sub" / "deeper" / "n.ipynb").write_text("{}")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "h.ipynb").write_text("{}")
+    os.symlink(outside, root / "linked")
+    found = safe.walk(lambda name: name.endswith(".ipynb"), limit=100, max_scan=100_000)
+    assert sorted(e.name for e in found.entries) == ["nb.ipynb", "sub/deeper/n.ipynb"] and not found.cut
+    cut = safe.walk(lambda name: name.endswith(".ipynb"), limit=100, max_scan=50)
+    assert cut.cut and cut.scanned == 50
+
+
 def test_atomic_write_readers_see_old_or_new(root: Path) -> None:
     old, new = b"A" * 300_000, b"B" * 200_000
     safe = SafeRoot(str(root))
