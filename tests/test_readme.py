@@ -386,7 +386,7 @@ def test_the_test_command_on_the_fresh_machine(machine: Machine) -> None:
     _, test = readme_commands()
     machine.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q python3-venv python3.11-venv")
     assert machine.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
-    out = machine.sh(f"{test} tests/test_units.py tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
+    out = machine.sh(f"{test} tests/unit tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     assert "scripts/install: system packages: installing python3-venv with apt-get" in out.stderr, out.stderr[-6000:]
     assert re.search(r"^\d+ passed", out.stdout, re.M) and "skipped" not in out.stdout, out.stdout[-3000:]
