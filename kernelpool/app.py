@@ -13,12 +13,13 @@ import contextlib
 import hmac
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -42,11 +43,11 @@ from kernelpool.mcp.guards import AuthGuard, SessionGate
 from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
-from kernelpool.metrics import Metrics, live_gauges
+from kernelpool.mcp.services import Services
+from kernelpool.metrics import Metrics, gauge
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
-from kernelpool.services import Services
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
 from kernelpool.users.sessions import SessionContexts
@@ -105,7 +106,7 @@ class _Server:
         self.throttle = AuthThrottle(settings.auth_failures_before_backoff, settings.auth_failure_window,
                                      settings.auth_backoff, settings.trusted_proxies)
         self.mcp, self.mcp_app = self._mcp()
-        metrics.add_gauges(lambda: live_gauges(self.services))
+        metrics.add_gauges(lambda: _live_gauges(self.services))
 
     def _services(self) -> Services:
         settings = self.settings
@@ -291,3 +292,31 @@ async def _housekeeping(services: Services) -> None:
             await services.kernels.forget_removed(services.users.current())
         except Exception:
             log.exception("housekeeping failed")
+
+
+def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
+    """What /metrics reads from the services at each scrape (`Metrics.add_gauges`)."""
+    yield gauge("kernelpool_sessions", "MCP sessions with a context", len(services.sessions))
+    yield gauge("kernelpool_audit_pending", "audit rows waiting to be written", services.store.audit_pending)
+    yield gauge("kernelpool_audit_dropped", "audit rows dropped because the queue was full", services.store.audit_dropped)
+    yield gauge("kernelpool_result_bytes", "finished background results kept in memory", services.jobs.result_bytes())
+    kernels = GaugeMetricFamily("kernelpool_kernels", "kernels by user and state", labels=["user", "state"])
+    counts: dict[tuple[str, str], int] = {}
+    for k in services.kernels.all():
+        counts[(k.user, k.state.value)] = counts.get((k.user, k.state.value), 0) + 1
+    for k in services.kernels.pooled():
+        counts[(k.user, "warm")] = counts.get((k.user, "warm"), 0) + 1
+    for (user, state), n in counts.items():
+        kernels.add_metric([user, state], n)
+    yield kernels
+    if services.events is not None:
+        yield gauge("kernelpool_resume_events", "events kept for stream resumption", services.events.count())
+    memory = GaugeMetricFamily("kernelpool_user_memory_bytes", "memory of a user's kernels", labels=["user"])
+    cpu = GaugeMetricFamily("kernelpool_user_cpu_seconds", "CPU time of a user's kernels", labels=["user"])
+    for user, (mem, secs) in services.kernels.usage().items():
+        if mem is not None:
+            memory.add_metric([user], mem)
+        if secs is not None:
+            cpu.add_metric([user], secs)
+    yield memory
+    yield cpu

@@ -29,7 +29,7 @@ import signal
 import time
 from collections.abc import Sequence
 
-from sandbox._cgroupfs import read_file, write_file
+from sandbox._cgroupfiles import read_file, write_file
 from sandbox.errors import CgroupError
 
 FREEZE_WAIT = 2.0  # seconds a freeze may take before the kill goes ahead without it

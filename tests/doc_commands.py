@@ -185,7 +185,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "docker exec kernelpool kernelpool doctor": (_RUNS_IN_IMAGE, (CLI, IMAGE_CLI)),
     # CONTRIBUTING.md, run on the fresh machine after the README's test command
     "scripts/check": ("runs it with pytest arguments: ruff, mypy, then tests", (FRESH,)),
-    "scripts/test tests/test_units.py -q": ("runs it as written", (FRESH,)),
-    "KERNELPOOL_TEST_FROM_SOURCE=1 /opt/kernelpool-venv/bin/python -m pytest tests/test_units.py -q":
+    "scripts/test tests/unit -q": ("runs it as written", (FRESH,)),
+    "KERNELPOOL_TEST_FROM_SOURCE=1 /opt/kernelpool-venv/bin/python -m pytest tests/unit -q":
         ("runs it as written, from the checkout", (FRESH,)),
+    "/opt/kernelpool-venv/bin/python -m pytest tests/unit":
+        ("runs the same pytest on tests/unit as nobody, from a copy of the checkout, within 30 s",
+         ("tests/test_unit_layer.py::test_the_unit_layer_passes_unprivileged_from_the_source_tree_in_time",)),
 }

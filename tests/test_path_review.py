@@ -142,8 +142,8 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/_docker.py", "iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
     ("sandbox/probe.py", "_ip_forward", "open"): (1, "/proc/sys/net/ipv4/ip_forward"),
     # sandbox: cgroups, accounts, host probes
-    ("sandbox/_cgroupfs.py", "write_file", "os.open"): (1, CGROUP),
-    ("sandbox/_cgroupfs.py", "read_file", "open"): (1, CGROUP),
+    ("sandbox/_cgroupfiles.py", "write_file", "os.open"): (1, CGROUP),
+    ("sandbox/_cgroupfiles.py", "read_file", "open"): (1, CGROUP),
     ("sandbox/_cgroupfs.py", "own_cgroup_paths", "open"): (1, "/proc/self/cgroup"),
     ("sandbox/_cgroupfs.py", "Cgroup.all_pids", "os.walk"): (1, CGROUP),
     ("sandbox/_cgroupfs.py", "Cgroup.remove", "os.path.isdir"): (1, CGROUP),

@@ -388,7 +388,7 @@ def test_the_test_command_on_the_fresh_machine(machine: Machine) -> None:
     _, test = readme_commands()
     machine.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q python3-venv python3.11-venv")
     assert machine.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
-    out = machine.sh(f"{test} tests/test_units.py tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
+    out = machine.sh(f"{test} tests/unit tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     assert "scripts/install: system packages: installing python3-venv with apt-get" in out.stderr, out.stderr[-6000:]
     assert re.search(r"^\d+ passed", out.stdout, re.M) and "skipped" not in out.stdout, out.stdout[-3000:]
@@ -404,7 +404,7 @@ def test_the_contributing_commands_on_the_fresh_machine(machine: Machine) -> Non
     shown = [command for page, command in documented_commands() if page == "CONTRIBUTING.md"]
     assert shown and shown[0] == "scripts/check", shown
     for command in shown:
-        run = f"{command} tests/test_units.py -q -p no:cacheprovider" if command == "scripts/check" else command
+        run = f"{command} tests/unit -q -p no:cacheprovider" if command == "scripts/check" else command
         out = machine.sh(run, check=False, timeout=1200)
         said = out.stdout + out.stderr
         assert out.returncode == 0, (command, said[-6000:])

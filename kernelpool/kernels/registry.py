@@ -38,12 +38,14 @@ class KernelRegistry:
     """Owns every kernel; opened in the app's lifespan, `close()` shuts them all down.
 
     `fork_server` (started or not: the app's lifespan starts it) is what kernels are forked
-    from while it runs; `disk_check` raises when the data folder is too full to start a kernel.
+    from while it runs; `disk_check` raises when the data folder is too full to start a kernel;
+    `launcher` builds the one `KernelLauncher` (the unit tests give one that starts no process).
     """
 
     def __init__(self, settings: Settings, store: Store, users: UserService, cgroups: CgroupBackend | None,
                  networks: UserNetworkPolicy | None = None, *, fork_server: ForkServer | None = None,
-                 disk_check: Callable[[str], None] | None = None, metrics: Metrics | None = None) -> None:
+                 disk_check: Callable[[str], None] | None = None, metrics: Metrics | None = None,
+                 launcher: Callable[..., KernelLauncher] = KernelLauncher) -> None:
         self._settings = settings
         self.networks = networks or UserNetworkPolicy(None)
         self._store = store
@@ -51,8 +53,8 @@ class KernelRegistry:
         self._cgroups = cgroups
         self._disk_check = disk_check
         self._metrics = metrics or Metrics()
-        self._launcher = KernelLauncher(settings, users, cgroups, self.networks, fork_server, self._metrics,
-                                        self._misbehaved)
+        self._launcher = launcher(settings, users, cgroups, self.networks, fork_server, self._metrics,
+                                  self._misbehaved)
         self._pool = WarmPool(settings.pool_size, self._start, self._stop, lambda user: self._starting.get(user, 0))
         self._kernels: dict[tuple[str, str], Kernel] = {}
         # user -> kernels admitted and not yet fully stopped: starting, warm, assigned or shutting down.
@@ -171,6 +173,9 @@ class KernelRegistry:
                 connection_file=kernel.manager.connection_file, started_at=kernel.started_at,
             ))
             await self._launcher.open_channels(kernel)
+        except KernelFailed:  # refused (the user is being removed): that is the reason, not how the process ended
+            await self._stop(kernel)
+            raise
         except Exception as exc:
             cause = kernel.explain_death() if kernel.pid else str(exc)
             await self._stop(kernel)

@@ -15,8 +15,8 @@ from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 
 from kernelpool.errors import NoNotebook
+from kernelpool.mcp.services import Services
 from kernelpool.notebooks.paths import check_notebook_path
-from kernelpool.services import Services
 
 READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 EDIT = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)

@@ -50,10 +50,10 @@ from nbformat import writes as nb_writes
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.mcp.content import b64_size, output_text, truncate
+from kernelpool.mcp.services import Services
 from kernelpool.mcp.wire import clean_text
 from kernelpool.notebooks.cells import OutputPage
 from kernelpool.notebooks.paths import check_notebook_path
-from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
 

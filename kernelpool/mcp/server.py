@@ -27,8 +27,8 @@ from kernelpool.mcp import cells, execution, kernels, notebooks
 from kernelpool.mcp.call import Call, Tool, ToolFunction
 from kernelpool.mcp.resources import register as register_resources
 from kernelpool.mcp.resources import session_of
+from kernelpool.mcp.services import Services
 from kernelpool.mcp.wire import clean_replies, clean_text
-from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
 

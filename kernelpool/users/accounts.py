@@ -18,6 +18,7 @@ from typing import Any
 from kernelpool.config import Settings, memory_limit
 from kernelpool.errors import InvalidArgument, UserNotFound
 from kernelpool.store import Store, UserRow
+from kernelpool.users.removal import UserRemoval
 from sandbox import Identity, Limits, accounts, prepare_dir
 from sandbox.errors import SandboxError
 from sandbox.folders import remove_tree
@@ -122,8 +123,6 @@ class UserService:
     async def remove(self, name: str, delete_files: bool = False) -> None:
         """Remove a user, all or nothing (`kernelpool.users.removal.UserRemoval.run`). Called by
         `kernelpool users remove`, also while a server runs."""
-        from kernelpool.users.removal import UserRemoval
-
         check_name(name)
         await UserRemoval(self._settings, self._store, self).run(name, delete_files)
 

@@ -20,30 +20,40 @@ import contextlib
 import logging
 import os
 from ipaddress import IPv4Network
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kernelpool.config import Settings
 from kernelpool.errors import RemovalFailed, UserNotFound
 from kernelpool.store import Store, UserRow
-from sandbox import accounts, cgroupkill, ipc, tasks
+from sandbox import Identity, accounts, cgroupkill, ipc, tasks
 from sandbox.errors import SandboxError
 from sandbox.folders import remove_tree
 from sandbox.netplan import NetworkPlan
 from sandbox.network import UserNetworks
 from sandbox.rundir import TMP, user_run_folder
 
-if TYPE_CHECKING:
-    from kernelpool.users.accounts import UserService
-
 log = logging.getLogger(__name__)
 
 KILL_WAIT = 5.0  # seconds each way of ending tasks (cgroups, then uid) may take before the removal stops
 
 
+class Accounts(Protocol):
+    """What a removal asks of the users service (`kernelpool.users.accounts.UserService`, its
+    caller): named here so that this module does not import the one that imports it."""
+
+    def identity(self, row: UserRow) -> Identity | None: ...
+
+    def account_name(self, row: UserRow) -> str: ...
+
+    def forget(self, name: str) -> None: ...
+
+    def prepare(self, row: UserRow) -> None: ...
+
+
 class UserRemoval:
     """One `users remove`: `await UserRemoval(settings, store, users).run(name, delete_files)`."""
 
-    def __init__(self, settings: Settings, store: Store, users: UserService) -> None:
+    def __init__(self, settings: Settings, store: Store, users: Accounts) -> None:
         self._settings = settings
         self._store = store
         self._users = users

@@ -1,5 +1,9 @@
 """The services one server holds: built by the app (`create_app`), each with its dependencies
-given to its constructor, opened in the app's lifespan, and handed whole to the tool layer."""
+given to its constructor, opened in the app's lifespan, and handed whole to the tool layer.
+
+It lives in the tool layer because it holds the tool layer's own parts too (the notices and the
+session event store): no service below knows of the bag, so none imports up into this layer
+(tests/test_layout.py)."""
 
 from __future__ import annotations
 
