@@ -58,6 +58,10 @@ from sandbox.limits import parse_memory
 
 log = logging.getLogger(__name__)
 
+# how long shutdown waits for its notice to reach every session's open stream (a client that does
+# not read its stream holds it no longer than this)
+SHUTDOWN_NOTICE_WAIT = 2.0
+
 
 def base_url(settings: Settings) -> str:
     if settings.public_url:
@@ -234,10 +238,19 @@ class _Server:
         self.files.close()
 
     async def before_shutdown(self) -> None:
-        """Called by `cli` when the server starts to shut down, while clients' streams are still open."""
+        """Called by `cli` when the server starts to shut down, while clients' streams are still open
+        (they end when this returns)."""
+        events = self.services.events
+        after = events.last_seq if events is not None else 0
         sent = await self.services.notices.to_everyone("warning", "the server is shutting down; running executions end with it")
-        if sent:
-            await asyncio.sleep(0.2)  # let the messages reach the streams before they close
+        if not sent:
+            return
+        if events is None:  # no event ids on the wire to tell when a message reached its stream
+            await asyncio.sleep(0.2)
+            return
+        behind = await events.standalone_written(sent, after, SHUTDOWN_NOTICE_WAIT)
+        if behind:
+            log.info("shutdown notice not yet on the streams of %d session(s) after %g s", behind, SHUTDOWN_NOTICE_WAIT)
 
 
 def _tell_stopped(notices: Notices, user: str, notebook: str, cause: str) -> None:

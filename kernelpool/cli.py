@@ -207,15 +207,23 @@ def _tune_gc(app: Any) -> None:
 def _uvicorn_server(config: Any) -> Any:
     """uvicorn's server, telling MCP sessions that it shuts down while their streams are still open."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette, which serves the SDK's SSE streams, would end them all on its own timer once
+    # the signal arrives (it polls every 0.5 s), at times before the hook below had told anyone:
+    # the streams end when the hook is done
+    AppStatus.disable_automatic_graceful_drain()
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             hook = getattr(getattr(config.app, "state", None), "before_shutdown", None)
-            if hook is not None:
-                try:
+            try:
+                if hook is not None:
                     await asyncio.wait_for(hook(), 5)
-                except Exception as exc:
-                    _err(f"kernelpool: shutdown notice not sent: {exc}")
+            except Exception as exc:
+                _err(f"kernelpool: shutdown notice not sent: {exc}")
+            finally:
+                AppStatus.should_exit = True
             await super().shutdown(sockets)
 
     return Server(config)

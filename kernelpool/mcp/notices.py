@@ -94,11 +94,12 @@ class Notices:
                 sent += 1
         return sent
 
-    async def to_everyone(self, level: LoggingLevel, text: str) -> int:
-        sent = 0
-        for entry in list(self._sessions.values()):
+    async def to_everyone(self, level: LoggingLevel, text: str) -> list[str]:
+        """A log message to every session (the app, at shutdown); returns the ids of those it was handed to."""
+        sent = []
+        for (_, sid), entry in list(self._sessions.items()):
             if entry.handle is not None and _passes(level, entry.level) and await self._send_log(entry.handle, level, text, None):
-                sent += 1
+                sent.append(sid)
         return sent
 
     async def resource_updated(self, user: str, uri: str) -> int:
