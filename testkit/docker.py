@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import pytest
 
@@ -39,8 +40,10 @@ V1_REMOUNT = (
 )
 
 
-def docker(*args: str, timeout: float = 120, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+def docker(*args: str, timeout: float = 120, check: bool = True, input: str | None = None,
+           stdin: IO[bytes] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, input=input, stdin=stdin,
+                         env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"docker {shlex.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
     return out
@@ -155,7 +158,7 @@ def import_root(root: Root, tag: str) -> None:
     shutil.copyfile(CA_BUNDLE, os.path.join(path, CA_BUNDLE.lstrip("/")))
     with open(os.path.join(path, "etc", "pip.conf"), "w") as f:
         f.write(f"[global]\ncert = {CA_BUNDLE}\n")
-    tar = subprocess.Popen(["tar", "-C", path, "-c", "."], stdout=subprocess.PIPE)
-    docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", tag,
-           stdin=tar.stdout, timeout=600)
-    assert tar.wait(60) == 0
+    with subprocess.Popen(["tar", "-C", path, "-c", "."], stdout=subprocess.PIPE) as tar:
+        docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", tag,
+               stdin=tar.stdout, timeout=600)
+    assert tar.returncode == 0

@@ -55,7 +55,8 @@ def sandbox_reason() -> str | None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def answers(base: str, timeout: float = 1) -> bool:

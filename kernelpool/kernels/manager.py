@@ -14,7 +14,7 @@ from __future__ import annotations
 from jupyter_client.manager import AsyncKernelManager, _ShutdownStatus
 
 
-class KernelpoolManager(AsyncKernelManager):  # type: ignore[misc]
+class KernelpoolManager(AsyncKernelManager):
     def _connect_control_socket(self) -> None:
         """No socket: `KernelChannels` is the server's one connection to the control channel."""
 

@@ -19,13 +19,16 @@ CELL_TYPES = ("code", "markdown", "raw")
 
 
 def new_cell(cell_type: str, source: str) -> NotebookNode:
+    cell: NotebookNode
     if cell_type == "code":
-        return new_code_cell(source)
-    if cell_type == "markdown":
-        return new_markdown_cell(source)
-    if cell_type == "raw":
-        return new_raw_cell(source)
-    raise InvalidArgument("cell_type", f"{cell_type!r}: use one of {', '.join(CELL_TYPES)}")
+        cell = new_code_cell(source)
+    elif cell_type == "markdown":
+        cell = new_markdown_cell(source)
+    elif cell_type == "raw":
+        cell = new_raw_cell(source)
+    else:
+        raise InvalidArgument("cell_type", f"{cell_type!r}: use one of {', '.join(CELL_TYPES)}")
+    return cell
 
 
 def cell_position(nb: NotebookNode, path: str, cell_index: int | None, cell_id: str | None) -> int:

@@ -161,7 +161,7 @@ class NotebookService:
                 except FileTooLarge as exc:
                     if max_bytes < self.max_bytes:
                         raise _Larger() from None
-                    raise NotebookTooLarge(path, exc.size, self.max_bytes, exc.grew) from None
+                    raise NotebookTooLarge(path, exc.size, self.max_bytes, grew=exc.grew) from None
         except FileNotFoundError:
             raise NotebookNotFound(path) from None
         except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
@@ -273,7 +273,7 @@ class NotebookService:
         async with self.lock(user, path):
             if await self.exists(user, path):
                 raise NotebookExists(path)
-            nb = new_notebook()
+            nb: NotebookNode = new_notebook()
             nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
             nb.metadata["language_info"] = {"name": "python"}
             await self.save(user, path, nb)
