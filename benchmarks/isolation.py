@@ -42,7 +42,7 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
     times: dict[str, int] = {}
     box: dict[str, str] = {}
 
-    def step(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def step(name: str, fn) -> None:
         t = time.perf_counter_ns()
         fn()
         times[name] = time.perf_counter_ns() - t

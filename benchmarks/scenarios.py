@@ -45,7 +45,7 @@ async def call(client: Any, tool: str, args: dict[str, Any]) -> Any:
 def _server_report(srv: RunningServer, problems: list[str], what: str) -> dict[str, Any]:
     if srv.leftovers:
         problems.append(f"{what}: left behind after the server stopped: {srv.leftovers[:5]}")
-    out = {"server_rss": srv.rss_result, "exit_code": srv.exit_code, "leftovers": srv.leftovers}
+    out: dict[str, Any] = {"server_rss": srv.rss_result, "exit_code": srv.exit_code, "leftovers": srv.leftovers}
     if any(w in srv.log_tail for w in ("ERROR", "Traceback", "WARNING")):
         out["server_log_tail"] = srv.log_tail[-3000:]
     return out
@@ -172,7 +172,7 @@ async def trivial_execute(bench: Bench, calls: int, rounds: int, modes: list[str
                         for one in (kp_call, bare_call, floor_call):
                             for _ in range(per):
                                 await one(True)
-                res = {
+                res: dict[str, Any] = {
                     "kernelpool_ms": summary(kp), "kernelpool_execution_inside_ms": summary(kp_inside),
                     "jupyter_client_ms": summary(bare), "mcp_floor_ms": summary(floor),
                 }
@@ -328,7 +328,7 @@ async def _kp_level_on(bench: Bench, d: DataDir, n: int, duration: float, max_ce
             out.update(_phases([opened, closed], problems, f"kernelpool x{n}"))
             log(f"    loops done: open {len(opened.latencies)} cells, closed {len(closed.latencies)} cells")
         # every notebook on disk holds its own cells only, each with its own output
-        checks = {"notebooks": n, "misplaced": 0, "wrong_output": 0, "missing": 0, "duplicated": 0, "examples": []}
+        checks: dict[str, Any] = {"notebooks": n, "misplaced": 0, "wrong_output": 0, "missing": 0, "duplicated": 0, "examples": []}
         for j in range(n):
             # execute_code adds no cell: then the notebook must hold none of the tags at all
             answered = opened.sent[j] + closed.sent[j] if tool != "execute_code" else []

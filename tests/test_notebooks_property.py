@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import nbformat
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from nbformat import NotebookNode
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.notebooks import cells as nbops
@@ -18,11 +22,12 @@ from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.service import NotebookService
 from sandbox import SafeRoot
 
-sources = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+sources = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
 cell_types = st.sampled_from(["code", "markdown", "raw"])
 indexes = st.integers(min_value=-6, max_value=8)
 
 PATH = "dir/model.ipynb"
+T = TypeVar("T")
 
 
 class NotebookEdits(RuleBasedStateMachine):
@@ -47,13 +52,14 @@ class NotebookEdits(RuleBasedStateMachine):
     def run(self, coro):
         return self.runner.run(coro)
 
-    def edit(self, change) -> object:
+    def edit(self, change: Callable[[NotebookNode], T]) -> T | None:
         """Apply `change` through the service; on a refusal the file must be byte-identical."""
-        before = open(os.path.join(self.folder, PATH), "rb").read()
+        file = Path(self.folder, PATH)
+        before = file.read_bytes()
         try:
             return self.run(self.service.edit("u", PATH, change))
         except KernelpoolError:
-            assert open(os.path.join(self.folder, PATH), "rb").read() == before
+            assert file.read_bytes() == before
             return None
 
     def valid_index(self, i: int) -> int | None:

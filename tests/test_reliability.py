@@ -110,7 +110,7 @@ async def test_background_execution_and_cancel(kp: KernelpoolServer) -> None:
 
 
 async def test_huge_output_is_bounded(kp: KernelpoolServer) -> None:
-    server = psutil.Process(kp.proc.pid)
+    server = psutil.Process(kp.pid)
     rss_before = server.memory_info().rss
     code = "import sys\nline = 'y' * 999 + '\\n'\nfor i in range(200_000):\n    sys.stdout.write(line)\nprint('THE END')"
     async with mcp_client(kp.url, kp.tokens["alice"], mode="auto") as c:

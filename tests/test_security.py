@@ -148,11 +148,11 @@ print(json.dumps({{
   "kill": attempt(lambda: os.kill({bob_pid}, signal.SIGKILL)),
   "stop": attempt(lambda: os.kill({bob_pid}, signal.SIGSTOP)),
   "killpg": attempt(lambda: os.killpg({bob_pid}, signal.SIGKILL)),
-  "kill_server": attempt(lambda: os.kill({sec.proc.pid}, signal.SIGTERM)),
+  "kill_server": attempt(lambda: os.kill({sec.pid}, signal.SIGTERM)),
   "bob_environ": attempt(lambda: open("/proc/{bob_pid}/environ").read()),
-  "server_environ": attempt(lambda: open("/proc/{sec.proc.pid}/environ").read()),
+  "server_environ": attempt(lambda: open("/proc/{sec.pid}/environ").read()),
   "bob_mem": attempt(lambda: open("/proc/{bob_pid}/mem", "rb").read(1)),
-  "server_fds": attempt(lambda: os.listdir("/proc/{sec.proc.pid}/fd")),
+  "server_fds": attempt(lambda: os.listdir("/proc/{sec.pid}/fd")),
 }}))
 '''
     got = await run_as(sec, "alice", code)

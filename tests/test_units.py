@@ -150,7 +150,7 @@ async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path) 
     svc = NotebookService(lambda user: SafeRoot(str(tmp_path)), FileWork(), 100 << 20)
     await svc.create("u", "n.ipynb")
     for i in range(5):
-        await svc.edit("u", "n.ipynb", lambda nb, i=i: insert_cell(nb, -1, "code", f"x = {i}"))
+        await svc.edit("u", "n.ipynb", lambda nb, i=i: insert_cell(nb, -1, "code", f"x = {i}"))  # type: ignore[misc]
     before = (tmp_path / "n.ipynb").read_bytes()
 
     def break_outputs(nb):
@@ -305,7 +305,7 @@ def test_network_settings_are_checked(tmp_path, monkeypatch) -> None:
         ("egress", "10.201.0.0/16", [], "kp")
     s = load_settings(data_dir=tmp_path, kernel_network_allow="10.20.30.0/24, 192.168.5.5", network_prefix="kpa")
     assert s.kernel_network_allow == ["10.20.30.0/24", "192.168.5.5/32"]
-    bad = [
+    bad: list[dict[str, object]] = [
         {"kernel_network": "bridge"},
         {"kernel_network_range": "8.8.8.0/24"},  # not private
         {"kernel_network_range": "10.0.0.1/32"},  # room for no pair

@@ -27,6 +27,7 @@ import pytest
 
 from kernelpool import schema
 from kernelpool import store as store_module
+from kernelpool.schema import MIGRATIONS
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
 from testkit.client import mcp_client
@@ -285,7 +286,7 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
     db.close()
 
     # a later migration that fails half-way changes nothing: not its first statement, not the version
-    broken = (*store_module._MIGRATIONS, ("CREATE TABLE extra(x)", "ALTER TABLE nowhere ADD COLUMN y"))
+    broken = (*MIGRATIONS, ("CREATE TABLE extra(x)", "ALTER TABLE nowhere ADD COLUMN y"))
     monkeypatch.setattr(store_module, "_MIGRATIONS", broken)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(broken))
     with pytest.raises(sqlite3.OperationalError, match="nowhere"):
@@ -295,7 +296,7 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone()[0] == 0
     db.close()
     # and once it is fixed, it runs
-    fixed = (*store_module._MIGRATIONS[:-1], ("CREATE TABLE extra(x)",))
+    fixed = (*MIGRATIONS, ("CREATE TABLE extra(x)",))
     monkeypatch.setattr(store_module, "_MIGRATIONS", fixed)
     store = await Store(path).open()
     await store.close()

@@ -188,13 +188,13 @@ def tryread(p):
     except Exception as e:
         return type(e).__name__
 print(json.dumps({{"pids": pids, "uids": uids, "me": os.getpid(), "child": child.pid,
-  "bob_cmdline": tryread("/proc/{bob_pid}/cmdline"), "server_cmdline": tryread("/proc/{srv.proc.pid}/cmdline")}}))
+  "bob_cmdline": tryread("/proc/{bob_pid}/cmdline"), "server_cmdline": tryread("/proc/{srv.pid}/cmdline")}}))
 child.kill()
 _ = child.wait()
 ''')
     # the server, bob's kernel, init, and whatever else the server runs that is not alice's (a zygote)
-    others = {p.pid for p in psutil.Process(srv.proc.pid).children() if p.uids().real != alice_uid}
-    hidden = {bob_pid, srv.proc.pid, 1} | others
+    others = {p.pid for p in psutil.Process(srv.pid).children() if p.uids().real != alice_uid}
+    hidden = {bob_pid, srv.pid, 1} | others
     assert got["me"] in got["pids"] and got["child"] in got["pids"], "a kernel sees itself and its children"
     assert not hidden & set(got["pids"]), hidden & set(got["pids"])
     assert set(got["uids"].values()) == {alice_uid}, got["uids"]

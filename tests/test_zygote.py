@@ -18,7 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import psutil
 import pytest
@@ -74,7 +74,7 @@ async def probe(server: KernelpoolServer, user: str, notebook: str) -> dict:
 
 def zygote_of(server: KernelpoolServer) -> psutil.Process | None:
     assert server.proc is not None
-    for child in psutil.Process(server.proc.pid).children():
+    for child in psutil.Process(server.pid).children():
         try:
             if "kernelpool.kernels.zygote.child" in " ".join(child.cmdline()):
                 return child
@@ -280,7 +280,7 @@ async def test_kernels_do_not_outlive_a_killed_server(server_args: list[str]) ->
 # ---- the fork server directly ------------------------------------------------------------------
 
 @pytest.fixture
-async def fork_server() -> ForkServer:
+async def fork_server() -> AsyncIterator[ForkServer]:
     fs = ForkServer(sys.executable)
     await fs.start()
     try:

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -229,7 +230,7 @@ def test_private_views_and_seccomp(v1: CgroupBackend, identity: Identity, user_p
 
 
 def test_failing_view_step_is_named_and_never_execs(v1: CgroupBackend, identity: Identity, user_python: str,
-                                                     tmp_path) -> None:  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path) -> None:
     cg = v1.create("u1/kbad", Limits())
     ran = tmp_path / "ran"
     spec = LaunchSpec([user_python, "-c", f"open({str(ran)!r}, 'w')"], dict(ENV), identity.home, identity, cg,

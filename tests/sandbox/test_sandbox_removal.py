@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+import sandbox._cgroupfs as cgroupfs
 from sandbox import (
     CgroupBackend,
     CgroupV1Backend,
@@ -104,7 +105,7 @@ def test_a_pid_of_another_uid_is_never_signalled(ended: Identity) -> None:
 
 
 @pytest.fixture
-def v1_trees(v1: CgroupBackend, request: pytest.FixtureRequest) -> CgroupBackend:
+def v1_trees(v1: CgroupBackend, request: pytest.FixtureRequest) -> CgroupV1Backend:
     """The v1 backend with its freezer hierarchy (param True) or one without (False)."""
     assert isinstance(v1, CgroupV1Backend)
     if request.param:
@@ -134,7 +135,7 @@ def _own_paths() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("v1_trees", [True, False], indirect=True, ids=["freezer", "no-freezer"])
-def test_a_fork_hopper_cannot_outrun_the_kill_v1(v1_trees: CgroupBackend, ended: Identity, user_python: str) -> None:
+def test_a_fork_hopper_cannot_outrun_the_kill_v1(v1_trees: CgroupV1Backend, ended: Identity, user_python: str) -> None:
     user = v1_trees.create("u1", Limits(pids=1024))
     kernel = v1_trees.create("u1/k1", Limits(pids=256))
     pids_max = next(os.path.join(d, "pids.max") for d in user.directories() if os.path.exists(os.path.join(d, "pids.max")))
@@ -189,7 +190,7 @@ def test_a_fork_hopper_and_a_zombie_leader_end_through_cgroup_kill_v2(v2_real: C
     wait_for(lambda: any(t.tgid == zombie.pid and t.tid != zombie.pid for t in live_tasks(ended.uid)))
     time.sleep(0.3)
     written: list[tuple[str, str]] = []
-    real_write = cgroupkill.write_file
+    real_write = cgroupfs.write_file  # the function cgroupkill imported by name
 
     def record(path: str, value: str) -> None:
         written.append((os.path.basename(path), value))
