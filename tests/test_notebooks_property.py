@@ -82,7 +82,7 @@ class NotebookEdits(RuleBasedStateMachine):
     @rule(index=indexes, source=sources)
     def overwrite(self, index: int, source: str) -> None:
         def change(nb):
-            i = nbops.cell_position(nb, PATH, index, None)
+            i = nbops.cell_position(nb, PATH, cell_index=index)
             nbops.set_source(nb.cells[i], source)
             return i
 
@@ -96,8 +96,8 @@ class NotebookEdits(RuleBasedStateMachine):
           replace_all=st.booleans())
     def edit_source(self, index: int, old: str, new: str, replace_all: bool) -> None:
         def change(nb):
-            i = nbops.cell_position(nb, PATH, index, None)
-            return nbops.edit_source(nb.cells[i], old, new, replace_all)
+            i = nbops.cell_position(nb, PATH, cell_index=index)
+            return nbops.edit_source(nb.cells[i], old, new, replace_all=replace_all)
 
         got = self.edit(change)
         j = self.valid_index(index)
@@ -113,7 +113,7 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes)
     def delete(self, index: int) -> None:
-        got = self.edit(lambda nb: nb.cells.pop(nbops.cell_position(nb, PATH, index, None)).id)
+        got = self.edit(lambda nb: nb.cells.pop(nbops.cell_position(nb, PATH, cell_index=index)).id)
         j = self.valid_index(index)
         if j is None:
             assert got is None
@@ -123,7 +123,7 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes, to=indexes)
     def move(self, index: int, to: int) -> None:
-        got = self.edit(lambda nb: nbops.move_cell(nb, nbops.cell_position(nb, PATH, index, None), to))
+        got = self.edit(lambda nb: nbops.move_cell(nb, nbops.cell_position(nb, PATH, cell_index=index), to))
         j, k = self.valid_index(index), self.valid_index(to)
         if j is None or k is None:
             assert got is None
@@ -137,7 +137,7 @@ class NotebookEdits(RuleBasedStateMachine):
         if not self.ids:
             return
         cid = data.draw(st.sampled_from(self.ids + ["no-such-id"]))
-        got = self.edit(lambda nb: nbops.cell_position(nb, PATH, None, cid))
+        got = self.edit(lambda nb: nbops.cell_position(nb, PATH, cell_id=cid))
         assert got == (self.ids.index(cid) if cid in self.ids else None)
 
     @invariant()

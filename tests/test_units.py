@@ -249,7 +249,7 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
     jobs = JobService(Settings(max_result_bytes_per_user=2500, max_result_bytes=4000), None, None, None, Metrics())  # type: ignore[arg-type]
 
     def finish(user: str, size: int) -> Job:
-        job = Job(id=f"{user}-{len(jobs._jobs)}", user=user, notebook="n.ipynb", cell_id=None, background=True)
+        job = Job(id=f"{user}-{len(jobs._jobs)}", user=user, path="n.ipynb", cell_id=None, background=True)
         job.result = ExecutionResult("ok", outputs=[new_output("stream", name="stdout", text="x" * size)] if size else [])
         jobs._jobs[job.id] = job
         jobs._hold(job)

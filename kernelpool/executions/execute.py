@@ -134,6 +134,7 @@ async def execute(
     timeout: float,
     interrupt: Interrupt,
     limits: OutputLimits,
+    *,
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,

@@ -31,7 +31,7 @@ def new_cell(cell_type: str, source: str) -> NotebookNode:
     return cell
 
 
-def cell_position(nb: NotebookNode, path: str, cell_index: int | None, cell_id: str | None) -> int:
+def cell_position(nb: NotebookNode, path: str, *, cell_index: int | None = None, cell_id: str | None = None) -> int:
     """The index of the cell named by index (negative counts from the end) or by id."""
     count = len(nb.cells)
     if cell_id is not None:
@@ -79,7 +79,7 @@ def set_source(cell: NotebookNode, source: str) -> None:
     cell.source = source
 
 
-def edit_source(cell: NotebookNode, old: str, new: str, replace_all: bool) -> int:
+def edit_source(cell: NotebookNode, old: str, new: str, *, replace_all: bool = False) -> int:
     """Replace `old` by `new`; unless replace_all, `old` must occur exactly once. Returns the count."""
     if old == "":
         raise InvalidArgument("old_string", "must not be empty")
