@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kernelpool.store import check_not_newer
 
     settings = _settings(args)
-    setup_logging(settings.log_level, settings.log_json)
+    setup_logging(settings.log_level, as_json=settings.log_json)
     # before anything is built: an earlier version's folder left aside by the new default, and a
     # data folder of a newer kernelpool, are refused untouched
     note = check_earlier_data_dir(settings)
@@ -324,7 +324,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         iso = decide(settings)
         report["host"] = iso.host
         report["in_force"] = iso.describe()
-        report["network"] = network_report(settings, iso.network, iso.sandboxed) | {"fallback": iso.fallback()}
+        report["network"] = network_report(settings, iso.network, sandboxed=iso.sandboxed) | {"fallback": iso.fallback()}
         ok = True
     except SandboxUnavailable as exc:
         from sandbox import probe

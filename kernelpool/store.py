@@ -213,7 +213,7 @@ class Store:
         await self._db.execute("UPDATE users SET limits = ? WHERE name = ?", (json.dumps(limits), name))
         await self._db.commit()
 
-    async def set_removing(self, name: str, removing: bool) -> None:
+    async def set_removing(self, name: str, *, removing: bool) -> None:
         """Mark a user as being removed (its tokens stop working at once) or unmark it."""
         if removing:
             await self._db.execute("INSERT OR REPLACE INTO removing(user, since) VALUES (?, ?)", (name, time.time()))
@@ -383,7 +383,7 @@ class Store:
             args.append(since)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         async with self._db.execute(
-            f"SELECT ts, user, tool, notebook, outcome, duration_ms, detail FROM audit{where} ORDER BY id LIMIT ?",
+            f"SELECT ts, user, tool, notebook, outcome, duration_ms, detail FROM audit{where} ORDER BY id LIMIT ?",  # noqa: S608 (fixed clauses; values are ? parameters)
             (*args, limit),
         ) as cur:
             return [dict(r) for r in await cur.fetchall()]

@@ -23,6 +23,7 @@ user's cgroups by name (`find_trees`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -207,10 +208,8 @@ def _kill(dirs: Sequence[str], frozen: set[int]) -> None:
             write_file(path, "1")
     listed = tasks_in(dirs)
     for tid in sorted(listed & frozen):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(tid, signal.SIGKILL)  # the whole thread group; frozen: the id is still this task's
-        except ProcessLookupError:
-            pass
     _kill_pinned(dirs, listed - frozen)
 
 
@@ -233,10 +232,8 @@ def _kill_pinned(dirs: Sequence[str], tids: set[int]) -> None:
         still = tasks_in(dirs)
         for tgid, (fd, members) in pinned.items():
             if any(t in still and os.path.exists(f"/proc/{tgid}/task/{t}") for t in members):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
     finally:
         for fd, _ in pinned.values():
             os.close(fd)

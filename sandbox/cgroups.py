@@ -15,6 +15,7 @@ refuses to enable controllers below a cgroup that holds processes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -133,10 +134,8 @@ freezer cgroup too, which `sandbox.cgroupkill` freezes before it kills.
                 if controller == "memory":
                     # always on since Linux 5.x; older kernels default to flat accounting,
                     # which would let a user's kernels escape the user's aggregate limit
-                    try:
+                    with contextlib.suppress(CgroupError):  # refused once children exist; nothing better then
                         write_file(os.path.join(path, "memory.use_hierarchy"), "1")
-                    except CgroupError:
-                        pass  # refused once children exist; nothing better to do then
 
     def _write_limits(self, relpath: str, limits: Limits) -> None:
         if "memory" in self._bases:

@@ -7,6 +7,7 @@ kernelpool's user service and kernel registry, and `sandbox.rundir`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as st
@@ -32,13 +33,11 @@ def prepare_dir(path: str, uid: int | None, gid: int | None, mode: int = 0o700) 
     for folder in reversed(missing):
         try:
             os.mkdir(folder, 0o755)
-            os.chmod(folder, 0o755)
+            os.chmod(folder, 0o755)  # noqa: S103 (users' uids pass folders above their own: DataDirUnreachable)
         except FileExistsError:
             pass
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path, mode)
-    except FileExistsError:
-        pass
     try:
         fd = os.open(path, _READ_DIR)
     except OSError as exc:

@@ -16,6 +16,7 @@ NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -45,10 +46,8 @@ def _oserror(code: int, relpath: str) -> OSError:
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 class SafeRoot:
@@ -182,10 +181,8 @@ class SafeRoot:
                     os.close(fd)
                 os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             except BaseException:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dirfd)
-                except OSError:
-                    pass
                 raise
             self._fsync_dir(dirfd)
         finally:

@@ -225,7 +225,7 @@ def hide_dirs(dirs: list[str] | tuple[str, ...], mountinfo: str) -> list[str]:
 
 
 def replace_files(contents: dict[str, str], masked: list[str] | tuple[str, ...], mountinfo: str,
-                  scratch: str = "/dev/shm") -> None:
+                  scratch: str = "/dev/shm") -> None:  # noqa: S108 (in the kernel's own mount namespace)
     """Show each text of `contents` at its path, and an empty file at each path of `masked`, over a
     live view of the rest of the folder that holds them (/etc): a read-only overlay whose top layer,
     root's, holds these files and whose lower layer is the host's folder. Not bind mounts over the

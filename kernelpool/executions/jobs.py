@@ -110,7 +110,8 @@ class JobService:
         """Wait for `job` on behalf of a request (at most `within` seconds: then it runs on); if the
         request is cancelled, interrupt the kernel (the job still saves what was produced) and let
         the cancellation go on."""
-        assert job.task is not None
+        if job.task is None:
+            raise RuntimeError(f"job {job.id} was not started (JobService.start starts it)")
         try:
             if within is None:
                 await asyncio.shield(job.task)

@@ -55,7 +55,8 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         launch = self._launch
-        assert launch is not None
+        if launch is None:
+            raise RuntimeError("no launch given: KernelLauncher passes one to start_kernel(sandbox=...)")
         spec = LaunchSpec(
             argv=cmd,
             env=launch.env,

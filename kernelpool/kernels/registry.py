@@ -120,7 +120,8 @@ class KernelRegistry:
         folder = path.rpartition("/")[0]
         if folder:
             # kernels start in the user's folder; Jupyter runs a notebook's code in the notebook's folder
-            assert kernel.channels is not None
+            if kernel.channels is None:  # started kernels only are assigned
+                raise RuntimeError(f"kernel {kernel.id} has no channels: it was not started")
             await kernel.channels.execute(f"import os as _o; _o.chdir({folder!r}); del _o", silent=True,
                                           store_history=False, listen=False)
         await self._store.set_kernel_notebook(kernel.id, path)
@@ -179,7 +180,7 @@ class KernelRegistry:
         log.info("kernel %s started for %s (pid %s)", kid, user.name, kernel.pid)
         return kernel
 
-    async def _stop(self, kernel: Kernel, now: bool = False) -> None:
+    async def _stop(self, kernel: Kernel, *, now: bool = False) -> None:
         """Shut one kernel down (`KernelLauncher.stop`) and give back what it held."""
         with contextlib.suppress(RuntimeError):
             kernel.transition(KernelState.STOPPING)
@@ -200,11 +201,11 @@ class KernelRegistry:
         kernel.death_cause = f"the kernel was stopped because {exc}"
         self._metrics.misbehaving_kernels.labels(exc.reason).inc()
         log.warning("kernel %s of %s stopped as misbehaving: %s", kernel.id, kernel.user, exc)
-        task = asyncio.get_running_loop().create_task(self._stop_misbehaving(kernel, kernel.state is KernelState.BUSY))
+        task = asyncio.get_running_loop().create_task(self._stop_misbehaving(kernel, busy=kernel.state is KernelState.BUSY))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _stop_misbehaving(self, kernel: Kernel, busy: bool) -> None:
+    async def _stop_misbehaving(self, kernel: Kernel, *, busy: bool) -> None:
         if kernel.path is not None and self._kernels.get((kernel.user, kernel.path)) is kernel:
             del self._kernels[(kernel.user, kernel.path)]
         self._pool.discard(kernel)
