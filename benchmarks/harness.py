@@ -123,7 +123,7 @@ class Bench:
     async def data_dir(self, users: list[str]) -> DataDir:
         """A new data folder with these users (names unique across the run: they are Unix accounts)."""
         path = tempfile.mkdtemp(prefix="kpb-", dir="/tmp")
-        os.chmod(path, 0o711)  # kernels run as other uids and must reach their folders
+        os.chmod(path, 0o711)  # noqa: S103 (kernels run as other uids and must reach their folders)
         d = DataDir(path, self.env())
         self.dirs.append(d)
         # each folder takes a slice of the uid range wide enough for its users and the CLI workers

@@ -66,9 +66,9 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
     # with no volume below (per other user's volume, one umount more)
     step("hide other mounts", lambda: views.hide_mounts(["/var/lib/kp-bench-none"], ["/var/lib/kp-bench-none/x"],
                                                         mountinfo=box["mountinfo"]))
-    step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))
+    step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))  # noqa: S108 (in its own mount namespace)
     step("account files", lambda: views.replace_files(files, views.MASKED_FILES, box["mountinfo"]))
-    step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))
+    step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))  # noqa: S108 (in its own mount namespace)
     step("private /dev/mqueue", lambda: views.private_mqueue(box["mountinfo"]))
     step("private /dev/pts", views.private_devpts)
     step("private /proc", views.private_proc)

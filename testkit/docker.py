@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,8 +76,8 @@ def running_engine() -> Iterator[None]:
     if engine_answers():
         yield
         return
-    log_path = f"/tmp/{RUN}-dockerd.log"
-    with open(log_path, "wb") as log:
+    fd, log_path = tempfile.mkstemp(prefix=f"{RUN}-dockerd-", suffix=".log")
+    with open(fd, "wb") as log:
         started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -101,18 +102,16 @@ def running_engine() -> Iterator[None]:
 
 def debian_mirror() -> str:
     """The mirror apt uses on this host (its bookworm suite), for debootstrap."""
-    with contextlib.suppress(OSError):
-        with open("/etc/apt/sources.list.d/debian.sources") as f:
-            for stanza in f.read().split("\n\n"):
-                fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
-                if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
-                    return fields["URIs"].split()[0]
-    with contextlib.suppress(OSError):
-        with open("/etc/apt/sources.list") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
-                    return parts[1]
+    with contextlib.suppress(OSError), open("/etc/apt/sources.list.d/debian.sources") as f:
+        for stanza in f.read().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
+            if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
+                return fields["URIs"].split()[0]
+    with contextlib.suppress(OSError), open("/etc/apt/sources.list") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
+                return parts[1]
     return "http://deb.debian.org/debian"
 
 

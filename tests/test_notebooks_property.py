@@ -94,7 +94,7 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes, old=st.text(min_size=1, max_size=3, alphabet="ab"), new=st.text(max_size=3, alphabet="abc"),
           replace_all=st.booleans())
-    def edit_source(self, index: int, old: str, new: str, replace_all: bool) -> None:
+    def edit_source(self, index: int, old: str, new: str, *, replace_all: bool) -> None:
         def change(nb):
             i = nbops.cell_position(nb, PATH, cell_index=index)
             return nbops.edit_source(nb.cells[i], old, new, replace_all=replace_all)

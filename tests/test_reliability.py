@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import anyio
 import httpx2
@@ -158,7 +159,7 @@ async def test_bad_input_gets_clear_errors_and_changes_nothing(kp: KernelpoolSer
         f.write('{"cells": [oops')
     with open(os.path.join(users_dir, "notanb.ipynb"), "w") as f:
         json.dump({"hello": "world"}, f)
-    snapshot = {n: open(os.path.join(users_dir, n)).read() for n in ("corrupt.ipynb", "notanb.ipynb")}
+    snapshot = {n: Path(os.path.join(users_dir, n)).read_text() for n in ("corrupt.ipynb", "notanb.ipynb")}
     headers = {"Authorization": f"Bearer {kp.tokens['alice']}", "Accept": "application/json, text/event-stream",
                "Content-Type": "application/json"}
     async with httpx2.AsyncClient(timeout=30) as http:
@@ -198,7 +199,7 @@ async def test_bad_input_gets_clear_errors_and_changes_nothing(kp: KernelpoolSer
             r = await c.call_tool(tool, args)
             assert r.is_error, (tool, args)
             assert expected.lower() in texts(r)[0].lower(), (tool, texts(r))
-    assert {n: open(os.path.join(users_dir, n)).read() for n in snapshot} == snapshot
+    assert {n: Path(os.path.join(users_dir, n)).read_text() for n in snapshot} == snapshot
     assert not os.path.exists(os.path.join(users_dir, "x.ipynb"))
     assert httpx2.get(f"{kp.base}/healthz").status_code == 200
 

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox tests
 _SERVERS = iter(range(1000))
 
 
-def _server(start: bool = True, **env: str) -> KernelpoolServer:
+def _server(*, start: bool = True, **env: str) -> KernelpoolServer:
     """A server with users alice and bob (started if `start`; then bob holds a secret in his kernel,
     set from a sync caller only: async tests call `bob_secret` themselves)."""
     env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", f"kpr{os.getpid() % 100000}x{next(_SERVERS)}-")

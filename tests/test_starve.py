@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -339,7 +340,7 @@ async def test_disk_full_loses_no_audit_row_and_refuses_writes_clearly(tmpfs_ser
             mcp_client(kp.url, kp.tokens["bob"], mode="legacy") as b:
         await b.call_tool("use_notebook", {"notebook": "b.ipynb", "mode": "create"})
         await b.call_tool("insert_execute_code_cell", {"cell_index": -1, "cell_source": "1+1"})
-        before = open(nb_path).read()
+        before = Path(nb_path).read_text()
         await a.call_tool("use_notebook", {"notebook": "a.ipynb", "mode": "create"})
         r = await a.call_tool("execute_code", {"notebook": "a.ipynb", "code": FILL, "timeout": 120})
         assert "filled" in "".join(texts(r)), texts(r)
@@ -371,7 +372,7 @@ async def test_disk_full_loses_no_audit_row_and_refuses_writes_clearly(tmpfs_ser
         await asyncio.sleep(1.5)
         h = health(kp)
         assert h["audit"]["pending"] >= len(made) and h["audit"]["failing"], ("audit writes did fail", h)
-        assert open(nb_path).read() == before, "bob's notebook is intact"
+        assert Path(nb_path).read_text() == before, "bob's notebook is intact"
         # room again: everything works without a restart, and the queued rows are written
         os.unlink(os.path.join(kp.data_dir, "users", "alice", "fill"))
         deadline = time.monotonic() + 60

@@ -9,6 +9,7 @@ from /usr/bin/python3, driven through its own CLI and server. It is built once a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -90,10 +91,8 @@ def upgrade_env() -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     new = server_env(KERNELPOOL_ACCOUNT_PREFIX=f"kpn{tag}-", **common)
     yield old, new
     for name in ("alice", "bob"):  # whatever the new server did not adopt (on failure)
-        try:
+        with contextlib.suppress(Exception):  # cleanup: most often there is nothing left to remove
             accounts.remove_account(f"kpo{tag}-{name}")
-        except Exception:
-            pass
     backend = detect(prefix=common["KERNELPOOL_CGROUP_PREFIX"])
     root = backend.get("") if backend is not None else None
     if root is not None:
@@ -247,8 +246,8 @@ async def test_a_version_2_database_learns_what_it_gave_before(tmp_path: Path) -
         for statement in (*schema.MIGRATIONS[0], *schema.MIGRATIONS[1]):
             db.execute(statement)
         db.execute("PRAGMA user_version = 2")
-        db.execute(f"INSERT INTO users(name, uid, gid, created_at) VALUES ('alice', {low + 1}, {low + 1}, 1.0), "
-                   f"('bob', {low + 4}, {low + 4}, 1.0)")
+        db.executemany("INSERT INTO users(name, uid, gid, created_at) VALUES (?, ?, ?, 1.0)",
+                       [("alice", low + 1, low + 1), ("bob", low + 4, low + 4)])
         db.executemany("INSERT INTO audit(ts, user, tool, outcome, duration_ms) VALUES (1.0, ?, 'x', 'ok', 1)",
                        [("alice",), ("carol",), ("carol",), ("eve",), (None,)])
     db.close()

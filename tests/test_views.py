@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import psutil
@@ -153,9 +154,9 @@ async def test_tmpfs_counts_against_the_kernels_memory(srv: KernelpoolServer) ->
     with open(f"/proc/{pid}/cgroup") as f:
         memory = next(line.split(":", 2)[2] for line in f.read().splitlines() if ":memory:" in line)
     usage = f"/sys/fs/cgroup/memory{memory}/memory.usage_in_bytes"
-    before = int(open(usage).read())
+    before = int(Path(usage).read_text())
     await run_as(srv, "bob", 'open("/dev/shm/bob-blob", "wb").write(b"x" * (48 << 20)); print("{}")', notebook="bob.ipynb")
-    after = int(open(usage).read())
+    after = int(Path(usage).read_text())
     assert after - before >= 40 << 20, (before, after)
     # the server still reads its (renamed) cgroups: the user's memory gauge counts it too
     metrics = httpx2.get(f"{srv.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
@@ -499,7 +500,7 @@ async def test_shared_memory_and_messages_count_against_the_kernels_memory(srv: 
     usage = f"/sys/fs/cgroup/memory{memory}/memory.usage_in_bytes"
 
     async def grows_by(code: str) -> int:
-        before = int(open(usage).read())
+        before = int(Path(usage).read_text())
         assert await run_as(srv, "alice", code, notebook="shm.ipynb") == "held"
         return int(open(usage).read()) - before
 

@@ -19,6 +19,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -68,7 +69,7 @@ async def probe(server: KernelpoolServer, user: str, notebook: str) -> dict:
     got = json.loads(text(r).strip().splitlines()[-1])
     # seen from the host: a sandboxed kernel's /proc hides its parent (root's) from it
     got["parent"] = " ".join(psutil.Process(got["ppid"]).cmdline())
-    got["host_cgroup"] = open(f"/proc/{got['pid']}/cgroup").read()
+    got["host_cgroup"] = Path(f"/proc/{got['pid']}/cgroup").read_text()
     return got
 
 

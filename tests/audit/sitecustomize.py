@@ -14,7 +14,7 @@ _EVENTS = {"open", "os.remove", "os.rename", "os.chmod", "os.chown", "os.mkdir",
            "os.link", "os.listdir", "os.scandir", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile"}
 
 if _LOG and _DATA:
-    _out = open(_LOG, "a", buffering=1)  # lives as long as the process
+    _out = open(_LOG, "a", buffering=1)  # noqa: SIM115 (lives as long as the process: no block to close it in)
     _busy = False
     _UNDER = _DATA.rstrip("/") + "/"
 

@@ -8,6 +8,7 @@ the reason) unless root; the v1 tests need the writable v1 hierarchies, the v2 o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -69,10 +70,8 @@ def wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
 def ended(identity: Identity) -> Iterator[Identity]:
     """The identity; whatever of its uid still runs after the test is killed."""
     yield identity
-    try:
+    with contextlib.suppress(SandboxError):
         kill_tasks(identity.uid, timeout=10)
-    except SandboxError:
-        pass
 
 
 def test_a_zombie_leader_with_a_live_thread_is_found_and_ended(ended: Identity, user_python: str) -> None:
