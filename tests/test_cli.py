@@ -88,7 +88,7 @@ async def _kernel_limits(kp: KernelpoolServer, user: str, notebook: str) -> tupl
     with open(f"/proc/{pid}/cgroup") as f:
         cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
     memory = int(Path(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read_text())
-    return memory, open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip()
+    return memory, Path(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read_text().strip()
 
 
 async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: KernelpoolServer) -> None:

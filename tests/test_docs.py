@@ -1,5 +1,6 @@
 """The documentation stays true to the code: the configuration table of README.md is
-what scripts/config-table prints from kernelpool.config.Settings, and names every setting."""
+what scripts/config-table prints from kernelpool.config.Settings, and names every setting; the
+Docker image tags the docs use are the version kernelpool reports."""
 
 from __future__ import annotations
 
@@ -21,6 +22,27 @@ def test_config_table_is_generated_from_settings() -> None:
     assert documented == out, "README.md is stale: run scripts/config-table --write"
     for name, field in Settings.model_fields.items():
         assert f"`KERNELPOOL_{(field.alias or name).upper()}`" in out
+
+
+def test_image_tags_in_the_docs_are_the_version() -> None:
+    """kernelpool/__init__.py holds the version; the wheel's metadata is read from it, and every
+    `kernelpool:X.Y.Z` tag in README.md and docs/ (the `docker build -t` and `docker run` lines,
+    `FROM` for a derived image) names it: a release that changes it changes them."""
+    import re
+    from importlib.metadata import version
+
+    import kernelpool
+
+    assert version("kernelpool") == kernelpool.__version__, "reinstall: the installed metadata is older"
+    pages = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+    tags: dict[str, set[str]] = {}
+    for page in pages:
+        with open(page) as f:
+            for tag in re.findall(r"\bkernelpool:(\d[\w.+-]*)", f.read()):
+                tags.setdefault(tag, set()).add(os.path.relpath(page, ROOT))
+    assert tags, "the docs show the image tag somewhere"
+    assert set(tags) == {kernelpool.__version__}, f"image tags other than {kernelpool.__version__}: {tags}"
 
 
 def test_docs_name_the_image_settings() -> None:

@@ -57,7 +57,7 @@ async def test_cancelled_request_interrupts_and_saves(kp: KernelpoolServer, mode
     when the caller gives up, sends `notifications/cancelled` on a session (legacy); in the sessionless
     2026-07-28 protocol, closing the response stream is the cancellation (it has no resumption). A
     stream that merely drops on a session is no cancellation: the execution goes on and the client
-    resumes it (tests/test_resume.py), which changed with the event store (issue 12)."""
+    resumes it from the event store (tests/test_resume.py)."""
     nbp = f"cancel-{mode}.ipynb"
     async with mcp_client(kp.url, kp.tokens["bob"], mode=mode) as c:
         await c.call_tool("use_notebook", {"notebook": nbp, "mode": "create"})

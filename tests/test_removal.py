@@ -1,5 +1,5 @@
-"""Nothing of a user outlives their removal, and a uid is never given twice (the tenant-boundary
-issue, class 1).
+"""Nothing of a user outlives their removal, and a uid is never given twice: a process left
+behind, or a uid given again, would let a removed user's code reach the next user's files.
 
 Processes that try to hide are started from inside a real kernel of alice's, through the real MCP
 client; then the real `kernelpool users remove` (the CLI, while the server runs, or with no server
@@ -115,8 +115,8 @@ def leftovers(server: KernelpoolServer, uid: int) -> dict[str, list[str]]:
 # ---- processes that try to hide ---------------------------------------------------------------
 
 # Each writes "<kind> <pid>" to hiders.txt in alice's folder, then haunts: every 0.1 s it lists and
-# writes into the folder the next user will get (DATA/users/carol) and into alice's own, as the
-# leftover of the issue did. A refused fork (pids limit) is just tried again.
+# writes into the folder the next user will get (DATA/users/carol) and into alice's own, as a
+# leftover process would, to reach the next user's files. A refused fork (pids limit) is just tried again.
 HIDER = r'''
 import ctypes, os, signal, sys, threading, time
 KIND, TARGETS, HOME = sys.argv[1], sys.argv[2].split(":"), sys.argv[3]

@@ -341,7 +341,7 @@ print(json.dumps({{"ifaces": sorted(n for _, n in socket.if_nameindex()), "serve
         server.cleanup()
 
 
-# ---- SysV IPC, /sys, /etc/passwd (the tenant-boundary issue, classes 3 and 5) ---------------------
+# ---- SysV IPC, /sys, /etc/passwd: shared memory and names another user's kernel could reach ----
 
 async def test_sysv_objects_of_another_user_are_out_of_reach(sec: KernelpoolServer) -> None:
     bob = await run_as(sec, "bob", '''

@@ -1,4 +1,5 @@
-"""One user cannot starve the others, and nothing is lost when the disk fills (issue 11).
+"""One user cannot starve the others, and nothing is lost when the disk fills: every user shares
+one server process, its memory, its event loop and its disk, so each of them is capped per user.
 
 Each test starts its own real server with the caps it exercises set low, and drives it with
 real clients over HTTP: the atomic kernel limits under concurrent starts, the per-user session
@@ -227,7 +228,8 @@ async def test_background_results_are_bounded_per_user(server: KernelpoolServer,
     metrics = httpx2.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     held = result_bytes(metrics)
     assert held <= 4_000_000
-    # display outputs of every MIME type are bounded like streams (the issue's 5 x 40 MB of text/plain)
+    # display outputs of every MIME type are bounded like streams (5 x 40 MB of text/plain held
+    # whole would be 200 MB of server memory for one cell)
     server_process = psutil.Process(kp.pid)
     rss_before = server_process.memory_info().rss
     flood = ("for i in range(5):\n    display({'text/plain': str(i) * 40_000_000}, raw=True)\n"

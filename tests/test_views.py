@@ -1,7 +1,6 @@
-"""What one user's kernel can see of another's (issue 10, parts 3 and 4; the tenant-boundary issue,
-classes 3 and 5): private /tmp and /dev/shm, a /proc that lists only its own processes, cgroup views
-with no names, SysV IPC and message queues of its own, a /sys of its own network namespace, an
-/etc/passwd with only its own user, and the seccomp filter. Every attack runs in alice's kernel
+"""What one user's kernel can see of another's: private /tmp and /dev/shm, a /proc that lists only
+its own processes, cgroup views with no names, SysV IPC and message queues of its own, a /sys of
+its own network namespace, an /etc/passwd with only its own user, and the seccomp filter. Every attack runs in alice's kernel
 against bob's; bob's kernel keeps its state.
 
 Each server-level test runs twice: kernels forked by the fork server, and started the stock way
@@ -502,7 +501,7 @@ async def test_shared_memory_and_messages_count_against_the_kernels_memory(srv: 
     async def grows_by(code: str) -> int:
         before = int(Path(usage).read_text())
         assert await run_as(srv, "alice", code, notebook="shm.ipynb") == "held"
-        return int(open(usage).read()) - before
+        return int(Path(usage).read_text()) - before
 
     # a segment filled, then detached but not removed: no process maps its pages, which stay
     assert await grows_by('''
@@ -767,7 +766,7 @@ def test_replaced_files_survive_a_rename_and_keep_submounts() -> None:
             _libc.mount(f"{base}/everyone", f"{etc}/passwd", None, _libc.MS_BIND, None)  # -v /etc/passwd:/etc/passwd
             views.replace_files({f"{etc}/passwd": "ours\n"}, (f"{etc}/subuid",), views.read_mountinfo(), scratch=scratch)
             def read() -> dict[str, str]:
-                return {n: open(f"{etc}/{n}").read() for n in sorted(os.listdir(etc))}
+                return {n: Path(etc, n).read_text() for n in sorted(os.listdir(etc))}
             first = read()
             os.write(out_w, b"x")
             os.read(go_r, 1)

@@ -337,7 +337,8 @@ async def test_only_kernels_are_forked(fork_server: ForkServer) -> None:
 def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
     """PYTHONPATH (which the zygote removes from sys.path again) is set only when the kernels'
     python would not import this very kernelpool by itself: a source checkout. In an installed
-    copy that folder is site-packages, which kernels must keep (issue 9)."""
+    copy that folder is site-packages, which kernels must keep: without it they would not import
+    what is installed beside the server (tests/test_install.py)."""
     import kernelpool
     from kernelpool.kernels.zygote import server as zygote
 
