@@ -17,13 +17,17 @@ import sys
 import time
 import typing
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BeforeValidator
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError, fmt_bytes
 from sandbox.errors import SandboxError
+
+if TYPE_CHECKING:  # imported where they are used: `kernelpool --help` stays quick
+    from kernelpool.store import Store
+    from kernelpool.users.accounts import UserService
 
 log = logging.getLogger("kernelpool")
 
@@ -221,7 +225,7 @@ def _uvicorn_server(config: Any) -> Any:
     return Server(config)
 
 
-async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:
+async def _with_store(args: argparse.Namespace, work: Callable[[Settings, Store, UserService], Awaitable[int]]) -> int:
     from kernelpool.disk import check_earlier_data_dir
     from kernelpool.store import Store
     from kernelpool.users.accounts import UserService
@@ -242,7 +246,7 @@ async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[in
 async def _users(args: argparse.Namespace) -> int:
     from kernelpool.users.tokens import create_token
 
-    async def work(settings: Settings, store: Any, users: Any) -> int:
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
         if args.action == "add":
             row = await users.add(args.name)
             _, token = await create_token(store, row.name, args.expires)
@@ -261,8 +265,8 @@ async def _users(args: argparse.Namespace) -> int:
             if all(v is None for v in given.values()):
                 _err("kernelpool: give at least one limit (--memory, --cpus, --pids, --user-memory, ...)")
                 return 2
-            limits = await users.set_limits(args.name, **given)
-            _err(f"limits of {args.name}: {json.dumps(limits)} (new kernels get them)")
+            now = await users.set_limits(args.name, **given)
+            _err(f"limits of {args.name}: {json.dumps(now)} (new kernels get them)")
         return 0
 
     return await _with_store(args, work)
@@ -272,7 +276,7 @@ async def _tokens(args: argparse.Namespace) -> int:
     from kernelpool.errors import UserNotFound
     from kernelpool.users.tokens import create_token, hash_token
 
-    async def work(settings: Settings, store: Any, users: Any) -> int:
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
         if args.action == "create":
             if await store.get_user(args.name) is None:
                 raise UserNotFound(args.name)
@@ -299,8 +303,8 @@ async def _tokens(args: argparse.Namespace) -> int:
 
 
 async def _audit(args: argparse.Namespace) -> int:
-    async def work(settings: Settings, store: Any, users: Any) -> int:
-        for row in await store.read_audit(args.user, args.since, args.limit):
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
+        for row in await store.read_audit(user=args.user, since=args.since, limit=args.limit):
             if args.json:
                 print(json.dumps(row))
             else:

@@ -105,7 +105,7 @@ class KernelRow:
 class Store:
     """Async access to the database: `await store.open()` once, `await store.close()` at the end."""
 
-    def __init__(self, path: Path, audit_queue_max: int = 100_000) -> None:
+    def __init__(self, path: Path, *, audit_queue_max: int = 100_000) -> None:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
         # audit rows not yet written: they stay here while writes fail (a full disk), oldest first,
@@ -372,7 +372,8 @@ class Store:
         for _ in range(min(written_left, len(self._audit_rows))):
             self._audit_rows.popleft()
 
-    async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    async def read_audit(self, *, user: str | None = None, since: float | None = None,
+                         limit: int = 1000) -> list[dict[str, Any]]:
         clauses: list[str] = []
         args: list[Any] = []
         if user is not None:

@@ -99,7 +99,7 @@ def _listed(path: str) -> list[int]:
     return []
 
 
-def kill_trees(dirs: Sequence[str], timeout: float = 10.0) -> int:
+def kill_trees(dirs: Sequence[str], *, timeout: float = 10.0) -> int:
     """End every task in the cgroups `dirs` and below (see the module's docstring); returns how many
     tasks were listed at the start. Raises CgroupError naming what is left after `timeout` seconds."""
     dirs = [d for d in dirs if os.path.isdir(d)]
@@ -244,7 +244,7 @@ def _tgid(tid: int) -> int | None:
     return int(value) if value else None
 
 
-def remove_trees(dirs: Sequence[str], wait: float = 3.0) -> None:
+def remove_trees(dirs: Sequence[str], *, wait: float = 3.0) -> None:
     """Delete the cgroups `dirs` and everything below, deepest first (they must hold no task; a
     task that is still exiting keeps its cgroup busy for a moment). Idempotent."""
     deadline = time.monotonic() + wait

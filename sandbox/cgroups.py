@@ -165,7 +165,7 @@ freezer cgroup too, which `sandbox.cgroupkill` freezes before it kills.
         # unlimit first so that changing the period can never leave an invalid quota/period pair
         write_file(quota, "-1")
         write_file(os.path.join(path, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-        wanted = limits.cpu_quota_us(CPU_PERIOD_US)
+        wanted = limits.cpu_quota_us(period_us=CPU_PERIOD_US)
         if wanted is None:
             return
         # v1 refuses (EINVAL) a quota above an ancestor's; v2 would silently cap it. Cap it
@@ -294,7 +294,7 @@ class CgroupV2Backend(CgroupBackend):
                 # a kernel that swaps is slower than one that is killed and restarted
                 write_file(swap, "0")
         if "cpu" in self.controllers:
-            quota = limits.cpu_quota_us(CPU_PERIOD_US)
+            quota = limits.cpu_quota_us(period_us=CPU_PERIOD_US)
             write_file(os.path.join(path, "cpu.max"), f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
         if "pids" in self.controllers:
             write_file(os.path.join(path, "pids.max"), "max" if limits.pids is None else str(limits.pids))

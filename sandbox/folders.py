@@ -17,7 +17,7 @@ from sandbox.errors import InvalidPath, SandboxError
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def prepare_dir(path: str, uid: int | None, gid: int | None, mode: int = 0o700) -> None:
+def prepare_dir(path: str, uid: int | None, gid: int | None, *, mode: int = 0o700) -> None:
     """Create the folder `path` (missing parents as root-owned 0755), then set its owner and mode.
 
     Refuses (InvalidPath) if `path` itself is a symbolic link. Parents are the server's own

@@ -125,7 +125,7 @@ class SafeRoot:
 
     # -- operations -----------------------------------------------------------------------------
 
-    def read_bytes(self, relpath: str, max_bytes: int | None = None) -> bytes:
+    def read_bytes(self, relpath: str, *, max_bytes: int | None = None) -> bytes:
         """Contents of a regular file; FileTooLarge if it exceeds `max_bytes`."""
         dirfd, name = self._parent(relpath)
         try:
@@ -152,7 +152,7 @@ class SafeRoot:
         finally:
             os.close(fd)
 
-    def write_bytes_atomic(self, relpath: str, data: bytes, mode: int = 0o600) -> None:
+    def write_bytes_atomic(self, relpath: str, data: bytes, *, mode: int = 0o600) -> None:
         """Replace (or create) a file so that readers see the old or the new content, never a mix.
 
         The parent folder must exist. The new file belongs to uid/gid with `mode`.
@@ -188,7 +188,7 @@ class SafeRoot:
         finally:
             os.close(dirfd)
 
-    def makedirs(self, relpath: str, mode: int = 0o700) -> None:
+    def makedirs(self, relpath: str, *, mode: int = 0o700) -> None:
         """Create the folder and any missing parents (owned by uid/gid, `mode`); existing ones are fine."""
         parts = split_path(relpath, allow_root=True)
         fd = self._open_root()

@@ -56,7 +56,7 @@ class Inbox:
         self.room = asyncio.Event()
         self.room.set()
 
-    def put(self, channel: str, msg: Message, size: int = 0) -> None:
+    def put(self, channel: str, msg: Message, *, size: int = 0) -> None:
         """Add a message that holds about `size` bytes (messages.read_message says)."""
         self._items.append((channel, msg, size))
         self._bytes += size
@@ -230,7 +230,7 @@ class KernelChannels:
                 if channel == "iopub":
                     self.iopub_seen.set()
                 if msg is not None and isinstance(waiting, Inbox):
-                    waiting.put(channel, msg, size)
+                    waiting.put(channel, msg, size=size)
                     await waiting.room.wait()
                 await asyncio.sleep(0)  # one message at a time: every other task gets the loop between two
         except Misbehaviour as exc:

@@ -139,7 +139,7 @@ class Connection:
     early_exits: dict[int, int] = field(default_factory=dict)
     on_lost: Callable[[Connection], None] | None = None
 
-    def pump(self, timeout: float = 0.0, until: Callable[[], bool] | None = None) -> None:
+    def pump(self, *, timeout: float = 0.0, until: Callable[[], bool] | None = None) -> None:
         """Read and handle what the zygote sent; used by the event loop's reader and by `poll`."""
         deadline = time.monotonic() + timeout
         while self.alive and not self.eof:
