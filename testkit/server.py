@@ -154,7 +154,7 @@ class KernelpoolServer:
         except OSError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)

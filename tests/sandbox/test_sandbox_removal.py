@@ -54,9 +54,26 @@ ctypes.CDLL(None).pthread_exit(None)
 """
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
 def start(python: str, code: str, identity: Identity, cgroup: object = None) -> subprocess.Popen[bytes]:
-    return spawn(LaunchSpec(argv=[python, "-c", textwrap.dedent(code)], env={"PATH": "/usr/bin:/bin"},
+    proc = spawn(LaunchSpec(argv=[python, "-c", textwrap.dedent(code)], env={"PATH": "/usr/bin:/bin"},
                             cwd=identity.home, identity=identity, cgroup=cgroup))  # type: ignore[arg-type]
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _reap_started() -> Iterator[None]:
+    """Every process `start` made is waited for after the test (killed first if it runs on), so
+    that none is left unreaped: the test's kills end its tasks, and this collects the exits."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
