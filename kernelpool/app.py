@@ -66,7 +66,7 @@ SHUTDOWN_NOTICE_WAIT = 2.0
 def base_url(settings: Settings) -> str:
     if settings.public_url:
         return settings.public_url.rstrip("/")
-    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 (a comparison: no bind)
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{settings.port}"
 

@@ -17,13 +17,17 @@ import sys
 import time
 import typing
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BeforeValidator
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError, fmt_bytes
 from sandbox.errors import SandboxError
+
+if TYPE_CHECKING:  # imported where they are used: `kernelpool --help` stays quick
+    from kernelpool.store import Store
+    from kernelpool.users.accounts import UserService
 
 log = logging.getLogger("kernelpool")
 
@@ -169,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kernelpool.store import check_not_newer
 
     settings = _settings(args)
-    setup_logging(settings.log_level, settings.log_json)
+    setup_logging(settings.log_level, as_json=settings.log_json)
     # before anything is built: an earlier version's folder left aside by the new default, and a
     # data folder of a newer kernelpool, are refused untouched
     note = check_earlier_data_dir(settings)
@@ -229,7 +233,7 @@ def _uvicorn_server(config: Any) -> Any:
     return Server(config)
 
 
-async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:
+async def _with_store(args: argparse.Namespace, work: Callable[[Settings, Store, UserService], Awaitable[int]]) -> int:
     from kernelpool.disk import check_earlier_data_dir
     from kernelpool.store import Store
     from kernelpool.users.accounts import UserService
@@ -250,7 +254,7 @@ async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[in
 async def _users(args: argparse.Namespace) -> int:
     from kernelpool.users.tokens import create_token
 
-    async def work(settings: Settings, store: Any, users: Any) -> int:
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
         if args.action == "add":
             row = await users.add(args.name)
             _, token = await create_token(store, row.name, args.expires)
@@ -269,8 +273,8 @@ async def _users(args: argparse.Namespace) -> int:
             if all(v is None for v in given.values()):
                 _err("kernelpool: give at least one limit (--memory, --cpus, --pids, --user-memory, ...)")
                 return 2
-            limits = await users.set_limits(args.name, **given)
-            _err(f"limits of {args.name}: {json.dumps(limits)} (new kernels get them)")
+            now = await users.set_limits(args.name, **given)
+            _err(f"limits of {args.name}: {json.dumps(now)} (new kernels get them)")
         return 0
 
     return await _with_store(args, work)
@@ -280,7 +284,7 @@ async def _tokens(args: argparse.Namespace) -> int:
     from kernelpool.errors import UserNotFound
     from kernelpool.users.tokens import create_token, hash_token
 
-    async def work(settings: Settings, store: Any, users: Any) -> int:
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
         if args.action == "create":
             if await store.get_user(args.name) is None:
                 raise UserNotFound(args.name)
@@ -307,8 +311,8 @@ async def _tokens(args: argparse.Namespace) -> int:
 
 
 async def _audit(args: argparse.Namespace) -> int:
-    async def work(settings: Settings, store: Any, users: Any) -> int:
-        for row in await store.read_audit(args.user, args.since, args.limit):
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
+        for row in await store.read_audit(user=args.user, since=args.since, limit=args.limit):
             if args.json:
                 print(json.dumps(row))
             else:
@@ -332,7 +336,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         iso = decide(settings)
         report["host"] = iso.host
         report["in_force"] = iso.describe()
-        report["network"] = network_report(settings, iso.network, iso.sandboxed) | {"fallback": iso.fallback()}
+        report["network"] = network_report(settings, iso.network, sandboxed=iso.sandboxed) | {"fallback": iso.fallback()}
         ok = True
     except SandboxUnavailable as exc:
         from sandbox import probe

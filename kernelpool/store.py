@@ -105,7 +105,7 @@ class KernelRow:
 class Store:
     """Async access to the database: `await store.open()` once, `await store.close()` at the end."""
 
-    def __init__(self, path: Path, audit_queue_max: int = 100_000) -> None:
+    def __init__(self, path: Path, *, audit_queue_max: int = 100_000) -> None:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
         # audit rows not yet written: they stay here while writes fail (a full disk), oldest first,
@@ -213,7 +213,7 @@ class Store:
         await self._db.execute("UPDATE users SET limits = ? WHERE name = ?", (json.dumps(limits), name))
         await self._db.commit()
 
-    async def set_removing(self, name: str, removing: bool) -> None:
+    async def set_removing(self, name: str, *, removing: bool) -> None:
         """Mark a user as being removed (its tokens stop working at once) or unmark it."""
         if removing:
             await self._db.execute("INSERT OR REPLACE INTO removing(user, since) VALUES (?, ?)", (name, time.time()))
@@ -372,7 +372,8 @@ class Store:
         for _ in range(min(written_left, len(self._audit_rows))):
             self._audit_rows.popleft()
 
-    async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    async def read_audit(self, *, user: str | None = None, since: float | None = None,
+                         limit: int = 1000) -> list[dict[str, Any]]:
         clauses: list[str] = []
         args: list[Any] = []
         if user is not None:
@@ -383,7 +384,7 @@ class Store:
             args.append(since)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         async with self._db.execute(
-            f"SELECT ts, user, tool, notebook, outcome, duration_ms, detail FROM audit{where} ORDER BY id LIMIT ?",
+            f"SELECT ts, user, tool, notebook, outcome, duration_ms, detail FROM audit{where} ORDER BY id LIMIT ?",  # noqa: S608 (fixed clauses; values are ? parameters)
             (*args, limit),
         ) as cur:
             return [dict(r) for r in await cur.fetchall()]

@@ -6,6 +6,7 @@ Public names are re-exported by `sandbox.cgroups`; import them from there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from abc import ABC, abstractmethod
@@ -198,10 +199,8 @@ class CgroupBackend(ABC):
                 )
 
     def _kill_all(self, cgroup: Cgroup) -> None:
-        try:
+        with contextlib.suppress(CgroupError):  # what is left keeps its cgroup busy: `remove` says so
             cgroupkill.kill_trees(cgroup.directories(), timeout=_KILL_WAIT_S)
-        except CgroupError:
-            pass  # what is left keeps its cgroup busy: `remove` says so
 
     @abstractmethod
     def _dirs(self, relpath: str) -> list[str]: ...

@@ -16,6 +16,7 @@ NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -45,10 +46,8 @@ def _oserror(code: int, relpath: str) -> OSError:
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 class SafeRoot:
@@ -126,7 +125,7 @@ class SafeRoot:
 
     # -- operations -----------------------------------------------------------------------------
 
-    def read_bytes(self, relpath: str, max_bytes: int | None = None) -> bytes:
+    def read_bytes(self, relpath: str, *, max_bytes: int | None = None) -> bytes:
         """Contents of a regular file; FileTooLarge if it exceeds `max_bytes`."""
         dirfd, name = self._parent(relpath)
         try:
@@ -153,7 +152,7 @@ class SafeRoot:
         finally:
             os.close(fd)
 
-    def write_bytes_atomic(self, relpath: str, data: bytes, mode: int = 0o600) -> None:
+    def write_bytes_atomic(self, relpath: str, data: bytes, *, mode: int = 0o600) -> None:
         """Replace (or create) a file so that readers see the old or the new content, never a mix.
 
         The parent folder must exist. The new file belongs to uid/gid with `mode`.
@@ -182,16 +181,14 @@ class SafeRoot:
                     os.close(fd)
                 os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             except BaseException:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dirfd)
-                except OSError:
-                    pass
                 raise
             self._fsync_dir(dirfd)
         finally:
             os.close(dirfd)
 
-    def makedirs(self, relpath: str, mode: int = 0o700) -> None:
+    def makedirs(self, relpath: str, *, mode: int = 0o700) -> None:
         """Create the folder and any missing parents (owned by uid/gid, `mode`); existing ones are fine."""
         parts = split_path(relpath, allow_root=True)
         fd = self._open_root()

@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx2
 import nbformat
@@ -373,12 +374,12 @@ def test_healthcheck_reports_healthy(dep: Deployment) -> None:
 
 
 async def test_restart_keeps_tokens_and_notebooks(dep: Deployment) -> None:
-    before = {u: open(dep.host_path(u, f"legacy-{u}.ipynb")).read() for u in ("alice", "bob")}
+    before = {u: Path(dep.host_path(u, f"legacy-{u}.ipynb")).read_text() for u in ("alice", "bob")}
     docker("restart", dep.name, timeout=120)
     dep.wait_healthz()
     assert docker("inspect", "--format", "{{.RestartCount}} {{.State.Status}}", dep.name).stdout.split()[1] == "running"
     for user in ("alice", "bob"):
-        assert open(dep.host_path(user, f"legacy-{user}.ipynb")).read() == before[user]
+        assert Path(dep.host_path(user, f"legacy-{user}.ipynb")).read_text() == before[user]
         async with mcp_client(dep.url, dep.tokens[user], mode="legacy") as c:
             r = await c.call_tool("read_notebook", {"notebook": f"legacy-{user}.ipynb", "response_format": "detailed"})
             assert not r.is_error, text(r)

@@ -4,7 +4,8 @@ README's `docker run` is the one CI runs; the modules docs/architecture.md names
 links lead somewhere; the README fits a first screen and 200 lines; and every command a page shows is
 run, or checked, by a test named in tests/doc_commands.py. The commands that no other test file runs
 are run here: the `kernelpool` commands against a real server, the MCP Inspector's against a real
-server, the per-user volume commands as root, and what Claude Code's command hands the client.
+server, the per-user volume commands as root, and what Claude Code's command hands the client. The
+Docker image tags the docs use are the version kernelpool reports.
 """
 
 from __future__ import annotations
@@ -55,6 +56,27 @@ def test_config_table_is_generated_from_settings() -> None:
     assert documented == out, "docs/configuration.md is stale: run scripts/config-table --write"
     for name, field in Settings.model_fields.items():
         assert f"`KERNELPOOL_{(field.alias or name).upper()}`" in out
+
+
+def test_image_tags_in_the_docs_are_the_version() -> None:
+    """kernelpool/__init__.py holds the version; the wheel's metadata is read from it, and every
+    `kernelpool:X.Y.Z` tag in README.md and docs/ (the `docker build -t` and `docker run` lines,
+    `FROM` for a derived image) names it: a release that changes it changes them."""
+    import re
+    from importlib.metadata import version
+
+    import kernelpool
+
+    assert version("kernelpool") == kernelpool.__version__, "reinstall: the installed metadata is older"
+    pages = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+    tags: dict[str, set[str]] = {}
+    for page in pages:
+        with open(page) as f:
+            for tag in re.findall(r"\bkernelpool:(\d[\w.+-]*)", f.read()):
+                tags.setdefault(tag, set()).add(os.path.relpath(page, ROOT))
+    assert tags, "the docs show the image tag somewhere"
+    assert set(tags) == {kernelpool.__version__}, f"image tags other than {kernelpool.__version__}: {tags}"
 
 
 def test_docs_name_the_image_settings() -> None:

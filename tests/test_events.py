@@ -43,11 +43,14 @@ async def _request(store: SessionEventStore, user: str, session: str | None,
         finally:
             auth_context_var.reset(token)
 
+    async def receive() -> Any:
+        raise AssertionError("EventScope reads no request body")
+
     async def send(message: Any) -> None:
         return None
 
     headers = [(b"mcp-session-id", session.encode())] if session else []
-    await EventScope(app, store)({"type": "http", "headers": headers}, None, send)
+    await EventScope(app, store)({"type": "http", "headers": headers}, receive, send)
     return out["value"]
 
 
@@ -55,7 +58,9 @@ async def _replay(store: SessionEventStore, user: str, session: str, after: str)
     got: list[int] = []
 
     async def collect(event: EventMessage) -> None:
-        got.append(event.message.params["progress"])  # type: ignore[union-attr]
+        message = event.message
+        assert isinstance(message, JSONRPCNotification) and message.params is not None
+        got.append(message.params["progress"])
 
     async def work() -> str | None:
         return await store.replay_events_after(after, collect)

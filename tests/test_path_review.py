@@ -1,5 +1,6 @@
 """Every file-system call by path in kernelpool/ and sandbox/, and in the jupyter_client code that
-runs on our kernels' files, reviewed for one question (issue 10): can a tenant change the path?
+runs on our kernels' files, reviewed for one question: can a tenant change the path? (The server
+runs as root: a path a tenant can change is a way for the tenant to write as root.)
 
 The root server must never create, truncate, chown, open or connect to a path a tenant can
 change. Tenant-writable places are DATA/users/<name>/** and DATA/run/<uid>/tmp/** (the user's),

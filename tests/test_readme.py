@@ -159,7 +159,7 @@ except OSError as e:
 class Machine:
     name: str
 
-    def sh(self, script: str, check: bool = True, timeout: float = 120,
+    def sh(self, script: str, *, check: bool = True, timeout: float = 120,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """`script` in root's login-like shell on the machine, from the checkout."""
         extra = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]

@@ -1,5 +1,5 @@
-"""Nothing of a user outlives their removal, and a uid is never given twice (the tenant-boundary
-issue, class 1).
+"""Nothing of a user outlives their removal, and a uid is never given twice: a process left
+behind, or a uid given again, would let a removed user's code reach the next user's files.
 
 Processes that try to hide are started from inside a real kernel of alice's, through the real MCP
 client; then the real `kernelpool users remove` (the CLI, while the server runs, or with no server
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox tests
 _SERVERS = iter(range(1000))
 
 
-def _server(start: bool = True, **env: str) -> KernelpoolServer:
+def _server(*, start: bool = True, **env: str) -> KernelpoolServer:
     """A server with users alice and bob (started if `start`; then bob holds a secret in his kernel,
     set from a sync caller only: async tests call `bob_secret` themselves)."""
     env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", f"kpr{os.getpid() % 100000}x{next(_SERVERS)}-")
@@ -116,8 +116,8 @@ def leftovers(server: KernelpoolServer, uid: int) -> dict[str, list[str]]:
 # ---- processes that try to hide ---------------------------------------------------------------
 
 # Each writes "<kind> <pid>" to hiders.txt in alice's folder, then haunts: every 0.1 s it lists and
-# writes into the folder the next user will get (DATA/users/carol) and into alice's own, as the
-# leftover of the issue did. A refused fork (pids limit) is just tried again.
+# writes into the folder the next user will get (DATA/users/carol) and into alice's own, as a
+# leftover process would, to reach the next user's files. A refused fork (pids limit) is just tried again.
 HIDER = r'''
 import ctypes, os, signal, sys, threading, time
 KIND, TARGETS, HOME = sys.argv[1], sys.argv[2].split(":"), sys.argv[3]

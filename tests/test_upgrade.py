@@ -9,6 +9,7 @@ from /usr/bin/python3, driven through its own CLI and server. It is built once a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -27,6 +28,7 @@ import pytest
 
 from kernelpool import schema
 from kernelpool import store as store_module
+from kernelpool.schema import MIGRATIONS
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
 from testkit.client import mcp_client
@@ -89,10 +91,8 @@ def upgrade_env() -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     new = server_env(KERNELPOOL_ACCOUNT_PREFIX=f"kpn{tag}-", **common)
     yield old, new
     for name in ("alice", "bob"):  # whatever the new server did not adopt (on failure)
-        try:
+        with contextlib.suppress(Exception):  # cleanup: most often there is nothing left to remove
             accounts.remove_account(f"kpo{tag}-{name}")
-        except Exception:
-            pass
     backend = detect(prefix=common["KERNELPOOL_CGROUP_PREFIX"])
     root = backend.get("") if backend is not None else None
     if root is not None:
@@ -246,8 +246,8 @@ async def test_a_version_2_database_learns_what_it_gave_before(tmp_path: Path) -
         for statement in (*schema.MIGRATIONS[0], *schema.MIGRATIONS[1]):
             db.execute(statement)
         db.execute("PRAGMA user_version = 2")
-        db.execute(f"INSERT INTO users(name, uid, gid, created_at) VALUES ('alice', {low + 1}, {low + 1}, 1.0), "
-                   f"('bob', {low + 4}, {low + 4}, 1.0)")
+        db.executemany("INSERT INTO users(name, uid, gid, created_at) VALUES (?, ?, ?, 1.0)",
+                       [("alice", low + 1, low + 1), ("bob", low + 4, low + 4)])
         db.executemany("INSERT INTO audit(ts, user, tool, outcome, duration_ms) VALUES (1.0, ?, 'x', 'ok', 1)",
                        [("alice",), ("carol",), ("carol",), ("eve",), (None,)])
     db.close()
@@ -285,7 +285,7 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
     db.close()
 
     # a later migration that fails half-way changes nothing: not its first statement, not the version
-    broken = (*store_module._MIGRATIONS, ("CREATE TABLE extra(x)", "ALTER TABLE nowhere ADD COLUMN y"))
+    broken = (*MIGRATIONS, ("CREATE TABLE extra(x)", "ALTER TABLE nowhere ADD COLUMN y"))
     monkeypatch.setattr(store_module, "_MIGRATIONS", broken)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(broken))
     with pytest.raises(sqlite3.OperationalError, match="nowhere"):
@@ -295,7 +295,7 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone()[0] == 0
     db.close()
     # and once it is fixed, it runs
-    fixed = (*store_module._MIGRATIONS[:-1], ("CREATE TABLE extra(x)",))
+    fixed = (*MIGRATIONS, ("CREATE TABLE extra(x)",))
     monkeypatch.setattr(store_module, "_MIGRATIONS", fixed)
     store = await Store(path).open()
     await store.close()

@@ -134,6 +134,7 @@ async def execute(
     timeout: float,
     interrupt: Interrupt,
     limits: OutputLimits,
+    *,
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,
@@ -146,7 +147,8 @@ async def execute(
     at the timeout or when this call is cancelled.
     """
     channels = kernel.channels
-    assert channels is not None
+    if channels is None:  # the registry hands out started kernels only
+        raise RuntimeError(f"kernel {kernel.id} has no channels: it was not started")
     start = time.monotonic()
     run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits)
     try:
@@ -157,7 +159,6 @@ async def execute(
         if isinstance(exc, TimeoutError) and kernel.death_cause is None:
             kernel.death_cause = f"the kernel did not take the request within its timeout of {timeout:g} s (it does not read its shell channel)"
         return ExecutionResult("died", duration=time.monotonic() - start)
-    assert inbox is not None
     try:
         await run.until_idle(inbox)
         if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:

@@ -47,7 +47,7 @@ class JobState(enum.Enum):
 class Job:
     id: str
     user: str
-    notebook: str
+    path: str  # the notebook's, relative to the user's folder
     cell_id: str | None
     background: bool
     started_at: float = field(default_factory=time.time)
@@ -91,7 +91,7 @@ class JobService:
             execution_chars=settings.max_saved_execution_chars,
         )
 
-    def start(self, user: str, notebook: str, code: str, timeout: float, cell_id: str | None = None,
+    def start(self, user: str, path: str, code: str, *, timeout: float, cell_id: str | None = None,
               store_history: bool = True, background: bool = False, progress: Progress | None = None) -> Job:
         """Run `code` in a task of its own; `timeout` was checked by the caller, `progress` gets
         reports while the code runs (a waiting request's; none in the background)."""
@@ -99,17 +99,19 @@ class JobService:
         if background and sum(1 for j in self._jobs.values() if j.user == user and not j.done) >= _MAX_JOBS_PER_USER:
             raise LimitReached("running background executions per user", _MAX_JOBS_PER_USER,
                                "wait for some to finish (get_execution with wait) or cancel them (cancel_execution)")
-        job = Job(id=uuid.uuid4().hex[:16], user=user, notebook=notebook, cell_id=cell_id, background=background,
+        job = Job(id=uuid.uuid4().hex[:16], user=user, path=path, cell_id=cell_id, background=background,
                   progress=progress)
-        job.task = asyncio.get_running_loop().create_task(self._run(job, code, timeout, store_history))
+        job.task = asyncio.get_running_loop().create_task(
+            self._run(job, code, timeout=timeout, store_history=store_history))
         self._jobs[job.id] = job
         return job
 
-    async def wait(self, job: Job, within: float | None = None) -> Job:
+    async def wait(self, job: Job, *, within: float | None = None) -> Job:
         """Wait for `job` on behalf of a request (at most `within` seconds: then it runs on); if the
         request is cancelled, interrupt the kernel (the job still saves what was produced) and let
         the cancellation go on."""
-        assert job.task is not None
+        if job.task is None:
+            raise RuntimeError(f"job {job.id} was not started (JobService.start starts it)")
         try:
             if within is None:
                 await asyncio.shield(job.task)
@@ -151,10 +153,10 @@ class JobService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, job: Job, code: str, timeout: float, store_history: bool) -> None:
+    async def _run(self, job: Job, code: str, *, timeout: float, store_history: bool) -> None:
         try:
-            job.kernel = await self._kernels.acquire(job.user, job.notebook)
-            result = await self._execute(job, job.kernel, code, timeout, store_history)
+            job.kernel = await self._kernels.acquire(job.user, job.path)
+            result = await self._execute(job, job.kernel, code, timeout=timeout, store_history=store_history)
             if job.cancelled and result.status in ("ok", "error"):
                 result.status = "interrupted"
                 result.message = "cancelled by the client: the kernel was interrupted"
@@ -163,7 +165,7 @@ class JobService:
             self._metrics.execution_seconds.observe(result.duration)
             if job.cell_id is not None:
                 try:
-                    job.saved_index = await self._notebooks.edit(job.user, job.notebook, functools.partial(
+                    job.saved_index = await self._notebooks.edit(job.user, job.path, functools.partial(
                         cells.set_outputs, cell_id=job.cell_id, outputs=result.outputs,
                         execution_count=result.execution_count))
                 except KernelpoolError as exc:  # the result is still returned: only the saving failed
@@ -182,7 +184,8 @@ class JobService:
             if job.background:
                 self._hold(job)
 
-    async def _execute(self, job: Job, kernel: Kernel, code: str, timeout: float, store_history: bool) -> ExecutionResult:
+    async def _execute(self, job: Job, kernel: Kernel, code: str, *, timeout: float,
+                       store_history: bool) -> ExecutionResult:
         """One execution in `kernel`, under its lock; the registry acts on how it ended."""
         async with kernel.lock:
             if not await kernel.is_alive():
@@ -191,13 +194,15 @@ class JobService:
             kernel.executions += 1
             try:
                 result = await execute(kernel, code, timeout, functools.partial(self._kernels.interrupt, kernel),
-                                       self.limits, job.report, self._settings.progress_interval, store_history)
+                                       self.limits, progress=job.report,
+                                       progress_interval=self._settings.progress_interval,
+                                       store_history=store_history)
                 if result.status == "died":
                     result.message = await self._kernels.mark_dead(kernel)
                 elif result.stuck:
                     result.message = (f"the execution ran past its timeout of {timeout:g} s and did not stop when "
                                       "interrupted; the kernel was shut down (its variables are lost)")
-                    await self._kernels.shutdown(kernel.user, kernel.notebook or "")
+                    await self._kernels.shutdown(kernel.user, kernel.path or "")
             finally:
                 if kernel.state is KernelState.BUSY:
                     kernel.transition(KernelState.IDLE)

@@ -59,7 +59,8 @@ def _output(kind: str, content: dict[str, Any]) -> NotebookNode:
         out = {"output_type": kind, "data": dict(content.get("data", {})), "metadata": dict(content.get("metadata", {}))}
         if kind == "execute_result":
             out["execution_count"] = content.get("execution_count")
-    return from_dict(out)
+    node: NotebookNode = from_dict(out)
+    return node
 
 
 def _cut(text: str, limit: int, what: str) -> str:

@@ -27,7 +27,7 @@ def scrubbed_env(python: str, home: str, path_first: str | None = None, **more: 
     }
 
 
-def kernel_env(python: str, account: str, folder: str, runtime: str, user_packages: bool) -> dict[str, str]:
+def kernel_env(python: str, account: str, folder: str, runtime: str, *, user_packages: bool) -> dict[str, str]:
     """A kernel's environment: HOME is the user's `folder`, temporary and runtime files go to
     `runtime`; with `user_packages`, pip installs into the user's folder (`packages.env_vars`)."""
     own = packages.env_vars(python, folder) if user_packages else {}

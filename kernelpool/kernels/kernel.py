@@ -46,7 +46,7 @@ class Kernel:
     memory_limit: int | None
     rundir: KernelRunDir | None = None
     limits: Limits | None = None  # the per-kernel limits it was started with
-    notebook: str | None = None
+    path: str | None = None  # the notebook it serves, relative to the user's folder (None while pooled)
     channels: KernelChannels | None = None  # the server's connections to it (shell, IOPub, control), once it started
     state: KernelState = KernelState.STARTING
     started_at: float = field(default_factory=time.time)

@@ -189,13 +189,14 @@ class KernelLauncher:
 
     def _launch(self, kernel: Kernel, user: User, netns: str | None) -> KernelLaunch:
         rundir = kernel.rundir
-        assert rundir is not None
+        if rundir is None:
+            raise RuntimeError(f"kernel {kernel.id} has no run folder (`start` makes it first)")
         folder = self._users.folder(user.name)
         runtime = self._users.runtime_folder(user.uid)
         account = user.identity.name if user.identity else os.environ.get("USER", "kernelpool")
         fork_server = self._fork_server
         return KernelLaunch(
-            env=kernel_env(self.python, account, folder, runtime, self._settings.user_packages),
+            env=kernel_env(self.python, account, folder, runtime, user_packages=self._settings.user_packages),
             cwd=folder,
             identity=user.identity,
             cgroup=kernel.cgroup,
@@ -237,7 +238,7 @@ class KernelLauncher:
             pace = self._paces[user] = Pace(rate)
         return pace
 
-    async def stop(self, kernel: Kernel, now: bool = False) -> None:
+    async def stop(self, kernel: Kernel, *, now: bool = False) -> None:
         """Shut the process down (shutdown request, then SIGKILL to its group), then remove its
         cgroup and runtime folder: the only place either is removed."""
         if kernel.channels is not None:

@@ -64,13 +64,13 @@ class KernelRegistry:
         self._starting: dict[str, int] = {}  # user -> kernels being started (pool refills included)
         self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._stopping: set[asyncio.Task[None]] = set()  # kernels stopped for misbehaving
-        # told (user, notebook, cause) when a kernel no call was running on is stopped for misbehaving
+        # told (user, path, cause) when a kernel no call was running on is stopped for misbehaving
         self.listeners: list[Callable[[str, str, str], None]] = []
 
     # ---- queries ---------------------------------------------------------------------
 
-    def get(self, user: str, notebook: str) -> Kernel | None:
-        return self._kernels.get((user, notebook))
+    def get(self, user: str, path: str) -> Kernel | None:
+        return self._kernels.get((user, path))
 
     def of_user(self, user: str) -> list[Kernel]:
         return [k for (u, _), k in self._kernels.items() if u == user]
@@ -89,12 +89,12 @@ class KernelRegistry:
 
     # ---- acquiring -------------------------------------------------------------------
 
-    async def acquire(self, name: str, notebook: str) -> Kernel:
-        """The live kernel of (user, notebook): the existing one, a warm one, or a new one.
+    async def acquire(self, name: str, path: str) -> Kernel:
+        """The live kernel of (user, notebook at `path`): the existing one, a warm one, or a new one.
 
         The user's record (identity, limits) is read only when a kernel has to be found or started.
         """
-        key = (name, notebook)
+        key = (name, path)
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         async with lock:
             kernel = self._kernels.get(key)
@@ -111,21 +111,22 @@ class KernelRegistry:
                 kernel = await self._start(user)  # admits it against the limits, or raises LimitReached
             else:
                 self._metrics.pool_hits.inc()
-            await self._assign(kernel, notebook)
+            await self._assign(kernel, path)
             self._kernels[key] = kernel
             self._pool.acquired(user)
             return kernel
 
-    async def _assign(self, kernel: Kernel, notebook: str) -> None:
-        kernel.notebook = notebook
+    async def _assign(self, kernel: Kernel, path: str) -> None:
+        kernel.path = path
         kernel.last_used = time.monotonic()
-        folder = notebook.rpartition("/")[0]
+        folder = path.rpartition("/")[0]
         if folder:
             # kernels start in the user's folder; Jupyter runs a notebook's code in the notebook's folder
-            assert kernel.channels is not None
+            if kernel.channels is None:  # started kernels only are assigned
+                raise RuntimeError(f"kernel {kernel.id} has no channels: it was not started")
             await kernel.channels.execute(f"import os as _o; _o.chdir({folder!r}); del _o", silent=True,
                                           store_history=False, listen=False)
-        await self._store.set_kernel_notebook(kernel.id, notebook)
+        await self._store.set_kernel_notebook(kernel.id, path)
 
     def _admit(self, user: str) -> None:
         """Check the limits and take a slot in one step (no await between): the only way a kernel is counted."""
@@ -184,7 +185,7 @@ class KernelRegistry:
         log.info("kernel %s started for %s (pid %s)", kid, user.name, kernel.pid)
         return kernel
 
-    async def _stop(self, kernel: Kernel, now: bool = False) -> None:
+    async def _stop(self, kernel: Kernel, *, now: bool = False) -> None:
         """Shut one kernel down (`KernelLauncher.stop`) and give back what it held."""
         with contextlib.suppress(RuntimeError):
             kernel.transition(KernelState.STOPPING)
@@ -205,35 +206,35 @@ class KernelRegistry:
         kernel.death_cause = f"the kernel was stopped because {exc}"
         self._metrics.misbehaving_kernels.labels(exc.reason).inc()
         log.warning("kernel %s of %s stopped as misbehaving: %s", kernel.id, kernel.user, exc)
-        task = asyncio.get_running_loop().create_task(self._stop_misbehaving(kernel, kernel.state is KernelState.BUSY))
+        task = asyncio.get_running_loop().create_task(self._stop_misbehaving(kernel, busy=kernel.state is KernelState.BUSY))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _stop_misbehaving(self, kernel: Kernel, busy: bool) -> None:
-        if kernel.notebook is not None and self._kernels.get((kernel.user, kernel.notebook)) is kernel:
-            del self._kernels[(kernel.user, kernel.notebook)]
+    async def _stop_misbehaving(self, kernel: Kernel, *, busy: bool) -> None:
+        if kernel.path is not None and self._kernels.get((kernel.user, kernel.path)) is kernel:
+            del self._kernels[(kernel.user, kernel.path)]
         self._pool.discard(kernel)
         await self._stop(kernel, now=True)
-        if not busy and kernel.notebook is not None and kernel.death_cause is not None:
+        if not busy and kernel.path is not None and kernel.death_cause is not None:
             for listener in self.listeners:
-                listener(kernel.user, kernel.notebook, kernel.death_cause)
+                listener(kernel.user, kernel.path, kernel.death_cause)
 
     async def _discard(self, kernel: Kernel) -> None:
         kernel.explain_death()
-        if kernel.notebook is not None and self._kernels.get((kernel.user, kernel.notebook)) is kernel:
-            del self._kernels[(kernel.user, kernel.notebook)]
+        if kernel.path is not None and self._kernels.get((kernel.user, kernel.path)) is kernel:
+            del self._kernels[(kernel.user, kernel.path)]
         await self._stop(kernel, now=True)
 
-    async def shutdown(self, user: str, notebook: str) -> bool:
-        kernel = self._kernels.pop((user, notebook), None)
+    async def shutdown(self, user: str, path: str) -> bool:
+        kernel = self._kernels.pop((user, path), None)
         if kernel is None:
             return False
         await self._stop(kernel)
         return True
 
-    async def restart(self, user: User, notebook: str) -> Kernel:
-        await self.shutdown(user.name, notebook)
-        return await self.acquire(user.name, notebook)
+    async def restart(self, user: User, path: str) -> Kernel:
+        await self.shutdown(user.name, path)
+        return await self.acquire(user.name, path)
 
     async def interrupt(self, kernel: Kernel) -> None:
         await kernel.interrupt()
@@ -248,10 +249,10 @@ class KernelRegistry:
             return 0
         now = time.monotonic()
         culled = 0
-        for (user, notebook), kernel in list(self._kernels.items()):
+        for (user, path), kernel in list(self._kernels.items()):
             if kernel.state is KernelState.IDLE and not kernel.lock.locked() and now - kernel.last_used > timeout:
-                log.info("culling idle kernel %s of %s (%s)", kernel.id, user, notebook)
-                await self.shutdown(user, notebook)
+                log.info("culling idle kernel %s of %s (%s)", kernel.id, user, path)
+                await self.shutdown(user, path)
                 culled += 1
         # warm kernels follow activity: a user who has not opened a kernel for as long goes without
         return culled + await self._pool.retire_inactive(now, timeout)

@@ -53,7 +53,7 @@ ToolFunction = Callable[..., Awaitable[CallToolResult]]
 
 @dataclass(frozen=True)
 class Tool:
-    fn: ToolFunction  # (call, **arguments); its parameters after `call` are the tool's arguments
+    fn: ToolFunction  # (call, **arguments); its keyword-only parameters after `call` are the tool's arguments
     name: str
     description: str
     annotations: ToolAnnotations

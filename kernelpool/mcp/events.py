@@ -142,7 +142,7 @@ class SessionEventStore(EventStore):
         after = found[1]
         pending = [e for e in owner.events if e.seq > after.seq and e.stream == after.stream and e.message is not None]
         for event in pending:
-            assert event.message is not None
+            assert event.message is not None  # noqa: S101 (narrows the type: `pending` kept only these)
             await send_callback(EventMessage(event.message, event.id))
         return after.stream
 

@@ -13,7 +13,7 @@ TOOLS = Tools()
 async def list_kernels(call: Call) -> CallToolResult:
     kernels, warm = call.services.workspace.kernels(call.user)
     items = [{
-        "kernel_id": k.id, "notebook": k.notebook, "state": k.state.value, "pid": k.pid,
+        "kernel_id": k.id, "notebook": k.path, "state": k.state.value, "pid": k.pid,
         "started_at": k.started_at, "executions": k.executions,
     } for k in kernels]
     lines = [f"{k['kernel_id']}  {k['state']:8} {k['notebook']}  executions={k['executions']}" for k in items]
@@ -21,7 +21,7 @@ async def list_kernels(call: Call) -> CallToolResult:
 
 
 @TOOLS.add("restart_notebook", "Restart a notebook's kernel: a fresh kernel, all variables lost; the file stays.", DESTRUCTIVE)
-async def restart_notebook(call: Call, notebook: str | None = None) -> CallToolResult:
+async def restart_notebook(call: Call, *, notebook: str | None = None) -> CallToolResult:
     path = call.notebook(notebook)
     kernel = await call.services.workspace.restart(call.user, path)
     await call.services.notices.to_user(
@@ -31,7 +31,7 @@ async def restart_notebook(call: Call, notebook: str | None = None) -> CallToolR
 
 
 @TOOLS.add("interrupt_kernel", "Interrupt what a notebook's kernel is running (like Ctrl-C).", EDIT)
-async def interrupt_kernel(call: Call, notebook: str | None = None) -> CallToolResult:
+async def interrupt_kernel(call: Call, *, notebook: str | None = None) -> CallToolResult:
     path = call.notebook(notebook)
     if not await call.services.workspace.interrupt(call.user, path):
         return result(f"{path} has no running kernel", {"notebook": path, "interrupted": False})

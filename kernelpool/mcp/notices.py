@@ -155,7 +155,8 @@ class Notices:
 
 def _payload(text: str, data: dict[str, Any] | None) -> dict[str, Any]:
     # notifications pass no middleware: made valid Unicode here (kernelpool/mcp/wire.py)
-    return clean({"message": text, **(data or {})})
+    payload: dict[str, Any] = clean({"message": text, **(data or {})})
+    return payload
 
 
 async def send_log(handle: ServerSession, level: LoggingLevel, data: Any, related_request_id: RequestId | None = None) -> None:

@@ -103,7 +103,7 @@ def session_of(ctx: RequestContext) -> str | None:
 
 # ---- rendering ------------------------------------------------------------------------------
 
-def markdown(path: str, nb: NotebookNode, summary_chars: int = 500) -> str:
+def markdown(path: str, nb: NotebookNode, *, summary_chars: int = 500) -> str:
     """The notebook as markdown: markdown cells as they are, code in fences, outputs summarised."""
     parts = [f"# {path}\n"]
     for i, cell in enumerate(nb.cells):

@@ -22,6 +22,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
 
+from kernelpool import __version__
 from kernelpool.errors import KernelpoolError
 from kernelpool.mcp import cells, execution, kernels, notebooks
 from kernelpool.mcp.call import Call, Tool, ToolFunction
@@ -44,15 +45,16 @@ TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *cells.TOOLS, *execution.TOOLS, *ke
 def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     """The MCP server with every tool, resource handler and the session middleware registered."""
     server: MCPServer = MCPServer(
-        name="kernelpool", instructions=INSTRUCTIONS, version="0.1.0",
+        name="kernelpool", instructions=INSTRUCTIONS, version=__version__,
         token_verifier=token_verifier, auth=auth,
         # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
         # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/mcp/notices.py)
         subscriptions=False,
     )
 
-    # issue 12: resources, completion, logging/setLevel on the low-level server (MCPServer has no
-    # per-user resource list), and every request's session handle for notices
+    # resources, completion and logging/setLevel go on the low-level server: MCPServer lists the
+    # same resources to everyone, and each user must see only their own; every request also
+    # leaves its session's handle, so that notices can reach that session later
     def attach(ctx: Any) -> None:
         token, sid = get_access_token(), session_of(ctx)
         if token is not None and sid is not None:

@@ -23,7 +23,7 @@ def check_notebook_path(path: str) -> str:
     """Normalise and check a client-given notebook path; raises PathRefused."""
     if not isinstance(path, str) or not path.strip():
         raise PathRefused(str(path), "empty path")
-    if path.startswith("/") or path.startswith("\\"):
+    if path.startswith(("/", "\\")):
         raise PathRefused(path, _ABSOLUTE)
     norm = _normalise(path, path.replace("\\", "/"))
     if not norm:

@@ -59,7 +59,7 @@ def parse(data: bytes | bytearray, path: str) -> NotebookNode:
     invalid: dict[str, Any] = {}
     try:
         text = data.decode("utf-8")
-        nb = nbformat.reads(text, as_version=4, capture_validation_error=invalid)
+        nb: NotebookNode = nbformat.reads(text, as_version=4, capture_validation_error=invalid)
     except (UnicodeDecodeError, json.JSONDecodeError, nbformat.reader.NotJSONError) as exc:
         raise CorruptNotebook(path, f"not JSON: {exc}") from None
     except RecursionError:

@@ -161,7 +161,7 @@ class NotebookService:
                 except FileTooLarge as exc:
                     if max_bytes < self.max_bytes:
                         raise _Larger() from None
-                    raise NotebookTooLarge(path, exc.size, self.max_bytes, exc.grew) from None
+                    raise NotebookTooLarge(path, exc.size, self.max_bytes, grew=exc.grew) from None
         except FileNotFoundError:
             raise NotebookNotFound(path) from None
         except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
@@ -273,7 +273,7 @@ class NotebookService:
         async with self.lock(user, path):
             if await self.exists(user, path):
                 raise NotebookExists(path)
-            nb = new_notebook()
+            nb: NotebookNode = new_notebook()
             nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
             nb.metadata["language_info"] = {"name": "python"}
             await self.save(user, path, nb)
@@ -301,10 +301,11 @@ class NotebookService:
         if not await self.exists(user, path):
             await self.load(user, path)
 
-    async def cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None) -> tuple[int, NotebookNode]:
+    async def cell(self, user: str, path: str, *, cell_index: int | None = None,
+                   cell_id: str | None = None) -> tuple[int, NotebookNode]:
         """The cell named by index or id, read-only (see `load`): (index, cell)."""
         nb = await self.load(user, path)
-        i = cells.cell_position(nb, path, cell_index, cell_id)
+        i = cells.cell_position(nb, path, cell_index=cell_index, cell_id=cell_id)
         return i, nb.cells[i]
 
     async def cell_window(self, user: str, path: str, start: int, limit: int) -> tuple[int, list[NotebookNode]]:
@@ -316,22 +317,22 @@ class NotebookService:
         nb = await self.load(user, path)
         return len(nb.cells), nb.cells[start:start + limit]
 
-    async def output_page(self, user: str, path: str, cell_index: int | None, cell_id: str | None, offset: int,
-                          size: int, max_size: int) -> tuple[int, NotebookNode, cells.OutputPage]:
+    async def output_page(self, user: str, path: str, *, cell_index: int | None = None, cell_id: str | None = None,
+                          offset: int, size: int, max_size: int) -> tuple[int, NotebookNode, cells.OutputPage]:
         """A page of one cell's output text (`cells.output_page`): (index, cell, page)."""
-        i, cell = await self.cell(user, path, cell_index, cell_id)
+        i, cell = await self.cell(user, path, cell_index=cell_index, cell_id=cell_id)
         return i, cell, cells.output_page(cell, offset, size, max_size)
 
     async def insert(self, user: str, path: str, cell_index: int, cell_type: str, source: str) -> tuple[int, NotebookNode]:
         """Insert a new cell at `cell_index` (-1 appends) and save: (index, cell)."""
         return await self.edit(user, path, lambda nb: cells.insert_cell(nb, cell_index, cell_type, source))
 
-    async def edit_cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None,
-                        apply: Callable[[NotebookNode, int], T]) -> tuple[int, str, T]:
+    async def edit_cell(self, user: str, path: str, apply: Callable[[NotebookNode, int], T], *,
+                        cell_index: int | None = None, cell_id: str | None = None) -> tuple[int, str, T]:
         """Change the cell named by index or id (`apply(nb, index)`) and save: (index, id, what apply returned)."""
 
         def change(nb: NotebookNode) -> tuple[int, str, T]:
-            i = cells.cell_position(nb, path, cell_index, cell_id)
+            i = cells.cell_position(nb, path, cell_index=cell_index, cell_id=cell_id)
             return i, nb.cells[i].id, apply(nb, i)
 
         return await self.edit(user, path, change)
@@ -340,6 +341,6 @@ class NotebookService:
         """The user's notebooks (paths), bounded: `Listing.note` says when the list was cut."""
         return await self._files.run(user, listing.notebooks, self._roots(user))
 
-    async def list_files(self, user: str, path: str, pattern: str | None) -> Listing:
+    async def list_files(self, user: str, path: str, *, pattern: str | None = None) -> Listing:
         """Entries of one folder (dicts as list_files returns them), bounded like list_notebooks."""
         return await self._files.run(user, listing.files, self._roots(user), path, pattern)

@@ -20,7 +20,7 @@ from kernelpool.users.sessions import SessionContexts
 
 @dataclass(frozen=True)
 class Opened:
-    notebook: str
+    path: str
     kernel: Kernel
     active: bool  # made the session's active notebook (False: no session the server issued)
     kernels: int  # kernels the user has now

@@ -45,7 +45,7 @@ class User:
 
 
 class UserService:
-    def __init__(self, settings: Settings, store: Store, isolated: bool) -> None:
+    def __init__(self, settings: Settings, store: Store, *, isolated: bool) -> None:
         self._settings = settings
         self._store = store
         self.isolated = isolated
@@ -120,11 +120,11 @@ class UserService:
         self._known[name] = row
         return row
 
-    async def remove(self, name: str, delete_files: bool = False) -> None:
+    async def remove(self, name: str, *, delete_files: bool = False) -> None:
         """Remove a user, all or nothing (`kernelpool.users.removal.UserRemoval.run`). Called by
         `kernelpool users remove`, also while a server runs."""
         check_name(name)
-        await UserRemoval(self._settings, self._store, self).run(name, delete_files)
+        await UserRemoval(self._settings, self._store, self).run(name, delete_files=delete_files)
 
     async def get(self, name: str) -> User:
         row = await self._store.get_user(name)
