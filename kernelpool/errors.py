@@ -53,6 +53,19 @@ class InvalidArgument(KernelpoolError):
     template = "invalid {name}: {reason}"
 
 
+class UnknownArguments(KernelpoolError):
+    """A tool call with arguments the tool does not take (a misspelling, or one from another server)."""
+
+    fields = ("tool", "unknown", "known")
+    template = "{tool} does not take {names}; nothing was done. {tool} takes: {takes}"
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        unknown = [repr(n) for n in named["unknown"]]
+        names = f"the argument {unknown[0]}" if len(unknown) == 1 else "the arguments " + ", ".join(unknown)
+        return {"names": names, "takes": ", ".join(named["known"]) or "no arguments"}
+
+
 class NoNotebook(KernelpoolError):
     template = ("no notebook given: pass `notebook` (a path relative to your folder, e.g. 'analysis.ipynb'), "
                 "or call use_notebook first (that works only for clients with an MCP session)")
