@@ -43,7 +43,9 @@ from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.metrics import Metrics, live_gauges
+from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
+from kernelpool.notebooks.quota import DiskQuota
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.services import Services
@@ -117,7 +119,10 @@ class _Server:
             uid, gid = users.owner(user)
             return SafeRoot(users.folder(user), uid, gid)
 
-        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check)
+        quota = DiskQuota(root_of, settings.user_disk_quota_bytes, max_age=settings.user_disk_recount)
+        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check,
+                                    quota=quota)
+        files = FileService(root_of, self.files, notebooks, quota, settings.max_file_bytes, disk_check=self.disk.check)
         kernels = KernelRegistry(settings, store, users, self.iso.cgroups, UserNetworkPolicy(self.iso.network),
                                  fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics)
         notices = Notices(settings.session_idle_timeout)
@@ -126,7 +131,7 @@ class _Server:
         notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
         kernels.listeners.append(lambda user, notebook, cause: _tell_stopped(notices, user, notebook, cause))
         return Services(
-            settings=settings, store=store, users=users, notebooks=notebooks,
+            settings=settings, store=store, users=users, notebooks=notebooks, files=files,
             workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
             executions=ExecutionService(settings, jobs, notebooks), sessions=sessions, metrics=metrics,
             notices=notices, events=_event_store(settings, notices),

@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     """finished background results kept in server memory for all users together"""
     max_notebook_bytes: int = Field(100 * 2**20, ge=1 << 20)
     """largest notebook file the server opens (checked before reading it); one whose parse would take more than 4 times this in memory is refused too"""
+    max_file_bytes: int = Field(2 * 2**20, ge=4096)
+    """bytes one read_file or write_file call reads or writes, at most (larger files are read in pages and written in chunks with mode='append'; a request body is at most 4 MiB, and base64 takes 4/3 of the bytes)"""
+    user_disk_quota: str = "10G"
+    """disk space a user's folder may take (0 = no quota): past it, write_file calls that add bytes, new notebooks and notebook saves that grow a file are refused. Counted with a bounded walk every few minutes plus the server's own writes; what kernels write directly is seen at the next count, not stopped"""
+    user_disk_recount: PositiveFloat = 60.0
+    """seconds a count of a user's folder (a walk of at most 200,000 names) is trusted before a write that adds bytes counts it again"""
     disk_free_floor: str = "512M"
     """free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)"""
     audit_queue_max: PositiveInt = 100_000
@@ -258,7 +264,7 @@ class Settings(BaseSettings):
     def tmpfs_bytes(self) -> int:
         return parse_memory(self.kernel_tmpfs_size)
 
-    @field_validator("disk_free_floor")
+    @field_validator("disk_free_floor", "user_disk_quota")
     @classmethod
     def _floor(cls, value: str) -> str:
         if value.strip() not in ("0", ""):
@@ -271,6 +277,10 @@ class Settings(BaseSettings):
         for item in value:
             ipaddress.ip_network(item, strict=False)  # raises ValueError with the bad item
         return value
+
+    @property
+    def user_disk_quota_bytes(self) -> int | None:
+        return None if self.user_disk_quota.strip() in ("0", "") else parse_memory(self.user_disk_quota)
 
     @property
     def disk_free_floor_bytes(self) -> int:

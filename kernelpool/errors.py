@@ -235,3 +235,30 @@ class DataFromNewerVersion(KernelpoolError):
 class NoSpace(NotebookError):
     template = ("could not write {path!r}: no space left on the server's disk; the file was left as it was. "
                 "Delete files you no longer need, or ask the administrator for space")
+
+
+class QuotaReached(KernelpoolError):
+    """A write that would take the user's folder past user_disk_quota; nothing was written."""
+
+    fields = ("path", "limit", "used", "adding")
+    template = ("disk quota of {limit_text} reached: your folder takes {used_text}{adding_text}, so {path!r} was not "
+                "written and nothing changed. Delete files you no longer need (delete_file, or in a kernel), or ask "
+                "the administrator to raise user_disk_quota")
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        adding = named["adding"]
+        return {"limit_text": fmt_bytes(named["limit"]), "used_text": fmt_bytes(named["used"]),
+                "adding_text": f" and this would add {fmt_bytes(adding)}" if adding > 0 else ""}
+
+
+class FileTooLargeForCall(KernelpoolError):
+    """More bytes than max_file_bytes in one read_file or write_file call."""
+
+    fields = ("path", "size", "limit")
+    template = ("{path!r}: {size_text} is more than one call may write (max_file_bytes, {limit_text}); nothing was "
+                "written. Send it in pieces: the first with mode='create' or 'overwrite', the rest with mode='append'")
+
+    @staticmethod
+    def formatted(named: dict[str, Any]) -> dict[str, Any]:
+        return {"size_text": fmt_bytes(named["size"]), "limit_text": fmt_bytes(named["limit"])}

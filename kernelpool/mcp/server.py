@@ -24,7 +24,7 @@ from mcp.server.mcpserver.tools import Tool as SdkTool
 from mcp.types import CallToolResult
 
 from kernelpool.errors import KernelpoolError, UnknownArguments
-from kernelpool.mcp import cells, execution, kernels, notebooks
+from kernelpool.mcp import cells, execution, files, kernels, notebooks
 from kernelpool.mcp.arguments import UNKNOWN, refuse_unknown
 from kernelpool.mcp.call import Call, Tool, ToolFunction
 from kernelpool.mcp.resources import register as register_resources
@@ -40,7 +40,7 @@ own kernel. Pass `notebook` (a path relative to your folder, like 'work/analysis
 tool, or call use_notebook once to make a notebook the active one of this session. Cells are
 addressed by `cell_index` (0-based; negative counts from the end) or by `cell_id`."""
 
-TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
+TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *files.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
 
 
 def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
