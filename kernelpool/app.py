@@ -30,11 +30,13 @@ from starlette.types import ASGIApp
 from kernelpool import __version__
 from kernelpool.config import Settings
 from kernelpool.disk import DiskSpace
+from kernelpool.errors import KernelpoolError
 from kernelpool.executions.jobs import JobService
 from kernelpool.executions.service import ExecutionService
-from kernelpool.kernels.isolation import Isolation, data_dir_unreachable, decide
+from kernelpool.kernels.isolation import Isolation, blocked_for_others, data_dir_unreachable, decide
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.kernels.specs import DEFAULT, KernelSpecs
 from kernelpool.kernels.zygote.server import ForkServer
 from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
 from kernelpool.mcp.events import EventScope, SessionEventStore
@@ -123,8 +125,20 @@ class _Server:
         notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check,
                                     quota=quota)
         files = FileService(root_of, self.files, notebooks, quota, settings.max_file_bytes, disk_check=self.disk.check)
+        # the kernelspecs users may choose, read once (a missing or unreachable one stops the server here)
+        specs = KernelSpecs.find(settings.kernelspecs, check_reachable=blocked_for_others if self.iso.sandboxed else None)
+
+        async def spec_of(user: str, path: str) -> str:
+            """The kernelspec a notebook records, for a kernel started by a call other than use_notebook."""
+            try:
+                nb = await notebooks.load(user, path)
+            except KernelpoolError:
+                return DEFAULT  # no notebook (yet), or one that cannot be read: that call says so itself
+            return specs.for_notebook(nb.metadata).name
+
         kernels = KernelRegistry(settings, store, users, self.iso.cgroups, UserNetworkPolicy(self.iso.network),
-                                 fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics)
+                                 fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics,
+                                 specs=specs, spec_of=spec_of)
         notices = Notices(settings.session_idle_timeout)
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
         jobs = JobService(settings, kernels, notebooks, users, metrics)

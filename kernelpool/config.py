@@ -115,6 +115,10 @@ class Settings(BaseSettings):
 
     kernel_python: str | None = None
     """python interpreter for kernels (default: the server's own)"""
+    kernelspecs: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """kernelspecs users may choose besides the server's own Python (python3), by name as `jupyter kernelspec list` shows them, comma-separated (e.g. ir,bash); each starts sandboxed like python3"""
+    kernelspec_pool_sizes: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    """warm kernels kept ready per active user for each of those kernelspecs, as name=N, comma-separated (default 0 each; python3's is pool_size); counted in max_kernels_per_user"""
     kernel_start_timeout: PositiveFloat = 60.0
     """seconds a kernel may take to become ready"""
     max_kernels_per_user: PositiveInt = 16
@@ -215,7 +219,29 @@ class Settings(BaseSettings):
         # resolved once, against the folder the server starts in: kernels and the CLI see one path
         return value.absolute()
 
-    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", mode="before")
+    @field_validator("kernelspec_pool_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        # from the environment: "ir=1,bash=0", or a JSON object
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"{value!r}: give name=N pairs, comma-separated")
+            return {k.strip(): int(v) for k, v in pairs}
+        return value
+
+    @field_validator("kernelspec_pool_sizes")
+    @classmethod
+    def _sizes_known(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 for n in value.values()):
+            raise ValueError("pool sizes must be 0 or more")
+        return value
+
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "kernelspecs",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -338,6 +364,9 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
+    unknown = sorted(set(settings.kernelspec_pool_sizes) - set(settings.kernelspecs))
+    if unknown:
+        raise ValueError(f"kernelspec_pool_sizes names {', '.join(unknown)}, which kernelspecs does not allow")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

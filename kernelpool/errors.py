@@ -262,3 +262,10 @@ class FileTooLargeForCall(KernelpoolError):
     @staticmethod
     def formatted(named: dict[str, Any]) -> dict[str, Any]:
         return {"size_text": fmt_bytes(named["size"]), "limit_text": fmt_bytes(named["limit"])}
+
+
+class KernelNotAllowed(KernelpoolError):
+    """A kernel (asked for, or recorded in a notebook) that this server does not offer."""
+
+    fields = ("name", "offered")
+    template = "kernel {name!r} is not offered by this server; it offers: {offered} (list_kernelspecs)"

@@ -282,13 +282,15 @@ class NotebookService:
                 _, dropped = self._cache.popitem(last=False)
                 self._drop(dropped)
 
-    async def create(self, user: str, path: str) -> NotebookNode:
+    async def create(self, user: str, path: str, metadata: dict[str, Any] | None = None) -> NotebookNode:
+        """A new notebook whose metadata records its kernel (`kernels.specs.Spec.metadata`; python3's by default)."""
         async with self.lock(user, path):
             if await self.exists(user, path):
                 raise NotebookExists(path)
             nb = new_notebook()
-            nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-            nb.metadata["language_info"] = {"name": "python"}
+            nb.metadata.update(nbformat.from_dict(metadata) if metadata else {
+                "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+                "language_info": {"name": "python"}})
             await self.save(user, path, nb)
             return nb
 
