@@ -57,6 +57,9 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/kernels/isolation.py", "_first_blocked", "os.stat"):
         (1, "folders on the way to the interpreter or to DATA: configuration; stat only"),
     ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.isdir"): (1, "DATA's parents: configuration"),
+    ("kernelpool/kernels/specs.py", "_checked", "shutil.which"): (1, "a kernelspec's program on the system PATH or "
+                                                                 "its own: configuration, installed by root, read at start-up"),
+    ("kernelpool/kernels/specs.py", "_checked", "os.access"): (1, "the same program, only to refuse a missing one"),
     ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.isfile"):
         (1, "DATA/kernelpool.db: root's folder; stat only, for the message"),
     ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.lexists"):
