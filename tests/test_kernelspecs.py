@@ -191,3 +191,20 @@ async def test_r_memory_over_the_limit_kills_the_kernel_with_its_cause(ks: Kerne
     r = await run(ks, "alice", "oom-r.ipynb", "ir", "cat(exists('x'))")
     assert text(r).strip() == "FALSE", "the next call gets a fresh R kernel"
     await asyncio.sleep(0)
+
+
+def test_a_kernelspec_that_is_missing_or_sets_who_the_user_is_stops_the_server(tmp_path: Any) -> None:
+    bad = tmp_path / "kernels" / "badenv"
+    bad.mkdir(parents=True)
+    (bad / "kernel.json").write_text(json.dumps({
+        "argv": ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Bad", "language": "python", "env": {"HOME": "/root"}}))
+    os.chmod(tmp_path, 0o755)
+    for specs, said in (("nosuch", "'nosuch' is not installed where Jupyter looks"), ("badenv", "sets HOME in its env")):
+        server = KernelpoolServer(make_data_dir(), server_env(JUPYTER_PATH=str(tmp_path), KERNELPOOL_KERNELSPECS=specs))
+        try:
+            with pytest.raises(RuntimeError) as failed:
+                server.start(wait=30)
+            assert said in str(failed.value), str(failed.value)[-2000:]
+        finally:
+            server.cleanup()
