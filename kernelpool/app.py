@@ -31,11 +31,13 @@ from starlette.types import ASGIApp
 from kernelpool import __version__
 from kernelpool.config import Settings
 from kernelpool.disk import DiskSpace
+from kernelpool.errors import KernelpoolError
 from kernelpool.executions.jobs import JobService
 from kernelpool.executions.service import ExecutionService
-from kernelpool.kernels.isolation import Isolation, data_dir_unreachable, decide
+from kernelpool.kernels.isolation import Isolation, blocked_for_others, data_dir_unreachable, decide
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.kernels.specs import DEFAULT, KernelSpecs
 from kernelpool.kernels.zygote.server import ForkServer
 from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
 from kernelpool.mcp.events import EventScope, SessionEventStore
@@ -45,7 +47,9 @@ from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.mcp.services import Services
 from kernelpool.metrics import Metrics, gauge
+from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
+from kernelpool.notebooks.quota import DiskQuota
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store
@@ -122,16 +126,31 @@ class _Server:
             uid, gid = users.owner(user)
             return SafeRoot(users.folder(user), uid, gid)
 
-        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check)
+        quota = DiskQuota(root_of, settings.user_disk_quota_bytes, max_age=settings.user_disk_recount)
+        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check,
+                                    quota=quota)
+        files = FileService(root_of, self.files, notebooks, quota, settings.max_file_bytes, disk_check=self.disk.check)
+        # the kernelspecs users may choose, read once (a missing or unreachable one stops the server here)
+        specs = KernelSpecs.find(settings.kernelspecs, check_reachable=blocked_for_others if self.iso.sandboxed else None)
+
+        async def spec_of(user: str, path: str) -> str:
+            """The kernelspec a notebook records, for a kernel started by a call other than use_notebook."""
+            try:
+                nb = await notebooks.load(user, path)
+            except KernelpoolError:
+                return DEFAULT  # no notebook (yet), or one that cannot be read: that call says so itself
+            return specs.for_notebook(nb.metadata).name
+
         kernels = KernelRegistry(settings, store, users, self.iso.cgroups, UserNetworkPolicy(self.iso.network),
-                                 fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics)
+                                 fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics,
+                                 specs=specs, spec_of=spec_of)
         notices = Notices(settings.session_idle_timeout)
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
         jobs = JobService(settings, kernels, notebooks, users, metrics)
         notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
         kernels.listeners.append(lambda user, notebook, cause: _tell_stopped(notices, user, notebook, cause))
         return Services(
-            settings=settings, store=store, users=users, notebooks=notebooks,
+            settings=settings, store=store, users=users, notebooks=notebooks, files=files,
             workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
             executions=ExecutionService(settings, jobs, notebooks), sessions=sessions, metrics=metrics,
             notices=notices, events=_event_store(settings, notices),

@@ -10,6 +10,8 @@ fields stay on the exception as attributes, and `str(exc)` is the message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def fmt_bytes(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -34,6 +36,19 @@ class InvalidArgument(KernelpoolError):
         self.name = name
         self.reason = reason
         super().__init__(f"invalid {name}: {reason}")
+
+
+class UnknownArguments(KernelpoolError):
+    """A tool call with arguments the tool does not take (a misspelling, or one from another server)."""
+
+    def __init__(self, tool: str, unknown: Sequence[str], known: Sequence[str]) -> None:
+        self.tool = tool
+        self.unknown = list(unknown)
+        self.known = list(known)
+        quoted = [repr(n) for n in self.unknown]
+        names = f"the argument {quoted[0]}" if len(quoted) == 1 else "the arguments " + ", ".join(quoted)
+        super().__init__(f"{tool} does not take {names}; nothing was done. {tool} takes: "
+                         + (", ".join(self.known) or "no arguments"))
 
 
 class NoNotebook(KernelpoolError):
@@ -249,3 +264,40 @@ class DataFromNewerVersion(KernelpoolError):
             f"the data folder's database {path} was written by a newer kernelpool (schema version {found}; "
             f"this kernelpool knows versions up to {supported}). Run that newer kernelpool on it; this one "
             "refuses, and has changed nothing in the folder")
+
+
+class QuotaReached(KernelpoolError):
+    """A write that would take the user's folder past user_disk_quota; nothing was written."""
+
+    def __init__(self, path: str, limit: int, used: int, adding: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.used = used
+        self.adding = adding
+        adding_text = f" and this would add {fmt_bytes(adding)}" if adding > 0 else ""
+        super().__init__(
+            f"disk quota of {fmt_bytes(limit)} reached: your folder takes {fmt_bytes(used)}{adding_text}, so {path!r} "
+            "was not written and nothing changed. Delete files you no longer need (delete_file, or in a kernel), or "
+            "ask the administrator to raise user_disk_quota")
+
+
+class FileTooLargeForCall(KernelpoolError):
+    """More bytes than max_file_bytes in one read_file or write_file call."""
+
+    def __init__(self, path: str, size: int, limit: int) -> None:
+        self.path = path
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{path!r}: {fmt_bytes(size)} is more than one call may write (max_file_bytes, {fmt_bytes(limit)}); "
+            "nothing was written. Send it in pieces: the first with mode='create' or 'overwrite', the rest with "
+            "mode='append'")
+
+
+class KernelNotAllowed(KernelpoolError):
+    """A kernel (asked for, or recorded in a notebook) that this server does not offer."""
+
+    def __init__(self, name: str, offered: str) -> None:
+        self.name = name
+        self.offered = offered
+        super().__init__(f"kernel {name!r} is not offered by this server; it offers: {offered} (list_kernelspecs)")

@@ -413,7 +413,8 @@ async def test_derived_image_gives_kernels_its_package(dep: Deployment) -> None:
     pkg, version = EXTRA_PACKAGE
     if docker("inspect", "--format", "{{.State.Running}}", dep.name).stdout.strip() == "true":
         docker("stop", dep.name, timeout=120)  # one server per data folder
-    dockerfile = f"FROM {dep.images.image}\nRUN pip install {pkg}=={version}\n"
+    # and the documented way to add a kernel (docs/deployment.md), in the same build: one extra kernel
+    dockerfile = documented_kernel_dockerfile(dep.images.image) + f"RUN pip install {pkg}=={version}\n"
     docker("build", "-t", dep.images.derived, "-", input=dockerfile, timeout=600,
            env=dict(os.environ, DOCKER_BUILDKIT="0"))
     dep.run(dep.images.derived)
@@ -427,7 +428,25 @@ async def test_derived_image_gives_kernels_its_package(dep: Deployment) -> None:
         assert got_version == version and got_file.startswith("/opt/venv/lib/python3.11/site-packages/"), text(r)
         r = await c.call_tool("read_notebook", {"notebook": "oom.ipynb"})
         assert not r.is_error, text(r)
+        r = await c.call_tool("list_kernelspecs", {})
+        assert [k["name"] for k in r.structured_content["kernelspecs"]] == ["python3", "bash"], text(r)
+        r = await c.call_tool("use_notebook", {"notebook": "sh.ipynb", "mode": "create", "kernel": "bash"})
+        assert not r.is_error, text(r)
+        r = await c.call_tool("execute_code", {"notebook": "sh.ipynb", "code": "id -u; ls /proc | grep -c '^[0-9]'"})
+        assert not r.is_error, text(r)
+        uid, processes = text(r).split()
+        assert int(uid) == dep.uids["alice"] and int(processes) < 10, text(r)
+    with open(dep.host_path("alice", "sh.ipynb")) as f:
+        assert json.load(f)["metadata"]["kernelspec"]["name"] == "bash"
     docker("stop", dep.name, timeout=120)
+
+
+def documented_kernel_dockerfile(image: str) -> str:
+    """The Dockerfile of docs/deployment.md that adds a kernel, FROM `image`."""
+    with open(DEPLOYMENT_DOCS) as f:
+        blocks = re.findall(r"```dockerfile\n(.*?)```", f.read(), re.S)
+    block = next(b for b in blocks if "KERNELPOOL_KERNELSPECS" in b)
+    return re.sub(r"^FROM \S+", f"FROM {image}", block, count=1, flags=re.M)
 
 
 # ---- an upgrade: the old image's volumes under the new image -----------------------------------

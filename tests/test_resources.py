@@ -95,7 +95,8 @@ async def test_notebooks_are_listed_read_and_completed_per_user(kp: KernelpoolSe
         assert {"notebook://res/one.ipynb", "notebook://res/two%20words.ipynb"} <= set(listed)
         assert listed["notebook://res/one.ipynb"].mime_type == "application/x-ipynb+json"
         templates = {t.uri_template for t in (await c.list_resource_templates()).resource_templates}
-        assert {"notebook://{path}{?format}", "output://{notebook}/{cell_id}/{index}{?offset}"} == templates
+        assert {"notebook://{path}{?format}", "file://{path}{?offset}",
+                "output://{notebook}/{cell_id}/{index}{?offset}"} == templates
 
         read = await c.read_resource("notebook://res/one.ipynb")
         content = read.contents[0]

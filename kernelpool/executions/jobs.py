@@ -192,6 +192,7 @@ class JobService:
                 return ExecutionResult("died", message=await self._kernels.mark_dead(kernel))
             kernel.transition(KernelState.BUSY)
             kernel.executions += 1
+            ooms = kernel.cgroup.oom_kills() if kernel.cgroup is not None else 0
             try:
                 result = await execute(kernel, code, timeout, functools.partial(self._kernels.interrupt, kernel),
                                        self.limits, progress=job.report,
@@ -199,6 +200,11 @@ class JobService:
                                        store_history=store_history)
                 if result.status == "died":
                     result.message = await self._kernels.mark_dead(kernel)
+                elif kernel.cgroup is not None and kernel.cgroup.oom_kills() > ooms and result.message is None:
+                    # a process the code started (a shell's command, a subprocess) was killed at the
+                    # memory limit while the kernel lived on (bash_kernel restarts its bash): say so
+                    result.message = (f"a process of this kernel was killed because it ran out of memory (limit "
+                                      f"{fmt_bytes(kernel.memory_limit or 0)}); the kernel itself lives on")
                 elif result.stuck:
                     result.message = (f"the execution ran past its timeout of {timeout:g} s and did not stop when "
                                       "interrupted; the kernel was shut down (its variables are lost)")

@@ -46,6 +46,16 @@ def kernel_env(python: str, account: str, folder: str, runtime: str, *, user_pac
     }
 
 
+def other_kernel_env(program: str, spec_env: dict[str, str], account: str, folder: str, runtime: str) -> dict[str, str]:
+    """The environment of a kernel of an allowed kernelspec (`kernels.specs`): the scrubbed one
+    with the spec's `env` (R_HOME, a PATH of its own, ...) on top, but never the variables that
+    say who and where the user is (`specs.PROTECTED_ENV`, refused at start-up already)."""
+    base = scrubbed_env(program, folder, USER=account, LOGNAME=account, TMPDIR=runtime, JUPYTER_RUNTIME_DIR=runtime,
+                        IPYTHONDIR=os.path.join(folder, ".ipython"))
+    own = {k: v for k, v in base.items() if k in ("HOME", "USER", "LOGNAME", "TMPDIR", "JUPYTER_RUNTIME_DIR")}
+    return {**base, **spec_env, **own}
+
+
 def fork_server_env(python: str) -> dict[str, str]:
     """The fork server's environment, before `zygote.server` adds PYTHONPATH for a source checkout."""
     return scrubbed_env(python, "/nonexistent")

@@ -55,6 +55,7 @@ class Kernel:
     death_cause: str | None = None
     admitted: bool = False  # holds one of its user's kernel slots (KernelRegistry._admit) until stopped
     network_of: Identity | None = None  # whose network namespace this kernel counts in (until stopped)
+    spec: str = "python3"  # its kernelspec's name (kernels.specs)
     uid: int | None = None  # its user's uid when it started: a name added again after a removal has another
     # one execution at a time: the kernel runs them in order anyway, and one reader per channel
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -7,6 +7,7 @@ builds the `Call` for each request once it knows who is calling.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,11 @@ class Tool:
     name: str
     description: str
     annotations: ToolAnnotations
+
+    @property
+    def arguments(self) -> list[str]:
+        """The names of the tool's arguments, in order."""
+        return list(inspect.signature(self.fn).parameters)[1:]
 
 
 class Tools(list[Tool]):

@@ -36,19 +36,21 @@ async def list_notebooks(call: Call) -> CallToolResult:
 
 
 @TOOLS.add("use_notebook", "Open a notebook (mode='connect') or create it (mode='create'), start its kernel, and make it "
-           "this session's active notebook.", EDIT)
-async def use_notebook(call: Call, *, notebook: str, mode: Literal["connect", "create"] = "connect") -> CallToolResult:
+           "this session's active notebook. `kernel` names the kernel of a new notebook (list_kernelspecs; default "
+           "python3); an existing notebook opens with the kernel it records.", EDIT)
+async def use_notebook(call: Call, *, notebook: str, mode: Literal["connect", "create"] = "connect",
+                       kernel: str | None = None) -> CallToolResult:
     s = call.services
-    opened = await s.workspace.open(call.user, call.session_id, check_notebook_path(notebook), mode)
+    opened = await s.workspace.open(call.user, call.session_id, check_notebook_path(notebook), mode, kernel)
     await s.notices.usage(call.user, "kernels", opened.kernels, s.settings.max_kernels_per_user, s.settings.near_limit_ratio)
-    path, kernel = opened.path, opened.kernel
+    path, started = opened.path, opened.kernel
     if opened.active:
         note = f"{path} is now this session's active notebook"
     else:
         note = f"{path} is ready; this client has no MCP session, so pass notebook={path!r} to every tool"
     verb = "created" if mode == "create" else "connected"
-    return result(f"{verb} {path} (kernel {kernel.id}: {kernel.state.value}). {note}.",
-                  {"notebook": path, "mode": mode, "kernel_id": kernel.id, "active": opened.active})
+    return result(f"{verb} {path} (kernel {started.id}, {started.spec}: {started.state.value}). {note}.",
+                  {"notebook": path, "mode": mode, "kernel_id": started.id, "kernel": started.spec, "active": opened.active})
 
 
 @TOOLS.add("unuse_notebook", "Shut down a notebook's kernel (its variables are lost; the file stays) and make it "

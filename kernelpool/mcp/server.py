@@ -20,11 +20,13 @@ from typing import Any
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool as SdkTool
 from mcp.types import CallToolResult
 
 from kernelpool import __version__
-from kernelpool.errors import KernelpoolError
-from kernelpool.mcp import cells, execution, kernels, notebooks
+from kernelpool.errors import KernelpoolError, UnknownArguments
+from kernelpool.mcp import cells, execution, files, kernels, notebooks
+from kernelpool.mcp.arguments import UNKNOWN, refuse_unknown
 from kernelpool.mcp.call import Call, Tool, ToolFunction
 from kernelpool.mcp.resources import register as register_resources
 from kernelpool.mcp.resources import session_of
@@ -39,13 +41,16 @@ own kernel. Pass `notebook` (a path relative to your folder, like 'work/analysis
 tool, or call use_notebook once to make a notebook the active one of this session. Cells are
 addressed by `cell_index` (0-based; negative counts from the end) or by `cell_id`."""
 
-TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
+TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *files.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
 
 
 def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     """The MCP server with every tool, resource handler and the session middleware registered."""
+    # every tool refuses arguments it does not take (kernelpool.mcp.arguments)
+    tools = [refuse_unknown(SdkTool.from_function(_entry(services, tool), name=tool.name, description=tool.description,
+                                                  annotations=tool.annotations)) for tool in TOOLS]
     server: MCPServer = MCPServer(
-        name="kernelpool", instructions=INSTRUCTIONS, version=__version__,
+        name="kernelpool", instructions=INSTRUCTIONS, version=__version__, tools=tools,
         token_verifier=token_verifier, auth=auth,
         # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
         # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/mcp/notices.py)
@@ -67,8 +72,6 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     server.middleware.append(attach_session)
     server.middleware.append(clean_replies)  # innermost: sees each handler's wire-shaped result first
     register_resources(server._lowlevel_server, services, attach)
-    for tool in TOOLS:
-        server.tool(name=tool.name, description=tool.description, annotations=tool.annotations)(_entry(services, tool))
     return server
 
 
@@ -92,12 +95,15 @@ async def _run(s: Services, tool: Tool, ctx: Context, arguments: dict[str, Any])
     """Call one tool for the authenticated user, with audit, metrics and the one mapping of our
     errors to tool errors."""
     start = time.monotonic()
+    unknown: list[str] = arguments.pop(UNKNOWN, [])
     token = get_access_token()
     user = token.client_id if token else None
     outcome, detail = "ok", None
     try:
         if user is None:  # the SDK's auth middleware runs first; this is a wiring bug
             raise ToolError("not authenticated")
+        if unknown:
+            raise UnknownArguments(tool.name, unknown, tool.arguments)
         # added by the CLI since we last looked, or removed and added again (another uid)
         await s.users.ensure_known(user, (token.claims or {}).get("uid") if token else None)
         result = await tool.fn(Call(s, user, ctx), **arguments)

@@ -16,6 +16,7 @@ from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.mcp.events import SessionEventStore
 from kernelpool.mcp.notices import Notices
 from kernelpool.metrics import Metrics
+from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store
@@ -29,6 +30,7 @@ class Services:
     store: Store
     users: UserService
     notebooks: NotebookService  # files: read, edit, save
+    files: FileService  # other files: read in pages, write, delete, within the disk quota
     workspace: Workspace  # notebooks with their kernels and the session's active one
     kernels: KernelRegistry
     jobs: JobService  # runs in tasks, their results

@@ -37,6 +37,7 @@ from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, file_bytes, 
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.listing import Listing
 from kernelpool.notebooks.paths import refusing
+from kernelpool.notebooks.quota import DiskQuota
 from kernelpool.notebooks.reading import parse, parse_cost
 from sandbox import FileTooLarge, SafeRoot
 from sandbox.errors import SandboxError
@@ -81,8 +82,9 @@ class NotebookService:
     """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
 
     def __init__(self, roots: Callable[[str], SafeRoot], files: FileWork, max_bytes: int,
-                 disk_check: Callable[[str], None] | None = None) -> None:
+                 disk_check: Callable[[str], None] | None = None, quota: DiskQuota | None = None) -> None:
         self._roots = roots
+        self._quota = quota  # user_disk_quota: a save that grows a file (or a new one) is checked against it
         self._files = files  # every file-system call for a user runs there, in one of the user's turns
         self.max_bytes = max_bytes  # max_notebook_bytes
         self.max_cost = PARSE_FACTOR * max_bytes
@@ -226,14 +228,25 @@ class NotebookService:
         try:
             with refusing(path):
                 root = self._roots(user)
+                growth = len(data)
+                if self._quota is not None:
+                    old = root.stat(path)
+                    growth -= old.size if old is not None and old.kind == "file" else 0
+                    self._quota.check(user, path, growth)
                 parent = path.rpartition("/")[0]
                 if parent:
                     root.makedirs(parent)
                 root.write_bytes_atomic(path, data)
+                if self._quota is not None:
+                    self._quota.changed(user, growth)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise NoSpace(path) from None
+
+    def forget(self, user: str, path: str) -> None:
+        """The file at `path` was written or removed outside this service (`kernelpool.notebooks.files`)."""
+        self._forget(user, path)
 
     def _forget(self, user: str, path: str) -> None:
         with self._guard:
@@ -269,13 +282,15 @@ class NotebookService:
                 _, dropped = self._cache.popitem(last=False)
                 self._drop(dropped)
 
-    async def create(self, user: str, path: str) -> NotebookNode:
+    async def create(self, user: str, path: str, metadata: dict[str, Any] | None = None) -> NotebookNode:
+        """A new notebook whose metadata records its kernel (`kernels.specs.Spec.metadata`; python3's by default)."""
         async with self.lock(user, path):
             if await self.exists(user, path):
                 raise NotebookExists(path)
             nb: NotebookNode = new_notebook()
-            nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-            nb.metadata["language_info"] = {"name": "python"}
+            nb.metadata.update(nbformat.from_dict(metadata) if metadata else {
+                "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+                "language_info": {"name": "python"}})
             await self.save(user, path, nb)
             return nb
 
