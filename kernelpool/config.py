@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
     port: int = Field(8765, ge=0, le=65535)
     """port to listen on (0 = any free port)"""
     public_url: str | None = None
-    """the URL clients use, when behind a proxy (printed, used for auth metadata)"""
+    """the URL clients use, when behind a proxy: the OAuth issuer and every URL in the auth metadata derive from it (https, except on loopback)"""
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """extra Host headers to accept (DNS-rebinding protection): host:port or host:*, comma-separated"""
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -176,6 +177,40 @@ class Settings(BaseSettings):
     near_limit_ratio: float = Field(0.8, gt=0, le=1)
     """share of a per-user limit at which the user's sessions are told they are near it"""
 
+    # kernelpool as its own OAuth 2.1 authorization server (kernelpool/mcp/oauth.py, kernelpool/web/)
+    oauth: bool = True
+    """be an OAuth 2.1 authorization server, so that clients sign people in through the browser (pasted tokens work either way)"""
+    oauth_access_token_ttl: PositiveFloat = 3600.0
+    """seconds an OAuth access token is valid"""
+    oauth_refresh_token_ttl: PositiveFloat = 30 * 86400.0
+    """seconds an OAuth refresh token is valid (each use gives a new one)"""
+    oauth_dynamic_registration: bool = True
+    """accept OAuth clients that register by RFC 7591 dynamic client registration"""
+    oauth_client_metadata_documents: bool = True
+    """accept OAuth clients whose client id is the HTTPS URL of their metadata document (CIMD)"""
+    oauth_cimd_test_ca: Path | None = None
+    """TESTS ONLY: a CA file trusted, besides the system's, when fetching client metadata documents"""
+    oauth_cimd_test_resolve: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """TESTS ONLY: HOST=ADDRESS pairs that client metadata document fetches resolve so, even to loopback; comma-separated"""
+    login_link_ttl: PositiveFloat = 300.0
+    """seconds a one-time sign-in link (kernelpool users login-link) is valid"""
+    oidc_issuer: str | None = None
+    """upstream OpenID Connect issuer URL: people may sign in through it"""
+    oidc_client_id: str | None = None
+    """client id of kernelpool at the upstream OpenID provider"""
+    oidc_client_secret: str | None = None
+    """client secret of kernelpool at the upstream OpenID provider"""
+    oidc_user_claim: str = "preferred_username"
+    """ID-token claim whose value is the kernelpool user name"""
+    oidc_create_users: bool = False
+    """create the kernelpool user on a person's first OpenID sign-in, when allowed by oidc_allowed_domains or oidc_allowed_groups"""
+    oidc_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """e-mail domains (verified email claim) whose people may be created, comma-separated"""
+    oidc_allowed_groups: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """groups (oidc_groups_claim) whose members may be created, comma-separated"""
+    oidc_groups_claim: str = "groups"
+    """ID-token claim listing a person's groups"""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """log level of the server"""
     log_json: bool = False
@@ -190,7 +225,8 @@ class Settings(BaseSettings):
         # resolved once, against the folder the server starts in: kernels and the CLI see one path
         return value.absolute()
 
-    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "oauth_cimd_test_resolve",
+                     "oidc_allowed_domains", "oidc_allowed_groups", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -200,6 +236,21 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("public_url", "oidc_issuer")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        # the OAuth issuer and what clients send tokens to: TLS, except on this machine's loopback
+        if value is None:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname or ""
+        loopback = host == "localhost" or _is_loopback(host)
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise ValueError(f"{value!r} must be an https:// URL (http:// only for localhost, 127.0.0.1 or [::1])")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r} must have no query or fragment")
+        return value.rstrip("/")
 
     @field_validator("kernel_network_range")
     @classmethod
@@ -285,6 +336,13 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _config_file_from(init_settings: PydanticBaseSettingsSource) -> Path | None:
     given: Any = init_settings().get("config") or os.environ.get("KERNELPOOL_CONFIG")
     if not given:
@@ -305,6 +363,8 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
+    if settings.oidc_issuer and not (settings.oidc_client_id and settings.oidc_client_secret):
+        raise ValueError("oidc_issuer needs oidc_client_id and oidc_client_secret")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings
