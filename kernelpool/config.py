@@ -184,6 +184,8 @@ class Settings(BaseSettings):
     """seconds an OAuth access token is valid"""
     oauth_refresh_token_ttl: PositiveFloat = 30 * 86400.0
     """seconds an OAuth refresh token is valid (each use gives a new one)"""
+    oauth_code_ttl: float = Field(60.0, gt=0, le=60)
+    """seconds an OAuth authorization code may wait to be exchanged (at most a minute)"""
     oauth_dynamic_registration: bool = True
     """accept OAuth clients that register by RFC 7591 dynamic client registration"""
     oauth_client_metadata_documents: bool = True

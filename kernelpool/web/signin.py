@@ -183,13 +183,10 @@ class SignIn:
         grant_id = await web.grants.create_grant(user, pending.client_id, pending.client_name, pending.scopes,
                                                  pending.resource)
         code = await web.grants.issue_code(grant_id, pending.redirect_uri, explicit=pending.redirect_explicit,
-                                           code_challenge=pending.code_challenge, ttl=CODE_TTL)
+                                           code_challenge=pending.code_challenge, ttl=web.settings.oauth_code_ttl)
         await web.grants.audit(user, "consent", "ok", f"grant {grant_id}, client {pending.client_id}")
         target = construct_redirect_uri(pending.redirect_uri, code=code, state=pending.state, iss=web.issuer)
         return redirect(target, cookie, web.browsers)
-
-
-CODE_TTL = 60.0  # seconds: an authorization code is exchanged at once by a working client
 
 
 def csrf_refused(web: Web, cookie: str | None) -> Response:
