@@ -152,3 +152,73 @@ async def sdk_client(url: str, person: Person, redirect_uri: str, *, mode: str =
     async with httpx2.AsyncClient(auth=auth, timeout=httpx2.Timeout(30, read=300), verify=verify) as http:
         async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
             yield client, storage
+
+
+class DocumentHost:
+    """A real HTTPS server on loopback for client ID metadata documents, its certificate from a
+    test CA (trustme). The server under test reaches it as `https://cimd.test:PORT/...` through its
+    test-only settings (KERNELPOOL_OAUTH_CIMD_TEST_CA and _TEST_RESOLVE): the fetcher itself,
+    TLS, size and time limits included, runs as in production."""
+
+    NAME = "cimd.test"
+
+    def __init__(self, folder: str) -> None:
+        import http.server
+        import os
+        import ssl
+        import threading
+
+        import trustme
+
+        self.ca = trustme.CA()
+        self.ca_path = os.path.join(folder, "cimd-ca.pem")
+        self.ca.cert_pem.write_to_path(self.ca_path)
+        self.documents: dict[str, bytes] = {}
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+                body = host.documents.get(self.path)
+                if self.path == "/huge.json":  # 10 MB, its length not said: the reader must stop by itself
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    for _ in range(160):
+                        self.wfile.write(b" " * 65536)
+                    return
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ca.issue_cert(self.NAME).configure_cert(context)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"https://{self.NAME}:{self.port}{path}"
+
+    def publish(self, path: str, document: dict[str, Any] | None = None, **fields: Any) -> str:
+        import json
+
+        url = self.url(path)
+        self.documents[path] = json.dumps(document if document is not None else {"client_id": url, **fields}).encode()
+        return url
+
+    def env(self) -> dict[str, str]:
+        return {"KERNELPOOL_OAUTH_CIMD_TEST_CA": self.ca_path, "KERNELPOOL_OAUTH_CIMD_TEST_RESOLVE": f"{self.NAME}=127.0.0.1"}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

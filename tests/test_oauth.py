@@ -10,6 +10,8 @@ a consent without its CSRF token) and each must be refused with nothing issued.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,7 +23,7 @@ import pytest_asyncio
 from testkit import browser
 from testkit.client import mcp_client, text
 from testkit.server import KernelpoolServer, make_data_dir, server_env
-from tests.oauth_flow import Person, RawClient, pkce, sdk_client
+from tests.oauth_flow import DocumentHost, Person, RawClient, pkce, sdk_client
 
 pytestmark = [
     pytest.mark.skipif(browser.missing() is not None, reason=f"browser tests: {browser.missing()}"),
@@ -32,8 +34,20 @@ REDIRECT = "http://127.0.0.1:43111/callback"
 
 
 @pytest.fixture(scope="module")
-def oauth_kp(server_args: list[str]) -> Iterator[KernelpoolServer]:
-    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="0", KERNELPOOL_OAUTH_CODE_TTL="3"))
+def documents() -> Iterator[DocumentHost]:
+    folder = tempfile.mkdtemp(prefix="kp-cimd-")
+    host = DocumentHost(folder)
+    try:
+        yield host
+    finally:
+        host.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def oauth_kp(server_args: list[str], documents: DocumentHost) -> Iterator[KernelpoolServer]:
+    server = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_POOL_SIZE="0", KERNELPOOL_OAUTH_CODE_TTL="3",
+                                                          **documents.env()))
     try:
         for name in ("alice", "bob", "carol"):
             server.add_user(name)
@@ -268,3 +282,51 @@ async def test_a_login_link_signs_in_once(oauth_kp: KernelpoolServer, raw: RawCl
         await other.close()
     finally:
         await context.close()
+
+
+async def test_python_sdk_signs_in_by_client_metadata_document(oauth_kp: KernelpoolServer, documents: DocumentHost,
+                                                              alice: Person) -> None:
+    url = documents.publish("/sdk-client.json", client_name="kernelpool test (CIMD)", redirect_uris=[REDIRECT],
+                            token_endpoint_auth_method="none", grant_types=["authorization_code", "refresh_token"])
+    async with sdk_client(oauth_kp.url, alice, REDIRECT, client_metadata_url=url) as (client, storage):
+        assert not (await client.call_tool("use_notebook", {"notebook": "oauth/cimd.ipynb", "mode": "create"})).is_error
+        r = await client.call_tool("execute_code", {"notebook": "oauth/cimd.ipynb", "code": "1+1"})
+        assert not r.is_error and text(r) == "2", text(r)
+    assert storage.client is not None and storage.client.client_id == url  # no registration happened
+    assert "oauth client='kernelpool test (CIMD)'" in oauth_kp.cli("tokens", "list", "alice").stdout
+
+
+async def _authorize_status(base: str, client_id: str) -> httpx2.Response:
+    params = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT, "state": "s",
+              "code_challenge": pkce()[1], "code_challenge_method": "S256"}
+    async with httpx2.AsyncClient(timeout=30, follow_redirects=False) as http:
+        return await http.get(f"{base}/authorize", params=params)
+
+
+async def test_client_metadata_documents_that_are_refused(oauth_kp: KernelpoolServer, documents: DocumentHost) -> None:
+    good = documents.publish("/good.json", client_name="ok", redirect_uris=[REDIRECT])
+    r = await _authorize_status(oauth_kp.base, good)
+    assert r.status_code == 302 and "/signin?txn=" in r.headers["location"]
+    cases = {
+        # loopback and private addresses: the real server is there, but never reached
+        f"https://localhost:{documents.port}/good.json": "private, loopback or link-local",
+        f"https://127.0.0.1:{documents.port}/good.json": "private, loopback or link-local",
+        "https://10.1.2.3/client.json": "private, loopback or link-local",
+        "https://169.254.169.254/latest/meta-data.json": "private, loopback or link-local",
+        "https://[::1]/client.json": "private, loopback or link-local",
+        documents.url("/huge.json"): "larger than",
+        documents.url("/missing.json"): "HTTP 404",
+        documents.publish("/not-mine.json", client_id="https://elsewhere.example/c.json", redirect_uris=[REDIRECT]):
+            "not its own URL",
+        documents.publish("/secret.json", redirect_uris=[REDIRECT], token_endpoint_auth_method="client_secret_post"):
+            "only public clients",
+        documents.publish("/js.json", redirect_uris=["javascript:alert(1)"]): "not found",
+    }
+    for client_id, why in cases.items():
+        start = time.monotonic()
+        r = await _authorize_status(oauth_kp.base, client_id)
+        assert r.status_code == 400 and "location" not in r.headers, (client_id, r.status_code, r.text)
+        assert why in r.json()["error_description"], (client_id, r.text)
+        assert time.monotonic() - start < 6, client_id
+    audit = oauth_kp.cli("audit").stdout
+    assert "huge.json" in audit and "refused" in audit
