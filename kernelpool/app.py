@@ -135,7 +135,7 @@ class _Server:
             "issuer_url": self.url, "resource_server_url": f"{self.url}/mcp", "required_scopes": [SCOPE],
             "validate_token_resource": False,  # StoreTokenVerifier checks an OAuth token's resource itself
         })
-        mcp = build_mcp(services, self.verifier, auth)
+        mcp = build_mcp(services, self.verifier, auth, icon_url=f"{self.url}/icon.svg" if settings.oauth else None)
         loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,

@@ -298,7 +298,7 @@ async def _tokens(args: argparse.Namespace) -> int:
             token_id = args.token_id
             if token_id.startswith("kp_"):
                 row = await store.token_by_hash(hash_token(token_id))
-                token_id = row.grant_id or row.id if row else ""
+                token_id = (row.grant_id or row.id) if row else ""
             if await grants.revoke_grant(token_id, "revoked with kernelpool tokens revoke"):
                 await grants.audit(None, "revoke", "ok", f"grant {token_id}: kernelpool tokens revoke")
                 _err(f"revoked OAuth grant {token_id} (its access and refresh tokens)")

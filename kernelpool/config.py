@@ -196,22 +196,6 @@ class Settings(BaseSettings):
     """TESTS ONLY: HOST=ADDRESS pairs that client metadata document fetches resolve so, even to loopback; comma-separated"""
     login_link_ttl: PositiveFloat = 300.0
     """seconds a one-time sign-in link (kernelpool users login-link) is valid"""
-    oidc_issuer: str | None = None
-    """upstream OpenID Connect issuer URL: people may sign in through it"""
-    oidc_client_id: str | None = None
-    """client id of kernelpool at the upstream OpenID provider"""
-    oidc_client_secret: str | None = None
-    """client secret of kernelpool at the upstream OpenID provider"""
-    oidc_user_claim: str = "preferred_username"
-    """ID-token claim whose value is the kernelpool user name"""
-    oidc_create_users: bool = False
-    """create the kernelpool user on a person's first OpenID sign-in, when allowed by oidc_allowed_domains or oidc_allowed_groups"""
-    oidc_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """e-mail domains (verified email claim) whose people may be created, comma-separated"""
-    oidc_allowed_groups: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """groups (oidc_groups_claim) whose members may be created, comma-separated"""
-    oidc_groups_claim: str = "groups"
-    """ID-token claim listing a person's groups"""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """log level of the server"""
@@ -228,7 +212,7 @@ class Settings(BaseSettings):
         return value.absolute()
 
     @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "oauth_cimd_test_resolve",
-                     "oidc_allowed_domains", "oidc_allowed_groups", mode="before")
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -239,7 +223,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("public_url", "oidc_issuer")
+    @field_validator("public_url")
     @classmethod
     def _https(cls, value: str | None) -> str | None:
         # the OAuth issuer and what clients send tokens to: TLS, except on this machine's loopback
@@ -365,8 +349,6 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
-    if settings.oidc_issuer and not (settings.oidc_client_id and settings.oidc_client_secret):
-        raise ValueError("oidc_issuer needs oidc_client_id and oidc_client_secret")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

@@ -13,9 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from playwright.sync_api import sync_playwright  # noqa: E402
+from playwright.sync_api import sync_playwright
 
-from testkit.browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from testkit.browser import CHROMIUM, CHROMIUM_ARGS
 
 
 def main(url: str) -> int:

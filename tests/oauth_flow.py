@@ -177,7 +177,7 @@ class DocumentHost:
         host = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            def do_GET(self) -> None:
                 body = host.documents.get(self.path)
                 if self.path == "/huge.json":  # 10 MB, its length not said: the reader must stop by itself
                     self.send_response(200)

@@ -330,3 +330,22 @@ async def test_client_metadata_documents_that_are_refused(oauth_kp: KernelpoolSe
         assert time.monotonic() - start < 6, client_id
     audit = oauth_kp.cli("audit").stdout
     assert "huge.json" in audit and "refused" in audit
+
+
+async def test_tools_and_server_are_presented_to_clients(oauth_kp: KernelpoolServer) -> None:
+    async with mcp_client(oauth_kp.url, oauth_kp.tokens["bob"], mode="legacy") as c:
+        tools = {t.name: t for t in (await c.list_tools()).tools}
+        info = c.server_info
+    for tool in tools.values():
+        assert tool.title and tool.annotations is not None, tool.name
+        assert tool.annotations.read_only_hint is not None and tool.annotations.destructive_hint is not None, tool.name
+    assert tools["read_notebook"].annotations.read_only_hint is True
+    assert tools["delete_cell"].annotations.destructive_hint is True
+    for name in ("list_notebooks", "list_kernels", "use_notebook", "insert_cell", "move_cell"):
+        assert tools[name].output_schema is not None, name
+    assert set(tools["list_notebooks"].output_schema["properties"]) == {"notebooks", "active"}
+    assert info is not None and info.title == "kernelpool"
+    assert info.icons and info.icons[0].src == f"{oauth_kp.base}/icon.svg"
+    async with httpx2.AsyncClient() as http:
+        icon = await http.get(f"{oauth_kp.base}/icon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")

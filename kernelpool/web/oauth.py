@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import time
 import urllib.parse
+from typing import Literal
 
 from mcp.server.auth.handlers.authorize import AuthorizationHandler
 from mcp.server.auth.handlers.metadata import MetadataHandler, ProtectedResourceMetadataHandler
@@ -56,7 +57,7 @@ from kernelpool.users.pending import Pending, PendingAuthorizations
 log = logging.getLogger(__name__)
 
 PUBLIC_CLIENT = "none"  # the token endpoint auth method of a client without a secret
-BEARER = "Bearer"
+BEARER: Literal["Bearer"] = "Bearer"
 _FORBIDDEN_SCHEMES = {"javascript", "data", "file", "vbscript", "blob", "about", "filesystem"}
 
 

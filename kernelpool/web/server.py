@@ -21,7 +21,7 @@ from kernelpool.web.signin import Web
 
 class OAuthServer:
     """kernelpool's OAuth authorization server (`web.oauth`), its sign-in and consent pages
-    (`web.signin`) and, where configured, the upstream OpenID sign-in (`web.oidc`). `address`
+    (`web.signin`). `address`
     is the app's per-address throttle; a second one counts failed sign-ins per user name."""
 
     def __init__(self, settings: Settings, store: Store, users: UserService, address: AuthThrottle, url: str) -> None:

@@ -1,8 +1,7 @@
 """Signing a person in, and their consent: the pages an authorization request sends the browser to.
 
 `/signin?txn=…` (from `KernelpoolOAuth.authorize`) offers the ways in: a kernelpool token with
-its user name, a one-time link (`/login/<secret>`, from `kernelpool users login-link`), and the
-upstream OpenID provider where one is set (`kernelpool.web.oidc`). Once signed in, `/consent`
+its user name, and a one-time link (`/login/<secret>`, from `kernelpool users login-link`). Once signed in, `/consent`
 names the client, where the browser goes next and what the client will be able to do; Allow
 makes the grant and its code and sends the browser to the client's registered redirect URI
 (with `iss`, RFC 9207); Deny sends `access_denied` there. Every POST needs the browser's CSRF
@@ -45,7 +44,6 @@ class Web:
     browsers: Browsers
     user_throttle: AuthThrottle
     issuer: str
-    oidc_name: str | None = None  # the upstream provider's name on the button, when there is one
 
 
 def redirect(url: str, cookie: str | None, browsers: Browsers) -> Response:
@@ -81,7 +79,7 @@ class SignIn:
         if await web.browsers.signed_in(browser):
             return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, web.browsers)
         return self._page(cookie, "signin.html", title="Sign in", client=client_label(pending), txn=txn,
-                          csrf=browser.csrf, oidc=web.oidc_name, error=None, user=None)
+                          csrf=browser.csrf, error=None, user=None)
 
     async def signin_token(self, request: Request) -> Response:
         web = self.web
@@ -105,7 +103,7 @@ class SignIn:
             await web.grants.audit(user if verdict.user == user else None, "signin", "refused",
                                    f"token: no such user with that token (user name given: {user[:64]!r})")
             return self._page(cookie, "signin.html", 401, title="Sign in", client=client_label(pending), txn=txn,
-                              csrf=browser.csrf, oidc=web.oidc_name, user=user,
+                              csrf=browser.csrf, user=user,
                               error="That user name and token do not match a kernelpool user.")
         web.browsers.sign_in(browser, user, verdict.uid)
         await web.grants.audit(user, "signin", "ok", "token")
