@@ -349,3 +349,55 @@ async def test_tools_and_server_are_presented_to_clients(oauth_kp: KernelpoolSer
     async with httpx2.AsyncClient() as http:
         icon = await http.get(f"{oauth_kp.base}/icon.svg")
     assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+
+
+async def _signin_form(http: httpx2.AsyncClient, base: str, client_id: str) -> tuple[str, str]:
+    """Start an authorization as a browser would: (txn, the form's CSRF token)."""
+    r = await http.get(f"{base}/authorize", params={
+        "response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT, "state": "s",
+        "code_challenge": pkce()[1], "code_challenge_method": "S256"})
+    txn = r.headers["location"].split("txn=")[1]
+    page = (await http.get(f"{base}/signin", params={"txn": txn})).text
+    return txn, page.split('name="csrf" value="')[1].split('"')[0]
+
+
+async def test_a_flood_of_bad_sign_ins_gets_429(server_args: list[str]) -> None:
+    server = KernelpoolServer(make_data_dir(), server_env(
+        KERNELPOOL_POOL_SIZE="0", KERNELPOOL_AUTH_FAILURES_BEFORE_BACKOFF="3", KERNELPOOL_TRUSTED_PROXIES="127.0.0.1/32"))
+    try:
+        server.add_user("erin")
+        server.start(*server_args)
+
+        async def flood() -> None:
+            raw = RawClient(server.base, REDIRECT)
+            await raw.register()
+            async with httpx2.AsyncClient(timeout=10, follow_redirects=False) as http:
+                txn, csrf = await _signin_form(http, server.base, raw.client_id)
+                form = {"csrf": csrf, "txn": txn, "user": "erin", "token": "kp_bad_bad"}
+                # per user: each try from another address, so only the user's count can stop them
+                statuses = [(await http.post(f"{server.base}/signin", data=form,
+                                             headers={"X-Forwarded-For": f"192.0.2.{i}"})).status_code for i in range(5)]
+                assert statuses[:3] == [401, 401, 401] and statuses[3:] == [429, 429], statuses
+                # even the right token is held back while the user is in back-off
+                right = form | {"token": server.tokens["erin"]}
+                r = await http.post(f"{server.base}/signin", data=right, headers={"X-Forwarded-For": "192.0.2.99"})
+                assert r.status_code == 429 and "Too many failed sign-ins for erin" in r.text
+                # per address: one address trying several names
+                for i in range(3):
+                    r = await http.post(f"{server.base}/signin", data=form | {"user": f"nobody{i}"},
+                                        headers={"X-Forwarded-For": "198.51.100.7"})
+                    assert r.status_code == 401
+                r = await http.post(f"{server.base}/signin", data=form | {"user": "nobody9"},
+                                    headers={"X-Forwarded-For": "198.51.100.7"})
+                assert r.status_code == 429 and r.headers["retry-after"]
+                # the form without its CSRF token is refused before any of that
+                r = await http.post(f"{server.base}/signin", data={"txn": txn, "user": "erin", "token": "x"},
+                                    headers={"X-Forwarded-For": "203.0.113.5"})
+                assert r.status_code == 403
+            await raw.http.aclose()
+
+        await flood()
+        audit = server.cli("audit", "--user", "erin").stdout
+        assert "auth.signin" in audit and "refused" in audit and server.tokens["erin"] not in audit
+    finally:
+        server.cleanup()
