@@ -21,6 +21,8 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import (
@@ -196,6 +198,31 @@ class Settings(BaseSettings):
     """TESTS ONLY: HOST=ADDRESS pairs that client metadata document fetches resolve so, even to loopback; comma-separated"""
     login_link_ttl: PositiveFloat = 300.0
     """seconds a one-time sign-in link (kernelpool users login-link) is valid"""
+    # upstream OpenID Connect sign-in (kernelpool/web/oidc.py, kernelpool/users/upstream.py)
+    oidc_issuer: str | None = None
+    """issuer URL of a team's OpenID Connect provider (discovery at ISSUER/.well-known/openid-configuration): the sign-in page then offers it (https, except on loopback)"""
+    oidc_name: str | None = None
+    """the provider's name on the sign-in page's button (default: the issuer's host name)"""
+    oidc_client_id: str | None = None
+    """kernelpool's client id at the provider, whose redirect URI there is PUBLIC_URL/signin/oidc/callback"""
+    oidc_client_secret: SecretStr | None = None
+    """kernelpool's client secret at the provider (never logged); or oidc_client_secret_file"""
+    oidc_client_secret_file: Path | None = None
+    """a file holding the client secret (a Docker or Kubernetes secret), read when the server starts"""
+    oidc_scopes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["openid", "email", "profile"])
+    """scopes asked of the provider, comma-separated; must include openid"""
+    oidc_user_claim: str = "preferred_username"
+    """ID-token claim whose value is the kernelpool user name (a lowercase letter, then lowercase letters, digits, - or _, at most 31; others are refused)"""
+    oidc_user_domain: str | None = None
+    """when set, the user claim must be an e-mail address at this domain (verified, for the email claim) and the user name is its part before the @"""
+    oidc_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """only people whose verified e-mail address is at one of these domains may sign in (or those of oidc_allowed_groups; neither set: anyone the provider signs in), comma-separated"""
+    oidc_allowed_groups: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """only people in one of these groups (the oidc_groups_claim claim) may sign in (or those of oidc_allowed_domains), comma-separated"""
+    oidc_groups_claim: str = "groups"
+    """ID-token claim listing a person's groups"""
+    oidc_create_users: bool = False
+    """create a person's kernelpool user (as kernelpool users add does) at their first sign-in; needs oidc_allowed_domains or oidc_allowed_groups"""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """log level of the server"""
@@ -212,7 +239,7 @@ class Settings(BaseSettings):
         return value.absolute()
 
     @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "oauth_cimd_test_resolve",
-                     mode="before")
+                     "oidc_scopes", "oidc_allowed_domains", "oidc_allowed_groups", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -223,10 +250,10 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("public_url")
+    @field_validator("public_url", "oidc_issuer")
     @classmethod
-    def _https(cls, value: str | None) -> str | None:
-        # the OAuth issuer and what clients send tokens to: TLS, except on this machine's loopback
+    def _https(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # the OAuth issuer and what clients send tokens to, the upstream issuer: TLS, except on loopback
         if value is None:
             return None
         parts = urllib.parse.urlsplit(value)
@@ -236,7 +263,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} must be an https:// URL (http:// only for localhost, 127.0.0.1 or [::1])")
         if parts.query or parts.fragment:
             raise ValueError(f"{value!r} must have no query or fragment")
-        return value.rstrip("/")
+        # an upstream issuer is compared exactly with what its provider says (some end in a slash)
+        return value if info.field_name == "oidc_issuer" else value.rstrip("/")
 
     @field_validator("kernel_network_range")
     @classmethod
@@ -349,6 +377,12 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
+    if settings.oidc_issuer and not (settings.oidc_client_id and (settings.oidc_client_secret is None) != (settings.oidc_client_secret_file is None)):
+        raise ValueError("oidc_issuer needs oidc_client_id and one of oidc_client_secret, oidc_client_secret_file")
+    if settings.oidc_issuer and "openid" not in settings.oidc_scopes:
+        raise ValueError("oidc_scopes must include openid")
+    if settings.oidc_create_users and not (settings.oidc_allowed_domains or settings.oidc_allowed_groups):
+        raise ValueError("oidc_create_users needs oidc_allowed_domains or oidc_allowed_groups: who may be created")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

@@ -1,7 +1,8 @@
 """Signing a person in, and their consent: the pages an authorization request sends the browser to.
 
 `/signin?txn=…` (from `KernelpoolOAuth.authorize`) offers the ways in: a kernelpool token with
-its user name, and a one-time link (`/login/<secret>`, from `kernelpool users login-link`). Once signed in, `/consent`
+its user name, a one-time link (`/login/<secret>`, from `kernelpool users login-link`), and a
+team's OpenID provider where one is configured (`kernelpool.web.oidc`). Once signed in, `/consent`
 names the client, where the browser goes next and what the client will be able to do; Allow
 makes the grant and its code and sends the browser to the client's registered redirect URI
 (with `iss`, RFC 9207); Deny sends `access_denied` there. Every POST needs the browser's CSRF
@@ -44,6 +45,7 @@ class Web:
     browsers: Browsers
     user_throttle: AuthThrottle
     issuer: str
+    oidc_name: str | None = None  # the upstream OpenID provider's button, where one is configured
 
 
 def redirect(url: str, cookie: str | None, browsers: Browsers) -> Response:
@@ -79,7 +81,7 @@ class SignIn:
         if await web.browsers.signed_in(browser):
             return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, web.browsers)
         return self._page(cookie, "signin.html", title="Sign in", client=client_label(pending), txn=txn,
-                          csrf=browser.csrf, error=None, user=None)
+                          csrf=browser.csrf, error=None, user=None, oidc=web.oidc_name)
 
     async def signin_token(self, request: Request) -> Response:
         web = self.web
@@ -103,7 +105,7 @@ class SignIn:
             await web.grants.audit(user if verdict.user == user else None, "signin", "refused",
                                    f"token: no such user with that token (user name given: {user[:64]!r})")
             return self._page(cookie, "signin.html", 401, title="Sign in", client=client_label(pending), txn=txn,
-                              csrf=browser.csrf, user=user,
+                              csrf=browser.csrf, user=user, oidc=web.oidc_name,
                               error="That user name and token do not match a kernelpool user.")
         web.browsers.sign_in(browser, user, verdict.uid)
         await web.grants.audit(user, "signin", "ok", "token")
