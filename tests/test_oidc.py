@@ -98,10 +98,12 @@ def test_oidc_settings_that_are_refused() -> None:
         ({"oidc_client_secret_file": "/run/secrets/kp"}, "one of"),
         ({"oidc_scopes": "email,profile"}, "openid"),
         ({"oidc_create_users": True}, "oidc_allowed_domains or oidc_allowed_groups"),
+        ({"host": "0.0.0.0"}, "needs public_url"),
     ):
         with pytest.raises(ValueError, match=why):
             _settings(**given)
     assert _settings(oidc_issuer="http://localhost:8080/").oidc_issuer == "http://localhost:8080/"  # kept exactly
+    assert _settings(host="0.0.0.0", public_url="https://kp.example.com").oidc_issuer
     assert "s" not in repr(_settings().oidc_client_secret).replace("SecretStr", "")
 
 
@@ -364,22 +366,29 @@ async def test_people_the_rule_does_not_let_in_are_refused_and_nothing_is_create
 
 
 @aio
-async def test_a_removed_user_who_signs_in_again_is_a_new_user(oidc_kp: KernelpoolServer, provider: Provider,
-                                                             chromium: Any) -> None:
+async def test_a_removed_user_who_signs_in_again_is_a_new_user_once_their_files_are_gone(
+        oidc_kp: KernelpoolServer, provider: Provider, chromium: Any) -> None:
     since = time.time()
     raw = RawClient(oidc_kp.base, REDIRECT)
     await raw.register()
     async with await chromium.new_context() as context:
         otto = person(await context.new_page(), provider, "otto")
         first = await raw.tokens(otto)
-        assert await raw.mcp_status(first["access_token"]) == 200
+        async with mcp_client(oidc_kp.url, first["access_token"], mode="auto") as client:
+            assert (await run_as(client, "kept.ipynb"))[0] == "2"
         old_uid = users(oidc_kp)["otto"]
-        oidc_kp.cli("users", "remove", "otto")
+        oidc_kp.cli("users", "remove", "otto")  # without --delete-files: DATA/users/otto stays
         deadline = time.monotonic() + 1.0
         while await raw.mcp_status(first["access_token"]) != 401:
             assert time.monotonic() < deadline, "a removed user's token still works after a second"
             await asyncio.sleep(0.05)
-        # the same browser: kernelpool signed it out with the removal; the provider still knows it
+        # the same browser: kernelpool signed it out with the removal; the provider still knows it.
+        # The provider may have given the name to someone else: the kept files are not theirs
+        assert await attempt(oidc_kp, otto) == "Not allowed · kernelpool"
+        assert "files of an earlier kernelpool user otto are still on this server" in await otto.page.inner_text("main")
+        assert "otto" not in users(oidc_kp)
+        # the administrator decides: the files go (what `users remove --delete-files` does)
+        shutil.rmtree(os.path.join(oidc_kp.data_dir, "users", "otto"))
         second = await raw.tokens(otto)
     await raw.http.aclose()
     new_uid = users(oidc_kp)["otto"]
@@ -388,8 +397,10 @@ async def test_a_removed_user_who_signs_in_again_is_a_new_user(oidc_kp: Kernelpo
         result, uid = await run_as(client, "again.ipynb")
     assert result == "2" and (SANDBOX_SKIP is not None or uid == new_uid)
     assert await raw_status(oidc_kp, first["access_token"]) == 401
-    made = [r["detail"] for r in audit(oidc_kp, after=since, wanted=f"uid {new_uid}") if r["tool"] == "auth.oidc.create"]
+    rows = audit(oidc_kp, after=since, wanted=f"uid {new_uid}")
+    made = [r["detail"] for r in rows if r["tool"] == "auth.oidc.create"]
     assert len(made) == 2 and f"uid {old_uid}" in made[0] and f"uid {new_uid}" in made[1], made
+    assert any("not created, the folder of a removed otto is not empty" in r["detail"] for r in rows), rows
 
 
 async def raw_status(kp: KernelpoolServer, access_token: str) -> int:

@@ -51,6 +51,10 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/app.py", "_Server.lifespan", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/cli.py", "_with_store", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/config.py", "_config_file_from", ".is_file"): (1, "the --config file: the administrator's"),
+    ("kernelpool/users/upstream.py", "UpstreamUsers._leftover_files", "os.scandir"):
+        (1, "DATA/users/<name> while there is no such user (no process of a removed uid is left): listed, nothing opened or followed; DATA/users is root's, 0711"),
+    ("kernelpool/web/oidc.py", "client_secret", ".read_text"):
+        (1, "oidc_client_secret_file, read once at start-up: the administrator's (a Docker or Kubernetes secret); no tenant names it"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.path.realpath"): (1, "the kernel interpreter: configuration"),
     ("kernelpool/kernels/isolation.py", "blocked_for_others", "os.stat"): (1, "folders on the way to the interpreter: configuration"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),

@@ -6,12 +6,15 @@ where the settings allow it.
 (signature by the provider's keys, issuer, audience, expiry, nonce); this module decides on
 those claims alone and never sees a token. A user is created through `UserService.add`, the
 same path as `kernelpool users add`: a uid never given before (so a removed user who signs in
-again is a new user with a new uid), the account, the folders. Callers: `kernelpool.web.oidc`.
+again is a new user with a new uid), the account, the folders. What it never does by itself is
+hand a removed user's kept files (`users remove` without `--delete-files`) to a new account of
+the same name: a provider may give a name to someone else. Callers: `kernelpool.web.oidc`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +132,22 @@ class UpstreamUsers:
                               f"{name}: no such user (oidc_create_users is off)")
             return Admitted(await self._create(name), created=True, rule=rule)
 
+    def _leftover_files(self, name: str) -> bool:
+        # DATA/users/NAME with something in it and no user: a removed user's kept files (an empty
+        # folder is the mount point of an emptied per-user volume)
+        try:
+            with os.scandir(self._users.folder(name)) as entries:
+                return next(entries, None) is not None
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # not a folder, or unreadable: the administrator looks first
+
     async def _create(self, name: str) -> UserRow:
+        if self._leftover_files(name):
+            raise Refused(f"The files of an earlier kernelpool user {name} are still on this server; they are not handed to a "
+                          f"new account without the administrator. {ASK}",
+                          f"{name}: not created, the folder of a removed {name} is not empty")
         try:
             return await self._users.add(name)
         except UserExists:  # added by the CLI a moment ago

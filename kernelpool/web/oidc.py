@@ -5,7 +5,8 @@ and the authorization request it belongs to). That sends the browser to the prov
 authorization endpoint, found by discovery (ISSUER/.well-known/openid-configuration, whose
 `issuer` must be ISSUER exactly): authorization code flow with PKCE (S256), a state and a
 nonce, which authlib keeps in the browser's server-side `Browser.scratch` (so no session
-middleware, and a callback is taken only in the browser that started it, once).
+middleware, and a callback is taken only in the browser that started it, once; one upstream
+sign-in at a time per browser: starting another forgets the first).
 `/signin/oidc/callback` has authlib exchange the code (with the client secret) and verify the ID
 token: signature by the provider's published keys (asymmetric algorithms only), issuer,
 audience, expiry, nonce. `kernelpool.users.upstream` maps its claims to a user and applies the
