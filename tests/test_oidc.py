@@ -33,6 +33,7 @@ import pytest_asyncio
 
 from kernelpool.config import load_settings
 from kernelpool.users.upstream import Refused, rule_admits, user_name
+from kernelpool.web.oidc import _secure, client_secret
 from testkit import browser
 from testkit.client import mcp_client, text
 from testkit.server import KernelpoolServer, free_port, make_data_dir, server_env
@@ -99,12 +100,28 @@ def test_oidc_settings_that_are_refused() -> None:
         ({"oidc_scopes": "email,profile"}, "openid"),
         ({"oidc_create_users": True}, "oidc_allowed_domains or oidc_allowed_groups"),
         ({"host": "0.0.0.0"}, "needs public_url"),
+        ({"oauth": False}, "needs oauth on"),
     ):
         with pytest.raises(ValueError, match=why):
             _settings(**given)
     assert _settings(oidc_issuer="http://localhost:8080/").oidc_issuer == "http://localhost:8080/"  # kept exactly
     assert _settings(host="0.0.0.0", public_url="https://kp.example.com").oidc_issuer
     assert "s" not in repr(_settings().oidc_client_secret).replace("SecretStr", "")
+
+
+def test_the_provider_endpoints_and_the_secret_file(tmp_path: Any) -> None:
+    assert _secure("https://idp.example.com/token") and _secure("http://localhost:8080/token")
+    assert _secure("http://127.0.0.1:9/jwks") and _secure("http://[::1]:9/jwks")
+    for url in ("http://idp.example.com/token", "http://10.0.0.5/jwks", "ftp://idp.example.com/x", "https:///x", None, 7):
+        assert not _secure(url), url
+    secret = tmp_path / "secret"
+    secret.write_text("  the-secret\n")
+    assert client_secret(_settings(oidc_client_secret=None, oidc_client_secret_file=str(secret))) == "the-secret"
+    secret.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        client_secret(_settings(oidc_client_secret=None, oidc_client_secret_file=str(secret)))
+    with pytest.raises(ValueError, match="No such file"):
+        client_secret(_settings(oidc_client_secret=None, oidc_client_secret_file=str(tmp_path / "missing")))
 
 
 # --- a real provider, real servers, a real browser --------------------------------------------
@@ -459,6 +476,9 @@ async def test_an_answer_is_taken_once_and_only_by_the_browser_that_asked(
     since = time.time()
     async with await chromium.new_context() as mine, await chromium.new_context() as theirs:
         alice = person(await mine.new_page(), provider, "alice")
+        # the button's form without its token: refused before anything is sent to the provider
+        r = await alice.page.request.post(f"{oidc_kp.base}/signin/oidc", form={"txn": ""}, max_redirects=0)
+        assert r.status == 403 and "location" not in r.headers
         answer = await held_answer(oidc_kp, alice)
         assert answer.startswith(f"{oidc_kp.base}{CALLBACK}?") and param(answer, "code")
         # someone else's browser given alice's answer (login CSRF): refused, nobody signed in
