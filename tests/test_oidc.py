@@ -73,11 +73,11 @@ def test_the_user_claim_names_a_valid_user_or_nobody() -> None:
             user_name(settings, claims)
     by_mail = _settings(oidc_user_claim="email", oidc_user_domain="example.com")
     assert user_name(by_mail, {"email": "bob@Example.COM", "email_verified": True}) == "bob"
-    for claims in ({"email": "bob@example.com", "email_verified": False}, {"email": "bob@example.com"},
-                   {"email": "bob@example.com.evil.test", "email_verified": True}, {"email": "bob", "email_verified": True},
-                   {"email": "Bob@example.com", "email_verified": True}):
+    for mail in ({"email": "bob@example.com", "email_verified": False}, {"email": "bob@example.com"},
+                 {"email": "bob@example.com.evil.test", "email_verified": True}, {"email": "bob", "email_verified": True},
+                 {"email": "Bob@example.com", "email_verified": True}):
         with pytest.raises(Refused):
-            user_name(by_mail, claims)
+            user_name(by_mail, mail)
 
 
 def test_the_rule_wants_a_verified_domain_or_a_group() -> None:
@@ -160,7 +160,7 @@ def provider(folder: str, ports: dict[str, int]) -> Iterator[Provider]:
         "accounts": {name: {"password": f"pw-{name}", "claims": claims} for name, claims in ACCOUNTS.items()},
     }
     with open(os.path.join(folder, "provider.log"), "w") as log:
-        proc = subprocess.Popen(["node", "oidc-provider.mjs"], cwd=node_env.NODE_DIR, stdout=subprocess.PIPE, stderr=log,
+        proc = subprocess.Popen([shutil.which("node") or "node", "oidc-provider.mjs"], cwd=node_env.NODE_DIR, stdout=subprocess.PIPE, stderr=log,
                                 text=True, env={**os.environ, "KP_OIDC": json.dumps(config)})
     try:
         assert proc.stdout is not None
@@ -453,12 +453,12 @@ async def held_answer(kp: KernelpoolServer, someone: OidcPerson) -> str:
     with the browser's cookies (a browser's route handlers never see redirected requests)."""
     url = await start_upstream(someone.page, kp)
     await someone.page.goto(url)
-    url = someone.page.url
+    url = str(someone.page.url)
     assert url.startswith(f"{someone.issuer}/interaction/"), url
     r = await someone.page.request.post(url, form={"login": someone.user, "password": someone.password}, max_redirects=0)
     while True:
         assert r.status in (302, 303), (r.status, await r.text())
-        url = urllib.parse.urljoin(url, r.headers["location"])
+        url = urllib.parse.urljoin(url, str(r.headers["location"]))
         if url.startswith(kp.base):
             return url
         r = await someone.page.request.get(url, max_redirects=0)
@@ -573,7 +573,7 @@ async def test_a_provider_that_cannot_be_reached_gives_a_clear_page(
         server_args: list[str], ports: dict[str, int], page: Any) -> None:
     server = KernelpoolServer(make_data_dir(), server_env(
         KERNELPOOL_POOL_SIZE="0", KERNELPOOL_OIDC_ISSUER=f"http://localhost:{ports['down']}",
-        KERNELPOOL_OIDC_CLIENT_ID="kp", KERNELPOOL_OIDC_CLIENT_SECRET="not-used"))
+        KERNELPOOL_OIDC_CLIENT_ID="kp", KERNELPOOL_OIDC_CLIENT_SECRET=secrets.token_urlsafe(8)))
     try:
         server.start(*server_args)
         client = RawClient(server.base, REDIRECT)
