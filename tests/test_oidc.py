@@ -26,14 +26,14 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
 
 from kernelpool.config import load_settings
 from kernelpool.users.upstream import Refused, rule_admits, user_name
-from kernelpool.web.oidc import _secure, client_secret
+from kernelpool.web.oidc import UpstreamSignIn, _secure, client_secret
 from testkit import browser
 from testkit.client import mcp_client, text
 from testkit.server import KernelpoolServer, free_port, make_data_dir, server_env
@@ -122,6 +122,49 @@ def test_the_provider_endpoints_and_the_secret_file(tmp_path: Any) -> None:
         client_secret(_settings(oidc_client_secret=None, oidc_client_secret_file=str(secret)))
     with pytest.raises(ValueError, match="No such file"):
         client_secret(_settings(oidc_client_secret=None, oidc_client_secret_file=str(tmp_path / "missing")))
+
+
+async def test_id_tokens_verify_only_with_the_providers_published_key_pairs() -> None:
+    """What authlib is asked to check, given a provider's keys (no network: the discovery
+    document and its keys are as loaded): another key, the client secret as an HMAC key, no
+    signature, another audience, issuer or nonce, an expired token, each refused."""
+    from joserfc import jwt
+    from joserfc.errors import JoseError
+    from joserfc.jwk import OctKey, RSAKey
+
+    issuer = "https://idp.example.com"
+    settings = _settings(oidc_issuer=issuer, oidc_client_secret="the-client-secret-of-kernelpool!")
+    signin = UpstreamSignIn(settings, cast(Any, None), cast(Any, None), base_url="https://kp.example.com")
+    key, other = RSAKey.generate_key(2048, parameters={"kid": "k1"}), RSAKey.generate_key(2048, parameters={"kid": "k1"})
+    signin.client.server_metadata.update({
+        "issuer": issuer, "authorization_endpoint": f"{issuer}/auth", "token_endpoint": f"{issuer}/token",
+        "jwks_uri": f"{issuer}/jwks", "jwks": {"keys": [key.as_dict(private=False)]}, "_loaded_at": time.time(),
+        "id_token_signing_alg_values_supported": ["RS256", "HS256", "none"]})
+    await signin._metadata()
+    assert signin.client.server_metadata["id_token_signing_alg_values_supported"] == ["RS256"]
+    now = int(time.time())
+    claims = {"iss": issuer, "sub": "s1", "aud": "kp", "exp": now + 300, "iat": now, "nonce": "n1"}
+
+    async def verify(id_token: str, nonce: str = "n1") -> Any:
+        # as the callback has authlib check it (authorize_access_token passes these on)
+        return await signin.client.parse_id_token({"id_token": id_token, "access_token": "at"}, nonce=nonce,
+                                                  claims_options=signin.claims_options())
+
+    assert (await verify(jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key)))["sub"] == "s1"
+    both = claims | {"aud": ["kp", "another-client"], "azp": "kp"}
+    assert (await verify(jwt.encode({"alg": "RS256", "kid": "k1"}, both, key)))["sub"] == "s1"
+    unsigned = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key).rsplit(".", 1)[0] + "."
+    forged = [
+        jwt.encode({"alg": "RS256", "kid": "k1"}, claims, other),
+        jwt.encode({"alg": "HS256"}, claims, OctKey.import_key("the-client-secret-of-kernelpool!")),
+        unsigned,
+        *(jwt.encode({"alg": "RS256", "kid": "k1"}, claims | change, key) for change in (
+            {"aud": "another-client"}, {"aud": "another-client", "azp": "kp"}, {"aud": ["another-client"], "azp": "kp"}, {"iss": "https://idp.attacker.example"}, {"nonce": "n2"},
+            {"exp": now - 3600, "iat": now - 7200})),
+    ]
+    for token in forged:
+        with pytest.raises(JoseError):
+            await verify(token)
 
 
 # --- a real provider, real servers, a real browser --------------------------------------------

@@ -9,7 +9,7 @@ middleware, and a callback is taken only in the browser that started it, once; o
 sign-in at a time per browser: starting another forgets the first).
 `/signin/oidc/callback` has authlib exchange the code (with the client secret) and verify the ID
 token: signature by the provider's published keys (asymmetric algorithms only), issuer,
-audience, expiry, nonce. `kernelpool.users.upstream` maps its claims to a user and applies the
+audience (which must contain our client id), expiry, nonce. `kernelpool.users.upstream` maps its claims to a user and applies the
 rule; the browser is then signed in and goes on to the consent page. Each outcome is audited
 (`auth.oidc`, `auth.oidc.create`), never a code or token, and authlib's logger stays above
 debug (`kernelpool.logs`), where it would print the PKCE verifier. Callers: `kernelpool.web.server`.
@@ -95,6 +95,12 @@ class UpstreamSignIn:
             client_kwargs={"scope": " ".join(settings.oidc_scopes), "code_challenge_method": "S256", "timeout": 10.0,
                            "follow_redirects": False})
 
+    def claims_options(self) -> dict[str, Any]:
+        """What the ID token's issuer and audience must be. Given to authlib, which otherwise checks
+        the issuer but lets an audience without our client id pass when `azp` names it."""
+        return {"iss": {"essential": True, "values": [self.issuer]},
+                "aud": {"essential": True, "values": [self.client.client_id]}}
+
     def routes(self) -> list[BaseRoute]:
         return [Route("/signin/oidc", self.start, methods=["POST"]), Route(CALLBACK, self.callback, methods=["GET"])]
 
@@ -156,7 +162,7 @@ class UpstreamSignIn:
             return refused
         try:
             await self._metadata()
-            token = await self.client.authorize_access_token(request)
+            token = await self.client.authorize_access_token(request, claims_options=self.claims_options())
         except OAuthError as exc:  # the provider refused the code (invalid_grant: used, or not ours)
             await self._audit(None, "refused", f"the provider answered {exc.error}: {shown(exc.description)}")
             return self._page(cookie, 403, f"{self.name} did not sign you in",
