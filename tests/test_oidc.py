@@ -203,8 +203,8 @@ def provider(folder: str, ports: dict[str, int]) -> Iterator[Provider]:
         "accounts": {name: {"password": f"pw-{name}", "claims": claims} for name, claims in ACCOUNTS.items()},
     }
     with open(os.path.join(folder, "provider.log"), "w") as log:
-        proc = subprocess.Popen([shutil.which("node") or "node", "oidc-provider.mjs"], cwd=node_env.NODE_DIR, stdout=subprocess.PIPE, stderr=log,
-                                text=True, env={**os.environ, "KP_OIDC": json.dumps(config)})
+        proc = subprocess.Popen([shutil.which("node") or "node", "oidc-provider.mjs"], cwd=node_env.NODE_DIR,
+                                stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "KP_OIDC": json.dumps(config)})
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 30)
@@ -221,35 +221,41 @@ def _oidc_env(provider: Provider, client: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def oidc_kp(server_args: list[str], provider: Provider, ports: dict[str, int]) -> Iterator[KernelpoolServer]:
-    server = KernelpoolServer(make_data_dir(), _oidc_env(
-        provider, "kp-main", KERNELPOOL_OIDC_NAME=NAME, KERNELPOOL_OIDC_CLIENT_SECRET=SECRETS["kp-main"],
-        KERNELPOOL_OIDC_ALLOWED_DOMAINS="example.com", KERNELPOOL_OIDC_ALLOWED_GROUPS="kernelpool",
-        KERNELPOOL_OIDC_CREATE_USERS="true"))
-    try:
-        server.add_user("alice")
-        server.start(*server_args, port=ports["main"])
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def strict_kp(server_args: list[str], provider: Provider, ports: dict[str, int], folder: str) -> Iterator[KernelpoolServer]:
+def servers(server_args: list[str], provider: Provider, ports: dict[str, int], folder: str) -> Iterator[dict[str, KernelpoolServer]]:
+    """Both servers, started right after the provider: their ports were chosen for its redirect
+    URIs, and a port is free only until another process on this shared machine takes it."""
     secret_file = os.path.join(folder, "client-secret")
     with open(secret_file, "w") as f:
         f.write(SECRETS["kp-strict"] + "\n")
-    server = KernelpoolServer(make_data_dir(), _oidc_env(
+    main = KernelpoolServer(make_data_dir(), _oidc_env(
+        provider, "kp-main", KERNELPOOL_OIDC_NAME=NAME, KERNELPOOL_OIDC_CLIENT_SECRET=SECRETS["kp-main"],
+        KERNELPOOL_OIDC_ALLOWED_DOMAINS="example.com", KERNELPOOL_OIDC_ALLOWED_GROUPS="kernelpool",
+        KERNELPOOL_OIDC_CREATE_USERS="true", KERNELPOOL_LOG_LEVEL="debug"))  # debug: nothing secret even there
+    strict = KernelpoolServer(make_data_dir(), _oidc_env(
         provider, "kp-strict", KERNELPOOL_OIDC_NAME=NAME, KERNELPOOL_OIDC_CLIENT_SECRET_FILE=secret_file,
         KERNELPOOL_OIDC_USER_CLAIM="email", KERNELPOOL_OIDC_USER_DOMAIN="example.com",
-        # an alice of its own beside oidc_kp's: Unix accounts and cgroups of other names
+        # an alice of its own beside main's: Unix accounts and cgroups of other names
         KERNELPOOL_ACCOUNT_PREFIX=f"kps{os.getpid() % 100000}-", KERNELPOOL_CGROUP_PREFIX=f"kernelpool-test-{os.getpid()}-s"))
     try:
-        server.add_user("alice")
-        server.start(*server_args, port=ports["strict"])
-        yield server
+        for server, port in ((main, ports["main"]), (strict, ports["strict"])):
+            server.add_user("alice")
+            server.start(*server_args, port=port)
+        yield {"main": main, "strict": strict}
     finally:
-        server.cleanup()
+        main.cleanup()
+        strict.cleanup()
+
+
+@pytest.fixture(scope="module")
+def oidc_kp(servers: dict[str, KernelpoolServer]) -> KernelpoolServer:
+    """Lets in verified example.com addresses and the group kernelpool, and creates their users."""
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def strict_kp(servers: dict[str, KernelpoolServer]) -> KernelpoolServer:
+    """Names users by their example.com address, reads its client secret from a file, creates nobody."""
+    return servers["strict"]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -338,6 +344,11 @@ def audit(kp: KernelpoolServer, *, after: float = 0.0, wanted: str = "") -> list
         time.sleep(0.1)
 
 
+def whole_log(kp: KernelpoolServer) -> str:
+    with open(kp.log_path) as f:  # KernelpoolServer.log() is its tail only
+        return f.read()
+
+
 def users(kp: KernelpoolServer) -> dict[str, int]:
     return {line.split("\t")[0]: int(line.split("\t")[1].removeprefix("uid="))
             for line in kp.cli("users", "list").stdout.splitlines() if line}
@@ -377,9 +388,10 @@ async def test_an_mcp_client_signs_in_through_the_provider_and_runs_code(
     assert "sub 'sub-alice'" in rows[0]["detail"] and "e-mail domain example.com" in rows[0]["detail"]
     # neither the code, nor the client secret, nor a token is in the audit log or the server's log
     code = param(callbacks[0], "code")
-    logged = oidc_kp.cli("audit", "--json").stdout + oidc_kp.log()
+    logged = oidc_kp.cli("audit", "--json").stdout + whole_log(oidc_kp)
     for secret in (code, SECRETS["kp-main"], storage.tokens.access_token, storage.tokens.refresh_token):
         assert secret and secret not in logged
+    assert "code_verifier" not in logged and " DEBUG " in logged  # authlib would print the PKCE verifier
 
 
 @aio
@@ -537,7 +549,7 @@ async def test_an_answer_is_taken_once_and_only_by_the_browser_that_asked(
         assert await alice.page.title() == "Sign-in answer not expected · kernelpool"
     rows = audit(oidc_kp, after=since, wanted="signed in as alice")
     assert [r["outcome"] for r in rows] == ["refused", "refused", "ok", "refused"], rows
-    assert param(answer, "code") not in json.dumps(rows) + oidc_kp.log()
+    assert param(answer, "code") not in json.dumps(rows) + whole_log(oidc_kp)
 
 
 @aio
@@ -608,7 +620,7 @@ async def test_a_server_naming_users_by_email_lets_in_its_users_only(
     rows = audit(strict_kp, after=since, wanted="grace")
     assert [(r["user"], r["outcome"]) for r in rows] == [("alice", "ok"), (None, "refused"), (None, "refused"),
                                                           (None, "refused")], rows
-    assert SECRETS["kp-strict"] not in strict_kp.log()
+    assert SECRETS["kp-strict"] not in whole_log(strict_kp)
 
 
 @aio
@@ -616,7 +628,9 @@ async def test_a_provider_that_cannot_be_reached_gives_a_clear_page(
         server_args: list[str], ports: dict[str, int], page: Any) -> None:
     server = KernelpoolServer(make_data_dir(), server_env(
         KERNELPOOL_POOL_SIZE="0", KERNELPOOL_OIDC_ISSUER=f"http://localhost:{ports['down']}",
-        KERNELPOOL_OIDC_CLIENT_ID="kp", KERNELPOOL_OIDC_CLIENT_SECRET=secrets.token_urlsafe(8)))
+        KERNELPOOL_OIDC_CLIENT_ID="kp", KERNELPOOL_OIDC_CLIENT_SECRET=secrets.token_urlsafe(8),
+        # its first start creates the user "default": an account name of its own
+        KERNELPOOL_ACCOUNT_PREFIX=f"kpd{os.getpid() % 100000}-", KERNELPOOL_CGROUP_PREFIX=f"kernelpool-test-{os.getpid()}-d"))
     try:
         server.start(*server_args)
         client = RawClient(server.base, REDIRECT)
