@@ -15,19 +15,20 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool as SdkTool
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, Icon
 
 from kernelpool import __version__
 from kernelpool.errors import KernelpoolError, UnknownArguments
 from kernelpool.mcp import cells, execution, files, kernels, notebooks
 from kernelpool.mcp.arguments import UNKNOWN, refuse_unknown
 from kernelpool.mcp.call import Call, Tool, ToolFunction
+from kernelpool.mcp.presentation import OUTPUTS, TITLES
 from kernelpool.mcp.resources import register as register_resources
 from kernelpool.mcp.resources import session_of
 from kernelpool.mcp.services import Services
@@ -44,13 +45,16 @@ addressed by `cell_index` (0-based; negative counts from the end) or by `cell_id
 TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *files.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
 
 
-def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
+def build_mcp(services: Services, token_verifier: Any, auth: Any, *, icon_url: str | None = None) -> MCPServer:
     """The MCP server with every tool, resource handler and the session middleware registered."""
     # every tool refuses arguments it does not take (kernelpool.mcp.arguments)
-    tools = [refuse_unknown(SdkTool.from_function(_entry(services, tool), name=tool.name, description=tool.description,
-                                                  annotations=tool.annotations)) for tool in TOOLS]
+    tools = [refuse_unknown(SdkTool.from_function(_entry(services, tool), name=tool.name, title=TITLES[tool.name],
+                                                  description=tool.description, annotations=tool.annotations))
+             for tool in TOOLS]
+    icons = [Icon(src=icon_url, mime_type="image/svg+xml", sizes=["any"])] if icon_url else None
     server: MCPServer = MCPServer(
-        name="kernelpool", instructions=INSTRUCTIONS, version=__version__, tools=tools,
+        name="kernelpool", title="kernelpool", instructions=INSTRUCTIONS, version=__version__, icons=icons,
+        tools=tools,
         token_verifier=token_verifier, auth=auth,
         # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
         # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/mcp/notices.py)
@@ -84,8 +88,10 @@ def _entry(services: Services, tool: Tool) -> ToolFunction:
 
     params = list(inspect.signature(tool.fn, eval_str=True).parameters.values())[1:]
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Context)
-    entry.__signature__ = inspect.Signature([context, *params], return_annotation=CallToolResult)  # type: ignore[attr-defined]
-    entry.__annotations__ = {"ctx": Context, **{p.name: p.annotation for p in params}, "return": CallToolResult}
+    # a stable structured result is published as the tool's output schema (and checked by the SDK)
+    returns: Any = Annotated[CallToolResult, OUTPUTS[tool.name]] if tool.name in OUTPUTS else CallToolResult
+    entry.__signature__ = inspect.Signature([context, *params], return_annotation=returns)  # type: ignore[attr-defined]
+    entry.__annotations__ = {"ctx": Context, **{p.name: p.annotation for p in params}, "return": returns}
     entry.__name__ = entry.__qualname__ = tool.fn.__name__
     entry.__doc__ = tool.fn.__doc__
     return entry
