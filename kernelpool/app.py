@@ -42,6 +42,7 @@ from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.metrics import Metrics, live_gauges
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.services import Services
@@ -115,13 +116,14 @@ class _Server:
             uid, gid = users.owner(user)
             return SafeRoot(users.folder(user), uid, gid)
 
-        notebooks = NotebookService(root_of, disk_check=self.disk.check)
+        changes = Changes()
+        notebooks = NotebookService(root_of, disk_check=self.disk.check, changes=changes)
         kernels = KernelRegistry(settings, store, users, self.iso.cgroups, UserNetworkPolicy(self.iso.network),
                                  fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics)
         notices = Notices(settings.session_idle_timeout)
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
-        jobs = JobService(settings, kernels, notebooks, users, metrics)
-        notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
+        jobs = JobService(settings, kernels, notebooks, users, metrics, changes=changes)
+        changes.subscribe(_resource_updates(notices))
         return Services(
             settings=settings, store=store, users=users, notebooks=notebooks,
             workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
@@ -238,6 +240,20 @@ class _Server:
         sent = await self.services.notices.to_everyone("warning", "the server is shutting down; running executions end with it")
         if sent:
             await asyncio.sleep(0.2)  # let the messages reach the streams before they close
+
+
+def _resource_updates(notices: Notices) -> Callable[[Change], None]:
+    """A saved notebook is an updated resource for the MCP sessions of its user that subscribed to it
+    (sent from a task of its own: a change listener only notes the change)."""
+    sending: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
+
+    def on_change(change: Change) -> None:
+        if change.kind == "saved":
+            task = asyncio.get_running_loop().create_task(notices.resource_updated(change.user, notebook_uri(change.path)))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+
+    return on_change
 
 
 def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "error", "timeout", "died", "interrupted"]
 Progress = Callable[[float, str], Awaitable[None]]
 Interrupt = Callable[[], Awaitable[None]]
+OnOutput = Callable[[Outputs], None]  # told after each output message is taken in (the live view)
 
 _POLL = 0.5  # seconds between liveness checks while a cell runs silently
 _INTERRUPT_GRACE = 5.0
@@ -45,8 +46,10 @@ class _Run:
     """The reading side of one execution: iopub messages into outputs, the timeout, progress."""
 
     def __init__(self, kernel: Kernel, start: float, timeout: float, interrupt: Interrupt,
-                 progress: Progress | None, progress_interval: float, limits: OutputLimits) -> None:
+                 progress: Progress | None, progress_interval: float, limits: OutputLimits,
+                 on_output: OnOutput | None = None) -> None:
         self.kernel = kernel
+        self.on_output = on_output
         self.start = start
         self.timeout = timeout
         self.deadline = start + timeout
@@ -123,6 +126,8 @@ class _Run:
         if kind == "error" and self.status == "ok":
             self.status = "error"
         self.outputs.add(msg)
+        if self.on_output is not None:
+            self.on_output(self.outputs)
         return False
 
 
@@ -135,6 +140,8 @@ async def execute(
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,
+    *,
+    on_output: OnOutput | None = None,
 ) -> ExecutionResult:
     """Run `code` in `kernel` and report what happened; never raises for what the code does.
 
@@ -148,7 +155,7 @@ async def execute(
     start = time.monotonic()
     msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=True)
     inbox = channels.listen(msg_id)  # no await since the send: no answer can have been missed
-    run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits)
+    run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits, on_output)
     try:
         await run.until_idle(inbox)
         if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:

@@ -16,7 +16,7 @@ import fnmatch
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import nbformat
@@ -33,6 +33,7 @@ from kernelpool.errors import (
     PathRefused,
 )
 from kernelpool.notebooks import cells
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, fingerprint, same
 from kernelpool.notebooks.paths import check_dir_path, refusing
 from sandbox import SafeRoot
@@ -69,7 +70,8 @@ def _check(nb: NotebookNode, marks: list[Mark], validated: dict[int, Mark]) -> N
 class NotebookService:
     """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
 
-    def __init__(self, roots: Callable[[str], SafeRoot], disk_check: Callable[[str], None] | None = None) -> None:
+    def __init__(self, roots: Callable[[str], SafeRoot], disk_check: Callable[[str], None] | None = None,
+                 changes: Changes | None = None) -> None:
         self._roots = roots
         self._disk_check = disk_check  # raises DiskLow when the data folder is under its free-space floor
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -81,8 +83,8 @@ class NotebookService:
         self._validated: dict[int, dict[int, Mark]] = {}
         # and each cached notebook's cells as encoded in its file: a save encodes only changed cells
         self._encoder = CellCachingEncoder()
-        # called with (user, path) after each write: resource subscriptions (kernelpool/mcp/notices.py)
-        self.listeners: list[Callable[[str, str], Awaitable[Any]]] = []
+        # told of each write: resource subscriptions (kernelpool/mcp/notices.py), open pages (kernelpool/web/live.py)
+        self.changes = changes or Changes()
 
     def lock(self, user: str, path: str) -> asyncio.Lock:
         key = (user, path)
@@ -161,11 +163,7 @@ class NotebookService:
                 cancelled = True
         if cancelled:
             raise asyncio.CancelledError
-        for listener in self.listeners:
-            try:
-                await listener(user, path)
-            except Exception:  # a listener must not turn a saved change into a failure
-                log.exception("notebook listener failed")
+        self.changes.publish(Change(user, path, "saved"))
 
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
         # a notebook JupyterLab would refuse is never written: every cell changed since the
