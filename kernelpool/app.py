@@ -53,7 +53,9 @@ from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 from kernelpool.users.tokens import create_token
 from kernelpool.web.oauth import resource_metadata_route
+from kernelpool.web.live import LiveHub
 from kernelpool.web.server import OAuthServer
+from kernelpool.web.view import ViewDeps, view_routes
 from sandbox import SafeRoot
 from sandbox.limits import parse_memory
 
@@ -103,6 +105,7 @@ class _Server:
         self.throttle = AuthThrottle(settings.auth_failures_before_backoff, settings.auth_failure_window,
                                      settings.auth_backoff, settings.trusted_proxies)
         self.oauth = OAuthServer(settings, self.services.store, self.services.users, self.throttle, self.url)
+        self.view = self._view()
         self.mcp, self.mcp_app = self._mcp()
         metrics.add_gauges(lambda: live_gauges(self.services))
 
@@ -156,10 +159,19 @@ class _Server:
         manager.asgi_app = SessionGate(manager.asgi_app, services.sessions)  # type: ignore[assignment]
         return mcp, mcp_app
 
+    def _view(self) -> ViewDeps | None:
+        """The read-only web view, where it is on (it signs people in with the OAuth server's pages)."""
+        s = self.services
+        if not (self.settings.oauth and self.settings.web_view):
+            return None
+        return ViewDeps(settings=self.settings, store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
+                        jobs=s.jobs, kernels=s.kernels, sessions=s.sessions, users=s.users,
+                        hub=LiveHub(s.notebooks.changes, s.notebooks, s.jobs))
+
     def auth_routes(self) -> list[BaseRoute]:
-        """The authorization server, its pages and the protected-resource metadata at the root path."""
+        """The authorization server, its pages, the web view and the protected-resource metadata at the root path."""
         root = resource_metadata_route(f"{self.url}/mcp", self.url, "/.well-known/oauth-protected-resource")
-        return [root, *self.oauth.routes()]
+        return [root, *self.oauth.routes(), *(view_routes(self.view) if self.view is not None else [])]
 
     async def healthz(self, request: Request) -> Response:
         services, store = self.services, self.services.store
@@ -237,6 +249,8 @@ class _Server:
 
     async def before_shutdown(self) -> None:
         """Called by `cli` when the server starts to shut down, while clients' streams are still open."""
+        if self.view is not None:
+            self.view.hub.close()  # open pages' streams end now: uvicorn waits for every open response
         sent = await self.services.notices.to_everyone("warning", "the server is shutting down; running executions end with it")
         if sent:
             await asyncio.sleep(0.2)  # let the messages reach the streams before they close

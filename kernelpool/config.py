@@ -196,6 +196,8 @@ class Settings(BaseSettings):
     """TESTS ONLY: HOST=ADDRESS pairs that client metadata document fetches resolve so, even to loopback; comma-separated"""
     login_link_ttl: PositiveFloat = 300.0
     """seconds a one-time sign-in link (kernelpool users login-link) is valid"""
+    web_view: bool = True
+    """serve the read-only web view at /view: people watch their notebooks and kernels live (needs oauth, for its sign-in)"""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """log level of the server"""

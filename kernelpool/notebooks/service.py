@@ -298,6 +298,13 @@ class NotebookService:
     async def list_notebooks(self, user: str, limit: int = 10000) -> list[str]:
         return await asyncio.to_thread(self._walk, user, "", "*.ipynb", limit)
 
+    async def modified(self, user: str, paths: list[str]) -> dict[str, float]:
+        """Each notebook's last change (its file's mtime), for the web view's list; gone ones left out."""
+        def stamps() -> dict[str, float]:
+            return {p: stamp[1] for p in paths if (stamp := self._stamp(user, p)) is not None}
+
+        return await asyncio.to_thread(stamps)
+
     async def list_files(self, user: str, path: str, pattern: str | None, limit: int = 2000) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._list, user, path, pattern, limit)
 

@@ -9,8 +9,13 @@ from dataclasses import dataclass
 
 from kernelpool.store import Store
 
-# audit rows of the sign-in pages and the authorization server: not tool calls
-_NOT_TOOLS = ("signin", "consent", "register", "token", "client", "revoke", "view.%", "auth.%")
+# one query, its filters switched by parameters: the tool calls (`tools`: not the rows of the
+# sign-in pages and the authorization server), rows older than `before`
+_RECENT = ("SELECT id, ts, user, client, tool, notebook, outcome, duration_ms, detail FROM audit"
+           " WHERE user = ? AND (? IS NULL OR id < ?)"
+           " AND (? = 0 OR (tool NOT IN ('signin', 'consent', 'register', 'token', 'client', 'revoke')"
+           " AND tool NOT LIKE 'auth.%' AND tool NOT LIKE 'view.%'))"
+           " ORDER BY id DESC LIMIT ?")
 
 
 @dataclass(frozen=True)
@@ -29,16 +34,7 @@ class Row:
 async def recent(store: Store, user: str, *, limit: int = 50, before: int | None = None,
                  tools_only: bool = False) -> list[Row]:
     """`user`'s audit rows, newest first: at most `limit`, older than row `before` when given."""
-    clauses, args = ["user = ?"], [user]
-    if before is not None:
-        clauses.append("id < ?")
-        args.append(str(before))
-    if tools_only:
-        clauses.append(" AND ".join("tool NOT LIKE ?" for _ in _NOT_TOOLS))
-        args.extend(_NOT_TOOLS)
-    sql = (f"SELECT id, ts, user, client, tool, notebook, outcome, duration_ms, detail FROM audit"
-           f" WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?")
-    async with store.db.execute(sql, (*args, limit)) as cur:
+    async with store.db.execute(_RECENT, (user, before, before, int(tools_only), limit)) as cur:
         return [Row(**dict(r)) for r in await cur.fetchall()]
 
 

@@ -12,6 +12,7 @@ user name (429 past `auth_failures_before_backoff`). Every step is audited, neve
 from __future__ import annotations
 
 import math
+import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,17 @@ class Web:
     issuer: str
 
 
+VIEW_HOME = "/view"
+
+
+def view_target(given: object) -> str:
+    """Where a sign-in without an authorization request goes: a page of the web view named by
+    `next`, else its home; never anywhere else (no open redirect)."""
+    if isinstance(given, str) and re.fullmatch(r"/view(/[A-Za-z0-9._~%/?=&+-]*)?", given) and "//" not in given:
+        return given
+    return VIEW_HOME
+
+
 def redirect(url: str, cookie: str | None, browsers: Browsers) -> Response:
     response = RedirectResponse(url, status_code=303, headers=HEADERS)
     browsers.set_cookie(response, cookie)
@@ -73,6 +85,12 @@ class SignIn:
         web = self.web
         browser, cookie = web.browsers.get(request)
         txn = request.query_params.get("txn", "")
+        if not txn:  # no authorization request: a person opening the web view (`next`)
+            target = view_target(request.query_params.get("next"))
+            if await web.browsers.signed_in(browser):
+                return redirect(target, cookie, web.browsers)
+            return self._page(cookie, "signin.html", title="Sign in", client=None, txn="", next=target,
+                              csrf=browser.csrf, error=None, user=None)
         pending = web.pending.claim(txn, browser.key)
         if pending is None:
             return self._page(cookie, "message.html", 400, title="Sign-in request not found", text=UNKNOWN_REQUEST)
@@ -88,8 +106,8 @@ class SignIn:
         if form is None:
             return csrf_refused(web, cookie)
         txn, user, token = (str(form.get(k, "")) for k in ("txn", "user", "token"))
-        pending = web.pending.claim(txn, browser.key)
-        if pending is None:
+        pending = web.pending.claim(txn, browser.key) if txn else None
+        if pending is None and txn:
             return self._page(cookie, "message.html", 400, title="Sign-in request not found", text=UNKNOWN_REQUEST)
         wait = web.user_throttle.retry_after(user)
         if wait > 0:
@@ -102,11 +120,13 @@ class SignIn:
             web.user_throttle.failed(user, "wrong token at sign-in")
             await web.grants.audit(user if verdict.user == user else None, "signin", "refused",
                                    f"token: no such user with that token (user name given: {user[:64]!r})")
-            return self._page(cookie, "signin.html", 401, title="Sign in", client=client_label(pending), txn=txn,
-                              csrf=browser.csrf, user=user,
+            return self._page(cookie, "signin.html", 401, title="Sign in", client=client_label(pending) if pending else None,
+                              txn=txn, next=view_target(form.get("next")), csrf=browser.csrf, user=user,
                               error="That user name and token do not match a kernelpool user.")
         web.browsers.sign_in(browser, user, verdict.uid)
         await web.grants.audit(user, "signin", "ok", "token")
+        if pending is None:
+            return redirect(view_target(form.get("next")), cookie, web.browsers)
         return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, web.browsers)
 
     async def link_page(self, request: Request) -> Response:
@@ -140,6 +160,8 @@ class SignIn:
         txn = self.web.pending.latest(browser.key)
         if txn is not None:
             return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, self.web.browsers)
+        if self.web.settings.web_view:
+            return redirect(VIEW_HOME, cookie, self.web.browsers)
         return self._page(cookie, "message.html", title="Signed in",
                           text=f"You are signed in to kernelpool as {user}. Go back to your MCP client.")
 
