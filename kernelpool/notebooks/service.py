@@ -103,6 +103,13 @@ class NotebookService:
     async def load(self, user: str, path: str) -> NotebookNode:
         return await asyncio.to_thread(self._load, user, path)
 
+    def peek(self, user: str, path: str) -> NotebookNode | None:
+        """The notebook as this server last read or wrote it, from memory only (no disk, no thread):
+        the web view's live updates, right after a change was published. None when it is not kept
+        (then `load`). Read-only, like `load`'s."""
+        cached = self._cache.get((user, path))
+        return cached[1] if cached is not None else None
+
     def _stamp(self, user: str, path: str) -> tuple[int, float] | None:
         """(size, mtime) of the notebook file, without following links; None when it is not a file."""
         try:

@@ -112,10 +112,11 @@ class LiveHub:
                     continue
                 await asyncio.sleep(_BATCH)
                 page.wake.clear()
-                for message in await self._updates(page):
-                    yield message
-                    if message.startswith(("event: reload", "event: gone")):
-                        return
+                messages = await self._updates(page)
+                if messages:
+                    yield "".join(messages)  # one write for the batch
+                if any(m.startswith(("event: reload", "event: gone")) for m in messages):
+                    return
         finally:
             page.streaming = False
             page.seen = time.monotonic()
@@ -147,7 +148,7 @@ class LiveHub:
 
     async def _cells(self, page: Page) -> str | None:
         """The `cells` event for what changed since the page was last sent its cells, or None."""
-        nb = await self._notebooks.load(page.user, page.path)
+        nb = self._notebooks.peek(page.user, page.path) or await self._notebooks.load(page.user, page.path)
         running = self._jobs.running_cells(page.user, page.path)
         order = [c.id for c in nb.cells]
         changed: dict[str, str] = {}
@@ -162,8 +163,13 @@ class LiveHub:
             del page.marks[gone]
         if not changed and order == page.order and running == page.running:
             return None
+        # cells added at the end (what agents mostly do) need no order: the page appends new cells
+        appended = order[:len(page.order)] == page.order
         page.order, page.running = order, running
-        return event("cells", {"order": order, "cells": changed, "running": sorted(running)})
+        message: dict[str, object] = {"cells": [[cid, html] for cid, html in changed.items()]}
+        if not appended:
+            message["order"] = order
+        return event("cells", message)
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - _KEEP

@@ -22,23 +22,27 @@
   source.addEventListener("error", function () { say("Live updates: reconnecting…"); });
 
   source.addEventListener("cells", function (e) {
+    // {cells: [[id, html], ...] changed or new (new ones in notebook order), order?: every id,
+    // sent only when cells were not just added at the end}
     var msg = JSON.parse(e.data);
-    Object.keys(msg.cells).forEach(function (id) {
-      var fresh = fromHtml(msg.cells[id]);
-      var old = byId(id);
+    msg.cells.forEach(function (pair) {
+      var fresh = fromHtml(pair[1]);
+      var old = byId(pair[0]);
       if (old) { old.replaceWith(fresh); } else { cells.appendChild(fresh); }
     });
-    var wanted = {};
-    msg.order.forEach(function (id, i) {
-      wanted[id] = true;
-      var el = byId(id);
-      if (el && cells.children[i] !== el) { cells.insertBefore(el, cells.children[i] || null); }
-    });
-    Array.prototype.slice.call(cells.children).forEach(function (el) {
-      if (!wanted[el.getAttribute("data-id")]) { el.remove(); }
-    });
+    if (msg.order) {
+      var wanted = {};
+      msg.order.forEach(function (id, i) {
+        wanted[id] = true;
+        var el = byId(id);
+        if (el && cells.children[i] !== el) { cells.insertBefore(el, cells.children[i] || null); }
+      });
+      Array.prototype.slice.call(cells.children).forEach(function (el) {
+        if (!wanted[el.getAttribute("data-id")]) { el.remove(); }
+      });
+    }
     var empty = document.getElementById("empty");
-    if (empty && msg.order.length) { empty.remove(); }
+    if (empty && cells.children.length) { empty.remove(); }
     say("Live updates: on · last change " + new Date().toLocaleTimeString());
   });
 
