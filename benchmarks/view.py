@@ -139,11 +139,11 @@ def _rerun(client: Any, path: str, session: int) -> Run:
         r = await client.call_tool("execute_cell", {"notebook": path, "cell_index": i})
         sc = r.structured_content or {}
         if r.is_error or sc.get("status") != "ok":
-            return Verdict(False, f"execute_cell: {texts(r)[:200]}")
+            return Verdict(ok=False, error=f"execute_cell: {texts(r)[:200]}")
         if sc.get("notebook") != path:
-            return Verdict(False, f"reply names notebook {sc.get('notebook')!r}, not {path!r}", crosstalk=True)
+            return Verdict(ok=False, error=f"reply names notebook {sc.get('notebook')!r}, not {path!r}", crosstalk=True)
         want = f"s{session} c{i}"
-        return Verdict(True) if texts(r).strip() == want else Verdict(False, f"reply {texts(r)[:80]!r}, wanted {want!r}")
+        return Verdict(ok=True) if texts(r).strip() == want else Verdict(ok=False, error=f"reply {texts(r)[:80]!r}, wanted {want!r}")
 
     return run
 
@@ -208,6 +208,57 @@ async def _on(srv: RunningServer, tokens: dict[str, str], users: list[str], path
     }
 
 
+def _notebook(cells: int) -> Any:
+    """A notebook as agents leave them: markdown, code with streams, a few errors and HTML tables."""
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    nb = new_notebook()
+    for i in range(cells):
+        if i % 3 == 0:
+            nb.cells.append(new_markdown_cell(f"## Step {i}\n\nSome *text*, `code`, a [link](https://example.org):\n\n- a\n- b\n"))
+            continue
+        outs = [new_output("stream", name="stdout", text=f"line {i}\n" * 20)]
+        if i % 7 == 0:
+            outs.append(new_output("error", ename="ValueError", evalue="bad",
+                                   traceback=["\x1b[0;31m---------\x1b[0m", "\x1b[0;31mValueError\x1b[0m: bad"]))
+        if i % 11 == 0:
+            outs.append(new_output("display_data", data={"text/html": "<table><tr><td>1</td></tr></table>", "text/plain": "t"}))
+        nb.cells.append(new_code_cell(f"for j in range(20):\n    print('line', {i})", execution_count=i, outputs=outs))
+    return nb
+
+
+def render_cost(cells: int = 600, repeat: int = 5) -> dict[str, Any]:
+    """The whole page's cells rendered by `kernelpool.web.render`, and by nbconvert's HTML exporter
+    (basic template) where nbconvert is installed (it is not a dependency): median seconds."""
+    import statistics
+
+    started = time.perf_counter()
+    from kernelpool.web import render
+    out: dict[str, Any] = {"cells": cells, "kernelpool_import_s": round(time.perf_counter() - started, 3)}
+    nb = _notebook(cells)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        html = "".join(render.cell(c) for c in nb.cells)
+        times.append(time.perf_counter() - t)
+    out.update(kernelpool_render_s=round(statistics.median(times), 3), kernelpool_html_bytes=len(html))
+    try:
+        started = time.perf_counter()
+        from nbconvert import HTMLExporter
+    except ImportError:
+        out["nbconvert"] = "not installed"
+        return out
+    out["nbconvert_import_s"] = round(time.perf_counter() - started, 3)
+    exporter = HTMLExporter(template_name="basic")
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        exporter.from_notebook_node(nb)
+        times.append(time.perf_counter() - t)
+    out["nbconvert_render_s"] = round(statistics.median(times), 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.view", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -216,10 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="pairs of rounds, without and with pages (3)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per round (8)")
     p.add_argument("--json", dest="json_path", help="also write the result here")
+    p.add_argument("--render", action="store_true", help="only the cost of rendering a notebook of 600 cells")
     p.add_argument("--reader", nargs=2, metavar=("BASE", "PAGES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reader:
         asyncio.run(read_pages(args.reader[0], [tuple(w) for w in json.loads(args.reader[1])]))
+        return 0
+
+    if args.render:
+        print(json.dumps(render_cost(), indent=2))
         return 0
 
     def log(text: str) -> None:

@@ -52,8 +52,8 @@ from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 from kernelpool.users.tokens import create_token
-from kernelpool.web.oauth import resource_metadata_route
 from kernelpool.web.live import LiveHub
+from kernelpool.web.oauth import resource_metadata_route
 from kernelpool.web.server import OAuthServer
 from kernelpool.web.view import ViewDeps, view_routes
 from sandbox import SafeRoot

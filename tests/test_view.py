@@ -440,7 +440,7 @@ async def test_a_flood_reaches_the_page_bounded(view_kp: KernelpoolServer, viewe
     await expect(alice.page.locator("#live-status")).to_have_text(re.compile("on"), timeout=5000)
     received.clear()
     start = time.monotonic()
-    r = await agent_call(view_kp, "alice", "execute_cell", {"notebook": "flood.ipynb", "cell_index": 0, "timeout": 120})
+    await agent_call(view_kp, "alice", "execute_cell", {"notebook": "flood.ipynb", "cell_index": 0, "timeout": 120})
     took = time.monotonic() - start
     cell = alice.page.locator("article.cell-code").first
     await expect(cell.locator(".prompt")).to_have_text("[1]", timeout=5000)

@@ -9,7 +9,7 @@ it sends its outputs so far (`JobService.live_outputs`, bounded). A flood costs 
 per output message, and the page at most one update per `_BATCH` seconds: each update is capped
 (`max_update_bytes`); past the cap the page is told to reload instead. A page's state outlives
 its stream for `_KEEP` seconds, so an EventSource that reconnects gets only what it missed.
-Callers: `kernelpool.web.view` (opens pages, serves their streams), the app (close).
+Callers: `kernelpool.web.view` (tracks pages, serves their streams), the app (close).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class LiveHub:
         self._closing = False
         self._stop = changes.subscribe(self._on_change)
 
-    def open(self, user: str, path: str, nb: NotebookNode, running: set[str]) -> Page:
+    def track(self, user: str, path: str, nb: NotebookNode, running: set[str]) -> Page:
         """A page rendered now from `nb`: later changes are sent relative to it."""
         self._expire()
         page = Page(secrets.token_urlsafe(18), user, path, running=set(running))

@@ -172,7 +172,7 @@ class NotebookPages(ViewBase):
         cells = [render.cell(c, running=c.id in running,
                              live=jobs.live_outputs(who.user, path, c.id, LIVE_CHARS) if c.id in running else None)
                  for c in nb.cells]
-        live = self.deps.hub.open(who.user, path, nb, running)
+        live = self.deps.hub.track(who.user, path, nb, running)
         kernel = self.deps.kernels.get(who.user, path)
         return self.show(who, "view_notebook.html", title=path, path=path, cells=cells, page_id=live.id,
                          kernel=kernel.state.value if kernel is not None else "no kernel")
