@@ -287,11 +287,19 @@ async def test_other_people_get_404_and_actions_need_owner_confirmation_and_csrf
     for path in ("/view/alice/notebooks", "/view/alice/notebooks/private/secret.ipynb",
                  "/view/alice/download/private/secret.ipynb", "/view/alice/kernels", "/view/alice/activity",
                  f"/view/alice/kernels/{kernel_id}/restart", f"/view/bob/kernels/{kernel_id}/restart",
-                 f"/view/events/{page_id}", "/view/operators", "/view/bob/notebooks/../alice/private/secret.ipynb",
+                 f"/view/events/{page_id}", "/view/operators", "/view/bob/notebooks/%2e%2e/alice/private/secret.ipynb",
+                 "/view/bob/notebooks/%2E%2E%2F%2E%2E%2Falice%2Fprivate%2Fsecret.ipynb", "/view/bob/download/..%2Fsecret.ipynb",
                  "/view/bob/notebooks/private/secret.ipynb"):
         r = await bob.context.request.get(bob.url(path), max_redirects=0)
         assert r.status == 404, (path, r.status)
         assert "secret" not in (await r.text()) or path.endswith("secret.ipynb") and "There is nothing" in await r.text()
+    r = await bob.context.request.get(bob.url("/view/bob/notebooks"), max_redirects=0)
+    assert r.status == 200
+    csp = r.headers["content-security-policy"]
+    for rule in ("default-src 'none'", "script-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"):
+        assert rule in csp
+    assert "unsafe" not in csp and r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff"
     bob_csrf = await _csrf(bob, "/view/bob/kernels")
     r = await bob.context.request.post(bob.url(f"/view/alice/kernels/{kernel_id}/restart"),
                                        form={"csrf": bob_csrf, "confirm": "yes"}, max_redirects=0)
@@ -416,6 +424,8 @@ async def test_operators_see_every_user_and_no_content(view_kp: KernelpoolServer
     await carol.page.screenshot(path=shot_path("operators.png"), full_page=True)
     r = await carol.context.request.get(carol.url("/view/bob/notebooks"), max_redirects=0)
     assert r.status == 404, "an operator sees no one's notebooks"
+    refused = view_kp.cli("users", "set-admin", "nobody", check=False)
+    assert refused.returncode == 2 and "nobody" in refused.stderr
     view_kp.cli("users", "set-admin", "carol", "--off")
     r = await carol.context.request.get(carol.url("/view/operators"), max_redirects=0)
     assert r.status == 404, "the flag is read on every request"

@@ -51,6 +51,7 @@ class Page:
     outputs: set[str] = field(default_factory=set)  # running cells whose outputs grew since
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     streaming: bool = False
+    evicted: bool = False  # dropped for a newer page of its user (`_PAGES_PER_USER`): its stream ends
     seen: float = field(default_factory=time.monotonic)
 
 
@@ -76,8 +77,11 @@ class LiveHub:
         page.order = [c.id for c in nb.cells]
         pages = self._pages.setdefault(user, OrderedDict())
         pages[page.id] = page
-        while len(pages) > _PAGES_PER_USER:
-            pages.popitem(last=False)
+        while len(pages) > _PAGES_PER_USER:  # the oldest page that no stream reads, else the oldest
+            oldest = next((p for p in pages.values() if not p.streaming), next(iter(pages.values())))
+            del pages[oldest.id]
+            oldest.evicted = True
+            oldest.wake.set()
         return page
 
     def page(self, user: str, page_id: str) -> Page | None:
@@ -107,6 +111,9 @@ class LiveHub:
                     await asyncio.wait_for(page.wake.wait(), _HEARTBEAT)
                 if self._closing:
                     break
+                if page.evicted:
+                    yield event("reload", {"message": "too many pages of yours are open: reload this one to go on"})
+                    return
                 if not page.wake.is_set():
                     yield ": idle\n\n"
                     continue

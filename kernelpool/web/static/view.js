@@ -19,7 +19,10 @@
   function byId(id) { return document.getElementById("cell-" + id); }
 
   source.addEventListener("open", function () { say("Live updates: on"); });
-  source.addEventListener("error", function () { say("Live updates: reconnecting…"); });
+  source.addEventListener("error", function () {
+    // a closed source does not retry (the page is unknown: the server restarted, or signed us out)
+    say(source.readyState === EventSource.CLOSED ? "Live updates stopped: reload the page." : "Live updates: reconnecting…");
+  });
 
   source.addEventListener("cells", function (e) {
     // {cells: [[id, html], ...] changed or new (new ones in notebook order), order?: every id,
