@@ -316,6 +316,9 @@ async def test_other_people_get_404_and_actions_need_owner_confirmation_and_csrf
         r = await anonymous.request.post(alice.url(f"/view/alice/kernels/{kernel_id}/restart"),
                                          form={"confirm": "yes"}, max_redirects=0)
         assert r.status == 303
+        for elsewhere in ("https://evil.example/x", "//evil.example/x", "/view/../mcp", "/view//evil.example"):
+            r = await anonymous.request.get(alice.url("/signin"), params={"next": elsewhere})
+            assert 'name="next" value="/view"' in await r.text(), "sign-in leads only into the view"
     finally:
         await anonymous.close()
     await _still(view_kp, "x", "41")

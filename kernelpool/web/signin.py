@@ -53,7 +53,8 @@ VIEW_HOME = "/view"
 def view_target(given: object) -> str:
     """Where a sign-in without an authorization request goes: a page of the web view named by
     `next`, else its home; never anywhere else (no open redirect)."""
-    if isinstance(given, str) and re.fullmatch(r"/view(/[A-Za-z0-9._~%/?=&+-]*)?", given) and "//" not in given:
+    if (isinstance(given, str) and re.fullmatch(r"/view(/[A-Za-z0-9._~%/?=&+-]*)?", given) and "//" not in given
+            and ".." not in given and not re.search(r"%(2e|2f|5c)", given, re.IGNORECASE)):
         return given
     return VIEW_HOME
 

@@ -40,6 +40,7 @@ from kernelpool.web.live import LIVE_CHARS, LiveHub
 from kernelpool.web.pages import HEADERS, page
 
 PAGE_SIZE = 50
+PAGE_BYTES = 32 * 1024 * 1024  # HTML of one notebook page at most
 # the view's pages run one script of the server's own (live updates) and show images from data:
 # URLs; still no inline script, no eval, no frames, no form posting elsewhere
 VIEW_HEADERS = HEADERS | {"Content-Security-Policy": (
@@ -85,6 +86,23 @@ def span(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def render_page(cells: list[nbformat.NotebookNode], running: set[str],
+                live: dict[str, list[nbformat.NotebookNode] | None]) -> list[str]:
+    """Every cell of a notebook page, up to `PAGE_BYTES` of HTML (a notebook file may hold up to
+    512 MB: past the budget the page says so and offers the download)."""
+    out: list[str] = []
+    size = 0
+    for i, c in enumerate(cells):
+        html = render.cell(c, running=c.id in running, live=live.get(c.id))
+        size += len(html)
+        if size > PAGE_BYTES:
+            out.append(f'<p class="notice" role="note">{len(cells) - i} more cells are not shown: this notebook is too '
+                       'large to show whole here. Download it to see all of it.</p>')
+            break
+        out.append(html)
+    return out
 
 
 class ViewBase:
@@ -169,9 +187,9 @@ class NotebookPages(ViewBase):
         path, nb = found
         jobs = self.deps.jobs
         running = jobs.running_cells(who.user, path)
-        cells = [render.cell(c, running=c.id in running,
-                             live=jobs.live_outputs(who.user, path, c.id, LIVE_CHARS) if c.id in running else None)
-                 for c in nb.cells]
+        live_outputs = {cid: jobs.live_outputs(who.user, path, cid, LIVE_CHARS) for cid in running}
+        # in a thread: a notebook of thousands of cells must not hold up everyone else's requests
+        cells = await asyncio.to_thread(render_page, list(nb.cells), running, live_outputs)
         live = self.deps.hub.track(who.user, path, nb, running)
         kernel = self.deps.kernels.get(who.user, path)
         return self.show(who, "view_notebook.html", title=path, path=path, cells=cells, page_id=live.id,
