@@ -164,7 +164,7 @@ class _Server:
         s = self.services
         if not (self.settings.oauth and self.settings.web_view):
             return None
-        return ViewDeps(settings=self.settings, store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
+        return ViewDeps(store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
                         jobs=s.jobs, kernels=s.kernels, sessions=s.sessions, users=s.users,
                         hub=LiveHub(s.notebooks.changes, s.notebooks, s.jobs))
 

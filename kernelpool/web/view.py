@@ -23,7 +23,6 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from kernelpool.config import Settings
 from kernelpool.errors import CorruptNotebook, KernelpoolError, NotebookNotFound
 from kernelpool.executions.jobs import JobService
 from kernelpool.kernels.registry import KernelRegistry
@@ -62,7 +61,6 @@ class Person:
 class ViewDeps:
     """What the view's pages read, built once by the app."""
 
-    settings: Settings
     store: Store
     browsers: Browsers
     notebooks: NotebookService
