@@ -270,6 +270,17 @@ async def test_hostile_outputs_run_nothing(view_kp: KernelpoolServer, viewer: An
         await _assert_nothing_ran(alice, listener)
         await alice.page.reload()  # and rendered by the server
         await _assert_nothing_ran(alice, listener)
+        # a kernel names files too: a notebook whose name is markup is listed and shown as text
+        name = "<img src=x onerror=alert('name')>\"'.ipynb"
+        await agent_call(view_kp, "alice", "execute_code", {
+            "notebook": "hostile.ipynb", "code": f"import shutil; shutil.copy('hostile.ipynb', {name!r})"})
+        await alice.page.goto(alice.url("/view/alice/notebooks"))
+        link = alice.page.get_by_role("link", name=name, exact=True)
+        await link.click()
+        await alice.page.get_by_role("heading", name=name, exact=True).wait_for()
+        await expect(alice.page.locator("article.cell")).to_have_count(5, timeout=3000)
+        await asyncio.sleep(0.5)
+        assert alice.dialogs == [] and listener.hits == []
     finally:
         listener.close()
 
