@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -328,8 +329,11 @@ async def test_other_people_get_404_and_actions_need_owner_confirmation_and_csrf
                                          form={"confirm": "yes"}, max_redirects=0)
         assert r.status == 303
         for elsewhere in ("https://evil.example/x", "//evil.example/x", "/view/../mcp", "/view//evil.example"):
-            r = await anonymous.request.get(alice.url("/signin"), params={"next": elsewhere})
-            assert 'name="next" value="/view"' in await r.text(), "sign-in leads only into the view"
+            page = await anonymous.new_page()
+            await page.goto(alice.url("/signin?" + urllib.parse.urlencode({"next": elsewhere})))
+            await browser.sign_in_with_token(page, "", "alice", view_kp.tokens["alice"])
+            await page.wait_for_url(alice.url("/view/alice/notebooks"))  # the view's home, not `next`
+            await anonymous.clear_cookies()
     finally:
         await anonymous.close()
     await _still(view_kp, "x", "41")

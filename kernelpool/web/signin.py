@@ -48,6 +48,7 @@ class Web:
 
 
 VIEW_HOME = "/view"
+VIEW_NEXT = "view_next"  # the browser's scratch key: the view's page a sign-in without a request leads to
 
 
 def view_target(given: object) -> str:
@@ -65,8 +66,8 @@ def redirect(url: str, cookie: str | None, browsers: Browsers) -> Response:
     return response
 
 
-def client_label(pending: Pending) -> str:
-    return pending.client_name or pending.client_id
+def client_label(pending: Pending | None) -> str | None:
+    return None if pending is None else pending.client_name or pending.client_id
 
 
 class SignIn:
@@ -90,7 +91,8 @@ class SignIn:
             target = view_target(request.query_params.get("next"))
             if await web.browsers.signed_in(browser):
                 return redirect(target, cookie, web.browsers)
-            return self._page(cookie, "signin.html", title="Sign in", client=None, txn="", next=target,
+            browser.scratch[VIEW_NEXT] = target  # where any way of signing in leads, back in this browser
+            return self._page(cookie, "signin.html", title="Sign in", client=None, txn="",
                               csrf=browser.csrf, error=None, user=None)
         pending = web.pending.claim(txn, browser.key)
         if pending is None:
@@ -121,13 +123,13 @@ class SignIn:
             web.user_throttle.failed(user, "wrong token at sign-in")
             await web.grants.audit(user if verdict.user == user else None, "signin", "refused",
                                    f"token: no such user with that token (user name given: {user[:64]!r})")
-            return self._page(cookie, "signin.html", 401, title="Sign in", client=client_label(pending) if pending else None,
-                              txn=txn, next=view_target(form.get("next")), csrf=browser.csrf, user=user,
+            return self._page(cookie, "signin.html", 401, title="Sign in", client=client_label(pending), txn=txn,
+                              csrf=browser.csrf, user=user,
                               error="That user name and token do not match a kernelpool user.")
         web.browsers.sign_in(browser, user, verdict.uid)
         await web.grants.audit(user, "signin", "ok", "token")
         if pending is None:
-            return redirect(view_target(form.get("next")), cookie, web.browsers)
+            return self.after_sign_in(browser, cookie, user)
         return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, web.browsers)
 
     async def link_page(self, request: Request) -> Response:
@@ -162,7 +164,7 @@ class SignIn:
         if txn is not None:
             return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, self.web.browsers)
         if self.web.settings.web_view:
-            return redirect(VIEW_HOME, cookie, self.web.browsers)
+            return redirect(view_target(browser.scratch.pop(VIEW_NEXT, None)), cookie, self.web.browsers)
         return self._page(cookie, "message.html", title="Signed in",
                           text=f"You are signed in to kernelpool as {user}. Go back to your MCP client.")
 
