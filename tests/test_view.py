@@ -395,7 +395,7 @@ async def test_lists_activity_and_screenshots(view_kp: KernelpoolServer, viewer:
     assert names[0] == "plots.ipynb", "the last changed first"
     assert {"analysis/sales.ipynb", "scratch.ipynb", "live.ipynb"} <= set(names)
     await page.screenshot(path=shot_path("notebooks.png"), full_page=True)
-    await page.get_by_role("link", name="name").click()
+    await page.get_by_role("link", name="name", exact=True).click()
     assert (await page.locator("tbody tr td:first-child").all_inner_texts()) == sorted(names)
     await page.goto(alice.url("/view/alice/notebooks/plots.ipynb"))
     image = page.locator("img.output-image")
