@@ -32,7 +32,9 @@ from kernelpool.notebooks.encoding import Mark, fingerprint, same
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.web import render
 
-_BATCH = 0.05  # seconds a stream waits after a wake-up for more changes to come with it
+# seconds a stream waits after a wake-up for more changes to come with it: at most 5 writes a
+# second per page (each write to a socket on the same host cost about as much as the update itself)
+_BATCH = 0.2
 _HEARTBEAT = 15.0  # seconds between comments on an idle stream (proxies close silent ones)
 _KEEP = 300.0  # seconds a page's state is kept after its stream ended (a reconnect resumes it)
 _PAGES_PER_USER = 50  # open pages kept per user; the oldest are forgotten first
