@@ -319,6 +319,9 @@ async def test_other_people_get_404_and_actions_need_owner_confirmation_and_csrf
     r = await alice.context.request.post(alice.url(f"/view/alice/kernels/{kernel_id}/restart"),
                                          form={"confirm": "yes"}, max_redirects=0)
     assert r.status == 403, "no CSRF token, nothing done"
+    r = await alice.context.request.post(alice.url(f"/view/alice/kernels/{kernel_id}/restart"),
+                                         form={"csrf": await _csrf(alice, "/view/alice/kernels")}, max_redirects=0)
+    assert r.status == 400, "not confirmed, nothing done"
     await _still(view_kp, "x", "41")
     # signed out: sent to sign in, and nothing is shown
     anonymous = await alice.context.browser.new_context()
