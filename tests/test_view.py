@@ -10,6 +10,7 @@ Screenshots go to artifacts/screenshots/ (git-ignored; CI keeps them as artifact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import os
 import re
@@ -480,3 +481,45 @@ async def test_a_flood_reaches_the_page_bounded(view_kp: KernelpoolServer, viewe
     print(f"flood: {sent} bytes reached the page while the cell ran {took:.1f} s")
     # 40 MB produced; at most 5 updates a second of at most 64 K characters each reach the page
     assert sent < (took + 2) * 5 * 70_000 and sent < 40_000_000 / 10, (sent, took)
+
+
+async def test_a_person_s_pages_are_bounded(view_kp: KernelpoolServer) -> None:
+    """Past 50 open pages of one person the server forgets the oldest no stream reads, else the
+    oldest, whose stream is told to reload and ends: a person (or a script with their cookie)
+    cannot make the server hold pages without end."""
+    import httpx2
+
+    await agent_call(view_kp, "bob", "use_notebook", {"notebook": "many.ipynb", "mode": "create"})
+    limits = httpx2.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx2.AsyncClient(base_url=view_kp.base, timeout=httpx2.Timeout(30, read=30), limits=limits) as http:
+        form = await http.get("/signin", params={"next": "/view"})
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+        r = await http.post("/signin", data={"csrf": csrf, "txn": "", "user": "bob", "token": view_kp.tokens["bob"]})
+        assert r.status_code == 303 and r.headers["location"] == "/view"
+
+        async def open_page() -> str:
+            r = await http.get("/view/bob/notebooks/many.ipynb")
+            return re.search(r'data-events="(/view/events/[^"]+)"', r.text).group(1)  # type: ignore[union-attr]
+
+        async with contextlib.AsyncExitStack() as stack:
+            streams = []
+            for _ in range(50):  # 50 pages, each read by a stream
+                stream = await stack.enter_async_context(http.stream("GET", await open_page()))
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "retry: 2000"
+                streams.append(lines)
+            unread = await open_page()  # the 51st: the oldest page is dropped, though read
+            first = [line async for line in _lines_within(streams[0], 10)]
+            assert "event: reload" in first and "too many pages" in "".join(first), first
+            await open_page()  # the 52nd: the one no stream reads goes first
+            assert (await http.get(unread)).status_code == 404
+            assert [line async for line in _lines_within(streams[1], 0.5) if line] == [], "the read pages stay"
+
+
+async def _lines_within(lines: Any, seconds: float) -> AsyncIterator[str]:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            yield await asyncio.wait_for(anext(lines), left)
+        except (StopAsyncIteration, TimeoutError):
+            return

@@ -79,8 +79,9 @@ class LiveHub:
         page.order = [c.id for c in nb.cells]
         pages = self._pages.setdefault(user, OrderedDict())
         pages[page.id] = page
-        while len(pages) > _PAGES_PER_USER:  # the oldest page that no stream reads, else the oldest
-            oldest = next((p for p in pages.values() if not p.streaming), next(iter(pages.values())))
+        while len(pages) > _PAGES_PER_USER:  # the oldest other page that no stream reads, else the oldest
+            others = [p for p in pages.values() if p is not page]
+            oldest = next((p for p in others if not p.streaming), others[0])
             del pages[oldest.id]
             oldest.evicted = True
             oldest.wake.set()
