@@ -126,7 +126,7 @@ class _Server:
         notices = Notices(settings.session_idle_timeout)
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
         jobs = JobService(settings, kernels, notebooks, users, metrics, changes=changes)
-        changes.subscribe(_resource_updates(notices))
+        changes.subscribe(_to_sessions(notices))
         return Services(
             settings=settings, store=store, users=users, notebooks=notebooks,
             workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
@@ -256,16 +256,25 @@ class _Server:
             await asyncio.sleep(0.2)  # let the messages reach the streams before they close
 
 
-def _resource_updates(notices: Notices) -> Callable[[Change], None]:
-    """A saved notebook is an updated resource for the MCP sessions of its user that subscribed to it
-    (sent from a task of its own: a change listener only notes the change)."""
+def _to_sessions(notices: Notices) -> Callable[[Change], None]:
+    """What MCP sessions hear of the change stream: a saved notebook is an updated resource for the
+    sessions of its user that subscribed to it; a kernel a person interrupted or restarted in the web
+    view is a notice to all of that user's sessions (sent from a task of their own: a change
+    listener only notes the change)."""
     sending: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
 
     def on_change(change: Change) -> None:
         if change.kind == "saved":
-            task = asyncio.get_running_loop().create_task(notices.resource_updated(change.user, notebook_uri(change.path)))
-            sending.add(task)
-            task.add_done_callback(sending.discard)
+            send = notices.resource_updated(change.user, notebook_uri(change.path))
+        elif change.kind in ("interrupted", "restarted"):
+            gone = ": its variables are gone" if change.kind == "restarted" else ""
+            send = notices.to_user(change.user, "notice", f"the kernel of {change.path} was {change.kind} by you "
+                                   f"in the web view{gone}", {"notebook": change.path})
+        else:
+            return
+        task = asyncio.get_running_loop().create_task(send)
+        sending.add(task)
+        task.add_done_callback(sending.discard)
 
     return on_change
 

@@ -26,9 +26,11 @@ import pytest_asyncio
 from testkit import browser
 from testkit.client import mcp_client, text
 from testkit.server import KernelpoolServer, make_data_dir, server_env
+from tests.test_resources import Heard, client
 
 pytestmark = [
     pytest.mark.skipif(browser.missing() is not None, reason=f"browser tests: {browser.missing()}"),
+    pytest.mark.filterwarnings("ignore::mcp.MCPDeprecationWarning"),  # log messages: see tests/test_resources.py
     pytest.mark.asyncio(loop_scope="module"),
 ]
 
@@ -377,12 +379,16 @@ async def test_interrupt_stops_a_running_cell(view_kp: KernelpoolServer, viewer:
                                                          "background": True})
     execution = r.structured_content["execution_id"]
     bob = await viewer("bob")
-    await bob.page.goto(bob.url("/view/bob/kernels"))
-    await bob.page.get_by_role("link", name="Interrupt the kernel of loop.ipynb").click()
-    await bob.page.get_by_role("button", name="Yes, interrupt it").click()
-    await bob.page.get_by_text("Interrupt: done").wait_for()
-    r = await agent_call(view_kp, "bob", "get_execution", {"execution_id": execution, "wait": 10})
-    assert r.structured_content["status"] == "error" and "KeyboardInterrupt" in text(r), text(r)
+    heard = Heard()
+    async with client(view_kp, "bob", heard) as agent:  # an agent's session hears what the person did
+        await agent.call_tool("list_kernels", {})
+        await bob.page.goto(bob.url("/view/bob/kernels"))
+        await bob.page.get_by_role("link", name="Interrupt the kernel of loop.ipynb").click()
+        await bob.page.get_by_role("button", name="Yes, interrupt it").click()
+        await bob.page.get_by_text("Interrupt: done").wait_for()
+        r = await agent.call_tool("get_execution", {"execution_id": execution, "wait": 10})
+        assert r.structured_content["status"] == "error" and "KeyboardInterrupt" in text(r), text(r)
+        await heard.wait_for("the kernel of loop.ipynb was interrupted by you in the web view")
 
 
 async def test_lists_activity_and_screenshots(view_kp: KernelpoolServer, viewer: Any) -> None:

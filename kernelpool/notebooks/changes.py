@@ -2,7 +2,8 @@
 
 `NotebookService` publishes `saved` after each write; the execution jobs publish `running`,
 `output` (the cell's outputs grew; the job holds them, see `JobService.live_outputs`) and
-`finished` for a saved cell. Listeners are plain functions called in the publisher's task, so
+`finished` for a saved cell; the web view publishes `interrupted` and `restarted` when a person
+stops or restarts a kernel there (the MCP layer then tells that user's sessions). Listeners are plain functions called in the publisher's task, so
 they must only note the change and return: the MCP layer's resource updates and the web view's
 open pages (`kernelpool.web.live`) both start their own work elsewhere. Every change carries
 its user: a listener keys by it first and never shows one user's change to another.
@@ -22,7 +23,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["saved", "running", "output", "finished"]
+Kind = Literal["saved", "running", "output", "finished", "interrupted", "restarted"]
 
 
 @dataclass(frozen=True, slots=True)

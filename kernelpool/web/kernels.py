@@ -18,6 +18,7 @@ from starlette.responses import RedirectResponse, Response
 
 from kernelpool.errors import KernelpoolError, fmt_bytes
 from kernelpool.kernels.kernel import Kernel
+from kernelpool.notebooks.changes import Change
 from kernelpool.users import activity
 from kernelpool.web.pages import message
 from kernelpool.web.view import Person, ViewBase, span
@@ -106,6 +107,7 @@ class KernelPages(ViewBase):
                                         (time.monotonic() - start) * 1000, detail, client="web view")
         if outcome != "ok":
             return self.show(who, "message.html", 409, title=f"{ACTIONS[action]} failed", text=detail)
+        self.deps.notebooks.changes.publish(Change(who.user, notebook, "interrupted" if action == "interrupt" else "restarted"))
         target = f"/view/{urllib.parse.quote(who.user)}/kernels?done={action}&notebook={urllib.parse.quote(notebook)}"
         return RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
 
