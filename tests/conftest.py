@@ -47,7 +47,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: object) -> None:
-    """Name the screenshots the browser tests wrote (tests/test_view.py), for CI to keep as artifacts."""
+    """Name the screenshots the browser tests wrote (tests/test_web_view.py), for CI to keep as artifacts."""
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "screenshots")
     written = sorted(f for f in os.listdir(folder) if os.path.getmtime(os.path.join(folder, f)) >= _STARTED) \
         if os.path.isdir(folder) else []

@@ -1,6 +1,6 @@
 """The web view's renderer on its own (kernelpool/web/render.py): hostile markup leaves nothing
 that can run or fetch, terminal colours survive as classes, images only from valid base64.
-The browser tests (tests/test_view.py) check the same in Chromium; these pin the details."""
+The browser tests (tests/test_web_view.py) check the same in Chromium; these pin the details."""
 
 from __future__ import annotations
 
