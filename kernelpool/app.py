@@ -50,6 +50,7 @@ from kernelpool.metrics import Metrics, gauge
 from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.quota import DiskQuota
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store
@@ -58,8 +59,10 @@ from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 from kernelpool.users.tokens import create_token
+from kernelpool.web.live import LiveHub
 from kernelpool.web.oauth import resource_metadata_route
 from kernelpool.web.server import OAuthServer
+from kernelpool.web.view import ViewDeps, view_routes
 from sandbox import SafeRoot, prepare_dir
 from sandbox.limits import parse_memory
 
@@ -119,6 +122,7 @@ class _Server:
         self.throttle = AuthThrottle(settings.auth_failures_before_backoff, settings.auth_failure_window,
                                      settings.auth_backoff, settings.trusted_proxies)
         self.oauth = OAuthServer(settings, self.services.store, self.services.users, self.throttle, self.url)
+        self.view = self._view()
         self.mcp, self.mcp_app = self._mcp()
         metrics.add_gauges(lambda: _live_gauges(self.services))
 
@@ -132,9 +136,10 @@ class _Server:
             uid, gid = users.owner(user)
             return SafeRoot(users.folder(user), uid, gid)
 
+        changes = Changes()
         quota = DiskQuota(root_of, settings.user_disk_quota_bytes, max_age=settings.user_disk_recount)
         notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check,
-                                    quota=quota)
+                                    quota=quota, changes=changes)
         files = FileService(root_of, self.files, notebooks, quota, settings.max_file_bytes, disk_check=self.disk.check)
         # the kernelspecs users may choose, read once (a missing or unreachable one stops the server here)
         specs = KernelSpecs.find(settings.kernelspecs, check_reachable=blocked_for_others if self.iso.sandboxed else None)
@@ -152,8 +157,8 @@ class _Server:
                                  specs=specs, spec_of=spec_of)
         notices = Notices(settings.session_idle_timeout)
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
-        jobs = JobService(settings, kernels, notebooks, users, metrics)
-        notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
+        jobs = JobService(settings, kernels, notebooks, users, metrics, changes=changes)
+        changes.subscribe(_to_sessions(notices))
         kernels.listeners.append(lambda user, notebook, cause: _tell_stopped(notices, user, notebook, cause))
         return Services(
             settings=settings, store=store, users=users, notebooks=notebooks, files=files,
@@ -187,10 +192,19 @@ class _Server:
         manager.asgi_app = SessionGate(manager.asgi_app, services.sessions)  # type: ignore[assignment]
         return mcp, mcp_app
 
+    def _view(self) -> ViewDeps | None:
+        """The read-only web view, where it is on (it signs people in with the OAuth server's pages)."""
+        s = self.services
+        if not (self.settings.oauth and self.settings.web_view):
+            return None
+        return ViewDeps(store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
+                        jobs=s.jobs, kernels=s.kernels, sessions=s.sessions, users=s.users,
+                        hub=LiveHub(s.notebooks.changes, s.notebooks, s.jobs))
+
     def auth_routes(self) -> list[BaseRoute]:
-        """The authorization server, its pages and the protected-resource metadata at the root path."""
+        """The authorization server, its pages, the web view and the protected-resource metadata at the root path."""
         root = resource_metadata_route(f"{self.url}/mcp", self.url, "/.well-known/oauth-protected-resource")
-        return [root, *self.oauth.routes()]
+        return [root, *self.oauth.routes(), *(view_routes(self.view) if self.view is not None else [])]
 
     async def healthz(self, request: Request) -> Response:
         services, store = self.services, self.services.store
@@ -271,6 +285,8 @@ class _Server:
     async def before_shutdown(self) -> None:
         """Called by `cli` when the server starts to shut down, while clients' streams are still open
         (they end when this returns)."""
+        if self.view is not None:
+            self.view.hub.close()  # open pages' streams end now: uvicorn waits for every open response
         events = self.services.events
         after = events.last_seq if events is not None else 0
         sent = await self.services.notices.to_everyone("warning", "the server is shutting down; running executions end with it")
@@ -289,6 +305,29 @@ def _tell_stopped(notices: Notices, user: str, notebook: str, cause: str) -> Non
     it as they hear of a kernel that died during a call (kernelpool/mcp/execution.py)."""
     text = f"the kernel of {notebook} died: {cause}; the next call starts a fresh one"
     asyncio.get_running_loop().create_task(notices.to_user(user, "error", text, {"notebook": notebook}))
+
+
+def _to_sessions(notices: Notices) -> Callable[[Change], None]:
+    """What MCP sessions hear of the change stream: a saved notebook is an updated resource for the
+    sessions of its user that subscribed to it; a kernel a person interrupted or restarted in the web
+    view is a notice to all of that user's sessions (sent from a task of their own: a change
+    listener only notes the change)."""
+    sending: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
+
+    def on_change(change: Change) -> None:
+        if change.kind == "saved":
+            send = notices.resource_updated(change.user, notebook_uri(change.path))
+        elif change.kind in ("interrupted", "restarted"):
+            gone = ": its variables are gone" if change.kind == "restarted" else ""
+            send = notices.to_user(change.user, "notice", f"the kernel of {change.path} was {change.kind} by you "
+                                   f"in the web view{gone}", {"notebook": change.path})
+        else:
+            return
+        task = asyncio.get_running_loop().create_task(send)
+        sending.add(task)
+        task.add_done_callback(sending.discard)
+
+    return on_change
 
 
 def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | None:

@@ -23,6 +23,7 @@ from pydantic import BeforeValidator
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError, fmt_bytes
+from kernelpool.users import admins
 from sandbox.errors import SandboxError
 
 if TYPE_CHECKING:  # imported where they are used: `kernelpool --help` stays quick
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(users, "login-link", "print a one-time link that signs NAME in at the browser (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--base-url", help="the server's URL as people reach it (default: public_url, else http://HOST:PORT)")
+    admins.add_command(users, _command)
     p = _command(users, "set-limits", "override a user's limits (per kernel, and for all its kernels)")
     p.add_argument("name")
     for option, name in LIMIT_OPTIONS.items():
@@ -159,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "users": _users, "tokens": _tokens, "audit": _audit, "doctor": _doctor,
         }[args.command]
         return asyncio.run(handler(args))
-    except KernelpoolError as exc:
-        _err(f"kernelpool: {exc}")
-        return 2
-    except (ValueError, FileNotFoundError, SandboxError) as exc:
+    except (KernelpoolError, ValueError, FileNotFoundError, SandboxError) as exc:
         _err(f"kernelpool: {exc}")
         return 2
 
@@ -281,6 +280,8 @@ async def _users(args: argparse.Namespace) -> int:
             secret = await GrantStore(store).create_link(args.name, settings.login_link_ttl)
             _err(f"a sign-in link for {args.name}, valid once for {settings.login_link_ttl:g} s, follows on stdout")
             print(f"{(args.base_url or base_url(settings)).rstrip('/')}/login/{secret}")
+        elif args.action == "set-admin":
+            _err(await admins.set_admin(store, args.name, on=not args.off))
         elif args.action == "set-limits":
             given = {k: getattr(args, k) for k in LIMIT_OPTIONS.values()}
             if all(v is None for v in given.values()):

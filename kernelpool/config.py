@@ -211,6 +211,8 @@ class Settings(BaseSettings):
     # kernelpool as its own OAuth 2.1 authorization server (kernelpool/mcp/oauth.py, kernelpool/web/)
     oauth: bool = True
     """be an OAuth 2.1 authorization server, so that clients sign people in through the browser (pasted tokens work either way)"""
+    web_view: bool = True
+    """serve the read-only web view at /view: people watch their notebooks and kernels live (needs oauth, for its sign-in)"""
     oauth_access_token_ttl: PositiveFloat = 3600.0
     """seconds an OAuth access token is valid"""
     oauth_refresh_token_ttl: PositiveFloat = 30 * 86400.0

@@ -79,6 +79,7 @@ class UserRow:
     created_at: float
     limits: dict[str, Any]
     reissued: bool = False  # the name had an account before: this one is named after its uid
+    admin: bool = False  # an operator: sees the operators' page of the web view (`users set-admin`)
 
 
 @dataclass(frozen=True)
@@ -319,12 +320,12 @@ class Store:
     # audit
     async def audit(
         self, user: str | None, tool: str, notebook: str | None, outcome: str, duration_ms: float,
-        detail: str | None = None,
+        detail: str | None = None, *, client: str | None = None,
     ) -> None:
         """Record one tool call. Rows are written in batches a moment later, off the request's path;
         while writes fail (a full disk) they stay queued and are retried; `flush_audit` (and `close`)
         write what is pending."""
-        self._audit_rows.append((time.time(), user, tool, notebook, outcome, duration_ms, detail))
+        self._audit_rows.append((time.time(), user, tool, notebook, outcome, duration_ms, detail, client))
         excess = len(self._audit_rows) - self._audit_queue_max
         if excess > 0:
             for _ in range(excess):
@@ -363,7 +364,7 @@ class Store:
         dropped_before = self.audit_dropped
         try:
             await self._db.executemany(
-                "INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail, client) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             await self._db.commit()
@@ -396,4 +397,5 @@ class Store:
 
 
 def _user(row: aiosqlite.Row) -> UserRow:
-    return UserRow(row["name"], row["uid"], row["gid"], row["created_at"], json.loads(row["limits"]), bool(row["reissued"]))
+    return UserRow(row["name"], row["uid"], row["gid"], row["created_at"], json.loads(row["limits"]), bool(row["reissued"]),
+                   bool(row["admin"]))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from testkit.server import KernelpoolServer, make_data_dir, sandbox_reason, server_env
 
 SANDBOX_SKIP = sandbox_reason()
+_STARTED = time.time()
 METRICS_TOKEN = "test-metrics-token"
 
 
@@ -53,3 +55,12 @@ def docker_engine() -> Iterator[None]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"kernelpool sandbox: {'on' if SANDBOX_SKIP is None else 'OFF (' + SANDBOX_SKIP + ')'}; euid={os.geteuid()}"
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """Name the screenshots the browser tests wrote (tests/test_web_view.py), for CI to keep as artifacts."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "screenshots")
+    written = sorted(f for f in os.listdir(folder) if os.path.getmtime(os.path.join(folder, f)) >= _STARTED) \
+        if os.path.isdir(folder) else []
+    if written:
+        terminalreporter.write_line(f"screenshots: {folder}: {', '.join(written)}")  # type: ignore[attr-defined]

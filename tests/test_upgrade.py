@@ -29,6 +29,7 @@ import pytest
 from kernelpool import schema
 from kernelpool import store as store_module
 from kernelpool.schema import MIGRATIONS
+from kernelpool.errors import UserNotFound
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
 from testkit.client import mcp_client
@@ -302,3 +303,32 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(fixed)
     db.close()
+
+
+async def test_a_version_4_database_gets_operators_and_audit_clients(tmp_path: Path) -> None:
+    """Migration 5 (the web view): users keep everything and are not operators until set; audit
+    rows keep theirs, with no client named; new rows name their client."""
+    from kernelpool.users import activity, admins
+
+    path = tmp_path / "kernelpool.db"
+    with sqlite3.connect(path) as db:
+        for statement in (statement for version in schema.MIGRATIONS[:4] for statement in version):
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 4")
+        db.execute("INSERT INTO users(name, uid, gid, created_at, limits) VALUES ('alice', 63201, 63201, 1.0, '{\"kernel_cpus\": 1}')")
+        db.execute("INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms) VALUES (1.0, 'alice', 'read_cell', 'a.ipynb', 'ok', 3)")
+    db.close()
+    store = await Store(path).open()
+    try:
+        row = await store.get_user("alice")
+        assert row is not None and not row.admin and row.limits == {"kernel_cpus": 1}
+        assert await admins.set_admin(store, "alice", on=True) == "alice is now an operator (the web view's operators' page)"
+        assert await admins.is_admin(store, "alice")
+        with pytest.raises(UserNotFound):
+            await admins.set_admin(store, "nobody", on=True)
+        await store.audit("alice", "execute_cell", "a.ipynb", "ok", 5.0, client="mcp 0.1.0")
+        await store.flush_audit()
+        rows = await activity.recent(store, "alice")
+        assert [(r.tool, r.client) for r in rows] == [("execute_cell", "mcp 0.1.0"), ("read_cell", None)]
+    finally:
+        await store.close()

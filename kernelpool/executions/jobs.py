@@ -18,15 +18,19 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
+
+from nbformat import NotebookNode
 
 from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
 from kernelpool.executions.execute import ExecutionResult, Progress, execute
-from kernelpool.executions.outputs import OutputLimits, outputs_size
+from kernelpool.executions.outputs import OutputLimits, Outputs, outputs_size
 from kernelpool.kernels.kernel import Kernel, KernelState
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import cells
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.users.accounts import UserService
 
@@ -62,6 +66,7 @@ class Job:
     task: asyncio.Task[None] | None = None
     size: int = 0  # bytes its finished result holds in memory (background jobs)
     save_error: str | None = None  # why the outputs could not be saved in the notebook
+    live: Outputs | None = None  # its outputs so far, while it runs (`JobService.live_outputs`)
 
     @property
     def done(self) -> bool:
@@ -75,8 +80,9 @@ class Job:
 
 class JobService:
     def __init__(self, settings: Settings, kernels: KernelRegistry, notebooks: NotebookService,
-                 users: UserService, metrics: Metrics) -> None:
+                 users: UserService, metrics: Metrics, *, changes: Changes | None = None) -> None:
         self._settings = settings
+        self._changes = changes or Changes()
         self._kernels = kernels
         self._notebooks = notebooks
         self._users = users
@@ -142,6 +148,27 @@ class JobService:
     def of_user(self, user: str) -> list[Job]:
         return [j for j in self._jobs.values() if j.user == user]
 
+    def running_cells(self, user: str, notebook: str) -> set[str]:
+        """Ids of the saved cells of a notebook that run now (the web view marks them)."""
+        return {j.cell_id for j in self._jobs.values()
+                if j.user == user and j.notebook == notebook and not j.done and j.cell_id is not None}
+
+    def live_outputs(self, user: str, notebook: str, cell_id: str, max_chars: int) -> list[NotebookNode] | None:
+        """A bounded copy of a running cell's outputs so far (`Outputs.preview`); None when it does not run."""
+        for job in self._jobs.values():
+            if job.user == user and job.notebook == notebook and job.cell_id == cell_id and not job.done:
+                return job.live.preview(max_chars) if job.live is not None else []
+        return None
+
+    def _on_output(self, job: Job, outputs: Outputs) -> None:
+        job.live = outputs
+        if job.cell_id is not None and self._changes.watched(job.user):
+            self._changes.publish(Change(job.user, job.notebook, "output", job.cell_id))
+
+    def _tell(self, job: Job, kind: Literal["running", "finished"]) -> None:
+        if job.cell_id is not None:
+            self._changes.publish(Change(job.user, job.notebook, kind, job.cell_id))
+
     async def cancel(self, job: Job) -> None:
         job.cancelled = True
         if job.kernel is not None and not job.done:
@@ -181,6 +208,8 @@ class JobService:
         finally:
             job.state = JobState.FAILED if job.error is not None else JobState.FINISHED
             job.finished_at = time.time()
+            job.live = None
+            self._tell(job, "finished")
             if job.background:
                 self._hold(job)
 
@@ -193,11 +222,13 @@ class JobService:
             kernel.transition(KernelState.BUSY)
             kernel.executions += 1
             ooms = kernel.cgroup.oom_kills() if kernel.cgroup is not None else 0
+            self._tell(job, "running")
             try:
                 result = await execute(kernel, code, timeout, functools.partial(self._kernels.interrupt, kernel),
                                        self.limits, progress=job.report,
                                        progress_interval=self._settings.progress_interval,
-                                       store_history=store_history)
+                                       store_history=store_history,
+                                       on_output=functools.partial(self._on_output, job))
                 if result.status == "died":
                     result.message = await self._kernels.mark_dead(kernel)
                 elif kernel.cgroup is not None and kernel.cgroup.oom_kills() > ooms and result.message is None:

@@ -132,6 +132,17 @@ async def _run(s: Services, tool: Tool, ctx: Context, arguments: dict[str, Any])
         notebook = arguments.get("notebook")
         try:
             await s.store.audit(user, tool.name, notebook if isinstance(notebook, str) else None,
-                                outcome, duration, clean_text(detail) if detail is not None else None)
+                                outcome, duration, clean_text(detail) if detail is not None else None,
+                                client=_client_name(ctx))
         except Exception as exc:  # an audit write must not turn a result into a failure
             log.warning("audit write failed: %s", exc)
+
+
+def _client_name(ctx: Context) -> str | None:
+    """The calling client as it named itself (clientInfo, in `initialize` or the request's envelope)."""
+    try:
+        params = ctx.session.client_params
+    except Exception:  # no session on this request (the SDK raises outside a request)
+        return None
+    info = params.client_info if params is not None else None
+    return f"{info.name} {info.version}"[:120] if info is not None else None

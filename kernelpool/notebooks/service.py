@@ -15,7 +15,7 @@ import errno
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import nbformat
@@ -33,6 +33,7 @@ from kernelpool.errors import (
     PathRefused,
 )
 from kernelpool.notebooks import cells, listing
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, file_bytes, fingerprint, same
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.listing import Listing
@@ -82,7 +83,8 @@ class NotebookService:
     """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
 
     def __init__(self, roots: Callable[[str], SafeRoot], files: FileWork, max_bytes: int,
-                 disk_check: Callable[[str], None] | None = None, quota: DiskQuota | None = None) -> None:
+                 disk_check: Callable[[str], None] | None = None, quota: DiskQuota | None = None,
+                 changes: Changes | None = None) -> None:
         self._roots = roots
         self._quota = quota  # user_disk_quota: a save that grows a file (or a new one) is checked against it
         self._files = files  # every file-system call for a user runs there, in one of the user's turns
@@ -101,8 +103,8 @@ class NotebookService:
         self._validated: dict[int, dict[int, Mark]] = {}
         # and each cached notebook's cells as encoded in its file: a save encodes only changed cells
         self._encoder = CellCachingEncoder()
-        # called with (user, path) after each write: resource subscriptions (kernelpool/mcp/notices.py)
-        self.listeners: list[Callable[[str, str], Awaitable[Any]]] = []
+        # told of each write: resource subscriptions (kernelpool/mcp/notices.py), open pages (kernelpool/web/live.py)
+        self.changes = changes or Changes()
 
     def lock(self, user: str, path: str) -> asyncio.Lock:
         key = (user, path)
@@ -133,6 +135,13 @@ class NotebookService:
                     pass
             async with self._large:
                 return await self._files.call(self._read, user, path, self.max_bytes, self.max_cost)
+
+    def peek(self, user: str, path: str) -> NotebookNode | None:
+        """The notebook as this server last read or wrote it, from memory only (no disk, no thread):
+        the web view's live updates, right after a change was published. None when it is not kept
+        (then `load`). Read-only, like `load`'s."""
+        cached = self._cache.get((user, path))
+        return cached[1] if cached is not None else None
 
     def _stamp(self, user: str, path: str) -> tuple[int, float] | None:
         """(size, mtime) of the notebook file, without following links; None when it is not a file."""
@@ -197,11 +206,7 @@ class NotebookService:
                 cancelled = True
         if cancelled:
             raise asyncio.CancelledError
-        for listener in self.listeners:
-            try:
-                await listener(user, path)
-            except Exception:  # a listener must not turn a saved change into a failure
-                log.exception("notebook listener failed")
+        self.changes.publish(Change(user, path, "saved"))
 
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
         # a notebook JupyterLab would refuse is never written: every cell changed since the
@@ -355,6 +360,13 @@ class NotebookService:
     async def list_notebooks(self, user: str) -> Listing:
         """The user's notebooks (paths), bounded: `Listing.note` says when the list was cut."""
         return await self._files.run(user, listing.notebooks, self._roots(user))
+
+    async def modified(self, user: str, paths: list[str]) -> dict[str, float]:
+        """Each notebook's last change (its file's mtime), for the web view's list; gone ones left out."""
+        def stamps() -> dict[str, float]:
+            return {p: stamp[1] for p in paths if (stamp := self._stamp(user, p)) is not None}
+
+        return await self._files.run(user, stamps)
 
     async def list_files(self, user: str, path: str, *, pattern: str | None = None) -> Listing:
         """Entries of one folder (dicts as list_files returns them), bounded like list_notebooks."""
