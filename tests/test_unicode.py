@@ -43,7 +43,8 @@ NOTEBOOK = r"""{
 """
 
 # a kernel sends its own messages: a lone surrogate as an escape and as raw UTF-8 bytes, then
-# bytes that are not UTF-8 at all (that message is dropped by the server, and said so in its log)
+# bytes that are not UTF-8 at all (the server reads those with U+FFFD for each bad byte: the output
+# is kept and the kernel lives on)
 CRAFTED = r"""k = get_ipython().kernel
 k.session.send(k.iopub_socket, 'stream', b'{"name": "stdout", "text": "esc\\ud800 raw\xed\xa0\x80 end\\n"}', parent=k.get_parent())
 k.session.send(k.iopub_socket, 'stream', b'{"name": "stdout", "text": "bad\xff\xfe end\\n"}', parent=k.get_parent())
@@ -118,6 +119,7 @@ async def test_replies_are_valid_unicode_and_the_session_lives_on(planted: Kerne
         assert not r.is_error, text(r)
         r = await c.call_tool("insert_execute_code_cell", {"notebook": notebook, "cell_index": -1, "cell_source": CRAFTED})
         assert not r.is_error and "esc\ufffd raw\ufffd end" in text(r) and "shown\ufffd" in text(r), text(r)
+        assert "bad\ufffd\ufffd end" in text(r), text(r)
         r = await c.call_tool("execute_code", {"notebook": notebook, "code": CRAFTED})
         assert not r.is_error and "esc\ufffd raw\ufffd end" in text(r), text(r)
         # what ipykernel itself does with a lone surrogate: its message packer refuses it, in the kernel
@@ -136,7 +138,8 @@ async def test_replies_are_valid_unicode_and_the_session_lives_on(planted: Kerne
     assert "".join(saved["cells"][0]["source"]) == "print('src\ud800')" and b"src\\ud800" in raw
     assert saved["metadata"]["custom\udc00"] == 1
     outputs = saved["cells"][-1]["outputs"]
-    assert "".join(outputs[0]["text"]) == "esc\ud800 raw\ud800 end\n", outputs
+    # the two stream messages are one output, as in any notebook; the escapes kept, the bad bytes U+FFFD
+    assert "".join(outputs[0]["text"]) == "esc\ud800 raw\ud800 end\nbad\ufffd\ufffd end\n", outputs
     assert "".join(outputs[1]["data"]["text/plain"]) == "shown\udfff", outputs
     assert "Error in message router" not in kp.log() and "audit: writing" not in kp.log()
 

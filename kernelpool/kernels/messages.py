@@ -251,7 +251,12 @@ async def _content(wire: Wire, size: int, waiting: Waiting, header: Any, metadat
 
 def _json(raw: bytes | bytearray, channel: str, what: str) -> Any:
     try:
-        return json.loads(raw)
+        try:
+            return json.loads(raw)  # UTF-8 with surrogates let through, as jupyter_client reads it
+        except UnicodeDecodeError:
+            # bytes that are not UTF-8 (a kernel's own code can sign such a message): the user's
+            # output goes on with U+FFFD for each, rather than a kernel stopped for it
+            return json.loads(bytes(raw).decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         raise Misbehaviour("malformed", f"it sent a message whose {what} is not JSON on its {channel} channel") from None
 
