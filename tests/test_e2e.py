@@ -251,9 +251,11 @@ async def _revocation_counts_within_a_second(kp: KernelpoolServer, http: httpx2.
     finally:
         stop.set()
         await task
-    after = [(t - revoked_at, code) for t, code in statuses if t > revoked_at]
-    assert after and after[-1][1] == 401, after[-3:]
-    assert after[-1][0] <= 1.0, f"the revoked token still worked {after[-2][0]:.2f} s after the CLI revoked it"
+    # the hammer stops at the first refusal, which may come before the CLI's process has exited
+    # (the server saw the commit first): what counts is that none came later than a second after
+    assert statuses[-1][1] == 401, statuses[-3:]
+    refused_after = statuses[-1][0] - revoked_at
+    assert refused_after <= 1.0, f"the revoked token still worked {refused_after:.2f} s after the CLI revoked it"
     r = await http.post(kp.url, json=body, headers=auth)
     assert r.status_code == 401
 
