@@ -218,7 +218,10 @@ def _uvicorn_server(config: Any) -> Any:
     # sse-starlette, which serves the SDK's SSE streams, would end them all on its own timer once
     # the signal arrives (it polls every 0.5 s), at times before the hook below had told anyone:
     # the streams end when the hook is done
-    AppStatus.disable_automatic_graceful_drain()
+    # the method has no annotations in sse-starlette (its module is typed otherwise): called
+    # through a typed name, so that mypy checks this call like the rest
+    disable_drain: Callable[[], None] = AppStatus.disable_automatic_graceful_drain
+    disable_drain()
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:

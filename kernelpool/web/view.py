@@ -152,7 +152,7 @@ class NotebookPages(ViewBase):
             number = max(1, int(request.query_params.get("page", "1")))
         except ValueError:
             number = 1
-        paths = await self.deps.notebooks.list_notebooks(who.user)
+        paths: list[str] = (await self.deps.notebooks.list_notebooks(who.user)).items
         changed = await self.deps.notebooks.modified(who.user, paths)
         if sort == "changed":
             paths.sort(key=lambda p: -changed.get(p, 0.0))
