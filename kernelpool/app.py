@@ -20,7 +20,6 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -47,10 +46,10 @@ from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.mcp.services import Services
 from kernelpool.metrics import Metrics, gauge
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.quota import DiskQuota
-from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store

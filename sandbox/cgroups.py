@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 
+from sandbox._cgroupfiles import read_file, write_file
 from sandbox._cgroupfs import (
     Cgroup,
     CgroupBackend,
@@ -28,7 +29,6 @@ from sandbox._cgroupfs import (
     read_pids,
     split_relpath,
 )
-from sandbox._cgroupfiles import read_file, write_file
 from sandbox.errors import CgroupError
 from sandbox.limits import CPU_PERIOD_US, Limits
 

@@ -325,13 +325,13 @@ async def _check_command(kp: KernelpoolServer, server_args: list[str], command: 
             expires = dt.datetime.fromisoformat(row.split("expires=")[1])
             assert abs(expires - dt.datetime.now(dt.UTC) - dt.timedelta(days=days)) < dt.timedelta(minutes=5), row
     elif what == ["tokens", "list"]:  # ids and states, never the secrets
-        out = kp.cli(*argv).stdout
-        rows = [line.split("\t") for line in out.splitlines()]
-        assert rows and all(row[2] in ("active", "revoked", "expired") for row in rows), out
+        listed = kp.cli(*argv).stdout
+        rows = [line.split("\t") for line in listed.splitlines()]
+        assert rows and all(row[2] in ("active", "revoked", "expired") for row in rows), listed
         assert all(row[1] == rest[0] for row in rows) if rest else {row[1] for row in rows} >= set(kp.tokens)
         ids = {row[0] for row in rows}
-        assert {t.split("_")[1] for t in created} <= ids, out
-        assert not [t for t in [*kp.tokens.values(), *created] if t in out], "a secret was listed"
+        assert {t.split("_")[1] for t in created} <= ids, listed
+        assert not [t for t in [*kp.tokens.values(), *created] if t in listed], "a secret was listed"
     elif what == ["tokens", "revoke"]:
         assert rest in (["<id>"], ["TOKEN_ID"]), command  # the id of the token just created
         token = created[-1]
@@ -409,7 +409,7 @@ async def test_the_claude_code_command_connects_to_a_real_server(kp: KernelpoolS
         assert positional[0] == "kernelpool" and positional[1] in ("URL", default_url), command
         name, _, value = _fill([header], kp.url, kp.tokens["alice"])[0].partition(": ")
         http = httpx2.AsyncClient(headers={name: value}, timeout=httpx2.Timeout(30, read=120))
-        async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy") as c:  # type: ignore[arg-type]
+        async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy") as c:
             r = await c.call_tool("use_notebook", {"notebook": "hello.ipynb", "mode": "create"})
             assert not r.is_error or "already exists" in text(r), text(r)
             r = await c.call_tool("insert_execute_code_cell", {"notebook": "hello.ipynb", "cell_index": -1,
@@ -438,7 +438,7 @@ def _inspector() -> dict[str, str]:
     return dict(os.environ, HOME=home, npm_config_update_notifier="false", MCP_AUTO_OPEN_ENABLED="false")
 
 
-def _inspector_command(cli: bool) -> list[str]:
+def _inspector_command(*, cli: bool) -> list[str]:
     shown = [shlex.split(c) for page, c in documented_commands()
              if page == "docs/clients.md" and c.startswith("npx @modelcontextprotocol/inspector")]
     found = [args for args in shown if ("--cli" in args) == cli]
@@ -460,6 +460,11 @@ def test_the_inspector_cli_command_lists_the_tools(kp: KernelpoolServer) -> None
         subprocess.run(["rm", "-rf", env["HOME"]], check=False)
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def test_the_inspector_command_serves_its_page() -> None:
     """`npx @modelcontextprotocol/inspector` starts the Inspector's web page (on ports of the test's
     own); choosing the transport, URL and header there and connecting needs a browser: not run here."""
@@ -470,8 +475,8 @@ def test_the_inspector_command_serves_its_page() -> None:
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (up := re.search(r"is up and running at:\s+(http://127\.0\.0\.1:\d+\S*)", open(log).read())):
-            assert proc.poll() is None and time.monotonic() < deadline, open(log).read()
+        while not (up := re.search(r"is up and running at:\s+(http://127\.0\.0\.1:\d+\S*)", _read(log))):
+            assert proc.poll() is None and time.monotonic() < deadline, _read(log)
             time.sleep(0.5)
         assert f":{env['CLIENT_PORT']}" in up.group(1), up.group(1)
         page = httpx2.get(up.group(1), timeout=30)

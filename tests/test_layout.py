@@ -154,10 +154,11 @@ def _own_imports(path: str, source: str | None = None) -> dict[str, int]:
     package = path[:-len(".py")].split("/")[:-1]  # what a relative import starts from (for __init__.py: its own)
     found: dict[str, int] = {}
     for node in ast.walk(ast.parse(source, path)):
-        targets: list[str] = []
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        else:
             base = node.module or ""
             if node.level:
                 base = ".".join(package[:len(package) - (node.level - 1)] + ([node.module] if node.module else []))
