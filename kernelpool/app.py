@@ -38,7 +38,7 @@ from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.kernels.specs import DEFAULT, KernelSpecs
 from kernelpool.kernels.zygote.server import ForkServer
-from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
+from kernelpool.mcp.auth import StoreTokenVerifier
 from kernelpool.mcp.events import EventScope, SessionEventStore
 from kernelpool.mcp.guards import AuthGuard, SessionGate
 from kernelpool.mcp.notices import Notices
@@ -57,11 +57,12 @@ from kernelpool.users.accounts import UserService
 from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
-from kernelpool.users.tokens import create_token
+from kernelpool.users.tokens import SCOPE, create_token
 from kernelpool.web.live import LiveHub
 from kernelpool.web.oauth import resource_metadata_route
 from kernelpool.web.server import OAuthServer
-from kernelpool.web.view import ViewDeps, view_routes
+from kernelpool.web.view import view_routes
+from kernelpool.web.viewbase import ViewDeps
 from sandbox import SafeRoot, prepare_dir
 from sandbox.limits import parse_memory
 

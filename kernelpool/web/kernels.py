@@ -21,7 +21,7 @@ from kernelpool.kernels.kernel import Kernel
 from kernelpool.notebooks.changes import Change
 from kernelpool.users import activity
 from kernelpool.web.pages import message
-from kernelpool.web.view import Person, ViewBase, span
+from kernelpool.web.viewbase import Person, ViewBase, span
 
 ACTIONS = {"interrupt": "Interrupt", "restart": "Restart"}
 _WHY = {
