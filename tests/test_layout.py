@@ -109,8 +109,9 @@ LAYERS = (
     Layer("notebooks", ("kernelpool/notebooks/",)),
     Layer("kernels", ("kernelpool/kernels/",)),
     Layer("users", ("kernelpool/users/",)),
-    Layer("foundation", ("kernelpool/store.py", "kernelpool/schema.py", "kernelpool/config.py", "kernelpool/settings/",
-                         "kernelpool/errors.py", "kernelpool/metrics.py", "kernelpool/logs.py", "kernelpool/__init__.py"), peers=True),
+    Layer("foundation", ("kernelpool/store.py", "kernelpool/rows.py", "kernelpool/schema.py", "kernelpool/config.py",
+                         "kernelpool/settings/", "kernelpool/errors.py", "kernelpool/metrics.py", "kernelpool/logs.py",
+                         "kernelpool/__init__.py"), peers=True),
     Layer("mechanism", ("sandbox/",)),
 )
 
