@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import re
 import secrets
@@ -196,7 +197,8 @@ async def _on(srv: RunningServer, tokens: dict[str, str], users: list[str], path
                               "errors": rep["error_examples"][:2]})
             log(f"  round {r + 1}/{len(kinds)} pages {kind}: {rep['cells']} cells, p50 {rep['latency_ms']['p50']} ms")
     p50 = {k: percentile([s * 1000 for s in v], 50) for k, v in lat.items()}
-    change = (p50["on"] / p50["off"] - 1) * 100 if p50["off"] else None
+    on, off = p50["on"], p50["off"]
+    change = (on / off - 1) * 100 if on is not None and off else None
     return {
         "what": f"{n} sessions in a closed loop of execute_cell over {CELLS} cells of a notebook each; {pages} view "
                 f"pages open on the busy notebooks in half of {len(kinds)} rounds of {duration:g} s (off, on, on, off, ...)",
@@ -244,12 +246,13 @@ def render_cost(cells: int = 600, repeat: int = 5) -> dict[str, Any]:
     out.update(kernelpool_render_s=round(statistics.median(times), 3), kernelpool_html_bytes=len(html))
     try:
         started = time.perf_counter()
-        from nbconvert import HTMLExporter
+        # optional, and not among the project's dependencies (so mypy may not find it): by name
+        nbconvert = importlib.import_module("nbconvert")
     except ImportError:
         out["nbconvert"] = "not installed"
         return out
     out["nbconvert_import_s"] = round(time.perf_counter() - started, 3)
-    exporter = HTMLExporter(template_name="basic")
+    exporter = nbconvert.HTMLExporter(template_name="basic")
     times = []
     for _ in range(repeat):
         t = time.perf_counter()

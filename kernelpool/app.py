@@ -20,7 +20,6 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -39,18 +38,18 @@ from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.kernels.specs import DEFAULT, KernelSpecs
 from kernelpool.kernels.zygote.server import ForkServer
-from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
-from kernelpool.mcp.events import EventScope, SessionEventStore
+from kernelpool.mcp.auth import StoreTokenVerifier
+from kernelpool.mcp.events import EventScope
 from kernelpool.mcp.guards import AuthGuard, SessionGate
+from kernelpool.mcp.hooks import _event_store, _tell_stopped, _to_sessions
 from kernelpool.mcp.notices import Notices
-from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
 from kernelpool.mcp.services import Services
 from kernelpool.metrics import Metrics, gauge
+from kernelpool.notebooks.changes import Changes
 from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.quota import DiskQuota
-from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store
@@ -58,13 +57,13 @@ from kernelpool.users.accounts import UserService
 from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
-from kernelpool.users.tokens import create_token
+from kernelpool.users.tokens import SCOPE, create_token
 from kernelpool.web.live import LiveHub
 from kernelpool.web.oauth import resource_metadata_route
 from kernelpool.web.server import OAuthServer
-from kernelpool.web.view import ViewDeps, view_routes
+from kernelpool.web.view import view_routes
+from kernelpool.web.viewbase import ViewDeps
 from sandbox import SafeRoot, prepare_dir
-from sandbox.limits import parse_memory
 
 log = logging.getLogger(__name__)
 
@@ -298,53 +297,6 @@ class _Server:
         behind = await events.standalone_written(sent, after, SHUTDOWN_NOTICE_WAIT)
         if behind:
             log.info("shutdown notice not yet on the streams of %d session(s) after %g s", behind, SHUTDOWN_NOTICE_WAIT)
-
-
-def _tell_stopped(notices: Notices, user: str, notebook: str, cause: str) -> None:
-    """A kernel that no call was running on was stopped for misbehaving: its user's sessions hear
-    it as they hear of a kernel that died during a call (kernelpool/mcp/execution.py)."""
-    text = f"the kernel of {notebook} died: {cause}; the next call starts a fresh one"
-    asyncio.get_running_loop().create_task(notices.to_user(user, "error", text, {"notebook": notebook}))
-
-
-def _to_sessions(notices: Notices) -> Callable[[Change], None]:
-    """What MCP sessions hear of the change stream: a saved notebook is an updated resource for the
-    sessions of its user that subscribed to it; a kernel a person interrupted or restarted in the web
-    view is a notice to all of that user's sessions (sent from a task of their own: a change
-    listener only notes the change)."""
-    sending: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
-
-    def on_change(change: Change) -> None:
-        if change.kind == "saved":
-            send = notices.resource_updated(change.user, notebook_uri(change.path))
-        elif change.kind in ("interrupted", "restarted"):
-            gone = ": its variables are gone" if change.kind == "restarted" else ""
-            send = notices.to_user(change.user, "notice", f"the kernel of {change.path} was {change.kind} by you "
-                                   f"in the web view{gone}", {"notebook": change.path})
-        else:
-            return
-        task = asyncio.get_running_loop().create_task(send)
-        sending.add(task)
-        task.add_done_callback(sending.discard)
-
-    return on_change
-
-
-def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | None:
-    if settings.resume_events_per_session == 0:
-        return None
-
-    what = "bytes kept for stream resumption"
-
-    def usage(user: str, used: int, limit: int) -> None:
-        if notices.crossed(user, what, used, limit, settings.near_limit_ratio):
-            asyncio.get_running_loop().create_task(notices.near(user, what, used, limit))
-
-    return SessionEventStore(
-        max_events=settings.resume_events_per_session, max_bytes=parse_memory(settings.resume_bytes_per_session),
-        max_user_bytes=parse_memory(settings.resume_bytes_per_user), max_age=settings.resume_max_age,
-        session_lifetime=settings.session_idle_timeout, on_user_usage=usage,
-    )
 
 
 async def _start_fork_server(fork_server: ForkServer) -> None:

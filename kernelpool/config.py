@@ -12,248 +12,37 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    BeforeValidator,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    SecretStr,
     ValidationInfo,
     field_validator,
 )
 from pydantic_settings import (
     BaseSettings,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+from kernelpool.settings.isolation import IsolationSettings, MemoryLimit, memory_limit
+from kernelpool.settings.kernels import KernelSettings
+from kernelpool.settings.limits import LimitSettings
+from kernelpool.settings.server import LEGACY_DATA_DIR, SYSTEM_DATA_DIR, ServerSettings, default_data_dir
+from kernelpool.settings.signin import SignInSettings
+from kernelpool.settings.streams import StreamSettings
 from sandbox.limits import parse_memory
 
-# the data folder where none is given: a system location as root (kernels run as other uids and must
-# reach their folders; a folder in root's 0700 home is out of their reach), one's own otherwise.
-# Versions before 2026-12 used LEGACY_DATA_DIR, relative to the working folder, also as root.
-SYSTEM_DATA_DIR = Path("/var/lib/kernelpool")
-LEGACY_DATA_DIR = Path("kernelpool-data")
+# names importable from here as before the fields moved to kernelpool/settings/
+__all__ = ["LEGACY_DATA_DIR", "SYSTEM_DATA_DIR", "MemoryLimit", "Settings", "default_data_dir", "load_settings",
+           "memory_limit"]
 
 
-def default_data_dir() -> Path:
-    """`data_dir` when no option, variable or file sets it. Called by `Settings`."""
-    return SYSTEM_DATA_DIR if os.geteuid() == 0 else LEGACY_DATA_DIR
-
-
-def memory_limit(value: str | int | None) -> int | None:
-    """A memory limit as people write it ("2G", "512M", "none", "max") in bytes; None = no limit.
-
-    The one parser of memory limits: `Settings` (kernel_memory, user_memory) and
-    `UserService.set_limits` / the per-user overrides that `users set-limits` stores.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() in ("", "none", "max"):
-        return None
-    return parse_memory(str(value))  # ValueError names the problem
-
-
-# parsed when the settings are built: everything after sees bytes or None
-MemoryLimit = Annotated[int | None, BeforeValidator(memory_limit)]
-
-
-class Settings(BaseSettings):
+class Settings(SignInSettings, StreamSettings, LimitSettings, KernelSettings, IsolationSettings, ServerSettings,
+               BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True,
                                       use_attribute_docstrings=True)
-
-    data_dir: Path = Field(default_factory=default_data_dir)
-    """where the database, users' folders and runtime files live (users' uids must be able to pass every folder above it)"""
-    host: str = "127.0.0.1"
-    """address to listen on"""
-    port: int = Field(8765, ge=0, le=65535)
-    """port to listen on (0 = any free port)"""
-    public_url: str | None = None
-    """the URL clients use, when behind a proxy: the OAuth issuer and every URL in the auth metadata derive from it (https, except on loopback)"""
-    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """extra Host headers to accept (DNS-rebinding protection): host:port or host:*, comma-separated"""
-    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """extra Origin headers to accept, comma-separated"""
-
-    first_user: str = "default"
-    """name of the user created on first start, when there is none"""
-    insecure_no_sandbox: bool = False
-    """run kernels as the server's own user, without cgroups (single-user development only)"""
-    uid_min: int = Field(20000, ge=1000)
-    """first uid/gid handed to kernelpool users"""
-    uid_max: int = Field(29999, ge=1000)
-    """last uid/gid handed to kernelpool users"""
-    account_prefix: str = "kp-"
-    """prefix of the Unix account names created for users"""
-    cgroup_prefix: str = "kernelpool"
-    """folder name under the server's own cgroup"""
-    kernel_network: Literal["egress", "none", "host"] = "egress"
-    """each user's kernels share a network namespace of their own: 'egress' = loopback plus NAT to public addresses only, 'none' = loopback only; 'host' = the host's network, shared by all users (unsafe). Left at its default on a host without nftables: 'none', said at start, on /healthz and by doctor; an 'egress' that is set is refused there"""
-    kernel_network_range: str = "10.201.0.0/16"
-    """private IPv4 range from which each user's namespace gets a /31 ('egress')"""
-    kernel_network_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """blocked IPv4 ranges (private, link-local, ...) that kernels may reach after all ('egress'), comma-separated"""
-    network_prefix: str = "kp"
-    """names this server's namespaces (PREFIX-UID), links (PREFIXUID) and nftables table; unique per host"""
-    kernel_memory: MemoryLimit = 2 << 30
-    """memory limit per kernel"""
-    kernel_cpus: PositiveFloat | None = 1.0
-    """CPU limit per kernel, in cores"""
-    kernel_pids: PositiveInt | None = 256
-    """process/thread limit per kernel"""
-    kernel_tmpfs_size: str = "512M"
-    """size cap of each kernel's private /tmp, of its /dev/shm and of its System V shared memory (what is stored there counts against the kernel's memory limit)"""
-    user_memory: MemoryLimit = 4 << 30
-    """memory limit for all of one user's kernels together"""
-    user_cpus: PositiveFloat | None = None
-    """CPU limit for all of one user's kernels together"""
-    user_pids: PositiveInt | None = 1024
-    """process/thread limit for all of one user's kernels together"""
-
-    kernel_python: str | None = None
-    """python interpreter for kernels (default: the server's own)"""
-    kernelspecs: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """kernelspecs users may choose besides the server's own Python (python3), by name as `jupyter kernelspec list` shows them, comma-separated (e.g. ir,bash); each starts sandboxed like python3"""
-    kernelspec_pool_sizes: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
-    """warm kernels kept ready per active user for each of those kernelspecs, as name=N, comma-separated (default 0 each; python3's is pool_size); counted in max_kernels_per_user"""
-    kernel_start_timeout: PositiveFloat = 60.0
-    """seconds a kernel may take to become ready"""
-    max_kernels_per_user: PositiveInt = 16
-    """kernels one user may have at once (pool kernels included)"""
-    max_kernels: PositiveInt = 512
-    """kernels on this server at once"""
-    kernel_idle_timeout: NonNegativeFloat = 3600.0
-    """seconds after which an idle kernel is shut down (0 = never)"""
-    session_idle_timeout: PositiveFloat = 1800.0
-    """seconds after which an idle MCP session's context is forgotten"""
-    max_sessions: PositiveInt = 10000
-    """MCP sessions (protocol 2025-11-25 and older) open on this server at once"""
-    max_sessions_per_user: PositiveInt = 100
-    """MCP sessions one user may have open at once (below max_sessions)"""
-    pool_size: NonNegativeInt = 1
-    """warm kernels kept ready per active user"""
-    user_packages: bool = True
-    """%pip / !pip in a kernel install into the user's own folder (~/.local), seen by that user's kernels only"""
-    fork_server: bool = True
-    """fork kernels from a pre-imported process (faster start, shared memory); off = start each the stock way"""
-
-    execute_timeout: PositiveFloat = 300.0
-    """default timeout of one execution, seconds"""
-    max_execute_timeout: PositiveFloat = 3600.0
-    """largest timeout a client may ask for, seconds"""
-    progress_interval: PositiveFloat = 5.0
-    """seconds between progress notifications of a running execution"""
-    max_output_chars: int = Field(20000, ge=100)
-    """text returned per execution, at most (the notebook keeps more)"""
-    max_image_bytes: NonNegativeInt = 2_000_000
-    """images larger than this are referenced, not inlined"""
-    max_saved_output_chars: int = Field(2_000_000, ge=1000)
-    """text kept per output in the notebook (the middle is dropped)"""
-    max_saved_image_bytes: NonNegativeInt = 10_000_000
-    """images larger than this are not kept in the notebook"""
-    max_saved_execution_chars: int = Field(20_000_000, ge=1000)
-    """outputs kept per execution, all outputs together (text characters and payload bytes); past it outputs are cut or replaced by a note"""
-    kernel_max_message_bytes: int = Field(2**30, ge=2**20)
-    """largest message a kernel may send the server, all its frames together (a larger one stops the kernel as misbehaving); output over max_saved_execution_chars is read in pieces, never held"""
-    kernel_flood_bytes: int = Field(256 * 2**20, ge=2**20)
-    """bytes of messages no request asked for (each counts at least 64 KiB) a kernel may send before it is stopped as flooding"""
-    kernel_flood_rate: NonNegativeInt = 16 * 2**20
-    """bytes a second that come back to a kernel's kernel_flood_bytes; what the server passes through unread from one user's kernels (messages no request asked for, output over max_saved_execution_chars) is read no faster than four times this (at least 16 MiB/s)"""
-    max_result_bytes_per_user: NonNegativeInt = 64 * 2**20
-    """finished background results one user's executions keep in server memory; the oldest are dropped past it (get_execution says 'expired')"""
-    max_result_bytes: NonNegativeInt = 512 * 2**20
-    """finished background results kept in server memory for all users together"""
-    max_notebook_bytes: int = Field(100 * 2**20, ge=1 << 20)
-    """largest notebook file the server opens (checked before reading it); one whose parse would take more than 4 times this in memory is refused too"""
-    max_file_bytes: int = Field(2 * 2**20, ge=4096)
-    """bytes one read_file or write_file call reads or writes, at most (larger files are read in pages and written in chunks with mode='append'; a request body is at most 4 MiB, and base64 takes 4/3 of the bytes)"""
-    user_disk_quota: str = "10G"
-    """disk space a user's folder may take (0 = no quota): past it, write_file calls that add bytes, new notebooks and notebook saves that grow a file are refused. Counted with a bounded walk every few minutes plus the server's own writes; what kernels write directly is seen at the next count, not stopped"""
-    user_disk_recount: PositiveFloat = 60.0
-    """seconds a count of a user's folder (a walk of at most 200,000 names) is trusted before a write that adds bytes counts it again"""
-    disk_free_floor: str = "512M"
-    """free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)"""
-    audit_queue_max: PositiveInt = 100_000
-    """audit rows kept in memory while they cannot be written (a full disk); past it the oldest are dropped and counted"""
-    metrics_token: str | None = None
-    """bearer token that /metrics requires (per-user figures); without it /metrics answers 403"""
-    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For is believed, comma-separated"""
-    auth_failures_before_backoff: PositiveInt = 10
-    """failed authentications from one client address within auth_failure_window before it gets 429"""
-    auth_failure_window: PositiveFloat = 60.0
-    """seconds over which an address's failed authentications are counted"""
-    auth_backoff: PositiveFloat = 30.0
-    """seconds an address over the failure count is answered 429 (a valid token still passes)"""
-    housekeeping_interval: PositiveFloat = 30.0
-    """seconds between idle-kernel culls and session expiry"""
-
-    # resumable streams (kernelpool/mcp/events.py); the event store is in memory
-    resume_events_per_session: NonNegativeInt = 2000
-    """events kept per MCP session for clients that resume a dropped stream (0 = no resumption)"""
-    resume_bytes_per_session: str = "16M"
-    """bytes of events kept per MCP session for resumption"""
-    resume_bytes_per_user: str = "64M"
-    """bytes of events kept for all of one user's sessions together"""
-    resume_max_age: PositiveFloat = 900.0
-    """seconds an event is kept for resumption"""
-    sse_retry_ms: NonNegativeInt = 2000
-    """reconnection delay suggested to clients in SSE `retry` fields, milliseconds"""
-    near_limit_ratio: float = Field(0.8, gt=0, le=1)
-    """share of a per-user limit at which the user's sessions are told they are near it"""
-
-    # kernelpool as its own OAuth 2.1 authorization server (kernelpool/mcp/oauth.py, kernelpool/web/)
-    oauth: bool = True
-    """be an OAuth 2.1 authorization server, so that clients sign people in through the browser (pasted tokens work either way)"""
-    web_view: bool = True
-    """serve the read-only web view at /view: people watch their notebooks and kernels live (needs oauth, for its sign-in)"""
-    oauth_access_token_ttl: PositiveFloat = 3600.0
-    """seconds an OAuth access token is valid"""
-    oauth_refresh_token_ttl: PositiveFloat = 30 * 86400.0
-    """seconds an OAuth refresh token is valid (each use gives a new one)"""
-    oauth_code_ttl: float = Field(60.0, gt=0, le=60)
-    """seconds an OAuth authorization code may wait to be exchanged (at most a minute)"""
-    oauth_dynamic_registration: bool = True
-    """accept OAuth clients that register by RFC 7591 dynamic client registration"""
-    oauth_client_metadata_documents: bool = True
-    """accept OAuth clients whose client id is the HTTPS URL of their metadata document (CIMD)"""
-    oauth_cimd_test_ca: Path | None = None
-    """TESTS ONLY: a CA file trusted, besides the system's, when fetching client metadata documents"""
-    oauth_cimd_test_resolve: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """TESTS ONLY: HOST=ADDRESS pairs that client metadata document fetches resolve so, even to loopback; comma-separated"""
-    login_link_ttl: PositiveFloat = 300.0
-    """seconds a one-time sign-in link (kernelpool users login-link) is valid"""
-    # upstream OpenID Connect sign-in (kernelpool/web/oidc.py, kernelpool/users/upstream.py)
-    oidc_issuer: str | None = None
-    """issuer URL of a team's OpenID Connect provider (discovery at ISSUER/.well-known/openid-configuration): the sign-in page then offers it (https, except on loopback)"""
-    oidc_name: str | None = None
-    """the provider's name on the sign-in page's button (default: the issuer's host name)"""
-    oidc_client_id: str | None = None
-    """kernelpool's client id at the provider, whose redirect URI there is PUBLIC_URL/signin/oidc/callback"""
-    oidc_client_secret: SecretStr | None = None
-    """kernelpool's client secret at the provider (never logged); or oidc_client_secret_file"""
-    oidc_client_secret_file: Path | None = None
-    """a file holding the client secret (a Docker or Kubernetes secret), read when the server starts"""
-    oidc_scopes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["openid", "email", "profile"])
-    """scopes asked of the provider, comma-separated; must include openid"""
-    oidc_user_claim: str = "preferred_username"
-    """ID-token claim whose value is the kernelpool user name (a lowercase letter, then lowercase letters, digits, - or _, at most 31; others are refused)"""
-    oidc_user_domain: str | None = None
-    """when set, the user claim must be an e-mail address at this domain (verified, for the email claim) and the user name is its part before the @"""
-    oidc_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """only people whose verified e-mail address is at one of these domains may sign in (or those of oidc_allowed_groups; neither set: anyone the provider signs in), comma-separated"""
-    oidc_allowed_groups: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """only people in one of these groups (the oidc_groups_claim claim) may sign in (or those of oidc_allowed_domains), comma-separated"""
-    oidc_groups_claim: str = "groups"
-    """ID-token claim listing a person's groups"""
-    oidc_create_users: bool = False
-    """create a person's kernelpool user (as kernelpool users add does) at their first sign-in; needs oidc_allowed_domains or oidc_allowed_groups"""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """log level of the server"""

@@ -14,14 +14,17 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from kernelpool.errors import DataFromNewerVersion, NoUidLeft, UserExists
+from kernelpool.rows import KernelRow, TokenRow, UserRow
 from kernelpool.schema import MIGRATIONS as _MIGRATIONS
+
+# the rows are kernelpool/rows.py's, importable from here as before they moved
+__all__ = ["SCHEMA_VERSION", "KernelRow", "Store", "TokenRow", "UserRow", "check_not_newer", "schema_version_on_disk"]
 
 log = logging.getLogger(__name__)
 
@@ -69,40 +72,6 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
     except BaseException:
         await db.rollback()
         raise
-
-
-@dataclass(frozen=True)
-class UserRow:
-    name: str
-    uid: int
-    gid: int
-    created_at: float
-    limits: dict[str, Any]
-    reissued: bool = False  # the name had an account before: this one is named after its uid
-    admin: bool = False  # an operator: sees the operators' page of the web view (`users set-admin`)
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    id: str
-    user: str
-    created_at: float
-    expires_at: float | None
-    revoked_at: float | None
-    uid: int | None = None  # the user's, when looked up to check the token
-    grant_id: str | None = None  # an OAuth access token's grant (kernelpool/users/grants.py); None: pasted
-    resource: str | None = None  # the MCP resource an OAuth access token is bound to (RFC 8707)
-
-
-@dataclass(frozen=True)
-class KernelRow:
-    id: str
-    user: str
-    notebook: str | None
-    pid: int | None
-    cgroup: str | None
-    connection_file: str | None
-    started_at: float
 
 
 class Store:

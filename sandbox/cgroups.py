@@ -19,16 +19,15 @@ import contextlib
 import errno
 import os
 
+from sandbox._cgroupfiles import read_file, write_file
 from sandbox._cgroupfs import (
     Cgroup,
     CgroupBackend,
     own_cgroup_paths,
-    read_file,
     read_int,
     read_keyed,
     read_pids,
     split_relpath,
-    write_file,
 )
 from sandbox.errors import CgroupError
 from sandbox.limits import CPU_PERIOD_US, Limits

@@ -134,6 +134,10 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
          "hello.ipynb with the Python SDK; Claude Code itself is not run here (it needs an account)", (CLAUDE,)),
     'claude mcp add --transport http kernelpool URL --header "Authorization: Bearer TOKEN"':
         ("checks it as the README's, with URL and TOKEN filled in", (CLAUDE,)),
+    "claude mcp add --transport http kernelpool URL":
+        ("checks it: by URL alone, the server's 401 leads to its OAuth metadata and sign-in page; a client "
+         "that registers itself and signs in that way runs code (the Python SDK; Claude Code is not run here)",
+         (CLAUDE, "tests/test_oauth.py::test_python_sdk_signs_in_by_dcr_and_runs_code")),
     "npx @modelcontextprotocol/inspector":
         ("runs it: the Inspector serves its page; connecting from that page needs a browser, not run here",
          ("tests/test_docs.py::test_the_inspector_command_serves_its_page",)),
@@ -166,12 +170,27 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "docker logs kernelpool": ("reads the container's log: the first start printed the token of the user it made",
                                (IMAGE_CLI,)),
     "FROM kernelpool:0.1.0": ("builds an image `FROM` the image under test and runs it on the same volumes", (DERIVED,)),
+    "RUN pip install bash_kernel==0.10.0 && python -m bash_kernel.install --sys-prefix":
+        ("builds the page's block as written, FROM the image under test: a bash notebook runs as the user's uid",
+         (DERIVED,)),
+    "ENV KERNELPOOL_KERNELSPECS=bash":
+        ("builds the page's block as written: list_kernelspecs offers python3 and bash", (DERIVED,)),
     "RUN pip install numpy==2.3.5 pandas==2.3.3 matplotlib==3.10.7":
         ("checks the same `RUN pip install` with one small package (tabulate): kernels import it", (DERIVED,)),
     "truncate -s 20G /srv/kp/alice.img && mkfs.ext4 -q /srv/kp/alice.img":
         ("runs it with /srv/kp a folder of the test", (VOLUME,)),
     "mkdir -p /srv/kp/alice && mount -o loop /srv/kp/alice.img /srv/kp/alice":
         ("runs it with /srv/kp a folder of the test: a filesystem of its own, of that size", (VOLUME,)),
+    # an upstream OpenID provider on the docker run line (docs/deployment.md)
+    "-e KERNELPOOL_PUBLIC_URL=https://kp.example.com -e KERNELPOOL_OIDC_ISSUER=https://sso.example.com/realms/team "
+    '-e KERNELPOOL_OIDC_NAME="Example SSO" -e KERNELPOOL_OIDC_CLIENT_ID=kernelpool '
+    "-e KERNELPOOL_OIDC_CLIENT_SECRET_FILE=/run/secrets/kp-oidc -e KERNELPOOL_OIDC_SCOPES=openid,email,profile "
+    "-e KERNELPOOL_OIDC_ALLOWED_GROUPS=/kernelpool -e KERNELPOOL_OIDC_CREATE_USERS=true":
+        ("checks it: each variable is a setting read as the value shown, and the redirect URI to register is the "
+         "server's callback; the provider it names does not exist here (sign-ins through a real provider with "
+         "these settings: tests/test_oidc.py)",
+         ("tests/test_docs.py::test_the_oidc_settings_of_the_docker_line_are_settings_kernelpool_takes",
+          "tests/test_oidc.py::test_first_sign_ins_create_users_that_work")),
     # users and tokens in the container (docs/deployment.md)
     "docker exec kernelpool kernelpool users add alice": (_RUNS_IN_IMAGE, (CLI, IMAGE_CLI)),
     "TOKEN=$(docker exec kernelpool kernelpool users add bob)": (_RUNS_IN_IMAGE, (CLI, IMAGE_CLI)),

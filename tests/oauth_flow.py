@@ -149,9 +149,9 @@ async def sdk_client(url: str, person: Person, redirect_uri: str, *, mode: str =
                                    token_endpoint_auth_method="none")
     auth = OAuthClientProvider(url, metadata, storage, redirect_handler, callback_handler,
                                client_metadata_url=client_metadata_url)
-    async with httpx2.AsyncClient(auth=auth, timeout=httpx2.Timeout(30, read=300), verify=verify) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            yield client, storage
+    async with (httpx2.AsyncClient(auth=auth, timeout=httpx2.Timeout(30, read=300), verify=verify) as http,
+                Client(streamable_http_client(url, http_client=http), mode=mode) as client):
+        yield client, storage
 
 
 class DocumentHost:

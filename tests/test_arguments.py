@@ -21,7 +21,7 @@ def _value(name: str, schema: dict[str, Any]) -> Any:
     for option in schema.get("anyOf", []):
         if option.get("type") != "null":
             return _value(name, option)
-    kind = schema.get("type")
+    kind = schema.get("type", "")
     if kind == "string":
         return NOTEBOOK if name == "notebook" else "x"
     return {"integer": 0, "number": 1, "boolean": False, "array": [], "object": {}}[kind]

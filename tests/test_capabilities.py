@@ -30,10 +30,10 @@ DOCUMENTED = ["setuid", "setgid", "chown", "dac_override", "fowner", "kill", "sy
 class CappedServer(KernelpoolServer):
     caps: list[str] = []
 
-    def start(self, *extra: str, wait: float = 60) -> None:
+    def start(self, *extra: str, wait: float = 60, port: int | None = None) -> None:
         bounding = "-all," + ",".join(f"+{c}" for c in self.caps)
         self.command = ["setpriv", "--bounding-set", bounding, "--", *kernelpool_command()]
-        super().start(*extra, wait=wait)
+        super().start(*extra, wait=wait, port=port)
 
 
 def _capped(caps: list[str]) -> CappedServer:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -325,13 +326,13 @@ async def _check_command(kp: KernelpoolServer, server_args: list[str], command: 
             expires = dt.datetime.fromisoformat(row.split("expires=")[1])
             assert abs(expires - dt.datetime.now(dt.UTC) - dt.timedelta(days=days)) < dt.timedelta(minutes=5), row
     elif what == ["tokens", "list"]:  # ids and states, never the secrets
-        out = kp.cli(*argv).stdout
-        rows = [line.split("\t") for line in out.splitlines()]
-        assert rows and all(row[2] in ("active", "revoked", "expired") for row in rows), out
+        listed = kp.cli(*argv).stdout
+        rows = [line.split("\t") for line in listed.splitlines()]
+        assert rows and all(row[2] in ("active", "revoked", "expired") for row in rows), listed
         assert all(row[1] == rest[0] for row in rows) if rest else {row[1] for row in rows} >= set(kp.tokens)
         ids = {row[0] for row in rows}
-        assert {t.split("_")[1] for t in created} <= ids, out
-        assert not [t for t in [*kp.tokens.values(), *created] if t in out], "a secret was listed"
+        assert {t.split("_")[1] for t in created} <= ids, listed
+        assert not [t for t in [*kp.tokens.values(), *created] if t in listed], "a secret was listed"
     elif what == ["tokens", "revoke"]:
         assert rest in (["<id>"], ["TOKEN_ID"]), command  # the id of the token just created
         token = created[-1]
@@ -395,7 +396,8 @@ async def test_the_claude_code_command_connects_to_a_real_server(kp: KernelpoolS
     (it needs an account); what the command hands it is: the transport (streamable HTTP), the URL
     (what `kernelpool serve` prints on its defaults) and the header. With exactly that header, a
     client in the session protocol Claude Code speaks runs `1+1` in `hello.ipynb`, and a wrong
-    token is refused."""
+    token is refused. By URL alone, the server's 401 leads to its OAuth metadata and from there to
+    its sign-in (a client signing in that way and running code: tests/test_oauth.py)."""
     shown = [(page, command) for page, command in documented_commands() if command.startswith("claude ")]
     assert {page for page, _ in shown} == {"README.md", "docs/clients.md"}, shown
     settings = Settings.model_fields
@@ -403,13 +405,17 @@ async def test_the_claude_code_command_connects_to_a_real_server(kp: KernelpoolS
     for page, command in shown:
         args = shlex.split(command)
         assert args[:3] == ["claude", "mcp", "add"] and args[args.index("--transport") + 1] == "http", command
-        header = args[args.index("--header") + 1]
         positional = [a for i, a in enumerate(args[3:], 3) if not a.startswith("--") and args[i - 1] not in
                       ("--transport", "--header")]
         assert positional[0] == "kernelpool" and positional[1] in ("URL", default_url), command
+        if "--header" not in args:
+            assert len(args) == 7, command  # by URL alone: Claude Code signs in by OAuth
+            await _leads_to_sign_in(kp)
+            continue
+        header = args[args.index("--header") + 1]
         name, _, value = _fill([header], kp.url, kp.tokens["alice"])[0].partition(": ")
         http = httpx2.AsyncClient(headers={name: value}, timeout=httpx2.Timeout(30, read=120))
-        async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy") as c:  # type: ignore[arg-type]
+        async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy") as c:
             r = await c.call_tool("use_notebook", {"notebook": "hello.ipynb", "mode": "create"})
             assert not r.is_error or "already exists" in text(r), text(r)
             r = await c.call_tool("insert_execute_code_cell", {"notebook": "hello.ipynb", "cell_index": -1,
@@ -419,6 +425,54 @@ async def test_the_claude_code_command_connects_to_a_real_server(kp: KernelpoolS
         refused = httpx2.post(kp.url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
                               headers={name: value, "Accept": "application/json, text/event-stream"})
         assert refused.status_code == 401, page
+
+
+async def _leads_to_sign_in(kp: KernelpoolServer) -> None:
+    """What a client given only the URL follows: the 401's resource metadata names this server as
+    its authorization server, whose metadata gives the endpoints to register and sign in at."""
+    async with httpx2.AsyncClient(timeout=30) as http:
+        r = await http.post(kp.url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                            headers={"Accept": "application/json, text/event-stream"})
+        assert r.status_code == 401
+        found = re.search(r'resource_metadata="([^"]+)"', r.headers["www-authenticate"])
+        assert found, r.headers["www-authenticate"]
+        resource = (await http.get(found.group(1))).json()
+        assert resource["resource"] == kp.url and resource["authorization_servers"] == [kp.base], resource
+        meta = (await http.get(f"{kp.base}/.well-known/oauth-authorization-server")).json()
+        assert meta["authorization_endpoint"] == f"{kp.base}/authorize", meta
+        assert meta["registration_endpoint"] == f"{kp.base}/register", meta
+        page = await http.get(f"{kp.base}/signin")
+        assert page.status_code == 200 and "Sign in" in page.text
+
+
+def test_the_oidc_settings_of_the_docker_line_are_settings_kernelpool_takes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/deployment.md's `-e` lines for an upstream OpenID provider: each names a setting and is
+    read as the value it shows, and the redirect URI the page tells to register is the server's
+    callback under that public URL. (Signing in through a real provider with these settings:
+    tests/test_oidc.py; this line's provider does not exist here.)"""
+    from kernelpool.config import load_settings
+    from kernelpool.web.oidc import CALLBACK
+
+    shown = [c for page, c in documented_commands() if page == "docs/deployment.md" and "KERNELPOOL_OIDC_ISSUER" in c]
+    assert len(shown) == 1, shown
+    args = shlex.split(shown[0])
+    assert args[::2] == ["-e"] * (len(args) // 2), shown[0]
+    given = dict(pair.split("=", 1) for pair in args[1::2])
+    for key in [k for k in os.environ if k.startswith("KERNELPOOL_")]:
+        monkeypatch.delenv(key)
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(data_dir=tmp_path)
+    for key, value in given.items():
+        name = key.removeprefix("KERNELPOOL_").lower()
+        assert name in Settings.model_fields and settings.given(name), key
+        got = getattr(settings, name)
+        written = (",".join(got) if isinstance(got, list) else str(got).lower() if isinstance(got, bool)
+                   else str(got))
+        assert written == value, (key, got)
+    assert f"{settings.public_url}{CALLBACK}" == "https://kp.example.com/signin/oidc/callback"
+    assert "**`PUBLIC_URL/signin/oidc/callback`**" in read("docs/deployment.md")
 
 
 INSPECTOR_DIR = os.path.join(ROOT, "tests", "node", "inspector")
@@ -438,7 +492,7 @@ def _inspector() -> dict[str, str]:
     return dict(os.environ, HOME=home, npm_config_update_notifier="false", MCP_AUTO_OPEN_ENABLED="false")
 
 
-def _inspector_command(cli: bool) -> list[str]:
+def _inspector_command(*, cli: bool) -> list[str]:
     shown = [shlex.split(c) for page, c in documented_commands()
              if page == "docs/clients.md" and c.startswith("npx @modelcontextprotocol/inspector")]
     found = [args for args in shown if ("--cli" in args) == cli]
@@ -460,6 +514,11 @@ def test_the_inspector_cli_command_lists_the_tools(kp: KernelpoolServer) -> None
         subprocess.run(["rm", "-rf", env["HOME"]], check=False)
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def test_the_inspector_command_serves_its_page() -> None:
     """`npx @modelcontextprotocol/inspector` starts the Inspector's web page (on ports of the test's
     own); choosing the transport, URL and header there and connecting needs a browser: not run here."""
@@ -470,8 +529,8 @@ def test_the_inspector_command_serves_its_page() -> None:
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (up := re.search(r"is up and running at:\s+(http://127\.0\.0\.1:\d+\S*)", open(log).read())):
-            assert proc.poll() is None and time.monotonic() < deadline, open(log).read()
+        while not (up := re.search(r"is up and running at:\s+(http://127\.0\.0\.1:\d+\S*)", _read(log))):
+            assert proc.poll() is None and time.monotonic() < deadline, _read(log)
             time.sleep(0.5)
         assert f":{env['CLIENT_PORT']}" in up.group(1), up.group(1)
         page = httpx2.get(up.group(1), timeout=30)

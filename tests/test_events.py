@@ -153,8 +153,11 @@ async def test_shutdown_waits_until_the_standalone_stream_carried_its_notice() -
     async def wire(message: Any) -> None:
         written.append(message.get("body", b""))
 
+    async def no_body() -> Any:
+        raise AssertionError("a GET stream reads no request body")
+
     scope = {"type": "http", "method": "GET", "headers": [(b"mcp-session-id", b"S1")]}
-    stream = asyncio.create_task(EventScope(standalone, store)(scope, None, wire))
+    stream = asyncio.create_task(EventScope(standalone, store)(scope, no_body, wire))
     await asyncio.sleep(0.05)
     after = store.last_seq
     assert await store.standalone_written(["S1", "S2"], after, 0.1) == 1, "S1's notice is not stored yet"

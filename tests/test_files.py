@@ -83,7 +83,8 @@ async def test_text_and_binary_round_trip_in_pages(srv: KernelpoolServer) -> Non
         r = await call(c, "read_file", path="b.bin")
         assert r.structured_content["encoding"] == "base64"
         # the same through file:// resources, page after page
-        uri, got = "file://b.bin", b""
+        uri: str | None = "file://b.bin"
+        got = b""
         while uri:
             res = await c.read_resource(uri)
             content = res.contents[0]

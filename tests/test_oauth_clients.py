@@ -83,7 +83,7 @@ async def test_mcp_remote_with_no_header_signs_in_and_runs_code(clients_kp: Kern
     params = StdioServerParameters(command="node", args=[proxy, clients_kp.url], env=env)
     with open(os.path.join(folder, "mcp-remote.log"), "w+") as errlog:
         try:
-            async with Client(stdio_client(params, errlog=errlog)) as client:  # type: ignore[arg-type]
+            async with Client(stdio_client(params, errlog=errlog)) as client:
                 tools = {t.name for t in (await client.list_tools()).tools}
                 assert {"execute_code", "use_notebook"} <= tools
                 r = await client.call_tool("use_notebook", {"notebook": "remote.ipynb", "mode": "create"})

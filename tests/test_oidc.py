@@ -99,13 +99,13 @@ def test_oidc_settings_that_are_refused() -> None:
         ({"oidc_client_secret_file": "/run/secrets/kp"}, "one of"),
         ({"oidc_scopes": "email,profile"}, "openid"),
         ({"oidc_create_users": True}, "oidc_allowed_domains or oidc_allowed_groups"),
-        ({"host": "0.0.0.0"}, "needs public_url"),
+        ({"host": "0.0.0.0"}, "needs public_url"),  # noqa: S104 (a setting refused: no bind)
         ({"oauth": False}, "needs oauth on"),
     ):
         with pytest.raises(ValueError, match=why):
             _settings(**given)
     assert _settings(oidc_issuer="http://localhost:8080/").oidc_issuer == "http://localhost:8080/"  # kept exactly
-    assert _settings(host="0.0.0.0", public_url="https://kp.example.com").oidc_issuer
+    assert _settings(host="0.0.0.0", public_url="https://kp.example.com").oidc_issuer  # noqa: S104 (a setting: no bind)
     assert "s" not in repr(_settings().oidc_client_secret).replace("SecretStr", "")
 
 
@@ -417,6 +417,16 @@ async def test_first_sign_ins_create_users_that_work(oidc_kp: KernelpoolServer, 
     made = {r["user"]: r["detail"] for r in rows if r["tool"] == "auth.oidc.create"}
     assert set(made) == {"newton", "grace"}
     assert "e-mail domain example.com" in made["newton"] and "group kernelpool" in made["grace"]
+    # the web view's sign-in page (no authorization request) offers the provider's button as the
+    # OAuth one does, and signing in there leads to the person's notebooks
+    async with await page.context.browser.new_context() as viewer:
+        again = person(await viewer.new_page(), provider, "newton")
+        await again.page.goto(f"{oidc_kp.base}/view")
+        assert "/signin?next=" in again.page.url, again.page.url
+        assert await again.page.get_by_role("button", name=f"Sign in with {NAME}").count() == 1
+        await again.through_provider()
+        assert again.page.url == f"{oidc_kp.base}/view/newton/notebooks", again.page.url
+        assert "first.ipynb" in await again.page.inner_text("main")
 
 
 @aio

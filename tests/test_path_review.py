@@ -51,7 +51,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     # kernelpool
     ("kernelpool/kernels/zygote/child.py", "_child", "os.open"): (1, "/dev/null"),
     ("kernelpool/app.py", "_Server.lifespan", ".open"): (1, "Store.open(): " + SERVICE),
-    ("kernelpool/cli.py", "_with_store", ".open"): (1, "Store.open(): " + SERVICE),
+    ("kernelpool/commands/common.py", "_with_store", ".open"): (1, "Store.open(): " + SERVICE),
     ("kernelpool/config.py", "_config_file_from", ".is_file"): (1, "the --config file: the administrator's"),
     ("kernelpool/kernels/isolation.py", "_first_blocked", "os.path.realpath"):
         (1, "the kernel interpreter, or the folder above DATA: configuration; stat only"),
@@ -135,7 +135,7 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/views.py", "_layer", "os.chown"): (1, "the layer folder just made in that scratch tmpfs"),
     ("sandbox/views.py", "_layer", "os.chmod"): (1, "the layer folder just made in that scratch tmpfs"),
     ("sandbox/views.py", "private_cgroupfs", "os.mkdir"): (1, FRESH_NS),
-    ("kernelpool/cli.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
+    ("kernelpool/commands/doctor.py", "_doctor", ".exists"): (1, "DATA and its parents, for the free space: configuration"),
     ("kernelpool/kernels/networks.py", "report", "os.listdir"): (1, NETNS),
     ("sandbox/launcher.py", "_network", "os.open"): (1, NETNS + "; opened read-only in the kernel's child before it drops root"),
     ("sandbox/netplan.py", "resolvers_from", "open"): (1, "/etc/resolv.conf: the host's"),

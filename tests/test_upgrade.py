@@ -28,8 +28,8 @@ import pytest
 
 from kernelpool import schema
 from kernelpool import store as store_module
-from kernelpool.schema import MIGRATIONS
 from kernelpool.errors import UserNotFound
+from kernelpool.schema import MIGRATIONS
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
 from testkit.client import mcp_client

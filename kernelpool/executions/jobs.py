@@ -151,23 +151,23 @@ class JobService:
     def running_cells(self, user: str, notebook: str) -> set[str]:
         """Ids of the saved cells of a notebook that run now (the web view marks them)."""
         return {j.cell_id for j in self._jobs.values()
-                if j.user == user and j.notebook == notebook and not j.done and j.cell_id is not None}
+                if j.user == user and j.path == notebook and not j.done and j.cell_id is not None}
 
     def live_outputs(self, user: str, notebook: str, cell_id: str, max_chars: int) -> list[NotebookNode] | None:
         """A bounded copy of a running cell's outputs so far (`Outputs.preview`); None when it does not run."""
         for job in self._jobs.values():
-            if job.user == user and job.notebook == notebook and job.cell_id == cell_id and not job.done:
+            if job.user == user and job.path == notebook and job.cell_id == cell_id and not job.done:
                 return job.live.preview(max_chars) if job.live is not None else []
         return None
 
     def _on_output(self, job: Job, outputs: Outputs) -> None:
         job.live = outputs
         if job.cell_id is not None and self._changes.watched(job.user):
-            self._changes.publish(Change(job.user, job.notebook, "output", job.cell_id))
+            self._changes.publish(Change(job.user, job.path, "output", job.cell_id))
 
     def _tell(self, job: Job, kind: Literal["running", "finished"]) -> None:
         if job.cell_id is not None:
-            self._changes.publish(Change(job.user, job.notebook, kind, job.cell_id))
+            self._changes.publish(Change(job.user, job.path, kind, job.cell_id))
 
     async def cancel(self, job: Job) -> None:
         job.cancelled = True

@@ -7,9 +7,7 @@ from collections.abc import Callable
 from mcp.server.auth.provider import AccessToken
 
 from kernelpool.store import Store
-from kernelpool.users.tokens import TokenChecker
-
-SCOPE = "kernelpool"
+from kernelpool.users.tokens import SCOPE, TokenChecker
 
 
 class StoreTokenVerifier:

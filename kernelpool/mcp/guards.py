@@ -14,9 +14,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernelpool.errors import LimitReached
-from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
+from kernelpool.mcp.auth import StoreTokenVerifier
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
+from kernelpool.users.tokens import SCOPE
 
 
 class SessionGate:

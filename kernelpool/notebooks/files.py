@@ -58,7 +58,7 @@ class Written:
     created: bool
 
 
-def _text_page(raw: bytes, at_end: bool, max_chars: int) -> tuple[str, int] | None:
+def _text_page(raw: bytes, *, at_end: bool, max_chars: int) -> tuple[str, int] | None:
     """(text, bytes it takes) of the first `max_chars` characters of `raw` as UTF-8 (a character
     cut at the end of `raw` waits for the next page), or None when `raw` is not UTF-8 text."""
     if b"\0" in raw:
@@ -114,7 +114,7 @@ class FileService:
         if offset > size:
             raise InvalidArgument("offset", f"{offset} is past the end of {path!r} ({size} bytes)")
         if encoding != "base64":
-            found = _text_page(raw, offset + len(raw) >= size, max_chars)
+            found = _text_page(raw, at_end=offset + len(raw) >= size, max_chars=max_chars)
             if found is not None:
                 text, length = found
                 if length or not raw:

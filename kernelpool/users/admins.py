@@ -1,7 +1,7 @@
 """Operators: users with the `admin` flag (schema migration 5), who see the web view's operators'
 page (every user's kernels, sessions and failures, never anyone's notebooks). Set by
 `kernelpool users set-admin NAME [--off]`; read per request by the view, so a change counts at
-once. Callers: the CLI, `kernelpool.web.view`.
+once. Callers: the CLI, `kernelpool.web.viewbase`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from kernelpool.store import Store
 
+# the one OAuth scope a token of kernelpool's carries (the MCP resource and the authorization server
+# name it alike)
+SCOPE = "kernelpool"
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()

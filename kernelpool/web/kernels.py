@@ -21,7 +21,7 @@ from kernelpool.kernels.kernel import Kernel
 from kernelpool.notebooks.changes import Change
 from kernelpool.users import activity
 from kernelpool.web.pages import message
-from kernelpool.web.view import Person, ViewBase, span
+from kernelpool.web.viewbase import Person, ViewBase, span
 
 ACTIONS = {"interrupt": "Interrupt", "restart": "Restart"}
 _WHY = {
@@ -42,7 +42,7 @@ def _usage(kernel: Kernel) -> dict[str, Any]:
         memory, cpu = memory if memory is not None else rss, cpu if cpu is not None else seconds
     limit = kernel.memory_limit
     return {
-        "id": kernel.id, "notebook": kernel.notebook or "", "state": kernel.state.value,
+        "id": kernel.id, "notebook": kernel.path or "", "state": kernel.state.value,
         "memory": fmt_bytes(memory) if memory else "unknown",
         "limit": fmt_bytes(limit) if limit else "no limit",
         "percent": round(100 * memory / limit) if memory and limit else None,
@@ -74,9 +74,9 @@ class KernelPages(ViewBase):
         kernel = self._kernel(who, request.path_params["kernel"])
         if kernel is None or action not in ACTIONS:
             return self.not_found(who)
-        return self.show(who, "view_confirm.html", title=f"{ACTIONS[action]} the kernel of {kernel.notebook}?",
+        return self.show(who, "view_confirm.html", title=f"{ACTIONS[action]} the kernel of {kernel.path}?",
                          action=action, label=ACTIONS[action], why=_WHY[action], kernel=kernel.id,
-                         notebook=kernel.notebook, csrf=who.browser.csrf)
+                         notebook=kernel.path, csrf=who.browser.csrf)
 
     async def act(self, request: Request) -> Response:
         who = await self.owner(request)
@@ -90,11 +90,11 @@ class KernelPages(ViewBase):
             return response
         action = request.path_params["action"]
         kernel = self._kernel(who, request.path_params["kernel"])
-        if kernel is None or action not in ACTIONS or kernel.notebook is None:
+        if kernel is None or action not in ACTIONS or kernel.path is None:
             return self.not_found(who)
         if form.get("confirm") != "yes":
             return self.show(who, "message.html", 400, title="Not confirmed", text="Nothing was done.")
-        notebook, start, outcome, detail = kernel.notebook, time.monotonic(), "ok", f"kernel {kernel.id}"
+        notebook, start, outcome, detail = kernel.path, time.monotonic(), "ok", f"kernel {kernel.id}"
         try:
             if action == "interrupt":
                 await self.deps.kernels.interrupt(kernel)

@@ -49,10 +49,10 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp
 
 from kernelpool.config import Settings
-from kernelpool.mcp.auth import SCOPE
 from kernelpool.users.cimd import ClientDocumentError, ClientDocuments, is_document_url
 from kernelpool.users.grants import GrantRow, GrantStore, Issued
 from kernelpool.users.pending import Pending, PendingAuthorizations
+from kernelpool.users.tokens import SCOPE
 
 log = logging.getLogger(__name__)
 

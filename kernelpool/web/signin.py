@@ -95,7 +95,7 @@ class SignIn:
                 return redirect(target, cookie, web.browsers)
             browser.scratch[VIEW_NEXT] = target  # where any way of signing in leads, back in this browser
             return self._page(cookie, "signin.html", title="Sign in", client=None, txn="",
-                              csrf=browser.csrf, error=None, user=None)
+                              csrf=browser.csrf, error=None, user=None, oidc=web.oidc_name)
         pending = web.pending.claim(txn, browser.key)
         if pending is None:
             return self._page(cookie, "message.html", 400, title="Sign-in request not found", text=UNKNOWN_REQUEST)

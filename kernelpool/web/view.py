@@ -12,11 +12,8 @@ A signed-out browser is sent to sign in, and back. Callers: `kernelpool.web.serv
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import math
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any
 
 import nbformat
 from starlette.requests import Request
@@ -24,66 +21,16 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from kernelpool.errors import CorruptNotebook, KernelpoolError, NotebookNotFound
-from kernelpool.executions.jobs import JobService
-from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.notebooks.paths import check_notebook_path
-from kernelpool.notebooks.service import NotebookService
-from kernelpool.store import Store
 from kernelpool.users import activity
-from kernelpool.users.accounts import UserService
-from kernelpool.users.admins import is_admin
-from kernelpool.users.sessions import SessionContexts
 from kernelpool.web import render
-from kernelpool.web.browser import Browser, Browsers
-from kernelpool.web.live import LIVE_CHARS, LiveHub
-from kernelpool.web.pages import HEADERS, page
+from kernelpool.web.kernels import KernelPages
+from kernelpool.web.live import LIVE_CHARS
+from kernelpool.web.pages import HEADERS
+from kernelpool.web.viewbase import Person, ViewBase, ViewDeps, when
 
 PAGE_SIZE = 50
 PAGE_BYTES = 32 * 1024 * 1024  # HTML of one notebook page at most
-# the view's pages run one script of the server's own (live updates) and show images from data:
-# URLs; still no inline script, no eval, no frames, no form posting elsewhere
-VIEW_HEADERS = HEADERS | {"Content-Security-Policy": (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")}
-
-
-@dataclass
-class Person:
-    """Who is signed in in this browser, for one request."""
-
-    user: str
-    browser: Browser
-    cookie: str | None
-    admin: bool
-
-
-@dataclass
-class ViewDeps:
-    """What the view's pages read, built once by the app."""
-
-    store: Store
-    browsers: Browsers
-    notebooks: NotebookService
-    jobs: JobService
-    kernels: KernelRegistry
-    sessions: SessionContexts
-    users: UserService
-    hub: LiveHub
-
-
-def when(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def span(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def render_page(cells: list[nbformat.NotebookNode], running: set[str],
@@ -103,39 +50,6 @@ def render_page(cells: list[nbformat.NotebookNode], running: set[str],
     return out
 
 
-class ViewBase:
-    def __init__(self, deps: ViewDeps) -> None:
-        self.deps = deps
-
-    async def person(self, request: Request) -> Person | Response:
-        """The signed-in person, or the redirect to sign in (and back to this URL)."""
-        browser, cookie = self.deps.browsers.get(request)
-        user = await self.deps.browsers.signed_in(browser)
-        if user is None:
-            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            response = RedirectResponse(f"/signin?next={urllib.parse.quote(here, safe='/')}", status_code=303,
-                                        headers=HEADERS)
-            self.deps.browsers.set_cookie(response, cookie)
-            return response
-        return Person(user, browser, cookie, await is_admin(self.deps.store, user))
-
-    async def owner(self, request: Request) -> Person | Response:
-        """`person`, when the URL's `<user>` is that person; 404 otherwise."""
-        who = await self.person(request)
-        if isinstance(who, Person) and request.path_params.get("user") != who.user:
-            return self.not_found(who)
-        return who
-
-    def show(self, who: Person, template: str, status_code: int = 200, **context: Any) -> Response:
-        response = page(template, status_code, VIEW_HEADERS, me=who.user, admin=who.admin, **context)
-        self.deps.browsers.set_cookie(response, who.cookie)
-        return response
-
-    def not_found(self, who: Person) -> Response:
-        return self.show(who, "message.html", 404, title="Not found",
-                         text="There is nothing of yours at this address.")
-
-
 class NotebookPages(ViewBase):
     async def home(self, request: Request) -> Response:
         who = await self.person(request)
@@ -152,7 +66,7 @@ class NotebookPages(ViewBase):
             number = max(1, int(request.query_params.get("page", "1")))
         except ValueError:
             number = 1
-        paths = await self.deps.notebooks.list_notebooks(who.user)
+        paths: list[str] = (await self.deps.notebooks.list_notebooks(who.user)).items
         changed = await self.deps.notebooks.modified(who.user, paths)
         if sort == "changed":
             paths.sort(key=lambda p: -changed.get(p, 0.0))
@@ -233,8 +147,6 @@ class NotebookPages(ViewBase):
 
 def view_routes(deps: ViewDeps) -> list[BaseRoute]:
     """The view's routes (`/view/...`); the sign-in pages and static files are `web.routes`'."""
-    from kernelpool.web.kernels import KernelPages
-
     pages, kernels = NotebookPages(deps), KernelPages(deps)
     return [
         Route("/view", pages.home, methods=["GET"]),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import sandbox._cgroupfs as cgroupfs
+import sandbox._cgroupfiles as cgroupfiles
 import sandbox.cgroups as cgroups
 from sandbox import CgroupError, CgroupV2Backend, Limits, cgroupkill
 
@@ -125,7 +125,7 @@ def test_own_cgroup_with_processes_is_evacuated(tree: Path, monkeypatch: pytest.
     # v2's "no internal processes" rule: enabling controllers below a cgroup that holds
     # processes (ours, in a container) fails with EBUSY until they move to a leaf
     (tree / "cgroup.procs").write_text("101\n")
-    real_write = cgroupfs.write_file
+    real_write = cgroupfiles.write_file
     moved: list[str] = []
 
     def kernel_like_write(path: str, value: str) -> None:
@@ -182,7 +182,7 @@ def sleeper(children: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
 
 def recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     written: list[tuple[str, str]] = []
-    real = cgroupfs.write_file  # the function cgroupkill imported by name
+    real = cgroupfiles.write_file  # the function cgroupkill imported by name
 
     def record(path: str, value: str) -> None:
         written.append((os.path.relpath(path, os.path.dirname(os.path.dirname(path))), value))

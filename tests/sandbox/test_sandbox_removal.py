@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-import sandbox._cgroupfs as cgroupfs
+import sandbox._cgroupfiles as cgroupfiles
 from sandbox import (
     CgroupBackend,
     CgroupV1Backend,
@@ -206,7 +206,7 @@ def test_a_fork_hopper_and_a_zombie_leader_end_through_cgroup_kill_v2(v2_real: C
     wait_for(lambda: any(t.tgid == zombie.pid and t.tid != zombie.pid for t in live_tasks(ended.uid)))
     time.sleep(0.3)
     written: list[tuple[str, str]] = []
-    real_write = cgroupfs.write_file  # the function cgroupkill imported by name
+    real_write = cgroupfiles.write_file  # the function cgroupkill imported by name
 
     def record(path: str, value: str) -> None:
         written.append((os.path.basename(path), value))

@@ -29,6 +29,7 @@ from kernelpool.kernels.kernel import Kernel
 from kernelpool.kernels.launch import KernelLauncher
 from kernelpool.kernels.messages import Misbehaviour
 from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.kernels.specs import Spec
 from kernelpool.store import Store
 from kernelpool.users.accounts import User, UserService
 
@@ -74,7 +75,7 @@ class ScriptedKernel:
     def release(self) -> None:
         self._released.set()
 
-    async def execute(self, code: str, silent: bool = False, store_history: bool = True,
+    async def execute(self, code: str, *, silent: bool = False, store_history: bool = True,
                       listen: bool = True) -> tuple[str, Inbox | None]:
         msg_id = uuid.uuid4().hex
         self.codes.append(code)
@@ -148,11 +149,12 @@ class FakeLauncher(KernelLauncher):
         self.stopped: list[Kernel] = []
         self.kernels: list[Kernel] = []
 
-    async def prepare(self, user: User, kid: str) -> Kernel:
+    async def prepare(self, user: User, kid: str, spec: Spec) -> Kernel:
         if self.fail_prepare is not None:
             raise self.fail_prepare
         kernel = Kernel(id=kid, user=user.name, manager=FakeManager(), cgroup=None,  # type: ignore[arg-type]
-                        memory_limit=user.kernel_limits.memory_bytes, uid=user.uid, limits=user.kernel_limits)
+                        memory_limit=user.kernel_limits.memory_bytes, uid=user.uid, limits=user.kernel_limits,
+                        spec=spec.name)
         self.kernels.append(kernel)
         return kernel
 
@@ -171,7 +173,7 @@ class FakeLauncher(KernelLauncher):
         """What a kernel's channel reader does when the kernel breaks a bound: tell the registry."""
         self._on_misbehaviour(kernel, exc)
 
-    async def stop(self, kernel: Kernel, now: bool = False) -> None:
+    async def stop(self, kernel: Kernel, *, now: bool = False) -> None:
         if kernel.channels is not None:
             await kernel.channels.close()
         with contextlib.suppress(AttributeError):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kernelpool.cli import _settings, build_parser, parse_when
+from kernelpool.cli import build_parser, parse_when
+from kernelpool.commands.common import _settings
 
 
 def test_parse_when() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -16,7 +17,7 @@ def test_network_settings_are_checked(tmp_path: Path) -> None:
         ("egress", "10.201.0.0/16", [], "kp")
     s = load_settings(data_dir=tmp_path, kernel_network_allow="10.20.30.0/24, 192.168.5.5", network_prefix="kpa")
     assert s.kernel_network_allow == ["10.20.30.0/24", "192.168.5.5/32"]
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"kernel_network": "bridge"},
         {"kernel_network_range": "8.8.8.0/24"},  # not private
         {"kernel_network_range": "10.0.0.1/32"},  # room for no pair

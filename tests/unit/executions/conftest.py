@@ -15,6 +15,7 @@ from kernelpool.executions.jobs import JobService
 from kernelpool.executions.service import ExecutionService
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.metrics import Metrics
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.store import Store
@@ -48,16 +49,19 @@ async def make_world(make_settings: Callable[..., Settings], store: Store,
         settings = make_settings(**({"pool_size": 0, "progress_interval": 60.0} | values))
         metrics = Metrics()
         files = FileWork()
-        notebooks = NotebookService(lambda user: SafeRoot(users.folder(user)), files, settings.max_notebook_bytes)
+        changes = Changes()
+        notebooks = NotebookService(lambda user: SafeRoot(users.folder(user)), files, settings.max_notebook_bytes,
+                                    changes=changes)
         kernels, launcher = registry_with_fake_launcher(settings, store, users, metrics=metrics)
-        jobs = JobService(settings, kernels, notebooks, users, metrics)
+        jobs = JobService(settings, kernels, notebooks, users, metrics, changes=changes)
         world = World(settings, users, kernels, launcher, notebooks, jobs, ExecutionService(settings, jobs, notebooks),
                       metrics)
 
-        async def written(user: str, path: str) -> None:
-            world.writes.append((user, path))
+        def written(change: Change) -> None:
+            if change.kind == "saved":
+                world.writes.append((change.user, change.path))
 
-        notebooks.listeners.append(written)
+        changes.subscribe(written)
         made.append((world, files))
         return world
 

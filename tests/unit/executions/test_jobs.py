@@ -33,7 +33,7 @@ def counted(metrics: Metrics, status: str) -> float:
 
 async def test_a_job_runs_saves_its_outputs_and_leaves_the_kernel_idle(world: World) -> None:
     cell = await notebook_with_cell(world, "print:hello\n")
-    job = world.jobs.start("alice", "n.ipynb", "print:hello\n", 10, cell_id=cell.id)
+    job = world.jobs.start("alice", "n.ipynb", "print:hello\n", timeout=10, cell_id=cell.id)
     assert job.state is JobState.RUNNING and not job.done
     await world.jobs.wait(job)
     assert job.state is JobState.FINISHED and job.error is None and job.result is not None
@@ -47,39 +47,39 @@ async def test_a_job_runs_saves_its_outputs_and_leaves_the_kernel_idle(world: Wo
 
 async def test_an_error_in_the_code_is_a_result_not_a_failure(world: World) -> None:
     cell = await notebook_with_cell(world, "error:ZeroDivisionError")
-    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", cell.source, 10, cell_id=cell.id))
+    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", cell.source, timeout=10, cell_id=cell.id))
     assert job.state is JobState.FINISHED and job.error is None and job.result is not None
     assert job.result.status == "error" and job.result.outputs[0].ename == "ZeroDivisionError"
     assert world.on_disk("alice", "n.ipynb").cells[0].outputs[0].ename == "ZeroDivisionError"
 
 
 async def test_a_kernel_that_dies_ends_the_run_with_why_and_is_replaced(world: World) -> None:
-    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "die", 10))
+    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "die", timeout=10))
     assert job.state is JobState.FINISHED and job.result is not None and job.result.status == "died"
     assert job.result.message == "the kernel process was killed by SIGKILL"
     dead = job.kernel
     assert dead is not None and dead.state is KernelState.DEAD
-    again = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "print:back", 10))
+    again = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "print:back", timeout=10))
     assert again.result is not None and again.result.status == "ok" and again.kernel is not dead
     assert dead in world.launcher.stopped and world.kernels.count("alice") == 1
 
 
 async def test_a_timeout_interrupts_the_kernel_and_keeps_it(world: World) -> None:
     cell = await notebook_with_cell(world, "sleep:30")
-    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", cell.source, 0.2, cell_id=cell.id))
+    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", cell.source, timeout=0.2, cell_id=cell.id))
     assert job.result is not None and job.result.status == "timeout" and not job.result.stuck
     assert job.result.message == "the execution ran past its timeout of 0.2 s and was interrupted"
     assert job.result.outputs == [], "the KeyboardInterrupt is the server's doing: said once, in the message"
     kernel = job.kernel
     assert kernel is not None and isinstance(kernel.manager, FakeManager) and kernel.manager.interrupts == 1
     assert kernel.state is KernelState.IDLE
-    after = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "print:still here", 10))
+    after = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "print:still here", timeout=10))
     assert after.kernel is kernel and after.result is not None and after.result.status == "ok"
 
 
 async def test_a_client_that_goes_away_interrupts_the_run_and_the_outputs_are_saved_all_the_same(world: World) -> None:
     cell = await notebook_with_cell(world, "sleep:30")
-    job = world.jobs.start("alice", "n.ipynb", cell.source, 10, cell_id=cell.id)
+    job = world.jobs.start("alice", "n.ipynb", cell.source, timeout=10, cell_id=cell.id)
     waiting = asyncio.create_task(world.jobs.wait(job))
     while job.kernel is None or job.kernel.state is not KernelState.BUSY:
         await asyncio.sleep(0.005)
@@ -98,7 +98,7 @@ async def test_a_job_that_gets_no_kernel_fails_and_saves_nothing(make_world: Cal
     await world.kernels.acquire("alice", "other.ipynb")  # the user's one kernel
     cell = await notebook_with_cell(world, "print:x")
     before = world.writes[:]
-    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", cell.source, 10, cell_id=cell.id))
+    job = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", cell.source, timeout=10, cell_id=cell.id))
     assert job.state is JobState.FAILED and job.result is None
     assert job.error == "kernels per user limit reached (1); shut a kernel down with unuse_notebook first"
     assert world.writes == before and counted(world.metrics, "ok") == 0
@@ -107,10 +107,10 @@ async def test_a_job_that_gets_no_kernel_fails_and_saves_nothing(make_world: Cal
 async def test_outputs_of_a_cell_deleted_while_it_ran_are_not_saved_anywhere(world: World) -> None:
     cell = await notebook_with_cell(world, "wait")
     await world.notebooks.insert("alice", "n.ipynb", -1, "code", "kept")
-    job = world.jobs.start("alice", "n.ipynb", "wait", 10, cell_id=cell.id)
+    job = world.jobs.start("alice", "n.ipynb", "wait", timeout=10, cell_id=cell.id)
     while job.kernel is None or job.kernel.channels is None:
         await asyncio.sleep(0.005)
-    await world.notebooks.edit_cell("alice", "n.ipynb", None, cell.id, lambda nb, i: nb.cells.pop(i))
+    await world.notebooks.edit_cell("alice", "n.ipynb", lambda nb, i: nb.cells.pop(i), cell_id=cell.id)
     job.kernel.channels.release()  # type: ignore[attr-defined]
     await world.jobs.wait(job)
     assert job.result is not None and job.result.status == "ok" and job.saved_index is None
@@ -118,7 +118,7 @@ async def test_outputs_of_a_cell_deleted_while_it_ran_are_not_saved_anywhere(wor
 
 
 async def test_a_background_job_is_fetched_by_its_user_only(world: World) -> None:
-    job = world.jobs.start("alice", "n.ipynb", "print:done", 10, background=True)
+    job = world.jobs.start("alice", "n.ipynb", "print:done", timeout=10, background=True)
     assert world.jobs.get("alice", job.id) is job
     with pytest.raises(InvalidArgument, match="no execution"):
         world.jobs.get("bob", job.id)
@@ -127,17 +127,17 @@ async def test_a_background_job_is_fetched_by_its_user_only(world: World) -> Non
     assert job.result is not None and world.jobs.result_bytes("alice") == job.size > 0
     world.jobs.prune()
     assert world.jobs.get("alice", job.id) is job, "a background result outlives the housekeeping"
-    foreground = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "print:x", 10))
+    foreground = await world.jobs.wait(world.jobs.start("alice", "n.ipynb", "print:x", timeout=10))
     world.jobs.prune()
     with pytest.raises(InvalidArgument):
         world.jobs.get("alice", foreground.id)
 
 
 async def test_running_background_jobs_are_capped_per_user(world: World) -> None:
-    running = [world.jobs.start("alice", "n.ipynb", "wait", 600, background=True) for _ in range(100)]
+    running = [world.jobs.start("alice", "n.ipynb", "wait", timeout=600, background=True) for _ in range(100)]
     with pytest.raises(LimitReached, match="running background executions per user limit reached"):
-        world.jobs.start("alice", "n.ipynb", "wait", 600, background=True)
-    world.jobs.start("bob", "n.ipynb", "print:mine", 10, background=True)  # bob's are his own
+        world.jobs.start("alice", "n.ipynb", "wait", timeout=600, background=True)
+    world.jobs.start("bob", "n.ipynb", "print:mine", timeout=10, background=True)  # bob's are his own
     assert all(not j.done for j in running)
 
 
@@ -146,7 +146,7 @@ def test_finished_results_are_bounded_per_user_and_overall() -> None:
     jobs = JobService(Settings(max_result_bytes_per_user=2500, max_result_bytes=4000), None, None, None, Metrics())  # type: ignore[arg-type]
 
     def finish(user: str, size: int) -> Job:
-        job = Job(id=f"{user}-{len(jobs._jobs)}", user=user, notebook="n.ipynb", cell_id=None, background=True)
+        job = Job(id=f"{user}-{len(jobs._jobs)}", user=user, path="n.ipynb", cell_id=None, background=True)
         job.result = ExecutionResult("ok", outputs=[new_output("stream", name="stdout", text="x" * size)] if size else [])
         jobs._jobs[job.id] = job
         jobs._hold(job)

@@ -75,8 +75,8 @@ class Reader:
 @pytest.fixture
 async def ends() -> AsyncIterator[tuple[Kernel, Reader]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours.setblocking(False)
-    theirs.setblocking(False)
+    ours.setblocking(False)  # noqa: FBT003 (the socket module takes no keyword)
+    theirs.setblocking(False)  # noqa: FBT003 (the socket module takes no keyword)
     kernel = Kernel(theirs)
     try:
         yield kernel, Reader(Wire(ours))

@@ -106,7 +106,7 @@ async def test_a_kernel_of_a_user_being_removed_is_stopped_as_it_starts(build: B
     launcher.gate = asyncio.Event()
     ask = asyncio.create_task(registry.acquire("alice", "n.ipynb"))
     await until(lambda: len(launcher.running) == 1)
-    await store.set_removing("alice", True)  # `users remove` began while the kernel was starting
+    await store.set_removing("alice", removing=True)  # `users remove` began while the kernel was starting
     launcher.gate.set()
     with pytest.raises(KernelFailed, match="is being removed"):
         await ask

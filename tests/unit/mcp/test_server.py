@@ -27,7 +27,9 @@ from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.server import build_mcp
 from kernelpool.mcp.services import Services
 from kernelpool.metrics import Metrics
+from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
+from kernelpool.notebooks.quota import DiskQuota
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store
@@ -69,7 +71,7 @@ class Tools:
 
     async def audit(self, user: str) -> list[tuple[str, str, str | None]]:
         await self.services.store.flush_audit()
-        return [(row["tool"], row["outcome"], row["detail"]) for row in await self.services.store.read_audit(user)]
+        return [(row["tool"], row["outcome"], row["detail"]) for row in await self.services.store.read_audit(user=user)]
 
     def calls(self, tool: str, outcome: str) -> float:
         return self.services.metrics.registry.get_sample_value(
@@ -92,11 +94,13 @@ async def tools(make_settings: Callable[..., Settings], store: Store, users: Use
     files = FileWork()
     live: set[str] = set()
     notebooks = NotebookService(roots_of(users), files, settings.max_notebook_bytes)
+    quota = DiskQuota(roots_of(users), settings.user_disk_quota_bytes)
     kernels, _ = registry_with_fake_launcher(settings, store, users, metrics=metrics)
     sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user, live=lambda: live)
     jobs = JobService(settings, kernels, notebooks, users, metrics)
     services = Services(
         settings=settings, store=store, users=users, notebooks=notebooks,
+        files=FileService(roots_of(users), files, notebooks, quota, settings.max_file_bytes),
         workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
         executions=ExecutionService(settings, jobs, notebooks), sessions=sessions, metrics=metrics,
         notices=Notices(settings.session_idle_timeout), events=None)

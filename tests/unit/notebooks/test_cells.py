@@ -17,9 +17,9 @@ def notebook(*sources: str) -> NotebookNode:
 
 def test_a_cell_is_named_by_index_from_either_end_or_by_id() -> None:
     nb = notebook("a", "b", "c")
-    assert [cells.cell_position(nb, "n.ipynb", i, None) for i in (0, 2, -1, -3)] == [0, 2, 2, 0]
-    assert cells.cell_position(nb, "n.ipynb", None, nb.cells[1].id) == 1
-    assert cells.cell_position(nb, "n.ipynb", 0, nb.cells[2].id) == 2, "the id wins over the index"
+    assert [cells.cell_position(nb, "n.ipynb", cell_index=i) for i in (0, 2, -1, -3)] == [0, 2, 2, 0]
+    assert cells.cell_position(nb, "n.ipynb", cell_id=nb.cells[1].id) == 1
+    assert cells.cell_position(nb, "n.ipynb", cell_index=0, cell_id=nb.cells[2].id) == 2, "the id wins over the index"
 
 
 @pytest.mark.parametrize("index, cell_id, error, words", [
@@ -29,7 +29,7 @@ def test_a_cell_is_named_by_index_from_either_end_or_by_id() -> None:
 ])
 def test_a_cell_that_is_not_there_is_named_in_the_error(index: object, cell_id: str | None, error: type, words: str) -> None:
     with pytest.raises(error, match=words):
-        cells.cell_position(notebook("a", "b", "c"), "n.ipynb", index, cell_id)  # type: ignore[arg-type]
+        cells.cell_position(notebook("a", "b", "c"), "n.ipynb", cell_index=index, cell_id=cell_id)  # type: ignore[arg-type]
 
 
 def test_inserts_go_before_the_cell_at_the_index_and_minus_one_appends() -> None:
@@ -57,13 +57,13 @@ def test_an_unknown_cell_type_is_refused_with_the_choices() -> None:
 
 def test_edit_source_replaces_one_unique_occurrence_or_all_when_asked() -> None:
     cell = new_code_cell("x = 1\ny = x + x\n")
-    assert cells.edit_source(cell, "y", "z", False) == 1 and cell.source == "x = 1\nz = x + x\n"
+    assert cells.edit_source(cell, "y", "z", replace_all=False) == 1 and cell.source == "x = 1\nz = x + x\n"
     for old, words in (("x", "occurs 3 times; make it unique or pass replace_all=true"),
                        ("w", "not found in the cell's source"), ("", "must not be empty")):
         with pytest.raises(InvalidArgument, match=words):
-            cells.edit_source(cell, old, "q", False)
+            cells.edit_source(cell, old, "q", replace_all=False)
     assert cell.source == "x = 1\nz = x + x\n", "a refused edit changes nothing"
-    assert cells.edit_source(cell, "x", "v", True) == 3 and cell.source == "v = 1\nz = v + v\n"
+    assert cells.edit_source(cell, "x", "v", replace_all=True) == 3 and cell.source == "v = 1\nz = v + v\n"
 
 
 def test_move_takes_the_target_index_from_either_end() -> None:

@@ -4,6 +4,7 @@ save keeps the order of writes, and that a refused edit leaves the file as it wa
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path: 
     svc = NotebookService(lambda user: SafeRoot(str(tmp_path)), files, 100 << 20)
     await svc.create("u", "n.ipynb")
     for i in range(5):
-        await svc.edit("u", "n.ipynb", lambda nb, i=i: insert_cell(nb, -1, "code", f"x = {i}"))
+        await svc.edit("u", "n.ipynb", functools.partial(insert_cell, cell_index=-1, cell_type="code", source=f"x = {i}"))
     before = (tmp_path / "n.ipynb").read_bytes()
 
     def break_outputs(nb: NotebookNode) -> None:
@@ -124,7 +125,7 @@ async def test_missing_existing_and_out_of_range(tmp_path: Path, files: FileWork
     with pytest.raises(NotebookExists):
         await svc.create("u", "n.ipynb")
     with pytest.raises(CellNotFound, match="at index 0"):
-        await svc.cell("u", "n.ipynb", 0, None)
+        await svc.cell("u", "n.ipynb", cell_index=0)
     for start, limit, words in ((-1, 5, "start_index"), (0, 0, "limit")):
         with pytest.raises(InvalidArgument, match=words):
             await svc.cell_window("u", "n.ipynb", start, limit)

@@ -60,7 +60,7 @@ async def test_removing_the_user_forgets_its_tokens(settings: Settings, store: S
     _, other = await create_token(store, "bob")
     checker = TokenChecker(store, recheck=0)
     assert (await checker.check(token)).user == "alice" and (await checker.check(other)).user == "bob"
-    await store.set_removing("alice", True)  # `users remove` marks the user first
+    await store.set_removing("alice", removing=True)  # `users remove` marks the user first
     assert (await checker.check(token)).refused == "unknown"
     assert (await checker.check(other)).user == "bob"
 

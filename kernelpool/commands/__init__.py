@@ -1,0 +1,1 @@
+"""The `kernelpool` commands, one module per command (`kernelpool.cli` parses and dispatches)."""

@@ -1,0 +1,1 @@
+"""The settings by area, as mixins of `kernelpool.config.Settings` (import that, not these)."""
