@@ -229,6 +229,16 @@ def load_settings(**overrides: Any) -> Settings:
     unknown = sorted(set(settings.kernelspec_pool_sizes) - set(settings.kernelspecs))
     if unknown:
         raise ValueError(f"kernelspec_pool_sizes names {', '.join(unknown)}, which kernelspecs does not allow")
+    if settings.oidc_issuer and not (settings.oidc_client_id and (settings.oidc_client_secret is None) != (settings.oidc_client_secret_file is None)):
+        raise ValueError("oidc_issuer needs oidc_client_id and one of oidc_client_secret, oidc_client_secret_file")
+    if settings.oidc_issuer and not settings.public_url and not (settings.host == "localhost" or _is_loopback(settings.host)):
+        raise ValueError("oidc_issuer needs public_url here: the provider sends people back to PUBLIC_URL/signin/oidc/callback")
+    if settings.oidc_issuer and not settings.oauth:
+        raise ValueError("oidc_issuer needs oauth on: people sign in by OpenID on kernelpool's own sign-in page")
+    if settings.oidc_issuer and "openid" not in settings.oidc_scopes:
+        raise ValueError("oidc_scopes must include openid")
+    if settings.oidc_create_users and not (settings.oidc_allowed_domains or settings.oidc_allowed_groups):
+        raise ValueError("oidc_create_users needs oidc_allowed_domains or oidc_allowed_groups: who may be created")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

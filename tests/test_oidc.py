@@ -213,6 +213,8 @@ def provider(folder: str, ports: dict[str, int]) -> Iterator[Provider]:
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _oidc_env(provider: Provider, client: str, **extra: str) -> dict[str, str]:
