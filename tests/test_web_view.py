@@ -14,6 +14,7 @@ import contextlib
 import http.server
 import os
 import re
+import shutil
 import threading
 import time
 import urllib.parse
@@ -520,6 +521,32 @@ async def test_a_person_s_pages_are_bounded(view_kp: KernelpoolServer) -> None:
             await open_page()  # the 52nd: the one no stream reads goes first
             assert (await http.get(unread)).status_code == 404
             assert [line async for line in _lines_within(streams[1], 0.5) if line] == [], "the read pages stay"
+
+
+async def test_a_list_cut_short_says_so(view_kp: KernelpoolServer) -> None:
+    """A folder with more notebooks than a listing holds: the page lists as many, and says in words
+    that the list was cut and that the others still open by path."""
+    import httpx2
+
+    home = os.path.join(view_kp.data_dir, "users", "alice")
+    owner = os.stat(home)
+    many = os.path.join(home, "many")
+    os.mkdir(many)
+    os.chown(many, owner.st_uid, owner.st_gid)
+    try:
+        for i in range(10001):  # NOTEBOOK_LIMIT is 10000
+            open(os.path.join(many, f"n{i:05}.ipynb"), "w").close()
+        async with httpx2.AsyncClient(base_url=view_kp.base, timeout=30) as http:
+            form = await http.get("/signin", params={"next": "/view"})
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+            r = await http.post("/signin", data={"csrf": csrf, "txn": "", "user": "alice", "token": view_kp.tokens["alice"]})
+            assert r.status_code == 303
+            r = await http.get("/view/alice/notebooks", params={"sort": "name"})
+            assert r.status_code == 200
+            assert "10000 notebooks in your folder" in r.text, r.text[:2000]
+            assert re.search(r'role="note">list cut after 10000 notebooks found .*they still open by path', r.text), r.text[:2000]
+    finally:
+        shutil.rmtree(many)
 
 
 async def _lines_within(lines: Any, seconds: float) -> AsyncIterator[str]:

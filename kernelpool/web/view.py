@@ -66,7 +66,8 @@ class NotebookPages(ViewBase):
             number = max(1, int(request.query_params.get("page", "1")))
         except ValueError:
             number = 1
-        paths: list[str] = (await self.deps.notebooks.list_notebooks(who.user)).items
+        listing = await self.deps.notebooks.list_notebooks(who.user)
+        paths: list[str] = listing.items
         changed = await self.deps.notebooks.modified(who.user, paths)
         if sort == "changed":
             paths.sort(key=lambda p: -changed.get(p, 0.0))
@@ -78,7 +79,7 @@ class NotebookPages(ViewBase):
             rows.append({"path": path, "changed": when(changed.get(path)),
                          "kernel": kernel.state.value if kernel is not None else "no kernel"})
         return self.show(who, "view_notebooks.html", title="Your notebooks", rows=rows, sort=sort, number=number,
-                         pages=pages, total=len(paths))
+                         pages=pages, total=len(paths), note=listing.note)
 
     async def _notebook(self, who: Person, raw: str) -> tuple[str, nbformat.NotebookNode] | Response:
         try:
