@@ -19,12 +19,11 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from kernelpool import __version__
@@ -49,9 +48,12 @@ from kernelpool.notebooks.workspace import Workspace
 from kernelpool.services import Services
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
+from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 from kernelpool.users.tokens import create_token
+from kernelpool.web.oauth import resource_metadata_route
+from kernelpool.web.server import OAuthServer
 from sandbox import SafeRoot, prepare_dir
 from sandbox.limits import parse_memory
 
@@ -74,7 +76,8 @@ def create_app(settings: Settings, isolation: Isolation | None = None,
     if server.services.events is not None:
         mcp_app = EventScope(mcp_app, server.services.events)
     app = Starlette(
-        routes=[Route("/healthz", server.healthz), Route("/metrics", server.metrics_endpoint), Mount("/", app=mcp_app)],
+        routes=[Route("/healthz", server.healthz), Route("/metrics", server.metrics_endpoint), *server.auth_routes(),
+                Mount("/", app=mcp_app)],
         middleware=[Middleware(AuthGuard, throttle=server.throttle, verifier=server.verifier)],
         lifespan=server.lifespan,
     )
@@ -101,9 +104,11 @@ class _Server:
         self.fork_server = ForkServer(settings.kernel_python or sys.executable) if settings.fork_server else None
         self.services = self._services()
         metrics = self.services.metrics
-        self.verifier = StoreTokenVerifier(self.services.store, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc())
+        self.verifier = StoreTokenVerifier(self.services.store, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc(),
+                                           resource=f"{self.url}/mcp")
         self.throttle = AuthThrottle(settings.auth_failures_before_backoff, settings.auth_failure_window,
                                      settings.auth_backoff, settings.trusted_proxies)
+        self.oauth = OAuthServer(settings, self.services.store, self.services.users, self.throttle, self.url)
         self.mcp, self.mcp_app = self._mcp()
         metrics.add_gauges(lambda: live_gauges(self.services))
 
@@ -134,11 +139,11 @@ class _Server:
 
     def _mcp(self) -> tuple[MCPServer, ASGIApp]:
         settings, services = self.settings, self.services
-        auth = AuthSettings(
-            issuer_url=AnyHttpUrl(self.url), resource_server_url=AnyHttpUrl(f"{self.url}/mcp"), required_scopes=[SCOPE],
-            validate_token_resource=False,  # our tokens are minted for this server only
-        )
-        mcp = build_mcp(services, self.verifier, auth)
+        auth = AuthSettings.model_validate({  # from strings: the issuer as clients compare it, no slash added
+            "issuer_url": self.url, "resource_server_url": f"{self.url}/mcp", "required_scopes": [SCOPE],
+            "validate_token_resource": False,  # StoreTokenVerifier checks an OAuth token's resource itself
+        })
+        mcp = build_mcp(services, self.verifier, auth, icon_url=f"{self.url}/icon.svg" if settings.oauth else None)
         loopback = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
@@ -156,6 +161,11 @@ class _Server:
         services.sessions.set_live(lambda: manager._server_instances)
         manager.asgi_app = SessionGate(manager.asgi_app, services.sessions)  # type: ignore[assignment]
         return mcp, mcp_app
+
+    def auth_routes(self) -> list[BaseRoute]:
+        """The authorization server, its pages and the protected-resource metadata at the root path."""
+        root = resource_metadata_route(f"{self.url}/mcp", self.url, "/.well-known/oauth-protected-resource")
+        return [root, *self.oauth.routes()]
 
     async def healthz(self, request: Request) -> Response:
         services, store = self.services, self.services.store
@@ -197,6 +207,7 @@ class _Server:
                 with contextlib.suppress(asyncio.CancelledError):
                     await housekeeping
                 await self._stop()
+                await self.oauth.close()
         finally:
             await store.close()
 
@@ -289,5 +300,6 @@ async def _housekeeping(services: Services) -> None:
             await services.kernels.networks.refresh()
             await services.users.load()  # users that the CLI added or removed while we run
             await services.kernels.forget_removed(services.users.current())
+            await GrantStore(services.store).prune()
         except Exception:
             log.exception("housekeeping failed")

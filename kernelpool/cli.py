@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(users, "remove", "remove a user, its tokens and its Unix account")
     p.add_argument("name")
     p.add_argument("--delete-files", action="store_true", help="also delete the user's folder")
+    p = _command(users, "login-link", "print a one-time link that signs NAME in at the browser (alone, on stdout)")
+    p.add_argument("name")
+    p.add_argument("--base-url", help="the server's URL as people reach it (default: public_url, else http://HOST:PORT)")
     p = _command(users, "set-limits", "override a user's limits (per kernel, and for all its kernels)")
     p.add_argument("name")
     for option, name in LIMIT_OPTIONS.items():
@@ -121,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(tokens, "create", "create a token for a user and print it (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--expires", type=parse_when, help="30d, 12h, or an ISO date")
-    p = _command(tokens, "list", "list tokens (ids, not secrets)")
+    p = _command(tokens, "list", "list tokens (ids, not secrets), and OAuth grants by client")
     p.add_argument("name", nargs="?")
-    p = _command(tokens, "revoke", "revoke a token by its id (or the token itself)")
+    p = _command(tokens, "revoke", "revoke a token by its id (or the token itself), or an OAuth grant by its id")
     p.add_argument("token_id")
 
     p = _command(sub, "audit", "read the audit log")
@@ -240,6 +243,7 @@ async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[in
 
 
 async def _users(args: argparse.Namespace) -> int:
+    from kernelpool.errors import UserNotFound
     from kernelpool.users.tokens import create_token
 
     async def work(settings: Settings, store: Any, users: Any) -> int:
@@ -256,6 +260,15 @@ async def _users(args: argparse.Namespace) -> int:
         elif args.action == "remove":
             await users.remove(args.name, delete_files=args.delete_files)
             _err(f"removed user {args.name}")
+        elif args.action == "login-link":
+            from kernelpool.app import base_url
+            from kernelpool.users.grants import GrantStore
+
+            if await store.get_user(args.name) is None:
+                raise UserNotFound(args.name)
+            secret = await GrantStore(store).create_link(args.name, settings.login_link_ttl)
+            _err(f"a sign-in link for {args.name}, valid once for {settings.login_link_ttl:g} s, follows on stdout")
+            print(f"{(args.base_url or base_url(settings)).rstrip('/')}/login/{secret}")
         elif args.action == "set-limits":
             given = {k: getattr(args, k) for k in LIMIT_OPTIONS.values()}
             if all(v is None for v in given.values()):
@@ -270,9 +283,11 @@ async def _users(args: argparse.Namespace) -> int:
 
 async def _tokens(args: argparse.Namespace) -> int:
     from kernelpool.errors import UserNotFound
+    from kernelpool.users.grants import GrantStore
     from kernelpool.users.tokens import create_token, hash_token
 
     async def work(settings: Settings, store: Any, users: Any) -> int:
+        grants = GrantStore(store)
         if args.action == "create":
             if await store.get_user(args.name) is None:
                 raise UserNotFound(args.name)
@@ -284,11 +299,19 @@ async def _tokens(args: argparse.Namespace) -> int:
                 state = "revoked" if t.revoked_at else ("expired" if t.expires_at and t.expires_at < time.time() else "active")
                 expires = dt.datetime.fromtimestamp(t.expires_at, dt.UTC).isoformat() if t.expires_at else "never"
                 print(f"{t.id}\t{t.user}\t{state}\texpires={expires}")
+            for g in await grants.grants(args.name):
+                state = f"revoked ({g.revoked_why})" if g.revoked_at else "active"
+                used = dt.datetime.fromtimestamp(g.used_at, dt.UTC).isoformat() if g.used_at else "never"
+                print(f"{g.id}\t{g.user}\t{state}\toauth client={g.client_name or g.client_id!r} ({g.client_id})\tlast-issued={used}")
         elif args.action == "revoke":
             token_id = args.token_id
             if token_id.startswith("kp_"):
                 row = await store.token_by_hash(hash_token(token_id))
-                token_id = row.id if row else ""
+                token_id = (row.grant_id or row.id) if row else ""
+            if await grants.revoke_grant(token_id, "revoked with kernelpool tokens revoke"):
+                await grants.audit(None, "revoke", "ok", f"grant {token_id}: kernelpool tokens revoke")
+                _err(f"revoked OAuth grant {token_id} (its access and refresh tokens)")
+                return 0
             if not await store.revoke_token(token_id):
                 _err(f"kernelpool: no active token {args.token_id!r}")
                 return 2

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,8 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import (
@@ -72,7 +75,7 @@ class Settings(BaseSettings):
     port: int = Field(8765, ge=0, le=65535)
     """port to listen on (0 = any free port)"""
     public_url: str | None = None
-    """the URL clients use, when behind a proxy (printed, used for auth metadata)"""
+    """the URL clients use, when behind a proxy: the OAuth issuer and every URL in the auth metadata derive from it (https, except on loopback)"""
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """extra Host headers to accept (DNS-rebinding protection): host:port or host:*, comma-separated"""
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -195,6 +198,51 @@ class Settings(BaseSettings):
     near_limit_ratio: float = Field(0.8, gt=0, le=1)
     """share of a per-user limit at which the user's sessions are told they are near it"""
 
+    # kernelpool as its own OAuth 2.1 authorization server (kernelpool/mcp/oauth.py, kernelpool/web/)
+    oauth: bool = True
+    """be an OAuth 2.1 authorization server, so that clients sign people in through the browser (pasted tokens work either way)"""
+    oauth_access_token_ttl: PositiveFloat = 3600.0
+    """seconds an OAuth access token is valid"""
+    oauth_refresh_token_ttl: PositiveFloat = 30 * 86400.0
+    """seconds an OAuth refresh token is valid (each use gives a new one)"""
+    oauth_code_ttl: float = Field(60.0, gt=0, le=60)
+    """seconds an OAuth authorization code may wait to be exchanged (at most a minute)"""
+    oauth_dynamic_registration: bool = True
+    """accept OAuth clients that register by RFC 7591 dynamic client registration"""
+    oauth_client_metadata_documents: bool = True
+    """accept OAuth clients whose client id is the HTTPS URL of their metadata document (CIMD)"""
+    oauth_cimd_test_ca: Path | None = None
+    """TESTS ONLY: a CA file trusted, besides the system's, when fetching client metadata documents"""
+    oauth_cimd_test_resolve: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """TESTS ONLY: HOST=ADDRESS pairs that client metadata document fetches resolve so, even to loopback; comma-separated"""
+    login_link_ttl: PositiveFloat = 300.0
+    """seconds a one-time sign-in link (kernelpool users login-link) is valid"""
+    # upstream OpenID Connect sign-in (kernelpool/web/oidc.py, kernelpool/users/upstream.py)
+    oidc_issuer: str | None = None
+    """issuer URL of a team's OpenID Connect provider (discovery at ISSUER/.well-known/openid-configuration): the sign-in page then offers it (https, except on loopback)"""
+    oidc_name: str | None = None
+    """the provider's name on the sign-in page's button (default: the issuer's host name)"""
+    oidc_client_id: str | None = None
+    """kernelpool's client id at the provider, whose redirect URI there is PUBLIC_URL/signin/oidc/callback"""
+    oidc_client_secret: SecretStr | None = None
+    """kernelpool's client secret at the provider (never logged); or oidc_client_secret_file"""
+    oidc_client_secret_file: Path | None = None
+    """a file holding the client secret (a Docker or Kubernetes secret), read when the server starts"""
+    oidc_scopes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["openid", "email", "profile"])
+    """scopes asked of the provider, comma-separated; must include openid"""
+    oidc_user_claim: str = "preferred_username"
+    """ID-token claim whose value is the kernelpool user name (a lowercase letter, then lowercase letters, digits, - or _, at most 31; others are refused)"""
+    oidc_user_domain: str | None = None
+    """when set, the user claim must be an e-mail address at this domain (verified, for the email claim) and the user name is its part before the @"""
+    oidc_allowed_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """only people whose verified e-mail address is at one of these domains may sign in (or those of oidc_allowed_groups; neither set: anyone the provider signs in), comma-separated"""
+    oidc_allowed_groups: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """only people in one of these groups (the oidc_groups_claim claim) may sign in (or those of oidc_allowed_domains), comma-separated"""
+    oidc_groups_claim: str = "groups"
+    """ID-token claim listing a person's groups"""
+    oidc_create_users: bool = False
+    """create a person's kernelpool user (as kernelpool users add does) at their first sign-in; needs oidc_allowed_domains or oidc_allowed_groups"""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """log level of the server"""
     log_json: bool = False
@@ -209,7 +257,8 @@ class Settings(BaseSettings):
         # resolved once, against the folder the server starts in: kernels and the CLI see one path
         return value.absolute()
 
-    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "oauth_cimd_test_resolve",
+                     "oidc_scopes", "oidc_allowed_domains", "oidc_allowed_groups", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -219,6 +268,22 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("public_url", "oidc_issuer")
+    @classmethod
+    def _https(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # the OAuth issuer and what clients send tokens to, the upstream issuer: TLS, except on loopback
+        if value is None:
+            return None
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname or ""
+        loopback = host == "localhost" or _is_loopback(host)
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise ValueError(f"{value!r} must be an https:// URL (http:// only for localhost, 127.0.0.1 or [::1])")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r} must have no query or fragment")
+        # an upstream issuer is compared exactly with what its provider says (some end in a slash)
+        return value if info.field_name == "oidc_issuer" else value.rstrip("/")
 
     @field_validator("kernel_network_range")
     @classmethod
@@ -308,6 +373,13 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _config_file_from(init_settings: PydanticBaseSettingsSource) -> Path | None:
     given: Any = init_settings().get("config") or os.environ.get("KERNELPOOL_CONFIG")
     if not given:
@@ -328,6 +400,16 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
+    if settings.oidc_issuer and not (settings.oidc_client_id and (settings.oidc_client_secret is None) != (settings.oidc_client_secret_file is None)):
+        raise ValueError("oidc_issuer needs oidc_client_id and one of oidc_client_secret, oidc_client_secret_file")
+    if settings.oidc_issuer and not settings.public_url and not (settings.host == "localhost" or _is_loopback(settings.host)):
+        raise ValueError("oidc_issuer needs public_url here: the provider sends people back to PUBLIC_URL/signin/oidc/callback")
+    if settings.oidc_issuer and not settings.oauth:
+        raise ValueError("oidc_issuer needs oauth on: people sign in by OpenID on kernelpool's own sign-in page")
+    if settings.oidc_issuer and "openid" not in settings.oidc_scopes:
+        raise ValueError("oidc_scopes must include openid")
+    if settings.oidc_create_users and not (settings.oidc_allowed_domains or settings.oidc_allowed_groups):
+        raise ValueError("oidc_create_users needs oidc_allowed_domains or oidc_allowed_groups: who may be created")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

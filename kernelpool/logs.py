@@ -27,5 +27,6 @@ def setup_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "mcp.server.streamable_http", "mcp.server.lowlevel.server"):
+    # authlib logs an OpenID sign-in's PKCE verifier at debug level: never that
+    for noisy in ("httpx", "httpx2", "authlib", "mcp.server.streamable_http", "mcp.server.lowlevel.server"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

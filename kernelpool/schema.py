@@ -66,4 +66,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT INTO removed_users(name) SELECT DISTINCT user FROM audit"
         " WHERE user IS NOT NULL AND user NOT IN (SELECT name FROM users)",
     ),
+    # 4: kernelpool as its own OAuth 2.1 authorization server (kernelpool/users/grants.py). A grant is
+    # one person's consent to one client; its access tokens live in `tokens` (grant_id set, bound to
+    # `resource`), its refresh tokens and single-use codes in tables of their own, all as hashes.
+    # Clients registered by DCR are kept; CIMD clients are fetched and cached in memory. Removing a
+    # user drops their grants, codes, tokens and sign-in links (ON DELETE CASCADE).
+    (
+        "CREATE TABLE oauth_clients (client_id TEXT PRIMARY KEY, metadata TEXT NOT NULL, created_at REAL NOT NULL)",
+        "CREATE TABLE oauth_grants (id TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
+        " client_id TEXT NOT NULL, client_name TEXT, scopes TEXT NOT NULL, resource TEXT NOT NULL,"
+        " created_at REAL NOT NULL, used_at REAL, revoked_at REAL, revoked_why TEXT)",
+        "CREATE INDEX oauth_grants_user ON oauth_grants(user)",
+        "CREATE TABLE oauth_codes (hash TEXT PRIMARY KEY, grant_id TEXT NOT NULL REFERENCES oauth_grants(id) ON DELETE CASCADE,"
+        " redirect_uri TEXT NOT NULL, redirect_explicit INTEGER NOT NULL, code_challenge TEXT NOT NULL,"
+        " expires_at REAL NOT NULL, used_at REAL)",
+        "CREATE TABLE oauth_refresh (hash TEXT PRIMARY KEY, grant_id TEXT NOT NULL REFERENCES oauth_grants(id) ON DELETE CASCADE,"
+        " created_at REAL NOT NULL, expires_at REAL, used_at REAL)",
+        "CREATE INDEX oauth_refresh_grant ON oauth_refresh(grant_id)",
+        "ALTER TABLE tokens ADD COLUMN grant_id TEXT REFERENCES oauth_grants(id) ON DELETE CASCADE",
+        "ALTER TABLE tokens ADD COLUMN resource TEXT",
+        "CREATE INDEX tokens_grant ON tokens(grant_id)",
+        "CREATE TABLE login_links (hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
+        " created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL)",
+    ),
 )

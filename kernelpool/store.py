@@ -89,6 +89,8 @@ class TokenRow:
     expires_at: float | None
     revoked_at: float | None
     uid: int | None = None  # the user's, when looked up to check the token
+    grant_id: str | None = None  # an OAuth access token's grant (kernelpool/users/grants.py); None: pasted
+    resource: str | None = None  # the MCP resource an OAuth access token is bound to (RFC 8707)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,15 @@ class Store:
         if self._conn is None:
             raise RuntimeError("the store is not open")
         return self._conn
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The open connection, for the stores of other nouns on this database (`users.grants`)."""
+        return self._db
+
+    def access_changed(self) -> None:
+        """A commit of this connection ended a login (a grant revoked): moves `change_mark`."""
+        self._access_changes += 1
 
     async def open(self) -> Store:
         """Open the database and bring its schema up to SCHEMA_VERSION; raises DataFromNewerVersion
@@ -210,8 +221,7 @@ class Store:
             return {r[0] for r in await cur.fetchall()}
 
     async def set_user_limits(self, name: str, limits: dict[str, Any]) -> None:
-        await self._db.execute("UPDATE users SET limits = ? WHERE name = ?", (json.dumps(limits), name))
-        await self._db.commit()
+        await self._commit("UPDATE users SET limits = ? WHERE name = ?", json.dumps(limits), name)
 
     async def set_removing(self, name: str, removing: bool) -> None:
         """Mark a user as being removed (its tokens stop working at once) or unmark it."""
@@ -240,25 +250,23 @@ class Store:
 
     async def discard_user(self, name: str) -> None:
         """Drop a user whose `add` failed half way: no tombstone, but its uid stays given (the mark)."""
-        await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
-        await self._db.commit()
+        await self._commit("DELETE FROM users WHERE name = ?", name)
         self._access_changes += 1
 
     # tokens
     async def add_token(self, token_id: str, user: str, token_hash: str, expires_at: float | None) -> TokenRow:
         now = time.time()
-        await self._db.execute(
-            "INSERT INTO tokens(id, user, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (token_id, user, token_hash, now, expires_at),
-        )
-        await self._db.commit()
+        await self._commit("INSERT INTO tokens(id, user, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                           token_id, user, token_hash, now, expires_at)
         return TokenRow(token_id, user, now, expires_at, None)
 
     async def token_by_hash(self, token_hash: str) -> TokenRow | None:
         async with self._db.execute(
             # a user being removed has no valid token: its agents start nothing while it goes
-            "SELECT t.id, t.user, t.created_at, t.expires_at, t.revoked_at, u.uid FROM tokens t"
-            " JOIN users u ON u.name = t.user WHERE t.hash = ? AND t.user NOT IN (SELECT user FROM removing)", (token_hash,)
+            # and an OAuth access token only while its grant stands
+            "SELECT t.id, t.user, t.created_at, t.expires_at, t.revoked_at, u.uid, t.grant_id, t.resource FROM tokens t"
+            " JOIN users u ON u.name = t.user WHERE t.hash = ? AND t.user NOT IN (SELECT user FROM removing) AND"
+            " (t.grant_id IS NULL OR t.grant_id IN (SELECT id FROM oauth_grants WHERE revoked_at IS NULL))", (token_hash,)
         ) as cur:
             row = await cur.fetchone()
         return TokenRow(*row) if row else None
@@ -272,10 +280,10 @@ class Store:
         return (row[0] if row else 0, self._access_changes)
 
     async def list_tokens(self, user: str | None = None) -> list[TokenRow]:
-        sql = "SELECT id, user, created_at, expires_at, revoked_at FROM tokens"
+        sql = "SELECT id, user, created_at, expires_at, revoked_at FROM tokens WHERE grant_id IS NULL"  # pasted ones
         args: tuple[Any, ...] = ()
         if user is not None:
-            sql += " WHERE user = ?"
+            sql += " AND user = ?"
             args = (user,)
         async with self._db.execute(sql + " ORDER BY created_at", args) as cur:
             return [TokenRow(*r) for r in await cur.fetchall()]
@@ -290,19 +298,18 @@ class Store:
 
     # kernels: what is running, so that a restarted server can find what a dead one left behind
     async def add_kernel(self, row: KernelRow) -> None:
-        await self._db.execute(
-            "INSERT OR REPLACE INTO kernels(id, user, notebook, pid, cgroup, connection_file, started_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row.id, row.user, row.notebook, row.pid, row.cgroup, row.connection_file, row.started_at),
-        )
-        await self._db.commit()
+        await self._commit("INSERT OR REPLACE INTO kernels(id, user, notebook, pid, cgroup, connection_file, started_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           row.id, row.user, row.notebook, row.pid, row.cgroup, row.connection_file, row.started_at)
 
     async def set_kernel_notebook(self, kernel_id: str, notebook: str | None) -> None:
-        await self._db.execute("UPDATE kernels SET notebook = ? WHERE id = ?", (notebook, kernel_id))
-        await self._db.commit()
+        await self._commit("UPDATE kernels SET notebook = ? WHERE id = ?", notebook, kernel_id)
 
     async def remove_kernel(self, kernel_id: str) -> None:
-        await self._db.execute("DELETE FROM kernels WHERE id = ?", (kernel_id,))
+        await self._commit("DELETE FROM kernels WHERE id = ?", kernel_id)
+
+    async def _commit(self, sql: str, *args: Any) -> None:
+        await self._db.execute(sql, args)
         await self._db.commit()
 
     async def list_kernels(self) -> list[KernelRow]:
@@ -328,9 +335,7 @@ class Store:
         if self._audit_flush is None or self._audit_flush.done():
             self._audit_flush = asyncio.get_running_loop().create_task(self._flush_audit_soon())
 
-    @property
-    def audit_pending(self) -> int:
-        return len(self._audit_rows)
+    audit_pending = property(lambda self: len(self._audit_rows))
 
     async def _flush_audit_soon(self) -> None:
         await asyncio.sleep(_AUDIT_DELAY)

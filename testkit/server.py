@@ -121,8 +121,10 @@ class KernelpoolServer:
         run = os.path.join(self.data_dir, "run", str(self.uid(name)))
         return sorted(n for n in os.listdir(run) if n != "tmp")
 
-    def start(self, *extra: str, wait: float = 60) -> None:
-        self.port = free_port()
+    def start(self, *extra: str, wait: float = 60, port: int | None = None) -> None:
+        """Start `kernelpool serve` on `port` (default: a free one; a test passes one it chose
+        earlier when something must know the URL first, such as an OpenID provider)."""
+        self.port = port or free_port()
         self.log_path = os.path.join(self.data_dir, self.log_name)
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(

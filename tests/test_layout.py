@@ -51,7 +51,7 @@ def test_sandbox_imports_nothing_of_kernelpool(path: str) -> None:
 
 @pytest.mark.parametrize("path", sorted(_sources("kernelpool")))
 def test_only_the_tool_layer_and_the_edge_speak_mcp_and_http(path: str) -> None:
-    if path.startswith("kernelpool/mcp/") or path in EDGE:
+    if path.startswith(("kernelpool/mcp/", "kernelpool/web/")) or path in EDGE:
         return
     web = sorted(m for m in _imports(path) if _top(m) in WEB)
     assert not web, f"{path} imports {web}: services stay free of the MCP SDK and the web stack"

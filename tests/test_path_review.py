@@ -74,6 +74,10 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
             "(root:<gid> 0750) and check_sockets found each entry a socket of the kernel's uid"),
     ("kernelpool/kernels/channels.py", "KernelChannels.open", ".connect"): (1, "Wire.connect: reviewed where it is defined"),
     ("kernelpool/kernels/launch.py", "KernelLauncher.open_channels", ".open"): (1, "KernelChannels.open: reviewed where it is defined"),
+    ("kernelpool/users/upstream.py", "UpstreamUsers._leftover_files", "os.scandir"):
+        (1, "DATA/users/<name> while there is no such user (no process of a removed uid is left): listed, nothing opened or followed; DATA/users is root's, 0711"),
+    ("kernelpool/web/oidc.py", "client_secret", ".read_text"):
+        (1, "oidc_client_secret_file, read once at start-up: the administrator's (a Docker or Kubernetes secret); no tenant names it"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.listdir"): (1, "DATA/run: root's, 0711"),
     ("kernelpool/kernels/reaper.py", "_user_run_folders", "os.path.islink"): (1, "DATA/run/<uid>: in root's DATA/run"),
     ("kernelpool/kernels/reaper.py", "reap_leftovers", "os.listdir"):

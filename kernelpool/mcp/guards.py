@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kernelpool.errors import LimitReached
-from kernelpool.mcp.auth import StoreTokenVerifier
+from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 
@@ -69,6 +69,14 @@ def opens_session(scope: Scope) -> bool:
     return version is None or version.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS
 
 
+def with_scope(message: Message) -> Message:
+    """A 401's `WWW-Authenticate: Bearer ...` naming the scope to ask for (the MCP authorization
+    spec asks for it; the SDK's challenge names only `resource_metadata`)."""
+    headers = [(k, v + f', scope="{SCOPE}"'.encode()) if k.lower() == b"www-authenticate"
+               and v.lower().startswith(b"bearer") and b"scope=" not in v else (k, v) for k, v in message.get("headers", [])]
+    return {**message, "headers": headers}
+
+
 class AuthGuard:
     """Failed authentication per client address (`AuthThrottle`): counts the 401s the app answers,
     and answers 429 with Retry-After to an address in back-off, unless its request's token is valid."""
@@ -95,6 +103,7 @@ class AuthGuard:
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 401:
                 self.throttle.failed(address, "invalid or missing token")
+                message = with_scope(message)
             await send(message)
 
         await self.app(scope, receive, watch)

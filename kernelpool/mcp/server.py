@@ -15,16 +15,17 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, Icon
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.mcp import cells, execution, kernels, notebooks
 from kernelpool.mcp.call import Call, Tool, ToolFunction
+from kernelpool.mcp.presentation import OUTPUTS, TITLES
 from kernelpool.mcp.resources import register as register_resources
 from kernelpool.mcp.resources import session_of
 from kernelpool.mcp.wire import clean_replies, clean_text
@@ -41,10 +42,11 @@ addressed by `cell_index` (0-based; negative counts from the end) or by `cell_id
 TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
 
 
-def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
+def build_mcp(services: Services, token_verifier: Any, auth: Any, *, icon_url: str | None = None) -> MCPServer:
     """The MCP server with every tool, resource handler and the session middleware registered."""
+    icons = [Icon(src=icon_url, mime_type="image/svg+xml", sizes=["any"])] if icon_url else None
     server: MCPServer = MCPServer(
-        name="kernelpool", instructions=INSTRUCTIONS, version="0.1.0",
+        name="kernelpool", title="kernelpool", instructions=INSTRUCTIONS, version="0.1.0", icons=icons,
         token_verifier=token_verifier, auth=auth,
         # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
         # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/mcp/notices.py)
@@ -66,7 +68,8 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any) -> MCPServer:
     server.middleware.append(clean_replies)  # innermost: sees each handler's wire-shaped result first
     register_resources(server._lowlevel_server, services, attach)
     for tool in TOOLS:
-        server.tool(name=tool.name, description=tool.description, annotations=tool.annotations)(_entry(services, tool))
+        server.tool(name=tool.name, title=TITLES[tool.name], description=tool.description,
+                    annotations=tool.annotations)(_entry(services, tool))
     return server
 
 
@@ -79,8 +82,10 @@ def _entry(services: Services, tool: Tool) -> ToolFunction:
 
     params = list(inspect.signature(tool.fn, eval_str=True).parameters.values())[1:]
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Context)
-    entry.__signature__ = inspect.Signature([context, *params], return_annotation=CallToolResult)  # type: ignore[attr-defined]
-    entry.__annotations__ = {"ctx": Context, **{p.name: p.annotation for p in params}, "return": CallToolResult}
+    # a stable structured result is published as the tool's output schema (and checked by the SDK)
+    returns: Any = Annotated[CallToolResult, OUTPUTS[tool.name]] if tool.name in OUTPUTS else CallToolResult
+    entry.__signature__ = inspect.Signature([context, *params], return_annotation=returns)  # type: ignore[attr-defined]
+    entry.__annotations__ = {"ctx": Context, **{p.name: p.annotation for p in params}, "return": returns}
     entry.__name__ = entry.__qualname__ = tool.fn.__name__
     entry.__doc__ = tool.fn.__doc__
     return entry

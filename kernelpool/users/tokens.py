@@ -1,7 +1,9 @@
 """Bearer tokens: minted here, stored only as SHA-256 hashes, checked against the store.
 
 A token is `kp_<id>_<secret>`: the id names it for listing and revoking; the secret is 32
-random bytes, so a fast hash is enough (nothing to brute-force).
+random bytes, so a fast hash is enough (nothing to brute-force). Every token kernelpool hands
+out, pasted or OAuth (access and refresh, `users.grants`), is made by `mint_token`, so that its
+format can change in one place.
 """
 
 from __future__ import annotations
@@ -18,12 +20,28 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def create_token(store: Store, user: str, expires_at: float | None = None) -> tuple[str, str]:
-    """Mint a token for `user`; returns (token id, token). The token is never stored."""
+@dataclass(frozen=True)
+class Minted:
+    """A new token: its id (for listing and revoking), the token itself (handed out once, never
+    stored) and its hash (what is stored)."""
+
+    id: str
+    token: str
+    hash: str
+
+
+def mint_token() -> Minted:
+    """A new opaque `kp_` token. Callers: `create_token` (pasted tokens), `users.grants` (OAuth)."""
     token_id = secrets.token_hex(4)
     token = f"kp_{token_id}_{secrets.token_urlsafe(32)}"
-    await store.add_token(token_id, user, hash_token(token), expires_at)
-    return token_id, token
+    return Minted(token_id, token, hash_token(token))
+
+
+async def create_token(store: Store, user: str, expires_at: float | None = None) -> tuple[str, str]:
+    """Mint a token for `user`; returns (token id, token). The token is never stored."""
+    minted = mint_token()
+    await store.add_token(minted.id, user, minted.hash, expires_at)
+    return minted.id, minted.token
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,8 @@ class Verdict:
     expires_at: float | None = None
     refused: str | None = None  # "unknown", "revoked" or "expired"
     uid: int | None = None  # the user's: a name removed and added again comes back with another
+    grant_id: str | None = None  # an OAuth access token's grant; None for a pasted token
+    resource: str | None = None  # the resource an OAuth access token was issued for (RFC 8707)
 
 
 async def check_token(store: Store, token: str) -> Verdict:
@@ -45,7 +65,7 @@ async def check_token(store: Store, token: str) -> Verdict:
         return Verdict(None, refused="revoked")
     if row.expires_at is not None and row.expires_at <= time.time():
         return Verdict(None, refused="expired")
-    return Verdict(row.user, row.expires_at, uid=row.uid)
+    return Verdict(row.user, row.expires_at, uid=row.uid, grant_id=row.grant_id, resource=row.resource)
 
 
 class TokenChecker:
