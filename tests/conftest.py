@@ -53,3 +53,26 @@ def docker_engine() -> Iterator[None]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"kernelpool sandbox: {'on' if SANDBOX_SKIP is None else 'OFF (' + SANDBOX_SKIP + ')'}; euid={os.geteuid()}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL server for the test session (testkit/postgres.py); skipped, with the reason,
+    where none can run."""
+    from testkit.postgres import running_postgres, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Each store test runs on both backends: None (SQLite in the test's folder) and a new
+    PostgreSQL database of the session's server."""
+    if request.param == "sqlite":
+        return None
+    server = request.getfixturevalue("postgres")
+    return server.new_database()  # type: ignore[attr-defined, no-any-return]
