@@ -23,6 +23,7 @@ from pydantic import BeforeValidator
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError, fmt_bytes
+from kernelpool.replicas import commands as replicas
 from sandbox.errors import SandboxError
 
 log = logging.getLogger("kernelpool")
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(users, "add", "add a user and print its first token (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--expires", type=parse_when, help="token expiry: 30d, 12h, or an ISO date")
+    p.add_argument("--replica", help="the replica it lives on (default: the least loaded running one)")
+    replicas.add_arguments(users, sub, _command)
     _command(users, "list", "list users")
     p = _command(users, "remove", "remove a user, its tokens and its Unix account")
     p.add_argument("name")
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = {
             "users": _users, "tokens": _tokens, "audit": _audit, "doctor": _doctor,
+            "replicas": lambda a: _with_store(a, lambda s, store, u: replicas.list_replicas(s, store)),
         }[args.command]
         return asyncio.run(handler(args))
     except KernelpoolError as exc:
@@ -234,7 +238,7 @@ async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[in
     note = check_earlier_data_dir(settings)  # raises before a database is made beside an earlier one
     if note:
         _err(f"kernelpool: {note}")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.db_path, url=settings.database_url, replica=settings.replica).open()
     try:
         isolated = not settings.insecure_no_sandbox and accounts.can_manage_accounts()
         return await work(settings, store, UserService(settings, store, isolated=isolated))
@@ -248,15 +252,19 @@ async def _users(args: argparse.Namespace) -> int:
 
     async def work(settings: Settings, store: Any, users: Any) -> int:
         if args.action == "add":
-            row = await users.add(args.name)
+            row = await users.add(args.name, await replicas.place(settings, store, args.replica))
             _, token = await create_token(store, row.name, args.expires)
+            await replicas.route(settings, store)
             account = f", account {users.account_name(row)}" if users.isolated else ""
             _err(f"created user {row.name} (uid {row.uid}{account}); its token follows on stdout")
             print(token)
         elif args.action == "list":
             for row in await store.list_users():
                 limits = " ".join(f"{k}={v}" for k, v in sorted(row.limits.items()))
-                print(f"{row.name}\tuid={row.uid}\t{limits}".rstrip())
+                home = f"\thome={row.home}" if row.home else ""
+                print(f"{row.name}\tuid={row.uid}{home}\t{limits}".rstrip())
+        elif args.action == "move":
+            return await replicas.move(settings, store, args)
         elif args.action == "remove":
             await users.remove(args.name, delete_files=args.delete_files)
             _err(f"removed user {args.name}")

@@ -33,6 +33,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from kernelpool.replicas.settings import ReplicaSettings
 from sandbox.limits import parse_memory
 
 # the data folder where none is given: a system location as root (kernels run as other uids and must
@@ -64,7 +65,7 @@ def memory_limit(value: str | int | None) -> int | None:
 MemoryLimit = Annotated[int | None, BeforeValidator(memory_limit)]
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/settings.py
     model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True,
                                       use_attribute_docstrings=True)
 
@@ -410,6 +411,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ValueError("oidc_scopes must include openid")
     if settings.oidc_create_users and not (settings.oidc_allowed_domains or settings.oidc_allowed_groups):
         raise ValueError("oidc_create_users needs oidc_allowed_domains or oidc_allowed_groups: who may be created")
+    if settings.replica and not settings.database_url:
+        raise ValueError("replica needs database_url: replicas share one PostgreSQL store")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings
