@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 
@@ -89,10 +90,28 @@ class MapSync:
 
     def __init__(self, store: Store, addresses: list[str], folder: str) -> None:
         self._store = store
-        self.apis = [RuntimeAPI(a) for a in addresses]
+        self.addresses = addresses
         self.users_map = os.path.join(folder, "users.map")
         self.tokens_map = os.path.join(folder, "tokens.map")
         self.failing: dict[str, str] = {}  # address -> why its last sync failed
+
+    async def apis(self) -> list[RuntimeAPI]:
+        """One runtime API per HAProxy: a HOST:PORT whose name resolves to several addresses (a
+        headless Service in front of several HAProxy pods) is each of them."""
+        found: list[RuntimeAPI] = []
+        for address in self.addresses:
+            host, _, port = address.rpartition(":")
+            if address.startswith("/") or not host:
+                found.append(RuntimeAPI(address))
+                continue
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            except OSError as exc:
+                self.failing[address] = f"cannot resolve {host}: {exc}"
+                continue
+            ips = sorted({str(info[4][0]) for info in infos})
+            found += [RuntimeAPI(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}") for ip in ips]
+        return found
 
     async def wanted(self) -> tuple[dict[str, str], dict[str, str]]:
         """(user key -> home, token id -> home of its user for live tokens without a key)."""
@@ -107,7 +126,7 @@ class MapSync:
         that cannot be reached is logged (once while it fails) and tried again next time."""
         users, tokens = await self.wanted()
         changed = 0
-        for api in self.apis:
+        for api in await self.apis():
             try:
                 changed += await api.apply(self.users_map, users) + await api.apply(self.tokens_map, tokens)
             except (OSError, TimeoutError, RuntimeAPIError) as exc:
