@@ -23,6 +23,7 @@ import pytest
 from testkit.client import mcp_client, text
 from testkit.haproxy import unavailable as no_haproxy
 from testkit.replicas import Cluster
+from tests.conftest import SANDBOX_SKIP
 
 pytestmark = [pytest.mark.skipif(no_haproxy() is not None, reason=no_haproxy() or ""), pytest.mark.timeout(600)]
 
@@ -173,6 +174,37 @@ async def test_a_moved_user_loses_no_notebook_and_its_sessions_close_with_a_reas
     # the old home refuses her now, with the reason
     r = httpx2.post(cluster.replicas["r1"].url, json=INIT, headers=ACCEPT | auth, timeout=30)
     assert r.status_code == 421 and "lives on replica 'r2'" in r.text
+
+
+async def test_a_move_packs_as_the_user_so_what_it_cannot_read_fails_the_move_and_nothing_is_lost(cluster: Cluster) -> None:
+    """tar runs as the user's uid: a link to a root-only file travels as a link, and a file the user
+    made unreadable to itself fails the move with the cause; the user stays home, files and all."""
+    if SANDBOX_SKIP is not None:
+        pytest.skip(SANDBOX_SKIP)
+    folder = cluster.folder("carol", "r1")
+    assert await where(cluster, "carol") == "r1"  # her folder exists on r1
+    uid = cluster.replicas["r1"].uid("carol")
+    os.symlink("/etc/shadow", os.path.join(folder, "leak"))
+    locked = os.path.join(folder, "locked.txt")
+    with open(locked, "w") as f:
+        f.write("mine")
+    os.chown(locked, uid, uid)
+    os.chmod(locked, 0)
+    before = _files(folder)
+    refused = cluster.cli("users", "move", "carol", "--to", "r2", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "moving carol failed" in refused.stderr and "locked.txt" in refused.stderr and "Permission denied" in refused.stderr
+    assert "It stays on r1, files and all" in refused.stderr
+    assert cluster.home("carol") == "r1" and _files(folder) == before
+    assert await where(cluster, "carol") == "r1"  # served again at once
+    os.chmod(locked, 0o600)
+    moved = cluster.cli("users", "move", "carol", "--to", "r2")
+    assert "moved carol to r2" in moved.stderr
+    target = cluster.folder("carol", "r2")
+    assert os.readlink(os.path.join(target, "leak")) == "/etc/shadow"  # the link, never the root-only file
+    assert os.stat(os.path.join(target, "locked.txt")).st_uid == uid
+    assert _files(target) == before and open(os.path.join(target, "locked.txt")).read() == "mine"
+    assert await where(cluster, "carol") == "r2"
 
 
 async def test_a_replica_that_dies_costs_its_users_their_sessions_only(cluster: Cluster, server_args: list[str]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from kernelpool.config import Settings
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.replicas.moves import CHUNK, COPIED, DONE, DRAINING, FAILED, MoveRow, Moves
-from kernelpool.store import Store
+from kernelpool.store import Store, UserRow
 from kernelpool.users.accounts import UserService
 from sandbox.folders import remove_tree
 
@@ -65,12 +65,13 @@ class Mover:
             self.leaving.pop(row.user, None)
             await self._users.load()  # the user stays here (as source) or was never here (as target)
 
-    def _tar_as(self, name: str) -> dict[str, Any]:
-        row = self._users.owner(name)
-        if row == (None, None):
+    def _tar_as(self, record: UserRow) -> dict[str, Any]:
+        """subprocess's arguments that run tar as the user (from its row: never the server's own
+        uid by accident of what this replica has loaded); none without isolation."""
+        identity = self._users.identity(record)
+        if identity is None:
             return {}
-        uid, gid = row
-        return {"user": uid, "group": gid, "extra_groups": [], "umask": 0o077}
+        return {"user": identity.uid, "group": identity.gid, "extra_groups": [], "umask": 0o077}
 
     async def _export(self, row: MoveRow) -> None:
         user = row.user
@@ -78,7 +79,6 @@ class Mover:
         text = (f"your notebooks are moving to another replica ({row.target}): this session is closed and your "
                 f"kernels were stopped; reconnect in a few seconds (nothing is lost)")
         closed = await self._end_sessions(user, text)
-        ident = self._tar_as(user)  # before the user is forgotten here
         self._users.forget(user)
         stopped = await self._kernels.forget_removed(self._users.current())
         log.info("moving %s to %s: %d session(s) closed, %d kernel(s) stopped; packing its folder", user, row.target,
@@ -86,6 +86,7 @@ class Mover:
         record = await self._store.get_user(user)
         if record is None:
             raise MoveFailed(f"user {user!r} is gone")
+        ident = self._tar_as(record)
         await asyncio.to_thread(self._users.prepare, record)  # its folder exists, even if it was never used
         proc = await asyncio.create_subprocess_exec(
             "tar", "--create", "--file=-", "--directory", self._users.folder(user), "--sparse", ".",
@@ -114,7 +115,7 @@ class Mover:
         proc = await asyncio.create_subprocess_exec(
             "tar", "--extract", "--file=-", "--directory", self._users.folder(user), "--preserve-permissions",
             "--no-same-owner", stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_TAR_ENV, cwd="/",
-            **self._tar_as(user))
+            **self._tar_as(record))
         assert proc.stdin is not None and proc.stderr is not None
         errors = asyncio.ensure_future(proc.stderr.read())
         size = 0

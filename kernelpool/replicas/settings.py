@@ -21,7 +21,7 @@ class ReplicaSettings(BaseModel):
     """this server's name among several replicas (HAProxy's backend of that name routes its users here); needs database_url"""
     haproxy_admin: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """HAProxy runtime API addresses (HOST:PORT, or a unix socket path) whose maps this replica keeps current, comma-separated"""
-    haproxy_maps: str = "/usr/local/etc/haproxy"
+    haproxy_maps: str = "/usr/local/etc/haproxy/maps"
     """folder of users.map and tokens.map as HAProxy's configuration names them"""
     replica_timeout: PositiveFloat = 30.0
     """seconds after a replica's last heartbeat that it no longer counts as running (placement, kernelpool replicas)"""
