@@ -79,7 +79,7 @@ async def growth(bench: Bench, checkpoints_mb: tuple[float, ...], payload_kb: in
                 if size >= target * 1e6:
                     break
             base = _baseline(on_disk)
-            row = {"checkpoint_mb": target, "cells": cells, "size_mb": round(size / 1e6, 2),
+            row: dict[str, Any] = {"checkpoint_mb": target, "cells": cells, "size_mb": round(size / 1e6, 2),
                    "per_cell_ms": summary([t for t, _ in window]), "nbformat_write_ms": summary(base)}
             row["ratio_p50_over_nbformat_write"] = ratio(row["per_cell_ms"]["p50"], row["nbformat_write_ms"]["p50"])
             rows.append(row)

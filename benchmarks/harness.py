@@ -123,7 +123,7 @@ class Bench:
     async def data_dir(self, users: list[str]) -> DataDir:
         """A new data folder with these users (names unique across the run: they are Unix accounts)."""
         path = tempfile.mkdtemp(prefix="kpb-", dir="/tmp")
-        os.chmod(path, 0o711)  # kernels run as other uids and must reach their folders
+        os.chmod(path, 0o711)  # noqa: S103 (kernels run as other uids and must reach their folders)
         d = DataDir(path, self.env())
         self.dirs.append(d)
         # each folder takes a slice of the uid range wide enough for its users and the CLI workers
@@ -146,7 +146,7 @@ class Bench:
         kp.tokens = d.tokens
         await asyncio.to_thread(kp.start, *self.serve_args)
         assert kp.proc is not None
-        own = memory_cgroup_of(kp.proc.pid)
+        own = memory_cgroup_of(kp.pid)
         running = RunningServer(kp, os.path.join(own, prefix) if own else None, settings)
         running.rss.start()
         try:
@@ -226,7 +226,7 @@ class RunningServer:
 
     def __post_init__(self) -> None:
         assert self.kp.proc is not None
-        self.rss = RssSampler(self.kp.proc.pid)
+        self.rss = RssSampler(self.kp.pid)
 
     @property
     def url(self) -> str:
@@ -235,7 +235,7 @@ class RunningServer:
     @property
     def pid(self) -> int:
         assert self.kp.proc is not None
-        return self.kp.proc.pid
+        return self.kp.pid
 
     def kernels(self) -> list[psutil.Process]:
         return kernel_processes(self.pid, self.cgroup_root)

@@ -5,8 +5,10 @@ seccomp filter built) and times every step of `enter` on its own, in the order `
 joining a real cgroup, the mount and IPC namespaces, the private /tmp, account files, /dev/shm,
 mqueue, /dev/pts and the hidepid /proc, the shm limits, the fresh /sys, the cgroup namespace and
 cgroupfs, the hidden folders, dropping to a uid, no_new_privs, and loading the seccomp filter.
-Prints median and 90th percentile per step in microseconds, and the totals of the steps issue 10
-added and of those the tenant-boundary issue (classes 3 and 5) added. Then, through kernelpool's
+Prints median and 90th percentile per step in microseconds, and the totals of two groups of steps:
+the private views (mount and cgroup namespaces, /tmp, /dev/shm, /proc, cgroupfs, seccomp) and the
+IPC and name steps (IPC namespace, account files, mqueue, pts, shm limits, /sys, hidden folders).
+Then, through kernelpool's
 real fork server: the time from asking it for a kernel to the child reporting itself sandboxed,
 with and without those steps (interleaved, so that load on a shared machine hits both alike).
 Needs root and writable cgroups; makes one cgroup of its own (removed at the end) and uses a uid
@@ -33,7 +35,8 @@ from sandbox.passwd import kernel_files
 
 NEW_STEPS = ("mount namespace", "read mountinfo", "hide other mounts", "private /tmp", "private /dev/shm", "private /proc",
              "cgroup namespace", "private cgroupfs", "seccomp")
-# the tenant-boundary issue, classes 3 (IPC) and 5 (names); the mount table was read twice before it, now once
+# SysV IPC, message queues and names (users, hosts) another user's kernel could otherwise reach;
+# the mount table was read twice before these steps came, now once
 BOUNDARY_STEPS = ("ipc namespace", "account files", "private /dev/mqueue", "private /dev/pts",
                   "shm limits", "private /sys", "hide folders")
 
@@ -42,7 +45,7 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
     times: dict[str, int] = {}
     box: dict[str, str] = {}
 
-    def step(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+    def step(name: str, fn) -> None:
         t = time.perf_counter_ns()
         fn()
         times[name] = time.perf_counter_ns() - t
@@ -66,9 +69,9 @@ def _child(procs: list[str], uid: int, program: bytes, tmpfs: int, out: int) -> 
     # with no volume below (per other user's volume, one umount more)
     step("hide other mounts", lambda: views.hide_mounts(["/var/lib/kp-bench-none"], ["/var/lib/kp-bench-none/x"],
                                                         mountinfo=box["mountinfo"]))
-    step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))
+    step("private /tmp", lambda: views.private_tmpfs("/tmp", tmpfs))  # noqa: S108 (in its own mount namespace)
     step("account files", lambda: views.replace_files(files, views.MASKED_FILES, box["mountinfo"]))
-    step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))
+    step("private /dev/shm", lambda: views.private_tmpfs("/dev/shm", tmpfs))  # noqa: S108 (in its own mount namespace)
     step("private /dev/mqueue", lambda: views.private_mqueue(box["mountinfo"]))
     step("private /dev/pts", views.private_devpts)
     step("private /proc", views.private_proc)
@@ -175,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} {statistics.median(ns) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
     totals = [sum(samples[s][i] for s in NEW_STEPS) for i in range(args.rounds)]
     q = statistics.quantiles(totals, n=10)
-    print(f"{'added (issue 10)':<20} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
+    print(f"{'added (views)':<20} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
     totals = [sum(samples[s][i] for s in BOUNDARY_STEPS) for i in range(args.rounds)]
     q = statistics.quantiles(totals, n=10)
-    print(f"{'added (boundary)':<20} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
+    print(f"{'added (ipc, names)':<20} {statistics.median(totals) / 1000:>10.0f} {q[8] / 1000:>10.0f}")
     print()
     print(f"{'fork server: spawn -> sandboxed':<34} {'median ms':>10} {'p90 ms':>10}")
     for name, secs in asyncio.run(fork_server_starts(args.rounds)).items():

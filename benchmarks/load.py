@@ -42,10 +42,10 @@ def judge_text(text: str, tag: str) -> Verdict:
     own = TAG.match(tag)
     assert own is not None
     if any(s != own.group(1) for s in found):
-        return Verdict(False, f"reply carries another session's tag: {text[:120]!r}", crosstalk=True)
+        return Verdict(ok=False, error=f"reply carries another session's tag: {text[:120]!r}", crosstalk=True)
     if text.strip() != tag:
-        return Verdict(False, f"unexpected reply {text[:120]!r}, wanted {tag!r}")
-    return Verdict(True)
+        return Verdict(ok=False, error=f"unexpected reply {text[:120]!r}, wanted {tag!r}")
+    return Verdict(ok=True)
 
 
 @dataclass
@@ -91,7 +91,7 @@ async def _one(phase: Phase, i: int, run: Run, tag: str, started: float) -> None
     try:
         verdict = await asyncio.wait_for(run(tag), CALL_TIMEOUT)
     except Exception as exc:
-        verdict = Verdict(False, f"{type(exc).__name__}: {exc}")
+        verdict = Verdict(ok=False, error=f"{type(exc).__name__}: {exc}")
     phase.record(i, tag, started, verdict)
 
 

@@ -46,7 +46,7 @@ print('filled and freed')
 
 
 class Misbehaver:
-    def __init__(self, url: str, token: str, bad_address: str | None = None, fill: bool = False,
+    def __init__(self, url: str, token: str, bad_address: str | None = None, *, fill: bool = False,
                  fill_hold: float = 5.0) -> None:
         self.url = url
         self.token = token
@@ -159,7 +159,7 @@ def main() -> int:
     p.add_argument("--fill", action="store_true", help="a kernel fills the data folder's disk, holds, frees; repeat")
     args = p.parse_args()
     logging.getLogger("mcp").setLevel(logging.CRITICAL)
-    m = Misbehaver(args.url, args.token, args.bad_address, args.fill)
+    m = Misbehaver(args.url, args.token, args.bad_address, fill=args.fill)
 
     async def go() -> None:
         # SIGTERM ends the loops after their current call, and the summary is still printed

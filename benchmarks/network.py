@@ -39,7 +39,7 @@ def mechanism(samples: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     resolvers, _ = resolvers_from()
     for mode in ("egress", "none"):
-        plan = NetworkPlan(mode=mode, prefix=f"b{os.getpid() % 1000}x",  # type: ignore[arg-type]
+        plan = NetworkPlan(mode=mode, prefix=f"b{os.getpid() % 1000}x",
                            addresses=ipaddress.IPv4Network("10.238.0.0/24"), resolvers=tuple(resolvers))
         nets = UserNetworks(plan)
         made: list[float] = []

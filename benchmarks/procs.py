@@ -37,9 +37,8 @@ def cgroup_tree_pids(root: str) -> set[int]:
         return pids
     for folder, _, files in os.walk(root):
         if "cgroup.procs" in files:
-            with contextlib.suppress(OSError):
-                with open(os.path.join(folder, "cgroup.procs")) as f:
-                    pids.update(int(x) for x in f.read().split())
+            with contextlib.suppress(OSError), open(os.path.join(folder, "cgroup.procs")) as f:
+                pids.update(int(x) for x in f.read().split())
     return pids
 
 

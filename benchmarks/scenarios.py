@@ -45,7 +45,7 @@ async def call(client: Any, tool: str, args: dict[str, Any]) -> Any:
 def _server_report(srv: RunningServer, problems: list[str], what: str) -> dict[str, Any]:
     if srv.leftovers:
         problems.append(f"{what}: left behind after the server stopped: {srv.leftovers[:5]}")
-    out = {"server_rss": srv.rss_result, "exit_code": srv.exit_code, "leftovers": srv.leftovers}
+    out: dict[str, Any] = {"server_rss": srv.rss_result, "exit_code": srv.exit_code, "leftovers": srv.leftovers}
     if any(w in srv.log_tail for w in ("ERROR", "Traceback", "WARNING")):
         out["server_log_tail"] = srv.log_tail[-3000:]
     return out
@@ -76,31 +76,30 @@ async def first_result(bench: Bench, samples: int, problems: list[str], mode: st
         return t2 - t0, t1 - t0
 
     async with bench.server(d_hit, pool_size="1") as hit_srv, bench.server(d_miss, pool_size="0") as miss_srv, \
-            StockKernels() as sk:
-        async with mcp_client(hit_srv.url, d_hit.tokens["fr-hit"], mode) as ch, \
-                mcp_client(miss_srv.url, d_miss.tokens["fr-miss"], mode) as cm:
-            # a user's pool fills after its first kernel; the first notebooks are not measured
-            await call(ch, "use_notebook", {"notebook": "fr/prime.ipynb", "mode": "create"})
-            await call(cm, "use_notebook", {"notebook": "fr/prime.ipynb", "mode": "create"})
-            for i in range(samples):  # interleaved, so that noise hits all three alike
-                if await hit_srv.wait_warm(1, 60) is None:
-                    raise WrongResult("the pool did not refill within 60 s")
-                total, use = await first(ch, f"fr/hit-{i}.ipynb")
-                hit.append(total)
-                hit_use.append(use)
-                await hit_srv.wait_warm(1, 60)  # the refill the hit triggered is over before the next sample
-                total, use = await first(cm, f"fr/miss-{i}.ipynb")
-                miss.append(total)
-                miss_use.append(use)
-                k = sk.new()
-                t0 = time.perf_counter()
-                await k.start()
-                status, text = await k.execute("1+1")
-                stock.append(time.perf_counter() - t0)
-                await k.stop()
-                if status != "ok" or text != "2":
-                    raise WrongResult(f"stock 1+1 answered {status} {text!r}")
-            counters = await hit_srv.health()
+            StockKernels() as sk, \
+            mcp_client(hit_srv.url, d_hit.tokens["fr-hit"], mode) as ch, mcp_client(miss_srv.url, d_miss.tokens["fr-miss"], mode) as cm:
+        # a user's pool fills after its first kernel; the first notebooks are not measured
+        await call(ch, "use_notebook", {"notebook": "fr/prime.ipynb", "mode": "create"})
+        await call(cm, "use_notebook", {"notebook": "fr/prime.ipynb", "mode": "create"})
+        for i in range(samples):  # interleaved, so that noise hits all three alike
+            if await hit_srv.wait_warm(1, 60) is None:
+                raise WrongResult("the pool did not refill within 60 s")
+            total, use = await first(ch, f"fr/hit-{i}.ipynb")
+            hit.append(total)
+            hit_use.append(use)
+            await hit_srv.wait_warm(1, 60)  # the refill the hit triggered is over before the next sample
+            total, use = await first(cm, f"fr/miss-{i}.ipynb")
+            miss.append(total)
+            miss_use.append(use)
+            k = sk.new()
+            t0 = time.perf_counter()
+            await k.start()
+            status, text = await k.execute("1+1")
+            stock.append(time.perf_counter() - t0)
+            await k.stop()
+            if status != "ok" or text != "2":
+                raise WrongResult(f"stock 1+1 answered {status} {text!r}")
+        counters = await hit_srv.health()
     out: dict[str, Any] = {
         "what": "use_notebook(mode=create) + insert_execute_code_cell('1+1') on a new notebook, "
                 f"one MCP client (mode={mode}) already connected; stock: AsyncKernelManager.start_kernel "
@@ -140,7 +139,7 @@ async def trivial_execute(bench: Bench, calls: int, rounds: int, modes: list[str
                 async with mcp_client(srv.url, d.tokens["lat"], mode) as c, mcp_client(floor_url, token, mode) as f:
                     await call(c, "use_notebook", {"notebook": path, "mode": "create"})
 
-                    async def kp_call(record: bool) -> None:
+                    async def kp_call(*, record: bool) -> None:
                         t0 = time.perf_counter()
                         r = await call(c, "execute_code", {"code": "1+1", "notebook": path})
                         if record:
@@ -149,7 +148,7 @@ async def trivial_execute(bench: Bench, calls: int, rounds: int, modes: list[str
                         if texts(r) != "2":
                             raise WrongResult(f"execute_code 1+1 answered {texts(r)!r}")
 
-                    async def bare_call(record: bool) -> None:
+                    async def bare_call(*, record: bool) -> None:
                         t0 = time.perf_counter()
                         status, text = await k.execute("1+1")
                         if record:
@@ -157,7 +156,7 @@ async def trivial_execute(bench: Bench, calls: int, rounds: int, modes: list[str
                         if status != "ok" or text != "2":
                             raise WrongResult(f"jupyter_client 1+1 answered {status} {text!r}")
 
-                    async def floor_call(record: bool) -> None:
+                    async def floor_call(*, record: bool) -> None:
                         t0 = time.perf_counter()
                         r = await call(f, "execute_code", {"code": "1+1", "notebook": path})
                         if record:
@@ -167,12 +166,12 @@ async def trivial_execute(bench: Bench, calls: int, rounds: int, modes: list[str
 
                     for one in (kp_call, bare_call, floor_call):
                         for _ in range(20):
-                            await one(False)
+                            await one(record=False)
                     for _ in range(rounds):
                         for one in (kp_call, bare_call, floor_call):
                             for _ in range(per):
-                                await one(True)
-                res = {
+                                await one(record=True)
+                res: dict[str, Any] = {
                     "kernelpool_ms": summary(kp), "kernelpool_execution_inside_ms": summary(kp_inside),
                     "jupyter_client_ms": summary(bare), "mcp_floor_ms": summary(floor),
                 }
@@ -222,12 +221,12 @@ def _kp_run(client: Any, path: str, tool: str) -> Run:
             r = await client.call_tool("insert_execute_code_cell", {"notebook": path, "cell_index": -1, "cell_source": code})
         text = texts(r)
         if r.is_error:
-            return Verdict(False, f"tool error: {text[:200]}")
+            return Verdict(ok=False, error=f"tool error: {text[:200]}")
         sc = r.structured_content or {}
         if sc.get("notebook") != path:
-            return Verdict(False, f"reply names notebook {sc.get('notebook')!r}, not {path!r}", crosstalk=True)
+            return Verdict(ok=False, error=f"reply names notebook {sc.get('notebook')!r}, not {path!r}", crosstalk=True)
         if sc.get("status") != "ok":
-            return Verdict(False, f"status {sc.get('status')}: {text[:200]}")
+            return Verdict(ok=False, error=f"status {sc.get('status')}: {text[:200]}")
         return judge_text(text, tag)
 
     return run
@@ -237,7 +236,7 @@ def _stock_run(kernel: StockKernel) -> Run:
     async def run(tag: str) -> Verdict:
         status, text = await kernel.execute(f'print("{tag}")')
         if status != "ok":
-            return Verdict(False, f"status {status}: {text[:200]}")
+            return Verdict(ok=False, error=f"status {status}: {text[:200]}")
         return judge_text(text, tag)
 
     return run
@@ -328,7 +327,7 @@ async def _kp_level_on(bench: Bench, d: DataDir, n: int, duration: float, max_ce
             out.update(_phases([opened, closed], problems, f"kernelpool x{n}"))
             log(f"    loops done: open {len(opened.latencies)} cells, closed {len(closed.latencies)} cells")
         # every notebook on disk holds its own cells only, each with its own output
-        checks = {"notebooks": n, "misplaced": 0, "wrong_output": 0, "missing": 0, "duplicated": 0, "examples": []}
+        checks: dict[str, Any] = {"notebooks": n, "misplaced": 0, "wrong_output": 0, "missing": 0, "duplicated": 0, "examples": []}
         for j in range(n):
             # execute_code adds no cell: then the notebook must hold none of the tags at all
             answered = opened.sent[j] + closed.sent[j] if tool != "execute_code" else []
@@ -381,18 +380,17 @@ async def idle_memory(bench: Bench, k: int, problems: list[str]) -> dict[str, An
     vs k stock kernels."""
     d = await bench.data_dir(["idle"])
     out: dict[str, Any] = {"kernels": k}
-    async with bench.server(d, pool_size="0") as srv:
-        async with mcp_client(srv.url, d.tokens["idle"], "legacy") as c:
-            for i in range(k):
-                await call(c, "use_notebook", {"notebook": f"idle/i{i}.ipynb", "mode": "create"})
-                r = await call(c, "execute_code", {"code": "1+1", "notebook": f"idle/i{i}.ipynb"})
-                if texts(r) != "2":
-                    raise WrongResult(f"1+1 answered {texts(r)!r}")
-            await asyncio.sleep(2)
-            out["kernelpool"] = memory_of(srv.kernels())
-            out["kernelpool_helpers"] = memory_of(srv.helpers())  # e.g. a fork server: its pages are shared
-            if out["kernelpool"]["processes"] != k:
-                out["kernelpool"]["note"] = f"found {out['kernelpool']['processes']} kernel processes, expected {k}"
+    async with bench.server(d, pool_size="0") as srv, mcp_client(srv.url, d.tokens["idle"], "legacy") as c:
+        for i in range(k):
+            await call(c, "use_notebook", {"notebook": f"idle/i{i}.ipynb", "mode": "create"})
+            r = await call(c, "execute_code", {"code": "1+1", "notebook": f"idle/i{i}.ipynb"})
+            if texts(r) != "2":
+                raise WrongResult(f"1+1 answered {texts(r)!r}")
+        await asyncio.sleep(2)
+        out["kernelpool"] = memory_of(srv.kernels())
+        out["kernelpool_helpers"] = memory_of(srv.helpers())  # e.g. a fork server: its pages are shared
+        if out["kernelpool"]["processes"] != k:
+            out["kernelpool"]["note"] = f"found {out['kernelpool']['processes']} kernel processes, expected {k}"
     out["kernelpool_server"] = _server_report(srv, problems, "idle-memory")
     async with StockKernels() as sk:
         await sk.start_many(k, 10)

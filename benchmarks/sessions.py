@@ -65,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 def machine() -> dict[str, Any]:
     from importlib.metadata import version
 
-    import ipykernel
-    import jupyter_client
     import psutil
     import zmq
 
@@ -76,7 +74,7 @@ def machine() -> dict[str, Any]:
         "host": platform.node(), "kernel": platform.release(), "python": platform.python_version(),
         "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / (1 << 30), 1),
         "cpu_model": _cpu_model(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "mcp": version("mcp"), "jupyter_client": jupyter_client.__version__, "ipykernel": ipykernel.__version__,
+        "mcp": version("mcp"), "jupyter_client": version("jupyter_client"), "ipykernel": version("ipykernel"),
         "pyzmq": zmq.__version__,
     }
 

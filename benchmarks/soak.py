@@ -159,8 +159,8 @@ def sample(pid: int) -> tuple[int, int]:
 async def monitor(kp: KernelpoolServer, samples: list[tuple[float, int, int, int]], stop: asyncio.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(psutil.Error, AttributeError):
-            rss, fds = sample(kp.proc.pid)
-            samples.append((time.monotonic(), kp.proc.pid, rss, fds))
+            rss, fds = sample(kp.pid)
+            samples.append((time.monotonic(), kp.pid, rss, fds))
         await asyncio.sleep(1.0)
 
 

@@ -13,12 +13,14 @@ import contextlib
 import hmac
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -29,11 +31,13 @@ from starlette.types import ASGIApp
 from kernelpool import __version__
 from kernelpool.config import Settings
 from kernelpool.disk import DiskSpace
+from kernelpool.errors import KernelpoolError
 from kernelpool.executions.jobs import JobService
 from kernelpool.executions.service import ExecutionService
-from kernelpool.kernels.isolation import Isolation, data_dir_unreachable, decide
+from kernelpool.kernels.isolation import Isolation, blocked_for_others, data_dir_unreachable, decide
 from kernelpool.kernels.networks import UserNetworkPolicy
 from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.kernels.specs import DEFAULT, KernelSpecs
 from kernelpool.kernels.zygote.server import ForkServer
 from kernelpool.mcp.auth import SCOPE, StoreTokenVerifier
 from kernelpool.mcp.events import EventScope, SessionEventStore
@@ -42,30 +46,39 @@ from kernelpool.mcp.home import HomeGate, end_sessions
 from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.resources import notebook_uri
 from kernelpool.mcp.server import build_mcp
-from kernelpool.metrics import Metrics, live_gauges
+from kernelpool.mcp.services import Services
+from kernelpool.metrics import Metrics, gauge
+from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.filework import FileWork
+from kernelpool.notebooks.quota import DiskQuota
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.replicas.service import ReplicaService
-from kernelpool.services import Services
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
 from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.users.throttle import AuthThrottle
 from kernelpool.users.tokens import create_token
+from kernelpool.web.live import LiveHub
 from kernelpool.web.oauth import resource_metadata_route
 from kernelpool.web.server import OAuthServer
+from kernelpool.web.view import ViewDeps, view_routes
 from sandbox import SafeRoot, prepare_dir
 from sandbox.limits import parse_memory
 
 log = logging.getLogger(__name__)
 
+# how long shutdown waits for its notice to reach every session's open stream (a client that does
+# not read its stream holds it no longer than this)
+SHUTDOWN_NOTICE_WAIT = 2.0
+
 
 def base_url(settings: Settings) -> str:
     if settings.public_url:
         return settings.public_url.rstrip("/")
-    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 (a comparison: no bind)
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{settings.port}"
 
@@ -115,8 +128,9 @@ class _Server:
         if settings.replica is not None:
             self.replica = ReplicaService(settings, self.services.store, self.services.users, self.services.kernels,
                                           self._end_sessions)
+        self.view = self._view()
         self.mcp, self.mcp_app = self._mcp()
-        metrics.add_gauges(lambda: live_gauges(self.services))
+        metrics.add_gauges(lambda: _live_gauges(self.services))
 
     def _services(self) -> Services:
         settings = self.settings
@@ -129,16 +143,32 @@ class _Server:
             uid, gid = users.owner(user)
             return SafeRoot(users.folder(user), uid, gid)
 
-        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check)
+        changes = Changes()
+        quota = DiskQuota(root_of, settings.user_disk_quota_bytes, max_age=settings.user_disk_recount)
+        notebooks = NotebookService(root_of, self.files, settings.max_notebook_bytes, disk_check=self.disk.check,
+                                    quota=quota, changes=changes)
+        files = FileService(root_of, self.files, notebooks, quota, settings.max_file_bytes, disk_check=self.disk.check)
+        # the kernelspecs users may choose, read once (a missing or unreachable one stops the server here)
+        specs = KernelSpecs.find(settings.kernelspecs, check_reachable=blocked_for_others if self.iso.sandboxed else None)
+
+        async def spec_of(user: str, path: str) -> str:
+            """The kernelspec a notebook records, for a kernel started by a call other than use_notebook."""
+            try:
+                nb = await notebooks.load(user, path)
+            except KernelpoolError:
+                return DEFAULT  # no notebook (yet), or one that cannot be read: that call says so itself
+            return specs.for_notebook(nb.metadata).name
+
         kernels = KernelRegistry(settings, store, users, self.iso.cgroups, UserNetworkPolicy(self.iso.network),
-                                 fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics)
+                                 fork_server=self.fork_server, disk_check=self.disk.check, metrics=metrics,
+                                 specs=specs, spec_of=spec_of)
         notices = Notices(settings.session_idle_timeout)
         sessions = SessionContexts(settings.session_idle_timeout, settings.max_sessions_per_user)
-        jobs = JobService(settings, kernels, notebooks, users, metrics)
-        notebooks.listeners.append(lambda user, path: notices.resource_updated(user, notebook_uri(path)))
+        jobs = JobService(settings, kernels, notebooks, users, metrics, changes=changes)
+        changes.subscribe(_to_sessions(notices))
         kernels.listeners.append(lambda user, notebook, cause: _tell_stopped(notices, user, notebook, cause))
         return Services(
-            settings=settings, store=store, users=users, notebooks=notebooks,
+            settings=settings, store=store, users=users, notebooks=notebooks, files=files,
             workspace=Workspace(notebooks, kernels, users, sessions), kernels=kernels, jobs=jobs,
             executions=ExecutionService(settings, jobs, notebooks), sessions=sessions, metrics=metrics,
             notices=notices, events=_event_store(settings, notices),
@@ -174,10 +204,19 @@ class _Server:
     async def _end_sessions(self, user: str, text: str) -> int:
         return await end_sessions(self.mcp.session_manager, self.services.sessions, self.services.notices, user, text)
 
+    def _view(self) -> ViewDeps | None:
+        """The read-only web view, where it is on (it signs people in with the OAuth server's pages)."""
+        s = self.services
+        if not (self.settings.oauth and self.settings.web_view):
+            return None
+        return ViewDeps(store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
+                        jobs=s.jobs, kernels=s.kernels, sessions=s.sessions, users=s.users,
+                        hub=LiveHub(s.notebooks.changes, s.notebooks, s.jobs))
+
     def auth_routes(self) -> list[BaseRoute]:
-        """The authorization server, its pages and the protected-resource metadata at the root path."""
+        """The authorization server, its pages, the web view and the protected-resource metadata at the root path."""
         root = resource_metadata_route(f"{self.url}/mcp", self.url, "/.well-known/oauth-protected-resource")
-        return [root, *self.oauth.routes()]
+        return [root, *self.oauth.routes(), *(view_routes(self.view) if self.view is not None else [])]
 
     async def healthz(self, request: Request) -> Response:
         services, store = self.services, self.services.store
@@ -260,10 +299,21 @@ class _Server:
         self.files.close()
 
     async def before_shutdown(self) -> None:
-        """Called by `cli` when the server starts to shut down, while clients' streams are still open."""
+        """Called by `cli` when the server starts to shut down, while clients' streams are still open
+        (they end when this returns)."""
+        if self.view is not None:
+            self.view.hub.close()  # open pages' streams end now: uvicorn waits for every open response
+        events = self.services.events
+        after = events.last_seq if events is not None else 0
         sent = await self.services.notices.to_everyone("warning", "the server is shutting down; running executions end with it")
-        if sent:
-            await asyncio.sleep(0.2)  # let the messages reach the streams before they close
+        if not sent:
+            return
+        if events is None:  # no event ids on the wire to tell when a message reached its stream
+            await asyncio.sleep(0.2)
+            return
+        behind = await events.standalone_written(sent, after, SHUTDOWN_NOTICE_WAIT)
+        if behind:
+            log.info("shutdown notice not yet on the streams of %d session(s) after %g s", behind, SHUTDOWN_NOTICE_WAIT)
 
 
 def _tell_stopped(notices: Notices, user: str, notebook: str, cause: str) -> None:
@@ -271,6 +321,29 @@ def _tell_stopped(notices: Notices, user: str, notebook: str, cause: str) -> Non
     it as they hear of a kernel that died during a call (kernelpool/mcp/execution.py)."""
     text = f"the kernel of {notebook} died: {cause}; the next call starts a fresh one"
     asyncio.get_running_loop().create_task(notices.to_user(user, "error", text, {"notebook": notebook}))
+
+
+def _to_sessions(notices: Notices) -> Callable[[Change], None]:
+    """What MCP sessions hear of the change stream: a saved notebook is an updated resource for the
+    sessions of its user that subscribed to it; a kernel a person interrupted or restarted in the web
+    view is a notice to all of that user's sessions (sent from a task of their own: a change
+    listener only notes the change)."""
+    sending: set[asyncio.Task[int]] = set()  # held until done: the loop keeps only weak references
+
+    def on_change(change: Change) -> None:
+        if change.kind == "saved":
+            send = notices.resource_updated(change.user, notebook_uri(change.path))
+        elif change.kind in ("interrupted", "restarted"):
+            gone = ": its variables are gone" if change.kind == "restarted" else ""
+            send = notices.to_user(change.user, "notice", f"the kernel of {change.path} was {change.kind} by you "
+                                   f"in the web view{gone}", {"notebook": change.path})
+        else:
+            return
+        task = asyncio.get_running_loop().create_task(send)
+        sending.add(task)
+        task.add_done_callback(sending.discard)
+
+    return on_change
 
 
 def _event_store(settings: Settings, notices: Notices) -> SessionEventStore | None:
@@ -319,3 +392,31 @@ async def _housekeeping(services: Services) -> None:
             await GrantStore(services.store).prune()
         except Exception:
             log.exception("housekeeping failed")
+
+
+def _live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
+    """What /metrics reads from the services at each scrape (`Metrics.add_gauges`)."""
+    yield gauge("kernelpool_sessions", "MCP sessions with a context", len(services.sessions))
+    yield gauge("kernelpool_audit_pending", "audit rows waiting to be written", services.store.audit_pending)
+    yield gauge("kernelpool_audit_dropped", "audit rows dropped because the queue was full", services.store.audit_dropped)
+    yield gauge("kernelpool_result_bytes", "finished background results kept in memory", services.jobs.result_bytes())
+    kernels = GaugeMetricFamily("kernelpool_kernels", "kernels by user and state", labels=["user", "state"])
+    counts: dict[tuple[str, str], int] = {}
+    for k in services.kernels.all():
+        counts[(k.user, k.state.value)] = counts.get((k.user, k.state.value), 0) + 1
+    for k in services.kernels.pooled():
+        counts[(k.user, "warm")] = counts.get((k.user, "warm"), 0) + 1
+    for (user, state), n in counts.items():
+        kernels.add_metric([user, state], n)
+    yield kernels
+    if services.events is not None:
+        yield gauge("kernelpool_resume_events", "events kept for stream resumption", services.events.count())
+    memory = GaugeMetricFamily("kernelpool_user_memory_bytes", "memory of a user's kernels", labels=["user"])
+    cpu = GaugeMetricFamily("kernelpool_user_cpu_seconds", "CPU time of a user's kernels", labels=["user"])
+    for user, (mem, secs) in services.kernels.usage().items():
+        if mem is not None:
+            memory.add_metric([user], mem)
+        if secs is not None:
+            cpu.add_metric([user], secs)
+    yield memory
+    yield cpu

@@ -17,14 +17,19 @@ import sys
 import time
 import typing
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BeforeValidator
 
 from kernelpool.config import Settings, load_settings
 from kernelpool.errors import KernelpoolError, fmt_bytes
 from kernelpool.replicas import commands as replicas
+from kernelpool.users import admins
 from sandbox.errors import SandboxError
+
+if TYPE_CHECKING:  # imported where they are used: `kernelpool --help` stays quick
+    from kernelpool.store import Store
+    from kernelpool.users.accounts import UserService
 
 log = logging.getLogger("kernelpool")
 
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(users, "login-link", "print a one-time link that signs NAME in at the browser (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--base-url", help="the server's URL as people reach it (default: public_url, else http://HOST:PORT)")
+    admins.add_command(users, _command)
     p = _command(users, "set-limits", "override a user's limits (per kernel, and for all its kernels)")
     p.add_argument("name")
     for option, name in LIMIT_OPTIONS.items():
@@ -159,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "replicas": lambda a: _with_store(a, lambda s, store, u: replicas.list_replicas(s, store)),
         }[args.command]
         return asyncio.run(handler(args))
-    except KernelpoolError as exc:
-        _err(f"kernelpool: {exc}")
-        return 2
-    except (ValueError, FileNotFoundError, SandboxError) as exc:
+    except (KernelpoolError, ValueError, FileNotFoundError, SandboxError) as exc:
         _err(f"kernelpool: {exc}")
         return 2
 
@@ -176,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kernelpool.store import check_not_newer
 
     settings = _settings(args)
-    setup_logging(settings.log_level, settings.log_json)
+    setup_logging(settings.log_level, as_json=settings.log_json)
     # before anything is built: an earlier version's folder left aside by the new default, and a
     # data folder of a newer kernelpool, are refused untouched
     note = check_earlier_data_dir(settings)
@@ -214,21 +217,29 @@ def _tune_gc(app: Any) -> None:
 def _uvicorn_server(config: Any) -> Any:
     """uvicorn's server, telling MCP sessions that it shuts down while their streams are still open."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette, which serves the SDK's SSE streams, would end them all on its own timer once
+    # the signal arrives (it polls every 0.5 s), at times before the hook below had told anyone:
+    # the streams end when the hook is done
+    AppStatus.disable_automatic_graceful_drain()
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             hook = getattr(getattr(config.app, "state", None), "before_shutdown", None)
-            if hook is not None:
-                try:
+            try:
+                if hook is not None:
                     await asyncio.wait_for(hook(), 5)
-                except Exception as exc:
-                    _err(f"kernelpool: shutdown notice not sent: {exc}")
+            except Exception as exc:
+                _err(f"kernelpool: shutdown notice not sent: {exc}")
+            finally:
+                AppStatus.should_exit = True
             await super().shutdown(sockets)
 
     return Server(config)
 
 
-async def _with_store(args: argparse.Namespace, work: Callable[..., Awaitable[int]]) -> int:
+async def _with_store(args: argparse.Namespace, work: Callable[[Settings, Store, UserService], Awaitable[int]]) -> int:
     from kernelpool.disk import check_earlier_data_dir
     from kernelpool.store import Store
     from kernelpool.users.accounts import UserService
@@ -250,7 +261,7 @@ async def _users(args: argparse.Namespace) -> int:
     from kernelpool.errors import UserNotFound
     from kernelpool.users.tokens import create_token
 
-    async def work(settings: Settings, store: Any, users: Any) -> int:
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
         if args.action == "add":
             row = await users.add(args.name, await replicas.place(settings, store, args.replica))
             _, token = await create_token(store, row.name, args.expires)
@@ -277,13 +288,15 @@ async def _users(args: argparse.Namespace) -> int:
             secret = await GrantStore(store).create_link(args.name, settings.login_link_ttl)
             _err(f"a sign-in link for {args.name}, valid once for {settings.login_link_ttl:g} s, follows on stdout")
             print(f"{(args.base_url or base_url(settings)).rstrip('/')}/login/{secret}")
+        elif args.action == "set-admin":
+            _err(await admins.set_admin(store, args.name, on=not args.off))
         elif args.action == "set-limits":
             given = {k: getattr(args, k) for k in LIMIT_OPTIONS.values()}
             if all(v is None for v in given.values()):
                 _err("kernelpool: give at least one limit (--memory, --cpus, --pids, --user-memory, ...)")
                 return 2
-            limits = await users.set_limits(args.name, **given)
-            _err(f"limits of {args.name}: {json.dumps(limits)} (new kernels get them)")
+            now = await users.set_limits(args.name, **given)
+            _err(f"limits of {args.name}: {json.dumps(now)} (new kernels get them)")
         return 0
 
     return await _with_store(args, work)
@@ -294,7 +307,7 @@ async def _tokens(args: argparse.Namespace) -> int:
     from kernelpool.users.grants import GrantStore
     from kernelpool.users.tokens import create_token, hash_token
 
-    async def work(settings: Settings, store: Any, users: Any) -> int:
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
         grants = GrantStore(store)
         if args.action == "create":
             if await store.get_user(args.name) is None:
@@ -330,8 +343,8 @@ async def _tokens(args: argparse.Namespace) -> int:
 
 
 async def _audit(args: argparse.Namespace) -> int:
-    async def work(settings: Settings, store: Any, users: Any) -> int:
-        for row in await store.read_audit(args.user, args.since, args.limit):
+    async def work(settings: Settings, store: Store, users: UserService) -> int:
+        for row in await store.read_audit(user=args.user, since=args.since, limit=args.limit):
             if args.json:
                 print(json.dumps(row))
             else:
@@ -355,7 +368,7 @@ async def _doctor(args: argparse.Namespace) -> int:
         iso = decide(settings)
         report["host"] = iso.host
         report["in_force"] = iso.describe()
-        report["network"] = network_report(settings, iso.network, iso.sandboxed) | {"fallback": iso.fallback()}
+        report["network"] = network_report(settings, iso.network, sandboxed=iso.sandboxed) | {"fallback": iso.fallback()}
         ok = True
     except SandboxUnavailable as exc:
         from sandbox import probe

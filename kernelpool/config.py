@@ -33,7 +33,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from kernelpool.replicas.settings import ReplicaSettings
+from kernelpool.db.settings import ReplicaSettings
 from sandbox.limits import parse_memory
 
 # the data folder where none is given: a system location as root (kernels run as other uids and must
@@ -65,7 +65,7 @@ def memory_limit(value: str | int | None) -> int | None:
 MemoryLimit = Annotated[int | None, BeforeValidator(memory_limit)]
 
 
-class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/settings.py
+class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/db/settings.py
     model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True,
                                       use_attribute_docstrings=True)
 
@@ -119,6 +119,10 @@ class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/
 
     kernel_python: str | None = None
     """python interpreter for kernels (default: the server's own)"""
+    kernelspecs: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """kernelspecs users may choose besides the server's own Python (python3), by name as `jupyter kernelspec list` shows them, comma-separated (e.g. ir,bash); each starts sandboxed like python3"""
+    kernelspec_pool_sizes: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    """warm kernels kept ready per active user for each of those kernelspecs, as name=N, comma-separated (default 0 each; python3's is pool_size); counted in max_kernels_per_user"""
     kernel_start_timeout: PositiveFloat = 60.0
     """seconds a kernel may take to become ready"""
     max_kernels_per_user: PositiveInt = 16
@@ -168,6 +172,12 @@ class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/
     """finished background results kept in server memory for all users together"""
     max_notebook_bytes: int = Field(100 * 2**20, ge=1 << 20)
     """largest notebook file the server opens (checked before reading it); one whose parse would take more than 4 times this in memory is refused too"""
+    max_file_bytes: int = Field(2 * 2**20, ge=4096)
+    """bytes one read_file or write_file call reads or writes, at most (larger files are read in pages and written in chunks with mode='append'; a request body is at most 4 MiB, and base64 takes 4/3 of the bytes)"""
+    user_disk_quota: str = "10G"
+    """disk space a user's folder may take (0 = no quota): past it, write_file calls that add bytes, new notebooks and notebook saves that grow a file are refused. Counted with a bounded walk every few minutes plus the server's own writes; what kernels write directly is seen at the next count, not stopped"""
+    user_disk_recount: PositiveFloat = 60.0
+    """seconds a count of a user's folder (a walk of at most 200,000 names) is trusted before a write that adds bytes counts it again"""
     disk_free_floor: str = "512M"
     """free space of the data folder under which new kernels and notebook writes are refused (0 = no floor)"""
     audit_queue_max: PositiveInt = 100_000
@@ -202,6 +212,8 @@ class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/
     # kernelpool as its own OAuth 2.1 authorization server (kernelpool/mcp/oauth.py, kernelpool/web/)
     oauth: bool = True
     """be an OAuth 2.1 authorization server, so that clients sign people in through the browser (pasted tokens work either way)"""
+    web_view: bool = True
+    """serve the read-only web view at /view: people watch their notebooks and kernels live (needs oauth, for its sign-in)"""
     oauth_access_token_ttl: PositiveFloat = 3600.0
     """seconds an OAuth access token is valid"""
     oauth_refresh_token_ttl: PositiveFloat = 30 * 86400.0
@@ -258,8 +270,29 @@ class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/
         # resolved once, against the folder the server starts in: kernels and the CLI see one path
         return value.absolute()
 
-    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "oauth_cimd_test_resolve",
-                     "oidc_scopes", "oidc_allowed_domains", "oidc_allowed_groups", mode="before")
+    @field_validator("kernelspec_pool_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        # from the environment: "ir=1,bash=0", or a JSON object
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"{value!r}: give name=N pairs, comma-separated")
+            return {k.strip(): int(v) for k, v in pairs}
+        return value
+
+    @field_validator("kernelspec_pool_sizes")
+    @classmethod
+    def _sizes_known(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 for n in value.values()):
+            raise ValueError("pool sizes must be 0 or more")
+        return value
+
+    @field_validator("allowed_hosts", "allowed_origins", "trusted_proxies", "kernel_network_allow", "kernelspecs",
+                     "oauth_cimd_test_resolve", "oidc_scopes", "oidc_allowed_domains", "oidc_allowed_groups", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # from the environment: "a.example:*,b.example:443", or a JSON list
@@ -324,7 +357,7 @@ class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/
     def tmpfs_bytes(self) -> int:
         return parse_memory(self.kernel_tmpfs_size)
 
-    @field_validator("disk_free_floor")
+    @field_validator("disk_free_floor", "user_disk_quota")
     @classmethod
     def _floor(cls, value: str) -> str:
         if value.strip() not in ("0", ""):
@@ -337,6 +370,10 @@ class Settings(BaseSettings, ReplicaSettings):  # replicas: kernelpool/replicas/
         for item in value:
             ipaddress.ip_network(item, strict=False)  # raises ValueError with the bad item
         return value
+
+    @property
+    def user_disk_quota_bytes(self) -> int | None:
+        return None if self.user_disk_quota.strip() in ("0", "") else parse_memory(self.user_disk_quota)
 
     @property
     def disk_free_floor_bytes(self) -> int:
@@ -401,6 +438,9 @@ def load_settings(**overrides: Any) -> Settings:
                               ("max_result_bytes_per_user", "max_result_bytes")):
         if getattr(settings, per_user) > getattr(settings, overall):
             raise ValueError(f"{per_user} must not exceed {overall}")
+    unknown = sorted(set(settings.kernelspec_pool_sizes) - set(settings.kernelspecs))
+    if unknown:
+        raise ValueError(f"kernelspec_pool_sizes names {', '.join(unknown)}, which kernelspecs does not allow")
     if settings.oidc_issuer and not (settings.oidc_client_id and (settings.oidc_client_secret is None) != (settings.oidc_client_secret_file is None)):
         raise ValueError("oidc_issuer needs oidc_client_id and one of oidc_client_secret, oidc_client_secret_file")
     if settings.oidc_issuer and not settings.public_url and not (settings.host == "localhost" or _is_loopback(settings.host)):

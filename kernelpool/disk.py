@@ -60,7 +60,7 @@ def check_earlier_data_dir(settings: Settings) -> str | None:
     blocked = data_dir_unreachable(settings.model_copy(update={"data_dir": old.absolute()}))
     stay = (f"{use_old}" if blocked is None
             else f"{use_old} after letting users' uids reach it ({blocked.blocked}, which other uids may not pass)")
-    raise EarlierDataDir(old, new, f"{move}; or {stay}; or, to start an empty server and leave {old} as it is, "
+    raise EarlierDataDir(str(old), str(new), f"{move}; or {stay}; or, to start an empty server and leave {old} as it is, "
                          f"start with --data-dir {new}.")
 
 

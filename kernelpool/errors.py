@@ -3,11 +3,14 @@
 They are mapped to MCP tool errors in one place (the tool wrapper, `kernelpool.mcp.server._run`),
 and to CLI messages in `cli`. Sandbox path errors become `PathRefused` in one place too
 (`kernelpool.notebooks.paths.refusing`).
+
+Each class has its own typed constructor, so that mypy checks every `raise` against it; the
+fields stay on the exception as attributes, and `str(exc)` is the message.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
 
 
 def fmt_bytes(n: int) -> str:
@@ -17,208 +20,284 @@ def fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _sized(n: int) -> str:
+    return f"{fmt_bytes(n)} ({n} bytes)"
+
+
 class KernelpoolError(Exception):
-    """Base class: `str(exc)` is the message shown to the client.
+    """Base class: `str(exc)` is the message shown to the client."""
 
-    A subclass names its constructor's arguments in `fields` (in order; `defaults` for the ones
-    that may be left out) and words its message in `template`, formatted with them. The
-    arguments stay on the exception as attributes.
-    """
-
-    fields: ClassVar[tuple[str, ...]] = ()
-    defaults: ClassVar[dict[str, Any]] = {}
-    template: ClassVar[str] = ""
-
-    def __init__(self, *values: Any) -> None:
-        if not self.fields:  # a fixed template (NoNotebook), or a message given whole (SandboxUnavailable)
-            super().__init__(*(values or (self.template,)))
-            return
-        if len(values) > len(self.fields):
-            raise TypeError(f"{type(self).__name__} takes {self.fields}, got {len(values)} values")
-        named = self.defaults | dict(zip(self.fields, values, strict=False))
-        missing = [f for f in self.fields if f not in named]
-        if missing:
-            raise TypeError(f"{type(self).__name__} needs {missing}")
-        self.__dict__.update(named)
-        super().__init__(self.template.format(**named, **self.formatted(named)))
-
-    @staticmethod
-    def formatted(named: dict[str, Any]) -> dict[str, Any]:
-        """Extra values for the template, computed from the fields."""
-        return {}
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class InvalidArgument(KernelpoolError):
-    fields = ("name", "reason")
-    template = "invalid {name}: {reason}"
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"invalid {name}: {reason}")
+
+
+class UnknownArguments(KernelpoolError):
+    """A tool call with arguments the tool does not take (a misspelling, or one from another server)."""
+
+    def __init__(self, tool: str, unknown: Sequence[str], known: Sequence[str]) -> None:
+        self.tool = tool
+        self.unknown = list(unknown)
+        self.known = list(known)
+        quoted = [repr(n) for n in self.unknown]
+        names = f"the argument {quoted[0]}" if len(quoted) == 1 else "the arguments " + ", ".join(quoted)
+        super().__init__(f"{tool} does not take {names}; nothing was done. {tool} takes: "
+                         + (", ".join(self.known) or "no arguments"))
 
 
 class NoNotebook(KernelpoolError):
-    template = ("no notebook given: pass `notebook` (a path relative to your folder, e.g. 'analysis.ipynb'), "
-                "or call use_notebook first (that works only for clients with an MCP session)")
+    def __init__(self) -> None:
+        super().__init__("no notebook given: pass `notebook` (a path relative to your folder, e.g. 'analysis.ipynb'), "
+                         "or call use_notebook first (that works only for clients with an MCP session)")
 
 
 class NotebookError(KernelpoolError):
     """About one notebook file, named by the client's path."""
 
-    fields = ("path",)
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class NotebookNotFound(NotebookError):
-    template = "notebook not found: {path!r} (use_notebook with mode='create' creates it)"
+    def __init__(self, path: str) -> None:
+        super().__init__(path, f"notebook not found: {path!r} (use_notebook with mode='create' creates it)")
 
 
 class NotebookExists(NotebookError):
     """`use_notebook(mode="create")` of a notebook that is there already."""
 
-    template = "notebook already exists: {path!r} (use mode='connect')"
+    def __init__(self, path: str) -> None:
+        super().__init__(path, f"notebook already exists: {path!r} (use mode='connect')")
+
+
+class NoSpace(NotebookError):
+    def __init__(self, path: str) -> None:
+        super().__init__(path, f"could not write {path!r}: no space left on the server's disk; the file was left "
+                               "as it was. Delete files you no longer need, or ask the administrator for space")
 
 
 class RefusedPath(KernelpoolError):
     """A path or a file the server will not use, and why."""
 
-    fields = ("path", "reason")
+    def __init__(self, path: str, reason: str, message: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(message)
 
 
 class CorruptNotebook(RefusedPath):
-    template = "{path!r} is not a valid notebook ({reason}); it was left untouched"
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason, f"{path!r} is not a valid notebook ({reason}); it was left untouched")
 
 
 class PathRefused(RefusedPath):
-    template = "path refused: {path!r}: {reason}"
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason, f"path refused: {path!r}: {reason}")
 
 
 class NotebookTooLarge(KernelpoolError):
-    """A notebook file over `max_notebook_bytes`, seen before reading it or while reading it."""
+    """A notebook file over `max_notebook_bytes`, seen before reading it (`size`) or while reading
+    it (`grew`)."""
 
-    fields = ("path", "size", "limit", "grew")
-    defaults = {"grew": False}
-    template = ("notebook {path!r} is too large to open: {said} the limit of {limit_text} (max_notebook_bytes); "
-                "it was not read. Make it smaller with code run in a kernel (clear large outputs, or split it into "
-                "several notebooks), or ask the administrator to raise max_notebook_bytes")
-
-    @staticmethod
-    def formatted(named: dict[str, Any]) -> dict[str, Any]:
-        said = ("it grew past" if named["grew"] else
-                f"it has {fmt_bytes(named['size'])} ({named['size']} bytes), over")
-        return {"said": said, "limit_text": f"{fmt_bytes(named['limit'])} ({named['limit']} bytes)"}
+    def __init__(self, path: str, size: int, limit: int, *, grew: bool = False) -> None:
+        self.path = path
+        self.size = size
+        self.limit = limit
+        self.grew = grew
+        said = "it grew past" if grew else f"it has {_sized(size)}, over"
+        super().__init__(
+            f"notebook {path!r} is too large to open: {said} the limit of {_sized(limit)} (max_notebook_bytes); "
+            "it was not read. Make it smaller with code run in a kernel (clear large outputs, or split it into "
+            "several notebooks), or ask the administrator to raise max_notebook_bytes")
 
 
 class NotebookTooComplex(KernelpoolError):
     """A notebook under the size cap whose parse would hold more memory than the server allows one read."""
 
-    fields = ("path", "size", "cost", "limit")
-    template = ("notebook {path!r} ({size_text}) is too costly to open: parsing it would hold about {cost_text} of "
-                "server memory, over the limit of {limit_text} (4 x max_notebook_bytes). It holds millions of small "
-                "JSON values (tiny cells, long lists in outputs or metadata) or much text beyond ASCII. Make it "
-                "smaller with code run in a kernel (clear outputs or metadata, or split it), or ask the "
-                "administrator to raise max_notebook_bytes")
-
-    @staticmethod
-    def formatted(named: dict[str, Any]) -> dict[str, Any]:
-        return {"size_text": fmt_bytes(named["size"]), "cost_text": fmt_bytes(named["cost"]),
-                "limit_text": fmt_bytes(named["limit"])}
+    def __init__(self, path: str, size: int, cost: int, limit: int) -> None:
+        self.path = path
+        self.size = size
+        self.cost = cost
+        self.limit = limit
+        super().__init__(
+            f"notebook {path!r} ({fmt_bytes(size)}) is too costly to open: parsing it would hold about "
+            f"{fmt_bytes(cost)} of server memory, over the limit of {fmt_bytes(limit)} (4 x max_notebook_bytes). "
+            "It holds millions of small JSON values (tiny cells, long lists in outputs or metadata) or much text "
+            "beyond ASCII. Make it smaller with code run in a kernel (clear outputs or metadata, or split it), "
+            "or ask the administrator to raise max_notebook_bytes")
 
 
 class CellNotFound(KernelpoolError):
-    fields = ("path", "ref", "count")
-    template = "no cell {ref} in {path!r} (it has {count} cells)"
+    def __init__(self, path: str, ref: str, count: int) -> None:
+        self.path = path
+        self.ref = ref
+        self.count = count
+        super().__init__(f"no cell {ref} in {path!r} (it has {count} cells)")
 
 
 class UserError(KernelpoolError):
     """About one user, by name: raised by `users.accounts` for the CLI's `users` commands and for
     the server's look-ups of who a token names."""
 
-    fields = ("name",)
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(message)
 
 
 class UserNotFound(UserError):
-    template = "no such user: {name!r}"
+    def __init__(self, name: str) -> None:
+        super().__init__(name, f"no such user: {name!r}")
 
 
 class UserExists(UserError):
-    template = "user already exists: {name!r}"
+    def __init__(self, name: str) -> None:
+        super().__init__(name, f"user already exists: {name!r}")
 
 
 class NoUidLeft(KernelpoolError):
     """`users add` found no uid to give: a uid is never given twice (`kernelpool.store.Store.add_user`)."""
 
-    fields = ("low", "high", "highest", "removed")
-    template = ("no uid left to give in {low}-{high} (uid_min-uid_max): a uid is never given twice, every one up to "
-                "{highest} was given already ({removed} of them to users removed since), and the host's own accounts "
-                "hold the rest. Nothing was added. Raise uid_max, or set a range above {highest}")
+    def __init__(self, low: int, high: int, highest: int, removed: int) -> None:
+        self.low = low
+        self.high = high
+        self.highest = highest
+        self.removed = removed
+        super().__init__(
+            f"no uid left to give in {low}-{high} (uid_min-uid_max): a uid is never given twice, every one up to "
+            f"{highest} was given already ({removed} of them to users removed since), and the host's own accounts "
+            f"hold the rest. Nothing was added. Raise uid_max, or set a range above {highest}")
 
 
 class RemovalFailed(KernelpoolError):
     """`users remove` stopped at `step`; what was done and what to do next are in the message."""
 
-    fields = ("name", "step", "reason", "state", "advice")
-    template = "could not remove user {name!r} ({step}: {reason}). {state} {advice}"
+    def __init__(self, name: str, step: str, reason: str, state: str, advice: str) -> None:
+        self.name = name
+        self.step = step
+        self.reason = reason
+        self.state = state
+        self.advice = advice
+        super().__init__(f"could not remove user {name!r} ({step}: {reason}). {state} {advice}")
 
 
 class KernelFailed(KernelpoolError):
     """A kernel could not be started, or died; `cause` says why in words."""
 
-    fields = ("notebook", "cause")
-    template = "kernel for {notebook!r}: {cause}"
+    def __init__(self, path: str, cause: str) -> None:
+        self.path = path
+        self.cause = cause
+        super().__init__(f"kernel for {path!r}: {cause}")
 
 
 class LimitReached(KernelpoolError):
     """A per-user or server-wide cap: the message names it, its value, and what to do."""
 
-    fields = ("what", "limit", "advice")
-    defaults = {"advice": "shut a kernel down with unuse_notebook first"}
-    template = "{what} limit reached ({limit}); {advice}"
+    def __init__(self, what: str, limit: int | str,
+                 advice: str = "shut a kernel down with unuse_notebook first") -> None:
+        self.what = what
+        self.limit = limit
+        self.advice = advice
+        super().__init__(f"{what} limit reached ({limit}); {advice}")
 
 
 class DiskLow(KernelpoolError):
-    fields = ("what", "free", "floor")
-    template = ("refused to {what}: the server's data folder has {free_text} free, under its floor of {floor_text} "
-                "(disk_free_floor); nothing was changed. Delete files you no longer need, or ask the administrator "
-                "for space")
-
-    @staticmethod
-    def formatted(named: dict[str, Any]) -> dict[str, Any]:
-        return {"free_text": fmt_bytes(named["free"]), "floor_text": fmt_bytes(named["floor"])}
+    def __init__(self, what: str, free: int, floor: int) -> None:
+        self.what = what
+        self.free = free
+        self.floor = floor
+        super().__init__(
+            f"refused to {what}: the server's data folder has {fmt_bytes(free)} free, under its floor of "
+            f"{fmt_bytes(floor)} (disk_free_floor); nothing was changed. Delete files you no longer need, or ask "
+            "the administrator for space")
 
 
 class ResultExpired(KernelpoolError):
-    fields = ("execution_id", "reason")
-    template = "execution {execution_id!r} expired: {reason}"
+    def __init__(self, execution_id: str, reason: str) -> None:
+        self.execution_id = execution_id
+        self.reason = reason
+        super().__init__(f"execution {execution_id!r} expired: {reason}")
 
 
 class SandboxUnavailable(KernelpoolError):
-    pass
+    """The host cannot isolate kernels as configured; the message names what it lacks."""
 
 
 class DataDirUnreachable(KernelpoolError):
     """Kernels (users' uids) could not pass a folder above the data folder: the server refuses to start."""
 
-    fields = ("path", "blocked", "fix")
-    path: str
-    blocked: str  # the folder on the way, and why: "/root is mode drwx------"
-    fix: str
-    template = ("users' kernels run as the users' own uids and could not reach their folders in the data folder "
-                "{path}: {blocked}, which other uids may not pass. Nothing was changed. {fix}")
+    def __init__(self, path: str, blocked: str, fix: str) -> None:
+        self.path = path
+        self.blocked = blocked  # the folder on the way, and why: "/root is mode drwx------"
+        self.fix = fix
+        super().__init__(
+            "users' kernels run as the users' own uids and could not reach their folders in the data folder "
+            f"{path}: {blocked}, which other uids may not pass. Nothing was changed. {fix}")
 
 
 class EarlierDataDir(KernelpoolError):
     """The default data folder is empty while an earlier version's default folder holds data: the
     server (and the CLI) refuse rather than start an empty server beside it."""
 
-    fields = ("old", "new", "fix")
-    template = ("the data folder is {new} (the default as root), which holds no data yet; {old} holds the data of "
-                "an earlier kernelpool (which kept it in ./kernelpool-data, below the folder it was started in). "
-                "Nothing was changed. {fix}")
+    def __init__(self, old: str, new: str, fix: str) -> None:
+        self.old = old
+        self.new = new
+        self.fix = fix
+        super().__init__(
+            f"the data folder is {new} (the default as root), which holds no data yet; {old} holds the data of "
+            "an earlier kernelpool (which kept it in ./kernelpool-data, below the folder it was started in). "
+            f"Nothing was changed. {fix}")
 
 
 class DataFromNewerVersion(KernelpoolError):
-    fields = ("path", "found", "supported")
-    template = ("the data folder's database {path} was written by a newer kernelpool (schema version {found}; "
-                "this kernelpool knows versions up to {supported}). Run that newer kernelpool on it; this one "
-                "refuses, and has changed nothing in the folder")
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"the data folder's database {path} was written by a newer kernelpool (schema version {found}; "
+            f"this kernelpool knows versions up to {supported}). Run that newer kernelpool on it; this one "
+            "refuses, and has changed nothing in the folder")
 
 
-class NoSpace(NotebookError):
-    template = ("could not write {path!r}: no space left on the server's disk; the file was left as it was. "
-                "Delete files you no longer need, or ask the administrator for space")
+class QuotaReached(KernelpoolError):
+    """A write that would take the user's folder past user_disk_quota; nothing was written."""
+
+    def __init__(self, path: str, limit: int, used: int, adding: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.used = used
+        self.adding = adding
+        adding_text = f" and this would add {fmt_bytes(adding)}" if adding > 0 else ""
+        super().__init__(
+            f"disk quota of {fmt_bytes(limit)} reached: your folder takes {fmt_bytes(used)}{adding_text}, so {path!r} "
+            "was not written and nothing changed. Delete files you no longer need (delete_file, or in a kernel), or "
+            "ask the administrator to raise user_disk_quota")
+
+
+class FileTooLargeForCall(KernelpoolError):
+    """More bytes than max_file_bytes in one read_file or write_file call."""
+
+    def __init__(self, path: str, size: int, limit: int) -> None:
+        self.path = path
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{path!r}: {fmt_bytes(size)} is more than one call may write (max_file_bytes, {fmt_bytes(limit)}); "
+            "nothing was written. Send it in pieces: the first with mode='create' or 'overwrite', the rest with "
+            "mode='append'")
+
+
+class KernelNotAllowed(KernelpoolError):
+    """A kernel (asked for, or recorded in a notebook) that this server does not offer."""
+
+    def __init__(self, name: str, offered: str) -> None:
+        self.name = name
+        self.offered = offered
+        super().__init__(f"kernel {name!r} is not offered by this server; it offers: {offered} (list_kernelspecs)")

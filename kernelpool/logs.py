@@ -21,7 +21,7 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(item)
 
 
-def setup_logging(level: str, as_json: bool) -> None:
+def setup_logging(level: str, *, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -5,14 +5,10 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from kernelpool.services import Services
 
 
 class Metrics:
@@ -54,7 +50,8 @@ class Metrics:
         gc.callbacks.append(on_gc)
 
     def add_gauges(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
-        """Register gauges read at scrape time (sessions, kernels per user and state, memory)."""
+        """Register gauges read at scrape time (sessions, kernels per user and state, memory): the
+        app's, which reads them from every service (`kernelpool.app`); this module knows none."""
 
         class _Live(Collector):
             def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -63,34 +60,8 @@ class Metrics:
         self.registry.register(_Live())
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    gauge = GaugeMetricFamily(name, documentation)
-    gauge.add_metric([], value)
-    return gauge
-
-
-def live_gauges(services: Services) -> Iterable[GaugeMetricFamily]:
-    yield _gauge("kernelpool_sessions", "MCP sessions with a context", len(services.sessions))
-    yield _gauge("kernelpool_audit_pending", "audit rows waiting to be written", services.store.audit_pending)
-    yield _gauge("kernelpool_audit_dropped", "audit rows dropped because the queue was full", services.store.audit_dropped)
-    yield _gauge("kernelpool_result_bytes", "finished background results kept in memory", services.jobs.result_bytes())
-    kernels = GaugeMetricFamily("kernelpool_kernels", "kernels by user and state", labels=["user", "state"])
-    counts: dict[tuple[str, str], int] = {}
-    for k in services.kernels.all():
-        counts[(k.user, k.state.value)] = counts.get((k.user, k.state.value), 0) + 1
-    for k in services.kernels.pooled():
-        counts[(k.user, "warm")] = counts.get((k.user, "warm"), 0) + 1
-    for (user, state), n in counts.items():
-        kernels.add_metric([user, state], n)
-    yield kernels
-    if services.events is not None:
-        yield _gauge("kernelpool_resume_events", "events kept for stream resumption", services.events.count())
-    memory = GaugeMetricFamily("kernelpool_user_memory_bytes", "memory of a user's kernels", labels=["user"])
-    cpu = GaugeMetricFamily("kernelpool_user_cpu_seconds", "CPU time of a user's kernels", labels=["user"])
-    for user, (mem, secs) in services.kernels.usage().items():
-        if mem is not None:
-            memory.add_metric([user], mem)
-        if secs is not None:
-            cpu.add_metric([user], secs)
-    yield memory
-    yield cpu
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    """One unlabelled gauge, for the collector given to `Metrics.add_gauges`."""
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family

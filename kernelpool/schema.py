@@ -89,7 +89,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE login_links (hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
         " created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL)",
     ),
-    # 5: several replicas behind HAProxy (docs/scale-out.md). Each user has a home replica (`home`;
+    # 5: the read-only web view (kernelpool/web/view.py). Operators are users with `admin` set (`kernelpool
+    # users set-admin`); each audit row names the MCP client that made the call (its clientInfo), which a
+    # person's activity page shows.
+    (
+        "ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE audit ADD COLUMN client TEXT",
+    ),
+    # 6: several replicas behind HAProxy (docs/scale-out.md). Each user has a home replica (`home`;
     # NULL on a single node) and a stable, opaque key (`ukey`) that its tokens carry, so that the
     # proxy routes by it; tokens minted before keys existed have `keyed` 0 and route by their id.
     # Kernel and audit rows carry the replica that wrote them. `replicas` lists those that run

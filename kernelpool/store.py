@@ -51,6 +51,7 @@ class UserRow:
     reissued: bool = False  # the name had an account before: this one is named after its uid
     home: str | None = None  # the replica that holds the user's kernels and files; None: single node
     ukey: str | None = None
+    admin: bool = False  # an operator: sees the operators' page of the web view (`users set-admin`)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class KernelRow:
 class Store:
     """Async access to the database: `await store.open()` once, `await store.close()` at the end."""
 
-    def __init__(self, path: Path, audit_queue_max: int = 100_000, *, url: str | None = None,
+    def __init__(self, path: Path, *, audit_queue_max: int = 100_000, url: str | None = None,
                  replica: str | None = None) -> None:
         self.path = path
         self.replica = replica
@@ -196,12 +197,12 @@ class Store:
                 return uid
 
     async def get_user(self, name: str) -> UserRow | None:
-        found = await self.rows("SELECT name, uid, gid, created_at, limits, reissued, home, ukey FROM users WHERE name = ?", name)
+        found = await self.rows("SELECT name, uid, gid, created_at, limits, reissued, home, ukey, admin FROM users WHERE name = ?", name)
         return _user(found[0]) if found else None
 
     async def list_users(self) -> list[UserRow]:
         return [_user(r) for r in await self.rows(
-            "SELECT name, uid, gid, created_at, limits, reissued, home, ukey FROM users ORDER BY name")]
+            "SELECT name, uid, gid, created_at, limits, reissued, home, ukey, admin FROM users ORDER BY name")]
 
     async def admits(self, name: str, uid: int) -> bool:
         """Whether `name` is a user with this uid that is not being removed (checked by the server
@@ -216,7 +217,7 @@ class Store:
     async def set_user_limits(self, name: str, limits: dict[str, Any]) -> None:
         await self.write("UPDATE users SET limits = ? WHERE name = ?", json.dumps(limits), name)
 
-    async def set_removing(self, name: str, removing: bool) -> None:
+    async def set_removing(self, name: str, *, removing: bool) -> None:
         """Mark a user as being removed (its tokens stop working at once) or unmark it."""
         if removing:
             await self.access_write("INSERT INTO removing(user, since) VALUES (?, ?)"
@@ -297,9 +298,10 @@ class Store:
 
     # audit
     async def audit(self, user: str | None, tool: str, notebook: str | None, outcome: str, duration_ms: float,
-                    detail: str | None = None) -> None:
-        """Record one tool call; written in batches a moment later, off the request's path (`AuditQueue`)."""
-        self._audit.add((time.time(), user, tool, notebook, outcome, float(duration_ms), detail, self.replica))
+                    detail: str | None = None, *, client: str | None = None) -> None:
+        """Record one tool call (`client`: the MCP client's name, from its clientInfo); written in
+        batches a moment later, off the request's path (`AuditQueue`)."""
+        self._audit.add((time.time(), user, tool, notebook, outcome, float(duration_ms), detail, client, self.replica))
 
     async def flush_audit(self) -> None:
         await self._audit.flush()
@@ -308,7 +310,8 @@ class Store:
     audit_dropped = property(lambda self: self._audit.dropped)
     audit_failing = property(lambda self: self._audit.failing)
 
-    async def read_audit(self, user: str | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    async def read_audit(self, *, user: str | None = None, since: float | None = None,
+                         limit: int = 1000) -> list[dict[str, Any]]:
         found = await self.rows(
             "SELECT ts, user, tool, notebook, outcome, duration_ms, detail, replica FROM audit"
             " WHERE (CAST(? AS TEXT) IS NULL OR user = ?) AND (CAST(? AS DOUBLE PRECISION) IS NULL OR ts >= ?)"
@@ -319,4 +322,4 @@ class Store:
 
 def _user(row: Any) -> UserRow:
     return UserRow(row["name"], row["uid"], row["gid"], row["created_at"], json.loads(row["limits"]),
-                   bool(row["reissued"]), row["home"], row["ukey"])
+                   bool(row["reissued"]), row["home"], row["ukey"], bool(row["admin"]))

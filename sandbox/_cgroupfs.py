@@ -1,14 +1,18 @@
-"""The parts of cgroup handling shared by v1 and v2: `Cgroup`, `CgroupBackend`, file helpers.
+"""The parts of cgroup handling shared by v1 and v2: `Cgroup`, `CgroupBackend`, file helpers
+(`read_file` and `write_file` from `sandbox._cgroupfiles`, which `sandbox.cgroupkill` uses too).
 
 Public names are re-exported by `sandbox.cgroups`; import them from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from abc import ABC, abstractmethod
 
+from sandbox import cgroupkill
+from sandbox._cgroupfiles import read_file, write_file
 from sandbox.errors import CgroupError
 from sandbox.limits import Limits
 
@@ -28,28 +32,6 @@ def split_relpath(relpath: str, *, allow_empty: bool = False) -> list[str]:
                 path=relpath,
             )
     return parts
-
-
-def write_file(path: str, value: str) -> None:
-    # one write(2) per value: cgroupfs parses each write on its own
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}", path=path) from exc
-
-
-def read_file(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        raise CgroupError(f"cannot read {path}: {exc.strerror}", path=path) from exc
 
 
 def read_keyed(path: str, key: str) -> int | None:
@@ -150,8 +132,6 @@ class Cgroup:
 
     def remove(self) -> None:
         """Kill what runs inside, then delete this cgroup and its children. Idempotent."""
-        from sandbox import cgroupkill  # it uses this module's file helpers
-
         dirs = [d for d in self.directories() if os.path.isdir(d)]
         if not dirs:
             return
@@ -219,12 +199,8 @@ class CgroupBackend(ABC):
                 )
 
     def _kill_all(self, cgroup: Cgroup) -> None:
-        from sandbox import cgroupkill  # it uses this module's file helpers
-
-        try:
+        with contextlib.suppress(CgroupError):  # what is left keeps its cgroup busy: `remove` says so
             cgroupkill.kill_trees(cgroup.directories(), timeout=_KILL_WAIT_S)
-        except CgroupError:
-            pass  # what is left keeps its cgroup busy: `remove` says so
 
     @abstractmethod
     def _dirs(self, relpath: str) -> list[str]: ...

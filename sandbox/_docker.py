@@ -21,7 +21,8 @@ def iptables(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("iptables")
     if exe is None:
         raise FileNotFoundError("iptables")
-    return subprocess.run([exe, "-w", "10", *args], capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run([exe, "-w", "10", *args],  # noqa: S603 (iptables from PATH; the rules are ours)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def chain_exists() -> bool:
@@ -32,7 +33,7 @@ def chain_exists() -> bool:
         return False
 
 
-def change_rules(op: str, link: str, comment: str, missing_ok: bool = False) -> None:
+def change_rules(op: str, link: str, comment: str, *, missing_ok: bool = False) -> None:
     """Insert ("-I") or delete ("-D") the two DOCKER-USER rules that let `link`'s traffic be forwarded."""
     rules = [
         ["-i", link, "-m", "comment", "--comment", comment, "-j", "ACCEPT"],

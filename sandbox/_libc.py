@@ -74,8 +74,8 @@ def umount2(target: str, flags: int) -> None:
         _raise(target)
 
 
-def set_dumpable(value: bool) -> None:
-    if _prctl(PR_SET_DUMPABLE, int(value), 0, 0, 0) != 0:
+def set_dumpable(*, dumpable: bool) -> None:
+    if _prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
         _raise()
 
 

@@ -39,7 +39,8 @@ def _run(tool: str, args: list[str], name: str) -> subprocess.CompletedProcess[s
     path = _tool(tool)
     if path is None:
         raise AccountError(f"{tool} not found; cannot manage account {name!r}", path=name)
-    return subprocess.run([path, *args], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    return subprocess.run([path, *args],  # noqa: S603 (the tool from fixed folders; names checked by _check_name)
+                          capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
 
 
 def _check_name(name: str) -> None:
@@ -122,7 +123,7 @@ def ensure_account(identity: Identity) -> None:
         raise AccountError(f"account {name!r} still missing after useradd", path=name)
 
 
-def remove_account(name: str, force: bool = False) -> None:
+def remove_account(name: str, *, force: bool = False) -> None:
     """Delete the user and its group; idempotent. The home directory is left alone.
 
     userdel refuses while processes of that uid run, zombies included: end them first

@@ -23,13 +23,14 @@ user's cgroups by name (`find_trees`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import time
 from collections.abc import Sequence
 
-from sandbox._cgroupfs import read_file, write_file
+from sandbox._cgroupfiles import read_file, write_file
 from sandbox.errors import CgroupError
 
 FREEZE_WAIT = 2.0  # seconds a freeze may take before the kill goes ahead without it
@@ -98,7 +99,7 @@ def _listed(path: str) -> list[int]:
     return []
 
 
-def kill_trees(dirs: Sequence[str], timeout: float = 10.0) -> int:
+def kill_trees(dirs: Sequence[str], *, timeout: float = 10.0) -> int:
     """End every task in the cgroups `dirs` and below (see the module's docstring); returns how many
     tasks were listed at the start. Raises CgroupError naming what is left after `timeout` seconds."""
     dirs = [d for d in dirs if os.path.isdir(d)]
@@ -207,10 +208,8 @@ def _kill(dirs: Sequence[str], frozen: set[int]) -> None:
             write_file(path, "1")
     listed = tasks_in(dirs)
     for tid in sorted(listed & frozen):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(tid, signal.SIGKILL)  # the whole thread group; frozen: the id is still this task's
-        except ProcessLookupError:
-            pass
     _kill_pinned(dirs, listed - frozen)
 
 
@@ -233,10 +232,8 @@ def _kill_pinned(dirs: Sequence[str], tids: set[int]) -> None:
         still = tasks_in(dirs)
         for tgid, (fd, members) in pinned.items():
             if any(t in still and os.path.exists(f"/proc/{tgid}/task/{t}") for t in members):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
     finally:
         for fd, _ in pinned.values():
             os.close(fd)
@@ -247,7 +244,7 @@ def _tgid(tid: int) -> int | None:
     return int(value) if value else None
 
 
-def remove_trees(dirs: Sequence[str], wait: float = 3.0) -> None:
+def remove_trees(dirs: Sequence[str], *, wait: float = 3.0) -> None:
     """Delete the cgroups `dirs` and everything below, deepest first (they must hold no task; a
     task that is still exiting keeps its cgroup busy for a moment). Idempotent."""
     deadline = time.monotonic() + wait

@@ -15,6 +15,7 @@ refuses to enable controllers below a cgroup that holds processes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -133,10 +134,8 @@ freezer cgroup too, which `sandbox.cgroupkill` freezes before it kills.
                 if controller == "memory":
                     # always on since Linux 5.x; older kernels default to flat accounting,
                     # which would let a user's kernels escape the user's aggregate limit
-                    try:
+                    with contextlib.suppress(CgroupError):  # refused once children exist; nothing better then
                         write_file(os.path.join(path, "memory.use_hierarchy"), "1")
-                    except CgroupError:
-                        pass  # refused once children exist; nothing better to do then
 
     def _write_limits(self, relpath: str, limits: Limits) -> None:
         if "memory" in self._bases:
@@ -166,7 +165,7 @@ freezer cgroup too, which `sandbox.cgroupkill` freezes before it kills.
         # unlimit first so that changing the period can never leave an invalid quota/period pair
         write_file(quota, "-1")
         write_file(os.path.join(path, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-        wanted = limits.cpu_quota_us(CPU_PERIOD_US)
+        wanted = limits.cpu_quota_us(period_us=CPU_PERIOD_US)
         if wanted is None:
             return
         # v1 refuses (EINVAL) a quota above an ancestor's; v2 would silently cap it. Cap it
@@ -295,7 +294,7 @@ class CgroupV2Backend(CgroupBackend):
                 # a kernel that swaps is slower than one that is killed and restarted
                 write_file(swap, "0")
         if "cpu" in self.controllers:
-            quota = limits.cpu_quota_us(CPU_PERIOD_US)
+            quota = limits.cpu_quota_us(period_us=CPU_PERIOD_US)
             write_file(os.path.join(path, "cpu.max"), f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
         if "pids" in self.controllers:
             write_file(os.path.join(path, "pids.max"), "max" if limits.pids is None else str(limits.pids))

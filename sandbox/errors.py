@@ -65,7 +65,7 @@ class InvalidPath(PathError):
 class FileTooLarge(SandboxError):
     """`SafeRoot.read_bytes` found a file larger than the caller's `max_bytes`."""
 
-    def __init__(self, path: str, size: int, limit: int, grew: bool = False) -> None:
+    def __init__(self, path: str, size: int, limit: int, *, grew: bool = False) -> None:
         said = "grew past" if grew else "is larger than"
         super().__init__(f"{path!r}: file {said} {limit} bytes", path=path)
         self.size = size  # what fstat said; when `grew`, the bytes read before stopping

@@ -7,6 +7,7 @@ kernelpool's user service and kernel registry, and `sandbox.rundir`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as st
@@ -16,7 +17,7 @@ from sandbox.errors import InvalidPath, SandboxError
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def prepare_dir(path: str, uid: int | None, gid: int | None, mode: int = 0o700) -> None:
+def prepare_dir(path: str, uid: int | None, gid: int | None, *, mode: int = 0o700) -> None:
     """Create the folder `path` (missing parents as root-owned 0755), then set its owner and mode.
 
     Refuses (InvalidPath) if `path` itself is a symbolic link. Parents are the server's own
@@ -32,13 +33,11 @@ def prepare_dir(path: str, uid: int | None, gid: int | None, mode: int = 0o700) 
     for folder in reversed(missing):
         try:
             os.mkdir(folder, 0o755)
-            os.chmod(folder, 0o755)
+            os.chmod(folder, 0o755)  # noqa: S103 (users' uids pass folders above their own: DataDirUnreachable)
         except FileExistsError:
             pass
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path, mode)
-    except FileExistsError:
-        pass
     try:
         fd = os.open(path, _READ_DIR)
     except OSError as exc:

@@ -16,6 +16,7 @@ NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -26,7 +27,7 @@ from sandbox.errors import FileTooLarge, InvalidPath, PathError, PathOutsideRoot
 from sandbox.folders import prepare_dir, remove_tree
 from sandbox.paths import MAX_DEPTH, MAX_NAME_BYTES, normalize_path, split_path
 from sandbox.scan import READ_DIR as _READ_DIR
-from sandbox.scan import Entry, Kind, Scan, scan_dir, walk_files
+from sandbox.scan import Entry, Kind, Scan, Usage, disk_usage, scan_dir, walk_files
 from sandbox.scan import entry as _entry
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
 _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO the user planted must not hang the server
 _READ_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_APPEND_FILE = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def _oserror(code: int, relpath: str) -> OSError:
@@ -45,10 +47,8 @@ def _oserror(code: int, relpath: str) -> OSError:
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 class SafeRoot:
@@ -90,7 +90,8 @@ class SafeRoot:
                 mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
                 if st.S_ISLNK(mode):
                     return InvalidPath(relpath, f"{name!r} is a symbolic link; links are not followed")
-                if exc.errno == errno.ENXIO and st.S_ISSOCK(mode):  # open(2) of a socket
+                # open(2) of a socket, or of a FIFO for writing with no reader
+                if exc.errno == errno.ENXIO and (st.S_ISSOCK(mode) or st.S_ISFIFO(mode)):
                     return InvalidPath(relpath, "not a regular file")
             except OSError:
                 pass
@@ -126,12 +127,13 @@ class SafeRoot:
 
     # -- operations -----------------------------------------------------------------------------
 
-    def read_bytes(self, relpath: str, max_bytes: int | None = None) -> bytes:
-        """Contents of a regular file; FileTooLarge if it exceeds `max_bytes`."""
+    def _open_regular(self, relpath: str, flags: int) -> tuple[int, os.stat_result]:
+        """A descriptor of the regular file at `relpath` opened with `flags` (which hold
+        O_NOFOLLOW and O_NONBLOCK), and its fstat; the caller closes it."""
         dirfd, name = self._parent(relpath)
         try:
             try:
-                fd = os.open(name, _READ_FILE, dir_fd=dirfd)
+                fd = os.open(name, flags, dir_fd=dirfd)
             except OSError as exc:
                 raise self._why(exc, dirfd, name, relpath) from None
         finally:
@@ -146,17 +148,59 @@ class SafeRoot:
             # fs.protected_hardlinks normally stops users making one, this is the backstop
             if self.uid is not None and info.st_nlink > 1 and info.st_uid != self.uid:
                 raise InvalidPath(relpath, "hard link to a file the user does not own")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, info
+
+    def read_bytes(self, relpath: str, *, max_bytes: int | None = None) -> bytes:
+        """Contents of a regular file; FileTooLarge if it exceeds `max_bytes`."""
+        fd, info = self._open_regular(relpath, _READ_FILE)
+        try:
             if max_bytes is not None and info.st_size > max_bytes:
                 raise FileTooLarge(relpath, info.st_size, max_bytes)
-            os.set_blocking(fd, True)
             return _read_at_most(fd, relpath, info.st_size, max_bytes)
         finally:
             os.close(fd)
 
-    def write_bytes_atomic(self, relpath: str, data: bytes, mode: int = 0o600) -> None:
+    def read_range(self, relpath: str, offset: int, max_bytes: int) -> tuple[bytes, int]:
+        """At most `max_bytes` of a regular file from byte `offset` (fewer at its end), and the
+        file's size when it was opened: a page of a file of any size, never the whole of it."""
+        fd, info = self._open_regular(relpath, _READ_FILE)
+        try:
+            chunks, total = [], 0
+            while total < max_bytes:
+                chunk = os.pread(fd, max_bytes - total, offset + total)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return b"".join(chunks), info.st_size
+        finally:
+            os.close(fd)
+
+    def append_bytes(self, relpath: str, data: bytes) -> int:
+        """Add `data` at the end of an existing regular file of the user's (one that uid owns,
+        when uid is set: root must not append to a file planted there by someone else); its new size."""
+        fd, info = self._open_regular(relpath, _APPEND_FILE)
+        try:
+            if self.uid is not None and info.st_uid != self.uid:
+                raise InvalidPath(relpath, "not a file the user owns")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def write_bytes_atomic(self, relpath: str, data: bytes, *, mode: int = 0o600, exclusive: bool = False) -> None:
         """Replace (or create) a file so that readers see the old or the new content, never a mix.
 
-        The parent folder must exist. The new file belongs to uid/gid with `mode`.
+        The parent folder must exist. The new file belongs to uid/gid with `mode`. Only a regular
+        file is replaced; with `exclusive`, nothing is (FileExistsError if anything is there, also
+        when it appears while the data is written).
         """
         dirfd, name = self._parent(relpath)
         try:
@@ -168,6 +212,10 @@ class SafeRoot:
                 raise InvalidPath(relpath, f"{name!r} is a symbolic link; refusing to replace it")
             if existing is not None and st.S_ISDIR(existing.st_mode):
                 raise _oserror(errno.EISDIR, relpath)
+            if existing is not None and exclusive:
+                raise _oserror(errno.EEXIST, relpath)
+            if existing is not None and not st.S_ISREG(existing.st_mode):
+                raise InvalidPath(relpath, "not a regular file; refusing to replace it")
             tmp = f".{name[:180]}.{secrets.token_hex(6)}.kptmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
             try:
@@ -180,18 +228,22 @@ class SafeRoot:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            except BaseException:
-                try:
+                if exclusive:  # link(2) fails if the name exists: no rename over a file made meanwhile
+                    os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
                     os.unlink(tmp, dir_fd=dirfd)
-                except OSError:
-                    pass
+                else:
+                    os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dirfd)
+                if isinstance(exc, FileExistsError):
+                    raise _oserror(errno.EEXIST, relpath) from None
                 raise
             self._fsync_dir(dirfd)
         finally:
             os.close(dirfd)
 
-    def makedirs(self, relpath: str, mode: int = 0o700) -> None:
+    def makedirs(self, relpath: str, *, mode: int = 0o700) -> None:
         """Create the folder and any missing parents (owned by uid/gid, `mode`); existing ones are fine."""
         parts = split_path(relpath, allow_root=True)
         fd = self._open_root()
@@ -246,6 +298,18 @@ class SafeRoot:
             readable = os.open(".", _READ_DIR, dir_fd=dirfd)
             try:
                 return walk_files(readable, keep, limit, max_scan)
+            finally:
+                os.close(readable)
+        finally:
+            os.close(dirfd)
+
+    def usage(self, max_scan: int) -> Usage:
+        """Bytes the root folder's tree takes on disk, counted within `max_scan` names (`scan.disk_usage`)."""
+        dirfd = self._open_root()
+        try:
+            readable = os.open(".", _READ_DIR, dir_fd=dirfd)
+            try:
+                return disk_usage(readable, max_scan)
             finally:
                 os.close(readable)
         finally:

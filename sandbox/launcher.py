@@ -11,6 +11,7 @@ the order that needs the least privilege last.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -150,10 +151,8 @@ def enter(spec: LaunchSpec, errfd: int | None = None, filter_program: bytes | No
         _seccomp(spec, step, filter_program)
     except BaseException as exc:
         if errfd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(errfd, f"{step.name}\0{_describe(exc)}".encode("utf-8", "replace")[:4000])
-            except OSError:
-                pass
         raise
 
 
@@ -204,11 +203,11 @@ def _private_views(spec: LaunchSpec, step: _Steps) -> None:
         step.name = "hide other mounts"
         views.hide_mounts(spec.hide_mounts_below, keep=(spec.cwd, *spec.keep_paths), mountinfo=mountinfo)
     step.name = "private /tmp"
-    views.private_tmpfs("/tmp", spec.tmpfs_bytes, keep=(spec.cwd, *spec.keep_paths))
+    views.private_tmpfs("/tmp", spec.tmpfs_bytes, keep=(spec.cwd, *spec.keep_paths))  # noqa: S108 (the kernel's own, new)
     step.name = "account files"  # its scratch tmpfs sits on /dev/shm until the private one covers it
     views.replace_files(spec.replaced_files, views.MASKED_FILES, mountinfo)
     step.name = "private /dev/shm"
-    views.private_tmpfs("/dev/shm", spec.tmpfs_bytes)
+    views.private_tmpfs("/dev/shm", spec.tmpfs_bytes)  # noqa: S108 (the kernel's own, new)
     step.name = "private /dev/mqueue"
     views.private_mqueue(mountinfo)
     step.name = "private /dev/pts"
@@ -303,7 +302,7 @@ def spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
     read_end, write_end = os.pipe()
     try:
         try:
-            return subprocess.Popen(
+            return subprocess.Popen(  # noqa: S603 (the kernel command: running it confined is this module's work)
                 spec.argv,
                 env=spec.env,
                 cwd=None,

@@ -33,7 +33,7 @@ class Limits:
         if self.pids is not None and self.pids <= 0:
             raise ValueError(f"pids limit must be positive, got {self.pids}")
 
-    def cpu_quota_us(self, period_us: int = CPU_PERIOD_US) -> int | None:
+    def cpu_quota_us(self, *, period_us: int = CPU_PERIOD_US) -> int | None:
         """CFS quota in microseconds per `period_us`, or None for no limit."""
         if self.cpus is None:
             return None

@@ -118,7 +118,7 @@ def signal_group(tgid: int, uid: int) -> bool:
         os.close(fd)
 
 
-def kill_tasks(uid: int, timeout: float = 5.0) -> int:
+def kill_tasks(uid: int, *, timeout: float = 5.0) -> int:
     """SIGKILL every process with a live task of `uid` until two scans in a row find none (a fork
     in flight during the first is seen by the second); returns how many were signalled.
 

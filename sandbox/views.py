@@ -97,7 +97,7 @@ def read_mountinfo() -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def private_tmpfs(path: str, size_bytes: int, keep: list[str] | tuple[str, ...] = ()) -> None:
+def private_tmpfs(path: str, size_bytes: int, *, keep: list[str] | tuple[str, ...] = ()) -> None:
     """An empty tmpfs over `path`, with those of the folders `keep` that lie below it bound back."""
     if not os.path.isdir(path):
         raise FileNotFoundError(2, "no such folder to mount a private tmpfs on", path)
@@ -184,7 +184,7 @@ def private_mqueue(mountinfo: str) -> None:
         _libc.mount("mqueue", point, "mqueue", _MNT_FLAGS | _libc.MS_NOEXEC, None)
 
 
-def private_devpts(max_ptys: int = PTY_MAX) -> None:
+def private_devpts(*, max_ptys: int = PTY_MAX) -> None:
     """A pseudo-terminal instance of its own: /dev/pts lists only this kernel's terminals, at most
     `max_ptys` at once. /dev/ptmx needs no bind: since Linux 4.7 it opens the instance mounted at
     the /dev/pts beside it."""
@@ -225,7 +225,7 @@ def hide_dirs(dirs: list[str] | tuple[str, ...], mountinfo: str) -> list[str]:
 
 
 def replace_files(contents: dict[str, str], masked: list[str] | tuple[str, ...], mountinfo: str,
-                  scratch: str = "/dev/shm") -> None:
+                  scratch: str = "/dev/shm") -> None:  # noqa: S108 (in the kernel's own mount namespace)
     """Show each text of `contents` at its path, and an empty file at each path of `masked`, over a
     live view of the rest of the folder that holds them (/etc): a read-only overlay whose top layer,
     root's, holds these files and whose lower layer is the host's folder. Not bind mounts over the

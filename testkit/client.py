@@ -20,9 +20,8 @@ from testkit.server import KernelpoolServer
 async def mcp_client(url: str, token: str | None, mode: str = "legacy") -> AsyncIterator[Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
-    async with http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-            yield client
+    async with http, Client(streamable_http_client(url, http_client=http), mode=mode) as client:
+        yield client
 
 
 def text(result: Any) -> str:

@@ -19,9 +19,11 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import pytest
 
@@ -40,8 +42,10 @@ V1_REMOUNT = (
 )
 
 
-def docker(*args: str, timeout: float = 120, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+def docker(*args: str, timeout: float = 120, check: bool = True, input: str | None = None,
+           stdin: IO[bytes] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, input=input, stdin=stdin,
+                         env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"docker {shlex.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
     return out
@@ -73,8 +77,8 @@ def running_engine() -> Iterator[None]:
     if engine_answers():
         yield
         return
-    log_path = f"/tmp/{RUN}-dockerd.log"
-    with open(log_path, "wb") as log:
+    fd, log_path = tempfile.mkstemp(prefix=f"{RUN}-dockerd-", suffix=".log")
+    with open(fd, "wb") as log:
         # a private cgroup namespace for every container by default: Compose 1.29 has no `cgroup:`
         # key, and the image's entry point makes its cgroups writable only in a private namespace
         started = subprocess.Popen(["dockerd", "--default-cgroupns-mode", "private"], stdout=log,
@@ -102,18 +106,16 @@ def running_engine() -> Iterator[None]:
 
 def debian_mirror() -> str:
     """The mirror apt uses on this host (its bookworm suite), for debootstrap."""
-    with contextlib.suppress(OSError):
-        with open("/etc/apt/sources.list.d/debian.sources") as f:
-            for stanza in f.read().split("\n\n"):
-                fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
-                if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
-                    return fields["URIs"].split()[0]
-    with contextlib.suppress(OSError):
-        with open("/etc/apt/sources.list") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
-                    return parts[1]
+    with contextlib.suppress(OSError), open("/etc/apt/sources.list.d/debian.sources") as f:
+        for stanza in f.read().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
+            if "bookworm" in fields.get("Suites", "").split() and "URIs" in fields:
+                return fields["URIs"].split()[0]
+    with contextlib.suppress(OSError), open("/etc/apt/sources.list") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
+                return parts[1]
     return "http://deb.debian.org/debian"
 
 
@@ -159,10 +161,10 @@ def import_root(root: Root, tag: str) -> None:
     shutil.copyfile(CA_BUNDLE, os.path.join(path, CA_BUNDLE.lstrip("/")))
     with open(os.path.join(path, "etc", "pip.conf"), "w") as f:
         f.write(f"[global]\ncert = {CA_BUNDLE}\n")
-    tar = subprocess.Popen(["tar", "-C", path, "-c", "."], stdout=subprocess.PIPE)
-    docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", tag,
-           stdin=tar.stdout, timeout=600)
-    assert tar.wait(60) == 0
+    with subprocess.Popen(["tar", "-C", path, "-c", "."], stdout=subprocess.PIPE) as tar:
+        docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", tag,
+               stdin=tar.stdout, timeout=600)
+    assert tar.returncode == 0
 
 
 # ---- images shared by the container tests of one tree -------------------------------------------

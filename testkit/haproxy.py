@@ -62,9 +62,8 @@ class HAProxy:
             f.write(self.config())
         check = subprocess.run(["haproxy", "-c", "-f", path], capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
-        log = open(os.path.join(self.folder, "haproxy.log"), "wb")
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(os.path.join(self.folder, "haproxy.log"), "wb") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not (os.path.exists(self.admin) and _listens(self.port)):
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log()

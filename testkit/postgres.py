@@ -60,13 +60,12 @@ class PostgresServer:
         out = self._as_postgres(f"{binaries}/initdb", "-D", self.data, "-A", "trust", "-U", "kp", "--no-sync")
         assert out.returncode == 0, out.stdout + out.stderr
         self.port = free_port()
-        log = open(os.path.join(self.folder, "server.log"), "wb")
-        self.proc = subprocess.Popen(
-            ["runuser", "-u", "postgres", "--", f"{binaries}/postgres", "-D", self.data, "-p", str(self.port),
-             "-k", self.folder, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300",
-             "-c", "synchronous_commit=off"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(os.path.join(self.folder, "server.log"), "wb") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                ["runuser", "-u", "postgres", "--", f"{binaries}/postgres", "-D", self.data, "-p", str(self.port),
+                 "-k", self.folder, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300",
+                 "-c", "synchronous_commit=off"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while self._as_postgres(f"{binaries}/pg_isready", "-h", "127.0.0.1", "-p", str(self.port)).returncode != 0:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log()

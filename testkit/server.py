@@ -11,6 +11,7 @@ also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -55,7 +56,8 @@ def sandbox_reason() -> str | None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def answers(base: str, timeout: float = 1) -> bool:
@@ -71,7 +73,7 @@ def make_data_dir() -> str:
     # kernel's /tmp is a private tmpfs, where the server keeps only the kernel's own folders
     # visible; a data folder elsewhere, as in production, keeps every path of it what it is
     path = tempfile.mkdtemp(prefix="kp-test-", dir="/var/tmp")
-    os.chmod(path, 0o711)
+    os.chmod(path, 0o711)  # noqa: S103 (users' uids pass it to reach their folders; they list nothing)
     return path
 
 
@@ -94,6 +96,13 @@ class KernelpoolServer:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The server process's id; it must have been started."""
+        if self.proc is None:
+            raise RuntimeError("the server was not started")
+        return self.proc.pid
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -147,7 +156,7 @@ class KernelpoolServer:
         except OSError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)
@@ -180,10 +189,8 @@ class KernelpoolServer:
         reaped: list[int] = []
 
         def reap() -> None:
-            try:
+            with contextlib.suppress(Exception):  # cleanup: what is left is reported by the test that made it
                 reaped.append(UserNetworks(NetworkPlan(mode="egress", prefix=prefix)).reap())
-            except Exception:
-                pass
 
         # in a thread of its own: pyroute2 runs an event loop, which fails in a thread that has one
         # (cleanup called from an async test) and then reaped nothing

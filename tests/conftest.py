@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from testkit.postgres import PostgresServer, running_postgres, unavailable
 from testkit.server import KernelpoolServer, make_data_dir, sandbox_reason, server_env
 
 SANDBOX_SKIP = sandbox_reason()
+_STARTED = time.time()
 METRICS_TOKEN = "test-metrics-token"
 
 
@@ -56,11 +59,9 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[object]:
+def postgres() -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the test session (testkit/postgres.py); skipped, with the reason,
     where none can run."""
-    from testkit.postgres import running_postgres, unavailable
-
     reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -74,5 +75,14 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
     PostgreSQL database of the session's server."""
     if request.param == "sqlite":
         return None
-    server = request.getfixturevalue("postgres")
-    return server.new_database()  # type: ignore[attr-defined, no-any-return]
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """Name the screenshots the browser tests wrote (tests/test_web_view.py), for CI to keep as artifacts."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "screenshots")
+    written = sorted(f for f in os.listdir(folder) if os.path.getmtime(os.path.join(folder, f)) >= _STARTED) \
+        if os.path.isdir(folder) else []
+    if written:
+        terminalreporter.write_line(f"screenshots: {folder}: {', '.join(written)}")  # type: ignore[attr-defined]

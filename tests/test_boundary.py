@@ -1,5 +1,6 @@
-"""Regression tests of issue 10 (items 1, 5, 6): alice's kernel attacks root through the server's
-file handling, bad names, and user removal; bob's kernel state survives each.
+"""Alice's kernel attacks root through the server's own file handling (links and renames planted
+where the root server reads or writes), bad names, and user removal; bob's kernel state survives
+each. The server runs as root, so any path a tenant can change is a way to write as root.
 
 Runs as root where the host can isolate (real server, real kernels, real accounts); skipped,
 with the reason, elsewhere.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ async def test_documented_capabilities_suffice() -> None:
     try:
         token = server.add_user("capuser")
         server.start()
-        status = open(f"/proc/{server.proc.pid}/status").read() if server.proc else ""
+        status = Path(f"/proc/{server.pid}/status").read_text() if server.proc else ""
         assert "CapBnd:\t00000000002010eb" in status  # exactly the eight
         async with mcp_client(server.url, token) as client:
             r = await client.call_tool("use_notebook", {"notebook": "caps.ipynb", "mode": "create"})

@@ -32,6 +32,7 @@ class Kernel:
 async def start(limits: ChannelLimits) -> Kernel:
     folder = tempfile.mkdtemp(prefix="kp-channels-")
     manager = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(folder, "k"))
+    assert manager.kernel_spec is not None
     manager.kernel_spec.argv[0] = sys.executable  # this venv's ipykernel
     await manager.start_kernel()
     info = manager.get_connection_info()

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -45,7 +46,7 @@ def test_users_and_tokens(fresh_server: KernelpoolServer) -> None:
     nouser = kp.cli("tokens", "create", "nobody-here", check=False)
     assert nouser.returncode == 2 and "no such user" in nouser.stderr
     # only hashes are stored: the token text is nowhere in the database
-    db = open(os.path.join(kp.data_dir, "kernelpool.db"), "rb").read()
+    db = Path(os.path.join(kp.data_dir, "kernelpool.db")).read_bytes()
     assert kp.tokens["dana"].encode() not in db and second.encode() not in db
 
     limits = kp.cli("users", "set-limits", "dana", "--memory", "nonsense", check=False)
@@ -86,8 +87,8 @@ async def _kernel_limits(kp: KernelpoolServer, user: str, notebook: str) -> tupl
     # the kernel sees only its own cgroup (a cgroup namespace): read its path from the host
     with open(f"/proc/{pid}/cgroup") as f:
         cg = dict(line.split(":", 2)[1:] for line in f.read().splitlines())
-    memory = int(open(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read())
-    return memory, open(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read().strip()
+    memory = int(Path(f"/sys/fs/cgroup/memory{cg['memory']}/memory.limit_in_bytes").read_text())
+    return memory, Path(f"/sys/fs/cgroup/pids{cg['pids']}/pids.max").read_text().strip()
 
 
 async def test_limits_set_from_the_cli_reach_new_kernels(fresh_server: KernelpoolServer) -> None:

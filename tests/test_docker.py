@@ -151,6 +151,8 @@ def test_entrypoint_serves_and_stops_on_sigterm(entry_env: dict[str, str], init:
         assert "Traceback" not in out, out
     finally:
         server.cleanup()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_entrypoint_runs_cli_commands(entry_env: dict[str, str]) -> None:

@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx2
 import nbformat
@@ -370,12 +371,12 @@ def test_healthcheck_reports_healthy(dep: Deployment) -> None:
 
 
 async def test_restart_keeps_tokens_and_notebooks(dep: Deployment) -> None:
-    before = {u: open(dep.host_path(u, f"legacy-{u}.ipynb")).read() for u in ("alice", "bob")}
+    before = {u: Path(dep.host_path(u, f"legacy-{u}.ipynb")).read_text() for u in ("alice", "bob")}
     docker("restart", dep.name, timeout=120)
     dep.wait_healthz()
     assert docker("inspect", "--format", "{{.RestartCount}} {{.State.Status}}", dep.name).stdout.split()[1] == "running"
     for user in ("alice", "bob"):
-        assert open(dep.host_path(user, f"legacy-{user}.ipynb")).read() == before[user]
+        assert Path(dep.host_path(user, f"legacy-{user}.ipynb")).read_text() == before[user]
         async with mcp_client(dep.url, dep.tokens[user], mode="legacy") as c:
             r = await c.call_tool("read_notebook", {"notebook": f"legacy-{user}.ipynb", "response_format": "detailed"})
             assert not r.is_error, text(r)
@@ -409,7 +410,8 @@ async def test_derived_image_gives_kernels_its_package(dep: Deployment) -> None:
     pkg, version = EXTRA_PACKAGE
     if docker("inspect", "--format", "{{.State.Running}}", dep.name).stdout.strip() == "true":
         docker("stop", dep.name, timeout=120)  # one server per data folder
-    dockerfile = f"FROM {dep.images.image}\nRUN pip install {pkg}=={version}\n"
+    # and the documented way to add a kernel (docs/deployment.md), in the same build: one extra kernel
+    dockerfile = documented_kernel_dockerfile(dep.images.image) + f"RUN pip install {pkg}=={version}\n"
     docker("build", "-t", dep.images.derived, "-", input=dockerfile, timeout=600,
            env=dict(os.environ, DOCKER_BUILDKIT="0"))
     dep.run(dep.images.derived)
@@ -423,7 +425,25 @@ async def test_derived_image_gives_kernels_its_package(dep: Deployment) -> None:
         assert got_version == version and got_file.startswith("/opt/venv/lib/python3.11/site-packages/"), text(r)
         r = await c.call_tool("read_notebook", {"notebook": "oom.ipynb"})
         assert not r.is_error, text(r)
+        r = await c.call_tool("list_kernelspecs", {})
+        assert [k["name"] for k in r.structured_content["kernelspecs"]] == ["python3", "bash"], text(r)
+        r = await c.call_tool("use_notebook", {"notebook": "sh.ipynb", "mode": "create", "kernel": "bash"})
+        assert not r.is_error, text(r)
+        r = await c.call_tool("execute_code", {"notebook": "sh.ipynb", "code": "id -u; ls /proc | grep -c '^[0-9]'"})
+        assert not r.is_error, text(r)
+        uid, processes = text(r).split()
+        assert int(uid) == dep.uids["alice"] and int(processes) < 10, text(r)
+    with open(dep.host_path("alice", "sh.ipynb")) as f:
+        assert json.load(f)["metadata"]["kernelspec"]["name"] == "bash"
     docker("stop", dep.name, timeout=120)
+
+
+def documented_kernel_dockerfile(image: str) -> str:
+    """The Dockerfile of docs/deployment.md that adds a kernel, FROM `image`."""
+    with open(DEPLOYMENT_DOCS) as f:
+        blocks = re.findall(r"```dockerfile\n(.*?)```", f.read(), re.S)
+    block = next(b for b in blocks if "KERNELPOOL_KERNELSPECS" in b)
+    return re.sub(r"^FROM \S+", f"FROM {image}", block, count=1, flags=re.M)
 
 
 # ---- an upgrade: the old image's volumes under the new image -----------------------------------

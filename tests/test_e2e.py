@@ -301,12 +301,14 @@ async def test_editing_tools_round_trip(kp: KernelpoolServer) -> None:
         await call("execute_cell", cell_id=ids[0])
         before = on_disk(kp, "alice", nbp)
         # bad input changes nothing
-        for tool, args in [("delete_cell", {"cell_index": 99}), ("move_cell", {"cell_index": 0, "new_index": 42}),
-                           ("edit_cell_source", {"cell_index": 1, "old_string": "zzz", "new_string": ""}),
-                           ("insert_cell", {"cell_index": 17, "cell_type": "code", "cell_source": "x"}),
-                           ("overwrite_cell_source", {"cell_id": "no-such-id", "cell_source": "x"}),
-                           ("execute_cell", {"cell_index": 0}),
-                           ("insert_execute_code_cell", {"cell_index": -1, "cell_source": "1", "timeout": -5})]:
+        refused: list[tuple[str, dict[str, object]]] = [
+            ("delete_cell", {"cell_index": 99}), ("move_cell", {"cell_index": 0, "new_index": 42}),
+            ("edit_cell_source", {"cell_index": 1, "old_string": "zzz", "new_string": ""}),
+            ("insert_cell", {"cell_index": 17, "cell_type": "code", "cell_source": "x"}),
+            ("overwrite_cell_source", {"cell_id": "no-such-id", "cell_source": "x"}),
+            ("execute_cell", {"cell_index": 0}),
+            ("insert_execute_code_cell", {"cell_index": -1, "cell_source": "1", "timeout": -5})]
+        for tool, args in refused:
             r = await call(tool, **args)
             assert r.is_error, (tool, texts(r))
         assert on_disk(kp, "alice", nbp) == before

@@ -4,6 +4,7 @@ in tests/test_resume.py. The authenticated user is set the way the SDK's auth mi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
-from mcp.server.streamable_http import EventMessage
+from mcp.server.streamable_http import GET_STREAM_KEY, EventMessage
 from mcp.types import JSONRPCNotification
+from sse_starlette.event import ServerSentEvent
 
 from kernelpool.mcp.events import EventScope, SessionEventStore
 
@@ -41,11 +43,14 @@ async def _request(store: SessionEventStore, user: str, session: str | None,
         finally:
             auth_context_var.reset(token)
 
+    async def receive() -> Any:
+        raise AssertionError("EventScope reads no request body")
+
     async def send(message: Any) -> None:
         return None
 
     headers = [(b"mcp-session-id", session.encode())] if session else []
-    await EventScope(app, store)({"type": "http", "headers": headers}, None, send)
+    await EventScope(app, store)({"type": "http", "headers": headers}, receive, send)
     return out["value"]
 
 
@@ -53,7 +58,9 @@ async def _replay(store: SessionEventStore, user: str, session: str, after: str)
     got: list[int] = []
 
     async def collect(event: EventMessage) -> None:
-        got.append(event.message.params["progress"])  # type: ignore[union-attr]
+        message = event.message
+        assert isinstance(message, JSONRPCNotification) and message.params is not None
+        got.append(message.params["progress"])
 
     async def work() -> str | None:
         return await store.replay_events_after(after, collect)
@@ -123,3 +130,43 @@ async def test_usage_is_reported_per_user() -> None:
     store = _store(on_user_usage=lambda user, used, limit: seen.append((user, used, limit)))
     await _store_many(store, "alice", None, "1", 2, opens="S1")
     assert [s[0] for s in seen] == ["alice", "alice"] and seen[-1][1] == store.user_bytes("alice") and seen[-1][2] == 4 << 20
+
+
+async def test_shutdown_waits_until_the_standalone_stream_carried_its_notice() -> None:
+    """The app's shutdown notice (`standalone_written`) waits for the sessions whose GET stream is open,
+    until the events stored for that stream since it began were written to it, and no longer than asked."""
+    store = _store()
+    await _store_many(store, "alice", None, "1", 1, opens="S1")
+    await _store_many(store, "bob", None, "1", 1, opens="S2")  # S2 never opens its GET stream
+    to_write: asyncio.Queue[EventMessage | None] = asyncio.Queue()
+    written: list[bytes] = []
+
+    async def standalone(scope: Any, receive: Any, send: Any) -> None:
+        # what the SDK's GET handler sends, encoded the way sse-starlette encodes it; a keep-alive ping first
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": ServerSentEvent(comment="ping").encode(), "more_body": True})
+        while (event := await to_write.get()) is not None:
+            data = ServerSentEvent(data=event.message.model_dump_json(by_alias=True, exclude_unset=True),
+                                   event="message", id=event.event_id).encode()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def wire(message: Any) -> None:
+        written.append(message.get("body", b""))
+
+    scope = {"type": "http", "method": "GET", "headers": [(b"mcp-session-id", b"S1")]}
+    stream = asyncio.create_task(EventScope(standalone, store)(scope, None, wire))
+    await asyncio.sleep(0.05)
+    after = store.last_seq
+    assert await store.standalone_written(["S1", "S2"], after, 0.1) == 1, "S1's notice is not stored yet"
+    ids = await _store_many(store, "alice", "S1", GET_STREAM_KEY, 2)
+    await _store_many(store, "bob", "S2", GET_STREAM_KEY, 1)
+    await _store_many(store, "alice", "S1", "7", 1)  # a call's own stream: not the GET stream's to carry
+    await to_write.put(EventMessage(_note(0), ids[0]))
+    assert await store.standalone_written(["S1", "S2"], after, 0.1) == 1, "one of S1's two events is not written"
+    await to_write.put(EventMessage(_note(1), ids[1]))
+    assert await store.standalone_written(["S1", "S2"], after, 5) == 0
+    assert ids[1].encode() in written[-1]
+    await to_write.put(None)
+    await stream
+    ids = await _store_many(store, "alice", "S1", GET_STREAM_KEY, 1)
+    assert await store.standalone_written(["S1"], store.last_seq - 1, 5) == 0, "S1's GET stream is closed"

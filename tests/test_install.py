@@ -84,8 +84,8 @@ def test_the_server_under_test_is_the_installed_wheel(srv: KernelpoolServer) -> 
         assert module_file.startswith(SITE + os.sep), out
         assert not module_file.startswith(ROOT + os.sep), out
     assert srv.proc is not None
-    assert os.readlink(f"/proc/{srv.proc.pid}/cwd") == "/"
-    with open(f"/proc/{srv.proc.pid}/environ", "rb") as f:
+    assert os.readlink(f"/proc/{srv.pid}/cwd") == "/"
+    with open(f"/proc/{srv.pid}/environ", "rb") as f:
         assert not any(v.startswith(b"PYTHONPATH=") for v in f.read().split(b"\0"))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import nbformat
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 from kernelpool.notebooks import cells as nbops
 from kernelpool.notebooks.encoding import CellCachingEncoder
 
-texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
+texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
 lines = st.lists(st.one_of(texts, st.just("\n"), st.just("\r\n"), st.just("\u2028")), max_size=4).map("".join)
 keys = st.text(alphabet="abcdefgh_", min_size=1, max_size=6)
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | texts,
@@ -25,7 +27,7 @@ def outputs(draw: st.DrawFn) -> NotebookNode:
         return new_output("stream", name=draw(st.sampled_from(["stdout", "stderr"])), text=draw(lines))
     if kind == "error":
         return new_output("error", ename=draw(texts), evalue=draw(lines), traceback=draw(st.lists(lines, max_size=3)))
-    data = {"text/plain": draw(lines)}
+    data: dict[str, Any] = {"text/plain": draw(lines)}
     if draw(st.booleans()):
         data["image/png"] = "iVBORw0KGgo=\n" + draw(st.text(alphabet="ABCxyz019+/", max_size=20))
     if draw(st.booleans()):

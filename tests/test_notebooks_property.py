@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import nbformat
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from nbformat import NotebookNode
 
 from kernelpool.errors import KernelpoolError
 from kernelpool.notebooks import cells as nbops
@@ -18,11 +22,12 @@ from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.service import NotebookService
 from sandbox import SafeRoot
 
-sources = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+sources = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
 cell_types = st.sampled_from(["code", "markdown", "raw"])
 indexes = st.integers(min_value=-6, max_value=8)
 
 PATH = "dir/model.ipynb"
+T = TypeVar("T")
 
 
 class NotebookEdits(RuleBasedStateMachine):
@@ -47,13 +52,14 @@ class NotebookEdits(RuleBasedStateMachine):
     def run(self, coro):
         return self.runner.run(coro)
 
-    def edit(self, change) -> object:
+    def edit(self, change: Callable[[NotebookNode], T]) -> T | None:
         """Apply `change` through the service; on a refusal the file must be byte-identical."""
-        before = open(os.path.join(self.folder, PATH), "rb").read()
+        file = Path(self.folder, PATH)
+        before = file.read_bytes()
         try:
             return self.run(self.service.edit("u", PATH, change))
         except KernelpoolError:
-            assert open(os.path.join(self.folder, PATH), "rb").read() == before
+            assert file.read_bytes() == before
             return None
 
     def valid_index(self, i: int) -> int | None:
@@ -76,7 +82,7 @@ class NotebookEdits(RuleBasedStateMachine):
     @rule(index=indexes, source=sources)
     def overwrite(self, index: int, source: str) -> None:
         def change(nb):
-            i = nbops.cell_position(nb, PATH, index, None)
+            i = nbops.cell_position(nb, PATH, cell_index=index)
             nbops.set_source(nb.cells[i], source)
             return i
 
@@ -88,10 +94,10 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes, old=st.text(min_size=1, max_size=3, alphabet="ab"), new=st.text(max_size=3, alphabet="abc"),
           replace_all=st.booleans())
-    def edit_source(self, index: int, old: str, new: str, replace_all: bool) -> None:
+    def edit_source(self, index: int, old: str, new: str, *, replace_all: bool) -> None:
         def change(nb):
-            i = nbops.cell_position(nb, PATH, index, None)
-            return nbops.edit_source(nb.cells[i], old, new, replace_all)
+            i = nbops.cell_position(nb, PATH, cell_index=index)
+            return nbops.edit_source(nb.cells[i], old, new, replace_all=replace_all)
 
         got = self.edit(change)
         j = self.valid_index(index)
@@ -107,7 +113,7 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes)
     def delete(self, index: int) -> None:
-        got = self.edit(lambda nb: nb.cells.pop(nbops.cell_position(nb, PATH, index, None)).id)
+        got = self.edit(lambda nb: nb.cells.pop(nbops.cell_position(nb, PATH, cell_index=index)).id)
         j = self.valid_index(index)
         if j is None:
             assert got is None
@@ -117,7 +123,7 @@ class NotebookEdits(RuleBasedStateMachine):
 
     @rule(index=indexes, to=indexes)
     def move(self, index: int, to: int) -> None:
-        got = self.edit(lambda nb: nbops.move_cell(nb, nbops.cell_position(nb, PATH, index, None), to))
+        got = self.edit(lambda nb: nbops.move_cell(nb, nbops.cell_position(nb, PATH, cell_index=index), to))
         j, k = self.valid_index(index), self.valid_index(to)
         if j is None or k is None:
             assert got is None
@@ -131,7 +137,7 @@ class NotebookEdits(RuleBasedStateMachine):
         if not self.ids:
             return
         cid = data.draw(st.sampled_from(self.ids + ["no-such-id"]))
-        got = self.edit(lambda nb: nbops.cell_position(nb, PATH, None, cid))
+        got = self.edit(lambda nb: nbops.cell_position(nb, PATH, cell_id=cid))
         assert got == (self.ids.index(cid) if cid in self.ids else None)
 
     @invariant()

@@ -1,5 +1,6 @@
 """Every file-system call by path in kernelpool/ and sandbox/, and in the jupyter_client code that
-runs on our kernels' files, reviewed for one question (issue 10): can a tenant change the path?
+runs on our kernels' files, reviewed for one question: can a tenant change the path? (The server
+runs as root: a path a tenant can change is a way for the tenant to write as root.)
 
 The root server must never create, truncate, chown, open or connect to a path a tenant can
 change. Tenant-writable places are DATA/users/<name>/** and DATA/run/<uid>/tmp/** (the user's),
@@ -57,6 +58,9 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("kernelpool/kernels/isolation.py", "_first_blocked", "os.stat"):
         (1, "folders on the way to the interpreter or to DATA: configuration; stat only"),
     ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.isdir"): (1, "DATA's parents: configuration"),
+    ("kernelpool/kernels/specs.py", "_checked", "shutil.which"): (1, "a kernelspec's program on the system PATH or "
+                                                                 "its own: configuration, installed by root, read at start-up"),
+    ("kernelpool/kernels/specs.py", "_checked", "os.access"): (1, "the same program, only to refuse a missing one"),
     ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.isfile"):
         (1, "DATA/kernelpool.db: root's folder; stat only, for the message"),
     ("kernelpool/kernels/isolation.py", "data_dir_unreachable", "os.path.lexists"):
@@ -148,8 +152,8 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/_docker.py", "iptables", "shutil.which"): (1, "the iptables command on the server's PATH"),
     ("sandbox/probe.py", "_ip_forward", "open"): (1, "/proc/sys/net/ipv4/ip_forward"),
     # sandbox: cgroups, accounts, host probes
-    ("sandbox/_cgroupfs.py", "write_file", "os.open"): (1, CGROUP),
-    ("sandbox/_cgroupfs.py", "read_file", "open"): (1, CGROUP),
+    ("sandbox/_cgroupfiles.py", "write_file", "os.open"): (1, CGROUP),
+    ("sandbox/_cgroupfiles.py", "read_file", "open"): (1, CGROUP),
     ("sandbox/_cgroupfs.py", "own_cgroup_paths", "open"): (1, "/proc/self/cgroup"),
     ("sandbox/_cgroupfs.py", "Cgroup.all_pids", "os.walk"): (1, CGROUP),
     ("sandbox/_cgroupfs.py", "Cgroup.remove", "os.path.isdir"): (1, CGROUP),
@@ -198,11 +202,15 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/fs.py", "SafeRoot._step", "os.open"): (1, DIR_FD),
     ("sandbox/fs.py", "SafeRoot._why", "os.stat"): (1, DIR_FD + " (to word an error)"),
     ("sandbox/fs.py", "SafeRoot._fsync_dir", "os.open"): (1, "'.' of a descriptor: " + DIR_FD),
-    ("sandbox/fs.py", "SafeRoot.read_bytes", "os.open"): (1, DIR_FD + "; O_NONBLOCK for planted FIFOs"),
+    ("sandbox/fs.py", "SafeRoot._open_regular", "os.open"): (1, DIR_FD + "; O_NONBLOCK for planted FIFOs; fstat: regular "
+                                                             "files only, no hard link to another owner's file"),
     ("sandbox/fs.py", "SafeRoot.write_bytes_atomic", "os.stat"): (1, DIR_FD),
     ("sandbox/fs.py", "SafeRoot.write_bytes_atomic", "os.open"): (1, DIR_FD + "; O_CREAT|O_EXCL of a random name, fchown/fchmod"),
     ("sandbox/fs.py", "SafeRoot.write_bytes_atomic", "os.rename"): (1, DIR_FD + "; rename replaces the entry, never follows it"),
-    ("sandbox/fs.py", "SafeRoot.write_bytes_atomic", "os.unlink"): (1, DIR_FD + "; unlink removes a link, not its target"),
+    ("sandbox/fs.py", "SafeRoot.write_bytes_atomic", "os.unlink"): (2, DIR_FD + "; unlink removes a link, not its target"),
+    ("sandbox/fs.py", "SafeRoot.write_bytes_atomic", "os.link"): (1, DIR_FD + "; follow_symlinks=False, of our own new temp "
+                                                                 "file; fails if the name exists (exclusive create)"),
+    ("sandbox/fs.py", "SafeRoot.usage", "os.open"): (1, "'.' of a descriptor: " + DIR_FD),
     ("sandbox/fs.py", "SafeRoot.makedirs", "os.mkdir"): (1, DIR_FD + "; then chowned through a descriptor"),
     ("sandbox/fs.py", "SafeRoot.makedirs", "os.open"): (1, DIR_FD),
     ("sandbox/fs.py", "SafeRoot.scan", "os.open"): (1, "'.' of a descriptor: " + DIR_FD),
@@ -212,6 +220,9 @@ REVIEWED: dict[tuple[str, str, str], tuple[int, str]] = {
     ("sandbox/scan.py", "scan_dir", "os.stat"): (1, DIR_FD),
     ("sandbox/scan.py", "walk_files.enter", "os.scandir"): (1, "of a descriptor"),
     ("sandbox/scan.py", "walk_files", "os.open"): (1, DIR_FD + "; O_DIRECTORY: a link or a file in its place fails"),
+    ("sandbox/scan.py", "disk_usage.enter", "os.scandir"): (1, "of a descriptor"),
+    ("sandbox/scan.py", "disk_usage", "os.stat"): (1, DIR_FD + "; follow_symlinks=False"),
+    ("sandbox/scan.py", "disk_usage", "os.open"): (1, DIR_FD + "; O_DIRECTORY|O_NOFOLLOW: a link or a file in its place fails"),
     ("sandbox/scan.py", "_kind", ".is_dir"): (1, "DirEntry.is_dir(follow_symlinks=False): d_type, or an lstat by the folder's descriptor"),
     ("sandbox/scan.py", "_kind", ".is_file"): (1, "DirEntry.is_file(follow_symlinks=False): d_type, or an lstat by the folder's descriptor"),
     ("sandbox/fs.py", "SafeRoot.stat", "os.stat"): (1, DIR_FD),

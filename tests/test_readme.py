@@ -15,7 +15,8 @@ machine: the command again (nothing to install, the same data), the server witho
 default network falls back to 'none' and says how to get egress), an explicit 'egress' without
 nftables (refused), and an upgrade from a ./kernelpool-data of an earlier version (refused with
 the fix; the fix followed works). Then the README's test command, with the venv module removed
-again. pip downloads everything from PyPI each run (about a minute): no cache is shared with it.
+again, and CONTRIBUTING.md's commands (scripts/check, a part of the suite from the wheel and from the
+checkout). pip downloads everything from PyPI each run (about a minute): no cache is shared with it.
 
 The tests run in order on one machine, and the container and image are removed afterwards.
 """
@@ -37,6 +38,7 @@ import pytest
 
 from testkit.docker import FRESH_ROOT, RUN, V1_REMOUNT, docker, import_root
 from testkit.server import ROOT
+from tests.doc_commands import documented_commands
 
 VENV = "/opt/kernelpool"
 CHECKOUT = "/root/kernelpool"
@@ -157,7 +159,7 @@ except OSError as e:
 class Machine:
     name: str
 
-    def sh(self, script: str, check: bool = True, timeout: float = 120,
+    def sh(self, script: str, *, check: bool = True, timeout: float = 120,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """`script` in root's login-like shell on the machine, from the checkout."""
         extra = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
@@ -386,7 +388,26 @@ def test_the_test_command_on_the_fresh_machine(machine: Machine) -> None:
     _, test = readme_commands()
     machine.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q python3-venv python3.11-venv")
     assert machine.sh("python3 -c 'import ensurepip'", check=False).returncode != 0
-    out = machine.sh(f"{test} tests/test_units.py tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
+    out = machine.sh(f"{test} tests/unit tests/test_install.py -q -p no:cacheprovider", check=False, timeout=840)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     assert "scripts/install: system packages: installing python3-venv with apt-get" in out.stderr, out.stderr[-6000:]
     assert re.search(r"^\d+ passed", out.stdout, re.M) and "skipped" not in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_the_contributing_commands_on_the_fresh_machine(machine: Machine) -> None:
+    """CONTRIBUTING.md's commands, copied from the page, on the same machine after the README's test
+    command: `scripts/check` (with pytest arguments: the whole suite is not for a container) installs
+    ruff and mypy and passes both on the checkout before its tests; a part of the suite against the
+    installed wheel; the same part from the checkout."""
+    shown = [command for page, command in documented_commands() if page == "CONTRIBUTING.md"]
+    assert shown and shown[0] == "scripts/check", shown
+    for command in shown:
+        run = f"{command} tests/unit -q -p no:cacheprovider" if command == "scripts/check" else command
+        out = machine.sh(run, check=False, timeout=1200)
+        said = out.stdout + out.stderr
+        assert out.returncode == 0, (command, said[-6000:])
+        assert re.search(r"^\d+ passed", out.stdout, re.M), (command, out.stdout[-3000:])
+        if command == "scripts/check":
+            assert "All checks passed!" in said and re.search(r"^Success: no issues found", out.stdout, re.M), said[-6000:]

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import anyio
 import httpx2
@@ -56,7 +57,7 @@ async def test_cancelled_request_interrupts_and_saves(kp: KernelpoolServer, mode
     when the caller gives up, sends `notifications/cancelled` on a session (legacy); in the sessionless
     2026-07-28 protocol, closing the response stream is the cancellation (it has no resumption). A
     stream that merely drops on a session is no cancellation: the execution goes on and the client
-    resumes it (tests/test_resume.py), which changed with the event store (issue 12)."""
+    resumes it from the event store (tests/test_resume.py)."""
     nbp = f"cancel-{mode}.ipynb"
     async with mcp_client(kp.url, kp.tokens["bob"], mode=mode) as c:
         await c.call_tool("use_notebook", {"notebook": nbp, "mode": "create"})
@@ -110,7 +111,7 @@ async def test_background_execution_and_cancel(kp: KernelpoolServer) -> None:
 
 
 async def test_huge_output_is_bounded(kp: KernelpoolServer) -> None:
-    server = psutil.Process(kp.proc.pid)
+    server = psutil.Process(kp.pid)
     rss_before = server.memory_info().rss
     code = "import sys\nline = 'y' * 999 + '\\n'\nfor i in range(200_000):\n    sys.stdout.write(line)\nprint('THE END')"
     async with mcp_client(kp.url, kp.tokens["alice"], mode="auto") as c:
@@ -158,7 +159,7 @@ async def test_bad_input_gets_clear_errors_and_changes_nothing(kp: KernelpoolSer
         f.write('{"cells": [oops')
     with open(os.path.join(users_dir, "notanb.ipynb"), "w") as f:
         json.dump({"hello": "world"}, f)
-    snapshot = {n: open(os.path.join(users_dir, n)).read() for n in ("corrupt.ipynb", "notanb.ipynb")}
+    snapshot = {n: Path(os.path.join(users_dir, n)).read_text() for n in ("corrupt.ipynb", "notanb.ipynb")}
     headers = {"Authorization": f"Bearer {kp.tokens['alice']}", "Accept": "application/json, text/event-stream",
                "Content-Type": "application/json"}
     async with httpx2.AsyncClient(timeout=30) as http:
@@ -198,7 +199,7 @@ async def test_bad_input_gets_clear_errors_and_changes_nothing(kp: KernelpoolSer
             r = await c.call_tool(tool, args)
             assert r.is_error, (tool, args)
             assert expected.lower() in texts(r)[0].lower(), (tool, texts(r))
-    assert {n: open(os.path.join(users_dir, n)).read() for n in snapshot} == snapshot
+    assert {n: Path(os.path.join(users_dir, n)).read_text() for n in snapshot} == snapshot
     assert not os.path.exists(os.path.join(users_dir, "x.ipynb"))
     assert httpx2.get(f"{kp.base}/healthz").status_code == 200
 

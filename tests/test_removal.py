@@ -1,5 +1,5 @@
-"""Nothing of a user outlives their removal, and a uid is never given twice (the tenant-boundary
-issue, class 1).
+"""Nothing of a user outlives their removal, and a uid is never given twice: a process left
+behind, or a uid given again, would let a removed user's code reach the next user's files.
 
 Processes that try to hide are started from inside a real kernel of alice's, through the real MCP
 client; then the real `kernelpool users remove` (the CLI, while the server runs, or with no server
@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import struct
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"sandbox tests
 _SERVERS = iter(range(1000))
 
 
-def _server(start: bool = True, **env: str) -> KernelpoolServer:
+def _server(*, start: bool = True, **env: str) -> KernelpoolServer:
     """A server with users alice and bob (started if `start`; then bob holds a secret in his kernel,
     set from a sync caller only: async tests call `bob_secret` themselves)."""
     env.setdefault("KERNELPOOL_ACCOUNT_PREFIX", f"kpr{os.getpid() % 100000}x{next(_SERVERS)}-")
@@ -115,8 +116,8 @@ def leftovers(server: KernelpoolServer, uid: int) -> dict[str, list[str]]:
 # ---- processes that try to hide ---------------------------------------------------------------
 
 # Each writes "<kind> <pid>" to hiders.txt in alice's folder, then haunts: every 0.1 s it lists and
-# writes into the folder the next user will get (DATA/users/carol) and into alice's own, as the
-# leftover of the issue did. A refused fork (pids limit) is just tried again.
+# writes into the folder the next user will get (DATA/users/carol) and into alice's own, as a
+# leftover process would, to reach the next user's files. A refused fork (pids limit) is just tried again.
 HIDER = r'''
 import ctypes, os, signal, sys, threading, time
 KIND, TARGETS, HOME = sys.argv[1], sys.argv[2].split(":"), sys.argv[3]
@@ -196,11 +197,19 @@ with open("hider.py", "w") as f:
 for kind in {kinds!r}:
     subprocess.Popen([sys.executable, "hider.py", kind, {targets!r}, home], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-# System V IPC objects: they outlive every process
+# System V IPC objects, in the kernel's own IPC namespace: they go with it
 libc = ctypes.CDLL(None, use_errno=True)
 made = [libc.shmget(0, 1 << 20, 0o1600), libc.msgget(0, 0o1600), libc.semget(0, 2, 0o1600), libc.shmget(0x6b70, 4096, 0o1600)]
 print("ipc", made)
 '''
+
+
+HOST_IPC = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+made = [libc.shmget(0, 1 << 20, 0o1600), libc.msgget(0, 0o1600), libc.semget(0, 2, 0o1600), libc.shmget(0x6b70, 4096, 0o1600)]
+assert -1 not in made, made
+"""
 
 
 def hiders(home: str) -> dict[str, int]:
@@ -224,6 +233,12 @@ async def test_nothing_of_a_removed_user_outlives_the_removal(kp: KernelpoolServ
     out = await run_code(server, "alice", "hide.ipynb", START_HIDERS.format(
         hider=HIDER, kinds=KINDS, targets=f"{carol_home}:{home}"))
     assert out.startswith("ipc") and "-1" not in out, out
+    # kernels have an IPC namespace of their own: what one makes is not on the host. Objects of the
+    # uid in the host's namespace are what a kernel of a version before that left, and they outlive
+    # every process: made here by a process of the uid outside any kernel
+    assert ipc.owned_by(uid) == []
+    subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c", HOST_IPC],
+                   check=True, timeout=30)
     wait_for(lambda: set(hiders(home)) == set(KINDS), what=f"every hider to start ({os.listdir(home)})")
     pids = hiders(home)
     time.sleep(0.5)  # let them haunt, fork and spawn threads for a while

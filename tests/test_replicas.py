@@ -115,9 +115,10 @@ async def test_a_token_from_before_user_keys_routes_by_its_id(cluster: Cluster) 
     token_id = secrets.token_hex(4)
     old = f"kp_{token_id}_{secrets.token_urlsafe(32)}"
     digest = hashlib.sha256(old.encode()).hexdigest()
-    # no command mints one any more: the row is written as the old version wrote it
-    cluster.postgres.psql(cluster.database, "INSERT INTO tokens(id, \"user\", hash, created_at, keyed)"
-                          f" VALUES ('{token_id}', 'bob', '{digest}', 1, 0)")
+    # no command mints one any more: the row is written as the old version wrote it (both values
+    # are hex digits made here: nothing to quote)
+    row = f"VALUES ('{token_id}', 'bob', '{digest}', 1, 0)"
+    cluster.postgres.psql(cluster.database, f'INSERT INTO tokens(id, "user", hash, created_at, keyed) {row}')
     deadline = time.monotonic() + 10
     while cluster.haproxy.show_map("tokens.map").get(token_id) != "r2":
         assert time.monotonic() < deadline, cluster.haproxy.show_map("tokens.map")
@@ -203,7 +204,8 @@ async def test_a_move_packs_as_the_user_so_what_it_cannot_read_fails_the_move_an
     target = cluster.folder("carol", "r2")
     assert os.readlink(os.path.join(target, "leak")) == "/etc/shadow"  # the link, never the root-only file
     assert os.stat(os.path.join(target, "locked.txt")).st_uid == uid
-    assert _files(target) == before and open(os.path.join(target, "locked.txt")).read() == "mine"
+    with open(os.path.join(target, "locked.txt")) as f:
+        assert _files(target) == before and f.read() == "mine"
     assert await where(cluster, "carol") == "r2"
 
 

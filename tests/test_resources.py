@@ -16,7 +16,7 @@ import httpx2
 import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
-from mcp.types import LoggingMessageNotificationParams, ResourceTemplateReference
+from mcp.types import LoggingMessageNotificationParams, ResourceTemplateReference, TextResourceContents
 
 from testkit.server import KernelpoolServer
 from tests.conftest import METRICS_TOKEN
@@ -68,7 +68,7 @@ async def client(kp: KernelpoolServer, user: str, heard: Heard | None = None) ->
     extra: dict[str, Any] = {}
     if heard is not None:
         extra = {"logging_callback": heard.log, "message_handler": heard.message}
-    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy", **extra) as c:  # type: ignore[arg-type]
+    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy", **extra) as c:
         yield c
 
 
@@ -95,7 +95,8 @@ async def test_notebooks_are_listed_read_and_completed_per_user(kp: KernelpoolSe
         assert {"notebook://res/one.ipynb", "notebook://res/two%20words.ipynb"} <= set(listed)
         assert listed["notebook://res/one.ipynb"].mime_type == "application/x-ipynb+json"
         templates = {t.uri_template for t in (await c.list_resource_templates()).resource_templates}
-        assert {"notebook://{path}{?format}", "output://{notebook}/{cell_id}/{index}{?offset}"} == templates
+        assert {"notebook://{path}{?format}", "file://{path}{?offset}",
+                "output://{notebook}/{cell_id}/{index}{?offset}"} == templates
 
         read = await c.read_resource("notebook://res/one.ipynb")
         content = read.contents[0]
@@ -145,10 +146,12 @@ async def test_large_outputs_are_links_read_in_pages(kp: KernelpoolServer) -> No
         r = await c.call_tool("insert_execute_code_cell", {"notebook": "big.ipynb", "cell_index": -1, "cell_source": code})
         links = [b for b in r.content if b.type == "resource_link"]
         assert len(links) == 1 and links[0].uri.startswith("output://big.ipynb/"), r.content
-        whole, uri, pages = "", links[0].uri, 0
+        whole, pages = "", 0
+        uri: str | None = links[0].uri
         while uri is not None:
             page = (await c.read_resource(uri)).contents[0]
-            whole += page.text  # type: ignore[union-attr]
+            assert isinstance(page, TextResourceContents), page
+            whole += page.text
             uri = page.meta["next"] if page.meta else None
             pages += 1
         assert whole == "".join(f"{i:06d}" for i in range(10000)) + "\n"
@@ -266,7 +269,7 @@ async def test_sessionless_clients_hear_about_their_call_when_they_opt_in(kp: Ke
     """Protocol 2026-07-28 has no logging/setLevel: a request opts in with `_meta` (the client's `log_level`)."""
     heard = Heard()
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kp.tokens['bob']}"}, timeout=httpx2.Timeout(30, read=300))
-    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="auto",  # type: ignore[arg-type]
+    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="auto",
                             logging_callback=heard.log, log_level="warning") as c:
         await c.call_tool("use_notebook", {"notebook": "modern-logs.ipynb", "mode": "create"})
         r = await c.call_tool("execute_code", {"notebook": "modern-logs.ipynb", "code": "import time; time.sleep(5)",

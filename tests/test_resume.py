@@ -132,8 +132,8 @@ async def test_dropped_stream_resumes_with_last_event_id(kp: KernelpoolServer) -
         bob_session = await _open_session(http, kp.url, bob)
         stolen: list[dict[str, Any]] = []
         with anyio.move_on_after(5):
-            async with http.stream("GET", kp.url, headers=_headers(bob, bob_session) | {"Last-Event-ID": priming["id"]}) as r:
-                async for ev in _events(r):
+            async with http.stream("GET", kp.url, headers=_headers(bob, bob_session) | {"Last-Event-ID": priming["id"]}) as replay:
+                async for ev in _events(replay):
                     stolen.append(ev)
         assert not [ev for ev in stolen if ev["data"] is not None], stolen
         r2 = await http.get(kp.url, headers=_headers(bob, session) | {"Last-Event-ID": priming["id"]})
@@ -256,12 +256,12 @@ async def test_python_client_reconnects_and_gets_the_result(kp: KernelpoolServer
     async with CuttingProxy(kp.port) as proxy:
         url = f"http://127.0.0.1:{proxy.port}/mcp"
         http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kp.tokens['bob']}"}, timeout=httpx2.Timeout(30, read=120))
-        progress: list[float] = []
+        reported: list[float] = []
 
-        async def on_progress(p: float, total: float | None, message: str | None) -> None:
-            progress.append(p)
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            reported.append(progress)
 
-        async with http, Client(streamable_http_client(url, http_client=http), mode="legacy") as c:  # type: ignore[arg-type]
+        async with http, Client(streamable_http_client(url, http_client=http), mode="legacy") as c:
             await c.call_tool("use_notebook", {"notebook": "py-resume.ipynb", "mode": "create"})
             cutter = asyncio.create_task(_cut_after(proxy, 2))
             r = await c.call_tool("insert_execute_code_cell", {"notebook": "py-resume.ipynb", "cell_index": -1,
@@ -271,4 +271,4 @@ async def test_python_client_reconnects_and_gets_the_result(kp: KernelpoolServer
             assert r.structured_content["status"] == "ok", r
             text = "".join(b.text for b in r.content if b.type == "text")
             assert all(f"tick {i}" in text for i in range(6)) and "'done'" in text
-            assert len(progress) >= 3
+            assert len(reported) >= 3

@@ -9,6 +9,7 @@ import os
 import pwd
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -111,12 +112,12 @@ print(json.dumps({"res": os.getresuid(), "resg": os.getresgid(), "groups": os.ge
     memory_line = next(line for line in got["cgroup"].splitlines() if ":memory:" in line)
     cg_dir = "/sys/fs/cgroup/memory" + memory_line.split(":", 2)[2]
     assert f"/{sec.env['KERNELPOOL_CGROUP_PREFIX']}/u{account.pw_uid}/k" in cg_dir and "alice" not in cg_dir
-    assert int(open(f"{cg_dir}/memory.limit_in_bytes").read()) == MEMORY
+    assert int(Path(f"{cg_dir}/memory.limit_in_bytes").read_text()) == MEMORY
     pids_line = next(line for line in got["cgroup"].splitlines() if ":pids:" in line)
-    assert int(open("/sys/fs/cgroup/pids" + pids_line.split(":", 2)[2] + "/pids.max").read()) == PIDS
+    assert int(Path("/sys/fs/cgroup/pids" + pids_line.split(":", 2)[2] + "/pids.max").read_text()) == PIDS
     cpu_line = next(line for line in got["cgroup"].splitlines() if ":cpu," in line or ":cpu:" in line or ",cpu:" in line)
     cpu_dir = "/sys/fs/cgroup/cpu" + cpu_line.split(":", 2)[2]
-    assert int(open(f"{cpu_dir}/cpu.cfs_quota_us").read()) == int(open(f"{cpu_dir}/cpu.cfs_period_us").read())
+    assert int(Path(f"{cpu_dir}/cpu.cfs_quota_us").read_text()) == int(Path(f"{cpu_dir}/cpu.cfs_period_us").read_text())
 
 
 async def test_cannot_touch_another_users_files(sec: KernelpoolServer) -> None:
@@ -148,11 +149,11 @@ print(json.dumps({{
   "kill": attempt(lambda: os.kill({bob_pid}, signal.SIGKILL)),
   "stop": attempt(lambda: os.kill({bob_pid}, signal.SIGSTOP)),
   "killpg": attempt(lambda: os.killpg({bob_pid}, signal.SIGKILL)),
-  "kill_server": attempt(lambda: os.kill({sec.proc.pid}, signal.SIGTERM)),
+  "kill_server": attempt(lambda: os.kill({sec.pid}, signal.SIGTERM)),
   "bob_environ": attempt(lambda: open("/proc/{bob_pid}/environ").read()),
-  "server_environ": attempt(lambda: open("/proc/{sec.proc.pid}/environ").read()),
+  "server_environ": attempt(lambda: open("/proc/{sec.pid}/environ").read()),
   "bob_mem": attempt(lambda: open("/proc/{bob_pid}/mem", "rb").read(1)),
-  "server_fds": attempt(lambda: os.listdir("/proc/{sec.proc.pid}/fd")),
+  "server_fds": attempt(lambda: os.listdir("/proc/{sec.pid}/fd")),
 }}))
 '''
     got = await run_as(sec, "alice", code)
@@ -202,7 +203,7 @@ print(json.dumps({{
 
 async def test_links_planted_by_a_kernel_do_not_steer_the_server(sec: KernelpoolServer) -> None:
     bob_nb = os.path.join(sec.data_dir, "users", "bob", "secret.ipynb")
-    before = open(bob_nb).read()
+    before = Path(bob_nb).read_text()
     code = f'''
 import os, json
 os.symlink({bob_nb!r}, "evil.ipynb")
@@ -229,7 +230,7 @@ print(json.dumps("planted"))
             assert "bob-secret" not in text(r) and "root:" not in text(r)
         listed = (await c.call_tool("list_notebooks", {})).structured_content["notebooks"]
         assert not {n["path"] for n in listed} & {"evil.ipynb", "shadow.ipynb", "bobdir/secret.ipynb"}
-    assert open(bob_nb).read() == before
+    assert Path(bob_nb).read_text() == before
     assert not os.path.exists(os.path.join(sec.data_dir, "users", "bob", "new.ipynb"))
     assert not os.path.exists("/etc/new.ipynb")
 
@@ -340,7 +341,7 @@ print(json.dumps({{"ifaces": sorted(n for _, n in socket.if_nameindex()), "serve
         server.cleanup()
 
 
-# ---- SysV IPC, /sys, /etc/passwd (the tenant-boundary issue, classes 3 and 5) ---------------------
+# ---- SysV IPC, /sys, /etc/passwd: shared memory and names another user's kernel could reach ----
 
 async def test_sysv_objects_of_another_user_are_out_of_reach(sec: KernelpoolServer) -> None:
     bob = await run_as(sec, "bob", '''

@@ -1,4 +1,5 @@
-"""One user cannot starve the others, and nothing is lost when the disk fills (issue 11).
+"""One user cannot starve the others, and nothing is lost when the disk fills: every user shares
+one server process, its memory, its event loop and its disk, so each of them is capped per user.
 
 Each test starts its own real server with the caps it exercises set low, and drives it with
 real clients over HTTP: the atomic kernel limits under concurrent starts, the per-user session
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -157,6 +159,13 @@ async def test_sessions_per_user_are_capped_and_freed(server: KernelpoolServer, 
             assert not (await c.call_tool("list_notebooks", {})).is_error
 
 
+def result_bytes(metrics: str) -> float:
+    """The kernelpool_result_bytes gauge in a /metrics page."""
+    found = re.search(r"^kernelpool_result_bytes (\S+)$", metrics, re.M)
+    assert found is not None, metrics[-2000:]
+    return float(found.group(1))
+
+
 async def test_made_up_session_ids_get_no_context(server: KernelpoolServer, server_args: list[str]) -> None:
     kp = server
     kp.env |= {"KERNELPOOL_POOL_SIZE": "0"}
@@ -164,8 +173,8 @@ async def test_made_up_session_ids_get_no_context(server: KernelpoolServer, serv
     kp.add_user("bob")
     kp.start(*server_args)
     async with httpx2.AsyncClient(timeout=60) as raw:
-        r = await raw.post(kp.url, json=INIT, headers=headers(kp.tokens["bob"]))
-        bobs = r.headers["mcp-session-id"]
+        opened = await raw.post(kp.url, json=INIT, headers=headers(kp.tokens["bob"]))
+        bobs = opened.headers["mcp-session-id"]
     async with mcp_client(kp.url, kp.tokens["alice"], mode="auto") as c:
         await c.call_tool("use_notebook", {"notebook": "a.ipynb", "mode": "create"})
     for forged in ("f" * 12000, uuid.uuid4().hex, bobs):
@@ -217,11 +226,12 @@ async def test_background_results_are_bounded_per_user(server: KernelpoolServer,
         r = await b.call_tool("get_execution", {"execution_id": bobs})
         assert not r.is_error, "bob's result outlives alice's flood: the server-wide cap drops the biggest holder's first"
     metrics = httpx2.get(f"{kp.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
-    held = float(re.search(r"^kernelpool_result_bytes (\S+)$", metrics, re.M).group(1))
+    held = result_bytes(metrics)
     assert held <= 4_000_000
-    # display outputs of every MIME type are bounded like streams (the issue's 5 x 40 MB of text/plain)
-    server = psutil.Process(kp.proc.pid)
-    rss_before = server.memory_info().rss
+    # display outputs of every MIME type are bounded like streams (5 x 40 MB of text/plain held
+    # whole would be 200 MB of server memory for one cell)
+    server_process = psutil.Process(kp.pid)
+    rss_before = server_process.memory_info().rss
     flood = ("for i in range(5):\n    display({'text/plain': str(i) * 40_000_000}, raw=True)\n"
              "display({'text/plain': 'p' * 3_000_000, 'text/html': 'h' * 3_000_000, 'application/json': {'k': 'j' * 3_000_000}}, raw=True)")
     async with mcp_client(kp.url, kp.tokens["alice"], mode="auto") as c:
@@ -233,7 +243,7 @@ async def test_background_results_are_bounded_per_user(server: KernelpoolServer,
                                                            "cell_source": "import sys; _ = sys.stdout.write('s' * 30_000_000 + 'THE END\\n')"})
         shown = "".join(texts(r))
         assert shown.startswith("sss") and shown.rstrip().endswith("THE END") and len(shown) < 25_000, shown[-300:]
-    grown = server.memory_info().rss - rss_before
+    grown = server_process.memory_info().rss - rss_before
     assert grown < 100 * 2**20, f"server grew by {grown / 2**20:.0f} MiB for 200 MB of display output"
     nb = nbformat.read(os.path.join(kp.data_dir, "users", "alice", "a.ipynb"), as_version=4)
     big = nb.cells[-1].outputs[0].text
@@ -332,7 +342,7 @@ async def test_disk_full_loses_no_audit_row_and_refuses_writes_clearly(tmpfs_ser
             mcp_client(kp.url, kp.tokens["bob"], mode="legacy") as b:
         await b.call_tool("use_notebook", {"notebook": "b.ipynb", "mode": "create"})
         await b.call_tool("insert_execute_code_cell", {"cell_index": -1, "cell_source": "1+1"})
-        before = open(nb_path).read()
+        before = Path(nb_path).read_text()
         await a.call_tool("use_notebook", {"notebook": "a.ipynb", "mode": "create"})
         r = await a.call_tool("execute_code", {"notebook": "a.ipynb", "code": FILL, "timeout": 120})
         assert "filled" in "".join(texts(r)), texts(r)
@@ -364,7 +374,7 @@ async def test_disk_full_loses_no_audit_row_and_refuses_writes_clearly(tmpfs_ser
         await asyncio.sleep(1.5)
         h = health(kp)
         assert h["audit"]["pending"] >= len(made) and h["audit"]["failing"], ("audit writes did fail", h)
-        assert open(nb_path).read() == before, "bob's notebook is intact"
+        assert Path(nb_path).read_text() == before, "bob's notebook is intact"
         # room again: everything works without a restart, and the queued rows are written
         os.unlink(os.path.join(kp.data_dir, "users", "alice", "fill"))
         deadline = time.monotonic() + 60
@@ -397,7 +407,7 @@ async def test_bob_keeps_his_latency_while_alice_sits_at_every_cap(server: Kerne
     kp.add_user("alice")
     kp.add_user("bob")
     kp.start(*server_args)
-    proc = psutil.Process(kp.proc.pid)
+    proc = psutil.Process(kp.pid)
 
     async def timed(c: Any) -> float:
         start = time.perf_counter()
@@ -450,7 +460,7 @@ async def test_bob_keeps_his_latency_while_alice_sits_at_every_cap(server: Kerne
     assert counts.get("session_429", 0) > 0 and counts.get("session_200", 0) == 20, counts
     assert counts.get("kernel_refused", 0) > 0 and counts.get("bad_token_429", 0) > 0, counts
     assert counts.get("output_ok", 0) >= 4 and counts.get("background_started", 0) >= 8, counts
-    held = float(re.search(r"^kernelpool_result_bytes (\S+)$", metrics, re.M).group(1))
+    held = result_bytes(metrics)
     assert 4_000_000 <= held <= 8_000_000, held
     idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
     assert loaded_p50 <= 2 * idle_p50, f"bob's p50: idle {idle_p50 * 1000:.1f} ms, alice at every cap {loaded_p50 * 1000:.1f} ms"
@@ -559,7 +569,7 @@ async def test_a_flooding_kernel_is_stopped_and_bob_keeps_his_latency(flood_serv
         await a.call_tool("use_notebook", {"notebook": "a.ipynb", "mode": "create"})
         for _ in range(3):
             await _timed(b)
-        with PeakRss(kp.proc.pid) as rss:
+        with PeakRss(kp.pid) as rss:
             for _ in range(3):  # interleaved: the shared machine's own load hits idle and attacked samples alike
                 idle += [await _timed(b) for _ in range(10)]
                 stop = asyncio.Event()
@@ -611,7 +621,7 @@ async def test_a_kernel_that_floods_between_calls_is_stopped_and_its_user_told(f
 
     before = misbehaving(kp)
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kp.tokens['alice']}"}, timeout=httpx2.Timeout(30, read=300))
-    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy",  # type: ignore[arg-type]
+    async with http, Client(streamable_http_client(kp.url, http_client=http), mode="legacy",
                             logging_callback=log) as c:
         r = await c.call_tool("use_notebook", {"notebook": "idle.ipynb", "mode": "create"})
         assert not r.is_error, texts(r)
@@ -682,7 +692,7 @@ async def test_a_huge_folder_neither_stalls_nor_bloats_the_server(server: Kernel
     kp.add_user("alice")
     kp.add_user("bob")
     kp.start(*server_args)
-    proc = psutil.Process(kp.proc.pid)
+    proc = psutil.Process(kp.pid)
     homes = {u: os.path.join(kp.data_dir, "users", u) for u in ("alice", "bob")}
     for u in homes:
         async with mcp_client(kp.url, kp.tokens[u], mode="auto") as c:
@@ -794,7 +804,7 @@ async def test_notebooks_over_max_notebook_bytes_are_refused_before_they_are_rea
     kp.env |= {"KERNELPOOL_MAX_NOTEBOOK_BYTES": str(cap), "KERNELPOOL_POOL_SIZE": "0"}
     kp.add_user("alice")
     kp.start(*server_args)
-    proc = psutil.Process(kp.proc.pid)
+    proc = psutil.Process(kp.pid)
     sizes = await run_json(kp, "alice", BIG_NOTEBOOKS.format(cap=cap), "writer.ipynb")
     assert sizes == [cap + 1, cap - 1], sizes
     async with mcp_client(kp.url, kp.tokens["alice"], mode="legacy") as c:

@@ -15,10 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from kernelpool.errors import DataFromNewerVersion, NoUidLeft, UserExists
+from kernelpool.db.base import Backend
+from kernelpool.db.postgres import PostgresBackend
+from kernelpool.db.sqlite import SQLiteBackend
+from kernelpool.errors import DataFromNewerVersion, NoUidLeft, UserExists, UserNotFound
+from kernelpool.schema import MIGRATIONS
 from kernelpool.store import SCHEMA_VERSION, KernelRow, Store
+from kernelpool.users import activity, admins
 from kernelpool.users.grants import GrantStore
 from kernelpool.users.tokens import TokenChecker, check_token, create_token
+from testkit.postgres import PostgresServer
 
 UIDS = (63500, 63520)
 
@@ -62,6 +68,58 @@ async def test_a_database_of_a_newer_kernelpool_is_refused_untouched(tmp_path: P
     await store.close()
     with pytest.raises(DataFromNewerVersion, match=f"version {SCHEMA_VERSION + 1}"):
         await Store(tmp_path / "kernelpool.db", url=store_url).open()
+
+
+async def test_a_version_5_database_gets_homes_and_keys_and_keeps_its_operators(tmp_path: Path, store_url: str | None) -> None:
+    """Migration 6 (several replicas) on a database that main's migration 5 (the web view) made:
+    users keep their operator flag and get a key, no home (a single node); audit rows keep their
+    client; a token from before keys is marked unkeyed (it routes by its id behind HAProxy)."""
+    old: Backend = PostgresBackend(store_url) if store_url else SQLiteBackend(tmp_path / "kernelpool.db")
+    await old.open(MIGRATIONS[:5])
+    try:
+        await old.write("INSERT INTO users(name, uid, gid, created_at, admin) VALUES (?, ?, ?, ?, ?)", "alice", 63501, 63501, 1.0, 1)
+        await old.write("INSERT INTO tokens(id, user, hash, created_at) VALUES (?, ?, ?, ?)", "t1", "alice", "h1", 1.0)
+        await old.write("INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, client) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        1.0, "alice", "read_cell", "a.ipynb", "ok", 3.0, "claude-code 2.1")
+    finally:
+        await old.close()
+    store = await Store(tmp_path / "kernelpool.db", url=store_url).open()
+    try:
+        row = await store.get_user("alice")
+        assert row is not None and row.admin and row.home is None
+        assert row.ukey is not None and re.fullmatch(r"[0-9a-f]{16}", row.ukey)
+        assert await store.value("SELECT keyed FROM tokens WHERE id = ?", "t1") == 0
+        assert [(r.tool, r.client) for r in await activity.recent(store, "alice")] == [("read_cell", "claude-code 2.1")]
+        assert [r.get("replica") for r in await store.read_audit()] == [None]
+    finally:
+        await store.close()
+
+
+async def test_operators_and_activity_are_the_same_on_both_backends(stores: tuple[Store, Store]) -> None:
+    """The web view's reads and writes of the store (kernelpool/users/admins.py, activity.py) go
+    through the store's statements: one replica sets what another reads."""
+    a, b = stores
+    await a.add_user("alice", UIDS, 0, never, home="r1")
+    await a.add_user("bob", UIDS, 0, never, home="r2")
+    assert not await admins.is_admin(b, "alice")
+    assert await admins.set_admin(a, "alice", on=True) == "alice is now an operator (the web view's operators' page)"
+    assert await admins.is_admin(b, "alice") and (await b.get_user("alice")).admin  # type: ignore[union-attr]
+    with pytest.raises(UserNotFound):
+        await admins.set_admin(b, "nobody", on=True)
+    since = time.time() - 1
+    await a.audit("alice", "execute_code", "a.ipynb", "ok", 5.0, client="claude-code 2.1")
+    await b.audit("alice", "signin", None, "ok", 0.0)
+    await b.audit("alice", "read_cell", "a.ipynb", "error", 1.0, "boom", client="cursor 1.0")
+    await a.audit("bob", "execute_code", "b.ipynb", "refused", 2.0, client="inspector")
+    await a.flush_audit()
+    await b.flush_audit()
+    rows = await activity.recent(a, "alice")
+    assert [(r.tool, r.client, r.outcome) for r in rows] == [
+        ("read_cell", "cursor 1.0", "error"), ("signin", None, "ok"), ("execute_code", "claude-code 2.1", "ok")]
+    assert [r.tool for r in await activity.recent(b, "alice", tools_only=True)] == ["read_cell", "execute_code"]
+    assert [r.tool for r in await activity.recent(b, "alice", before=rows[0].id, limit=1)] == ["signin"]
+    assert await activity.failures(b, since) == {"alice": (1, "read_cell"), "bob": (1, "execute_code")}
+    assert await activity.failures(a, time.time() + 60) == {}
 
 
 async def test_users_get_distinct_uids_and_keys_even_when_added_at_once(stores: tuple[Store, Store]) -> None:
@@ -116,13 +174,13 @@ async def test_removal_ends_logins_everywhere_and_keeps_a_tombstone(stores: tupl
     _, token = await create_token(a, "alice")
     checker = TokenChecker(b)
     assert (await checker.check(token)).user == "alice"
-    await a.set_removing("alice", True)
+    await a.set_removing("alice", removing=True)
     assert await b.removing() == {"alice"} and not await b.admits("alice", row.uid)
     deadline = time.monotonic() + 1.0
     while (await checker.check(token)).user is not None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
-    await a.set_removing("alice", False)
+    await a.set_removing("alice", removing=False)
     assert await b.admits("alice", row.uid)
     assert await a.remove_user("alice", "kp-alice")
     assert await b.get_user("alice") is None and (await check_token(b, token)).refused == "unknown"
@@ -194,10 +252,10 @@ async def test_a_failed_transaction_leaves_nothing(stores: tuple[Store, Store]) 
         await b.write("INSERT INTO replicas(name, started_at, seen_at) VALUES (?, ?, ?)", "r9", 2.0, 2.0)
 
 
-async def test_without_its_listener_postgresql_still_hears_of_revocations(tmp_path: Path, postgres: object) -> None:
+async def test_without_its_listener_postgresql_still_hears_of_revocations(tmp_path: Path, postgres: PostgresServer) -> None:
     """LISTEN's connection lost (killed on the server): the periodic recheck of the change counter
     still refuses a revoked token within a second, and the listener comes back."""
-    url = postgres.new_database()  # type: ignore[attr-defined]
+    url = postgres.new_database()
     a = await Store(tmp_path / "x.db", url=url).open()
     b = await Store(tmp_path / "x.db", url=url).open()
     try:

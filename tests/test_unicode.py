@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -129,7 +130,7 @@ async def test_replies_are_valid_unicode_and_the_session_lives_on(planted: Kerne
         assert text(r) == "42"
         await c.call_tool("unuse_notebook", {"notebook": notebook})
     # what was saved: valid UTF-8 JSON, a valid notebook, the escapes kept as the file had them
-    raw = open(os.path.join(home, notebook), "rb").read()
+    raw = Path(os.path.join(home, notebook)).read_bytes()
     saved = json.loads(raw.decode("utf-8"))
     nbformat.validate(nbformat.reads(raw.decode("utf-8"), as_version=4))
     assert "".join(saved["cells"][0]["source"]) == "print('src\ud800')" and b"src\\ud800" in raw

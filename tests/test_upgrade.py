@@ -9,6 +9,7 @@ from /usr/bin/python3, driven through its own CLI and server. It is built once a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -27,6 +28,8 @@ import pytest
 
 from kernelpool import schema
 from kernelpool import store as store_module
+from kernelpool.schema import MIGRATIONS
+from kernelpool.errors import UserNotFound
 from kernelpool.store import SCHEMA_VERSION, Store
 from sandbox import Limits, accounts, detect
 from testkit.client import mcp_client
@@ -89,10 +92,8 @@ def upgrade_env() -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     new = server_env(KERNELPOOL_ACCOUNT_PREFIX=f"kpn{tag}-", **common)
     yield old, new
     for name in ("alice", "bob"):  # whatever the new server did not adopt (on failure)
-        try:
+        with contextlib.suppress(Exception):  # cleanup: most often there is nothing left to remove
             accounts.remove_account(f"kpo{tag}-{name}")
-        except Exception:
-            pass
     backend = detect(prefix=common["KERNELPOOL_CGROUP_PREFIX"])
     root = backend.get("") if backend is not None else None
     if root is not None:
@@ -246,8 +247,8 @@ async def test_a_version_2_database_learns_what_it_gave_before(tmp_path: Path) -
         for statement in (*schema.MIGRATIONS[0], *schema.MIGRATIONS[1]):
             db.execute(statement)
         db.execute("PRAGMA user_version = 2")
-        db.execute(f"INSERT INTO users(name, uid, gid, created_at) VALUES ('alice', {low + 1}, {low + 1}, 1.0), "
-                   f"('bob', {low + 4}, {low + 4}, 1.0)")
+        db.executemany("INSERT INTO users(name, uid, gid, created_at) VALUES (?, ?, ?, 1.0)",
+                       [("alice", low + 1, low + 1), ("bob", low + 4, low + 4)])
         db.executemany("INSERT INTO audit(ts, user, tool, outcome, duration_ms) VALUES (1.0, ?, 'x', 'ok', 1)",
                        [("alice",), ("carol",), ("carol",), ("eve",), (None,)])
     db.close()
@@ -285,7 +286,7 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
     db.close()
 
     # a later migration that fails half-way changes nothing: not its first statement, not the version
-    broken = (*store_module._MIGRATIONS, ("CREATE TABLE extra(x)", "ALTER TABLE nowhere ADD COLUMN y"))
+    broken = (*MIGRATIONS, ("CREATE TABLE extra(x)", "ALTER TABLE nowhere ADD COLUMN y"))
     monkeypatch.setattr(store_module, "_MIGRATIONS", broken)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(broken))
     with pytest.raises(sqlite3.OperationalError, match="nowhere"):
@@ -295,10 +296,39 @@ async def test_migrations_run_in_one_transaction(tmp_path: Path, monkeypatch: py
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone()[0] == 0
     db.close()
     # and once it is fixed, it runs
-    fixed = (*store_module._MIGRATIONS[:-1], ("CREATE TABLE extra(x)",))
+    fixed = (*MIGRATIONS, ("CREATE TABLE extra(x)",))
     monkeypatch.setattr(store_module, "_MIGRATIONS", fixed)
     store = await Store(path).open()
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(fixed)
     db.close()
+
+
+async def test_a_version_4_database_gets_operators_and_audit_clients(tmp_path: Path) -> None:
+    """Migration 5 (the web view): users keep everything and are not operators until set; audit
+    rows keep theirs, with no client named; new rows name their client."""
+    from kernelpool.users import activity, admins
+
+    path = tmp_path / "kernelpool.db"
+    with sqlite3.connect(path) as db:
+        for statement in (statement for version in schema.MIGRATIONS[:4] for statement in version):
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 4")
+        db.execute("INSERT INTO users(name, uid, gid, created_at, limits) VALUES ('alice', 63201, 63201, 1.0, '{\"kernel_cpus\": 1}')")
+        db.execute("INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms) VALUES (1.0, 'alice', 'read_cell', 'a.ipynb', 'ok', 3)")
+    db.close()
+    store = await Store(path).open()
+    try:
+        row = await store.get_user("alice")
+        assert row is not None and not row.admin and row.limits == {"kernel_cpus": 1}
+        assert await admins.set_admin(store, "alice", on=True) == "alice is now an operator (the web view's operators' page)"
+        assert await admins.is_admin(store, "alice")
+        with pytest.raises(UserNotFound):
+            await admins.set_admin(store, "nobody", on=True)
+        await store.audit("alice", "execute_cell", "a.ipynb", "ok", 5.0, client="mcp 0.1.0")
+        await store.flush_audit()
+        rows = await activity.recent(store, "alice")
+        assert [(r.tool, r.client) for r in rows] == [("execute_cell", "mcp 0.1.0"), ("read_cell", None)]
+    finally:
+        await store.close()

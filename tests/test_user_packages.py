@@ -50,7 +50,7 @@ def text(result) -> str:
     return "".join(c.text for c in result.content if c.type == "text")
 
 
-async def run(server: KernelpoolServer, user: str, notebook: str, code: str, create: bool = False) -> str:
+async def run(server: KernelpoolServer, user: str, notebook: str, code: str, *, create: bool = False) -> str:
     async with mcp_client(server.url, server.tokens[user], mode="auto") as c:
         if create:
             r = await c.call_tool("use_notebook", {"notebook": notebook, "mode": "create"})

@@ -1,7 +1,6 @@
-"""What one user's kernel can see of another's (issue 10, parts 3 and 4; the tenant-boundary issue,
-classes 3 and 5): private /tmp and /dev/shm, a /proc that lists only its own processes, cgroup views
-with no names, SysV IPC and message queues of its own, a /sys of its own network namespace, an
-/etc/passwd with only its own user, and the seccomp filter. Every attack runs in alice's kernel
+"""What one user's kernel can see of another's: private /tmp and /dev/shm, a /proc that lists only
+its own processes, cgroup views with no names, SysV IPC and message queues of its own, a /sys of
+its own network namespace, an /etc/passwd with only its own user, and the seccomp filter. Every attack runs in alice's kernel
 against bob's; bob's kernel keeps its state.
 
 Each server-level test runs twice: kernels forked by the fork server, and started the stock way
@@ -22,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import psutil
@@ -153,9 +153,9 @@ async def test_tmpfs_counts_against_the_kernels_memory(srv: KernelpoolServer) ->
     with open(f"/proc/{pid}/cgroup") as f:
         memory = next(line.split(":", 2)[2] for line in f.read().splitlines() if ":memory:" in line)
     usage = f"/sys/fs/cgroup/memory{memory}/memory.usage_in_bytes"
-    before = int(open(usage).read())
+    before = int(Path(usage).read_text())
     await run_as(srv, "bob", 'open("/dev/shm/bob-blob", "wb").write(b"x" * (48 << 20)); print("{}")', notebook="bob.ipynb")
-    after = int(open(usage).read())
+    after = int(Path(usage).read_text())
     assert after - before >= 40 << 20, (before, after)
     # the server still reads its (renamed) cgroups: the user's memory gauge counts it too
     metrics = httpx2.get(f"{srv.base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
@@ -188,13 +188,13 @@ def tryread(p):
     except Exception as e:
         return type(e).__name__
 print(json.dumps({{"pids": pids, "uids": uids, "me": os.getpid(), "child": child.pid,
-  "bob_cmdline": tryread("/proc/{bob_pid}/cmdline"), "server_cmdline": tryread("/proc/{srv.proc.pid}/cmdline")}}))
+  "bob_cmdline": tryread("/proc/{bob_pid}/cmdline"), "server_cmdline": tryread("/proc/{srv.pid}/cmdline")}}))
 child.kill()
 _ = child.wait()
 ''')
     # the server, bob's kernel, init, and whatever else the server runs that is not alice's (a zygote)
-    others = {p.pid for p in psutil.Process(srv.proc.pid).children() if p.uids().real != alice_uid}
-    hidden = {bob_pid, srv.proc.pid, 1} | others
+    others = {p.pid for p in psutil.Process(srv.pid).children() if p.uids().real != alice_uid}
+    hidden = {bob_pid, srv.pid, 1} | others
     assert got["me"] in got["pids"] and got["child"] in got["pids"], "a kernel sees itself and its children"
     assert not hidden & set(got["pids"]), hidden & set(got["pids"])
     assert set(got["uids"].values()) == {alice_uid}, got["uids"]
@@ -499,9 +499,9 @@ async def test_shared_memory_and_messages_count_against_the_kernels_memory(srv: 
     usage = f"/sys/fs/cgroup/memory{memory}/memory.usage_in_bytes"
 
     async def grows_by(code: str) -> int:
-        before = int(open(usage).read())
+        before = int(Path(usage).read_text())
         assert await run_as(srv, "alice", code, notebook="shm.ipynb") == "held"
-        return int(open(usage).read()) - before
+        return int(Path(usage).read_text()) - before
 
     # a segment filled, then detached but not removed: no process maps its pages, which stay
     assert await grows_by('''
@@ -766,7 +766,7 @@ def test_replaced_files_survive_a_rename_and_keep_submounts() -> None:
             _libc.mount(f"{base}/everyone", f"{etc}/passwd", None, _libc.MS_BIND, None)  # -v /etc/passwd:/etc/passwd
             views.replace_files({f"{etc}/passwd": "ours\n"}, (f"{etc}/subuid",), views.read_mountinfo(), scratch=scratch)
             def read() -> dict[str, str]:
-                return {n: open(f"{etc}/{n}").read() for n in sorted(os.listdir(etc))}
+                return {n: Path(etc, n).read_text() for n in sorted(os.listdir(etc))}
             first = read()
             os.write(out_w, b"x")
             os.read(go_r, 1)

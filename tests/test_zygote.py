@@ -18,7 +18,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -68,13 +69,13 @@ async def probe(server: KernelpoolServer, user: str, notebook: str) -> dict:
     got = json.loads(text(r).strip().splitlines()[-1])
     # seen from the host: a sandboxed kernel's /proc hides its parent (root's) from it
     got["parent"] = " ".join(psutil.Process(got["ppid"]).cmdline())
-    got["host_cgroup"] = open(f"/proc/{got['pid']}/cgroup").read()
+    got["host_cgroup"] = Path(f"/proc/{got['pid']}/cgroup").read_text()
     return got
 
 
 def zygote_of(server: KernelpoolServer) -> psutil.Process | None:
     assert server.proc is not None
-    for child in psutil.Process(server.proc.pid).children():
+    for child in psutil.Process(server.pid).children():
         try:
             if "kernelpool.kernels.zygote.child" in " ".join(child.cmdline()):
                 return child
@@ -280,7 +281,7 @@ async def test_kernels_do_not_outlive_a_killed_server(server_args: list[str]) ->
 # ---- the fork server directly ------------------------------------------------------------------
 
 @pytest.fixture
-async def fork_server() -> ForkServer:
+async def fork_server() -> AsyncIterator[ForkServer]:
     fs = ForkServer(sys.executable)
     await fs.start()
     try:
@@ -336,7 +337,8 @@ async def test_only_kernels_are_forked(fork_server: ForkServer) -> None:
 def test_zygote_pythonpath_only_for_a_source_checkout() -> None:
     """PYTHONPATH (which the zygote removes from sys.path again) is set only when the kernels'
     python would not import this very kernelpool by itself: a source checkout. In an installed
-    copy that folder is site-packages, which kernels must keep (issue 9)."""
+    copy that folder is site-packages, which kernels must keep: without it they would not import
+    what is installed beside the server (tests/test_install.py)."""
     import kernelpool
     from kernelpool.kernels.zygote import server as zygote
 

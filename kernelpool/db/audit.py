@@ -14,8 +14,8 @@ log = logging.getLogger("kernelpool.store")
 
 _DELAY = 0.05  # seconds a row may wait to be written with others
 _RETRY = (0.5, 10.0)  # first and longest wait between attempts while writes fail
-_INSERT = ("INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail, replica)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("INSERT INTO audit(ts, user, tool, notebook, outcome, duration_ms, detail, client, replica)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class _Writer(Protocol):

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "error", "timeout", "died", "interrupted"]
 Progress = Callable[[float, str], Awaitable[None]]
 Interrupt = Callable[[], Awaitable[None]]
+OnOutput = Callable[[Outputs], None]  # told after each output message is taken in (the live view)
 
 _POLL = 0.5  # seconds between liveness checks while a cell runs silently
 _INTERRUPT_GRACE = 5.0
@@ -46,8 +47,10 @@ class _Run:
     """The reading side of one execution: iopub messages into outputs, the timeout, progress."""
 
     def __init__(self, kernel: Kernel, start: float, timeout: float, interrupt: Interrupt,
-                 progress: Progress | None, progress_interval: float, limits: OutputLimits) -> None:
+                 progress: Progress | None, progress_interval: float, limits: OutputLimits,
+                 on_output: OnOutput | None = None) -> None:
         self.kernel = kernel
+        self.on_output = on_output
         self.start = start
         self.timeout = timeout
         self.deadline = start + timeout
@@ -125,6 +128,8 @@ class _Run:
         if kind == "error" and self.status == "ok":
             self.status = "error"
         self.outputs.add(msg)
+        if self.on_output is not None:
+            self.on_output(self.outputs)
         return False
 
 
@@ -134,9 +139,11 @@ async def execute(
     timeout: float,
     interrupt: Interrupt,
     limits: OutputLimits,
+    *,
     progress: Progress | None = None,
     progress_interval: float = 5.0,
     store_history: bool = True,
+    on_output: OnOutput | None = None,
 ) -> ExecutionResult:
     """Run `code` in `kernel` and report what happened; never raises for what the code does.
 
@@ -146,9 +153,10 @@ async def execute(
     at the timeout or when this call is cancelled.
     """
     channels = kernel.channels
-    assert channels is not None
+    if channels is None:  # the registry hands out started kernels only
+        raise RuntimeError(f"kernel {kernel.id} has no channels: it was not started")
     start = time.monotonic()
-    run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits)
+    run = _Run(kernel, start, timeout, interrupt, progress, progress_interval, limits, on_output)
     try:
         # the inbox exists before the request is sent; a kernel that does not read its requests
         # holds the send back no longer than the timeout
@@ -157,7 +165,6 @@ async def execute(
         if isinstance(exc, TimeoutError) and kernel.death_cause is None:
             kernel.death_cause = f"the kernel did not take the request within its timeout of {timeout:g} s (it does not read its shell channel)"
         return ExecutionResult("died", duration=time.monotonic() - start)
-    assert inbox is not None
     try:
         await run.until_idle(inbox)
         if run.status != "died" and not run.stuck and kernel.state is KernelState.BUSY:

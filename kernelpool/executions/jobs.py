@@ -18,15 +18,19 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
+
+from nbformat import NotebookNode
 
 from kernelpool.config import Settings
 from kernelpool.errors import InvalidArgument, KernelpoolError, LimitReached, ResultExpired, fmt_bytes
 from kernelpool.executions.execute import ExecutionResult, Progress, execute
-from kernelpool.executions.outputs import OutputLimits, outputs_size
+from kernelpool.executions.outputs import OutputLimits, Outputs, outputs_size
 from kernelpool.kernels.kernel import Kernel, KernelState
 from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.metrics import Metrics
 from kernelpool.notebooks import cells
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.users.accounts import UserService
 
@@ -47,7 +51,7 @@ class JobState(enum.Enum):
 class Job:
     id: str
     user: str
-    notebook: str
+    path: str  # the notebook's, relative to the user's folder
     cell_id: str | None
     background: bool
     started_at: float = field(default_factory=time.time)
@@ -62,6 +66,7 @@ class Job:
     task: asyncio.Task[None] | None = None
     size: int = 0  # bytes its finished result holds in memory (background jobs)
     save_error: str | None = None  # why the outputs could not be saved in the notebook
+    live: Outputs | None = None  # its outputs so far, while it runs (`JobService.live_outputs`)
 
     @property
     def done(self) -> bool:
@@ -75,8 +80,9 @@ class Job:
 
 class JobService:
     def __init__(self, settings: Settings, kernels: KernelRegistry, notebooks: NotebookService,
-                 users: UserService, metrics: Metrics) -> None:
+                 users: UserService, metrics: Metrics, *, changes: Changes | None = None) -> None:
         self._settings = settings
+        self._changes = changes or Changes()
         self._kernels = kernels
         self._notebooks = notebooks
         self._users = users
@@ -91,7 +97,7 @@ class JobService:
             execution_chars=settings.max_saved_execution_chars,
         )
 
-    def start(self, user: str, notebook: str, code: str, timeout: float, cell_id: str | None = None,
+    def start(self, user: str, path: str, code: str, *, timeout: float, cell_id: str | None = None,
               store_history: bool = True, background: bool = False, progress: Progress | None = None) -> Job:
         """Run `code` in a task of its own; `timeout` was checked by the caller, `progress` gets
         reports while the code runs (a waiting request's; none in the background)."""
@@ -99,17 +105,19 @@ class JobService:
         if background and sum(1 for j in self._jobs.values() if j.user == user and not j.done) >= _MAX_JOBS_PER_USER:
             raise LimitReached("running background executions per user", _MAX_JOBS_PER_USER,
                                "wait for some to finish (get_execution with wait) or cancel them (cancel_execution)")
-        job = Job(id=uuid.uuid4().hex[:16], user=user, notebook=notebook, cell_id=cell_id, background=background,
+        job = Job(id=uuid.uuid4().hex[:16], user=user, path=path, cell_id=cell_id, background=background,
                   progress=progress)
-        job.task = asyncio.get_running_loop().create_task(self._run(job, code, timeout, store_history))
+        job.task = asyncio.get_running_loop().create_task(
+            self._run(job, code, timeout=timeout, store_history=store_history))
         self._jobs[job.id] = job
         return job
 
-    async def wait(self, job: Job, within: float | None = None) -> Job:
+    async def wait(self, job: Job, *, within: float | None = None) -> Job:
         """Wait for `job` on behalf of a request (at most `within` seconds: then it runs on); if the
         request is cancelled, interrupt the kernel (the job still saves what was produced) and let
         the cancellation go on."""
-        assert job.task is not None
+        if job.task is None:
+            raise RuntimeError(f"job {job.id} was not started (JobService.start starts it)")
         try:
             if within is None:
                 await asyncio.shield(job.task)
@@ -140,6 +148,27 @@ class JobService:
     def of_user(self, user: str) -> list[Job]:
         return [j for j in self._jobs.values() if j.user == user]
 
+    def running_cells(self, user: str, notebook: str) -> set[str]:
+        """Ids of the saved cells of a notebook that run now (the web view marks them)."""
+        return {j.cell_id for j in self._jobs.values()
+                if j.user == user and j.notebook == notebook and not j.done and j.cell_id is not None}
+
+    def live_outputs(self, user: str, notebook: str, cell_id: str, max_chars: int) -> list[NotebookNode] | None:
+        """A bounded copy of a running cell's outputs so far (`Outputs.preview`); None when it does not run."""
+        for job in self._jobs.values():
+            if job.user == user and job.notebook == notebook and job.cell_id == cell_id and not job.done:
+                return job.live.preview(max_chars) if job.live is not None else []
+        return None
+
+    def _on_output(self, job: Job, outputs: Outputs) -> None:
+        job.live = outputs
+        if job.cell_id is not None and self._changes.watched(job.user):
+            self._changes.publish(Change(job.user, job.notebook, "output", job.cell_id))
+
+    def _tell(self, job: Job, kind: Literal["running", "finished"]) -> None:
+        if job.cell_id is not None:
+            self._changes.publish(Change(job.user, job.notebook, kind, job.cell_id))
+
     async def cancel(self, job: Job) -> None:
         job.cancelled = True
         if job.kernel is not None and not job.done:
@@ -151,10 +180,10 @@ class JobService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, job: Job, code: str, timeout: float, store_history: bool) -> None:
+    async def _run(self, job: Job, code: str, *, timeout: float, store_history: bool) -> None:
         try:
-            job.kernel = await self._kernels.acquire(job.user, job.notebook)
-            result = await self._execute(job, job.kernel, code, timeout, store_history)
+            job.kernel = await self._kernels.acquire(job.user, job.path)
+            result = await self._execute(job, job.kernel, code, timeout=timeout, store_history=store_history)
             if job.cancelled and result.status in ("ok", "error"):
                 result.status = "interrupted"
                 result.message = "cancelled by the client: the kernel was interrupted"
@@ -163,7 +192,7 @@ class JobService:
             self._metrics.execution_seconds.observe(result.duration)
             if job.cell_id is not None:
                 try:
-                    job.saved_index = await self._notebooks.edit(job.user, job.notebook, functools.partial(
+                    job.saved_index = await self._notebooks.edit(job.user, job.path, functools.partial(
                         cells.set_outputs, cell_id=job.cell_id, outputs=result.outputs,
                         execution_count=result.execution_count))
                 except KernelpoolError as exc:  # the result is still returned: only the saving failed
@@ -179,25 +208,38 @@ class JobService:
         finally:
             job.state = JobState.FAILED if job.error is not None else JobState.FINISHED
             job.finished_at = time.time()
+            job.live = None
+            self._tell(job, "finished")
             if job.background:
                 self._hold(job)
 
-    async def _execute(self, job: Job, kernel: Kernel, code: str, timeout: float, store_history: bool) -> ExecutionResult:
+    async def _execute(self, job: Job, kernel: Kernel, code: str, *, timeout: float,
+                       store_history: bool) -> ExecutionResult:
         """One execution in `kernel`, under its lock; the registry acts on how it ended."""
         async with kernel.lock:
             if not await kernel.is_alive():
                 return ExecutionResult("died", message=await self._kernels.mark_dead(kernel))
             kernel.transition(KernelState.BUSY)
             kernel.executions += 1
+            ooms = kernel.cgroup.oom_kills() if kernel.cgroup is not None else 0
+            self._tell(job, "running")
             try:
                 result = await execute(kernel, code, timeout, functools.partial(self._kernels.interrupt, kernel),
-                                       self.limits, job.report, self._settings.progress_interval, store_history)
+                                       self.limits, progress=job.report,
+                                       progress_interval=self._settings.progress_interval,
+                                       store_history=store_history,
+                                       on_output=functools.partial(self._on_output, job))
                 if result.status == "died":
                     result.message = await self._kernels.mark_dead(kernel)
+                elif kernel.cgroup is not None and kernel.cgroup.oom_kills() > ooms and result.message is None:
+                    # a process the code started (a shell's command, a subprocess) was killed at the
+                    # memory limit while the kernel lived on (bash_kernel restarts its bash): say so
+                    result.message = (f"a process of this kernel was killed because it ran out of memory (limit "
+                                      f"{fmt_bytes(kernel.memory_limit or 0)}); the kernel itself lives on")
                 elif result.stuck:
                     result.message = (f"the execution ran past its timeout of {timeout:g} s and did not stop when "
                                       "interrupted; the kernel was shut down (its variables are lost)")
-                    await self._kernels.shutdown(kernel.user, kernel.notebook or "")
+                    await self._kernels.shutdown(kernel.user, kernel.path or "")
             finally:
                 if kernel.state is KernelState.BUSY:
                     kernel.transition(KernelState.IDLE)

@@ -59,7 +59,8 @@ def _output(kind: str, content: dict[str, Any]) -> NotebookNode:
         out = {"output_type": kind, "data": dict(content.get("data", {})), "metadata": dict(content.get("metadata", {}))}
         if kind == "execute_result":
             out["execution_count"] = content.get("execution_count")
-    return from_dict(out)
+    node: NotebookNode = from_dict(out)
+    return node
 
 
 def _cut(text: str, limit: int, what: str) -> str:
@@ -114,6 +115,18 @@ class StreamText:
             self._dropped += excess
         return self.size - before
 
+    def last(self, limit: int) -> tuple[str, bool]:
+        """The last `limit` characters (without joining the rest), and whether anything came before them."""
+        parts: list[str] = []
+        size = 0
+        for chunk in [*reversed(self._tail), *reversed(self._head)]:
+            if size + len(chunk) >= limit:
+                parts.append(chunk[len(chunk) - (limit - size):])
+                return "".join(reversed(parts)), True
+            parts.append(chunk)
+            size += len(chunk)
+        return "".join(reversed(parts)), bool(self._dropped)
+
     def text(self) -> str:
         head, tail = "".join(self._head), "".join(self._tail)
         if not self._dropped:
@@ -145,6 +158,27 @@ class Outputs:
                 f"[... {self._dropped_outputs} more outputs dropped: over the limit of "
                 f"{self._limits.outputs} outputs or {self._limits.execution_chars} characters kept per execution ...]\n")))
         return items
+
+    def preview(self, max_chars: int) -> list[NotebookNode]:
+        """A bounded copy of the outputs so far, for a live view (the web view, while the cell runs):
+        each stream's last `max_chars` characters; other outputs past `max_chars` in all become a note."""
+        shown: list[NotebookNode] = []
+        budget = max_chars
+        for i, item in enumerate(self._items):
+            stream = self._streams.get(i)
+            if stream is not None:
+                text, cut = stream.last(max_chars)
+                note = "[... earlier output not shown while the cell runs: reload the page to see more ...]\n"
+                shown.append(new_output("stream", name=item.name, text=note + text if cut else text))
+                continue
+            size = self._sizes.get(i, 0)
+            if size > budget:
+                shown.append(new_output("stream", name="stderr", text=(
+                    f"[an output of about {size} characters is not shown while the cell runs: reload the page to see it]\n")))
+                continue
+            budget -= size
+            shown.append(item)
+        return shown
 
     @property
     def room(self) -> int:

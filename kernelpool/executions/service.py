@@ -32,17 +32,19 @@ class ExecutionService:
         self._jobs = jobs
         self._notebooks = notebooks
 
-    async def run_cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None,
-                       timeout: float | None, background: bool, progress: Progress | None = None) -> Job:
-        """Run a saved code cell; its outputs replace the cell's."""
-        i, cell = await self._notebooks.cell(user, path, cell_index, cell_id)
+    async def run_cell(self, user: str, path: str, *, cell_index: int | None = None, cell_id: str | None = None,
+                       timeout: float | None = None, background: bool = False,
+                       progress: Progress | None = None) -> Job:
+        """Run a saved code cell (by index or by id); its outputs replace the cell's."""
+        i, cell = await self._notebooks.cell(user, path, cell_index=cell_index, cell_id=cell_id)
         if cell.cell_type != "code":
             raise InvalidArgument("cell", f"cell {i} is a {cell.cell_type} cell; only code cells run")
         limit = self._timeout(timeout)
-        return await self._run(user, path, cell.source, limit, background, progress, cell_id=cell.id)
+        return await self._run(user, path, cell.source, timeout=limit, background=background, progress=progress,
+                               cell_id=cell.id)
 
-    async def run_new_cell(self, user: str, path: str, cell_index: int, source: str, timeout: float | None,
-                           background: bool, progress: Progress | None = None) -> Job:
+    async def run_new_cell(self, user: str, path: str, cell_index: int, source: str, *, timeout: float | None = None,
+                           background: bool = False, progress: Progress | None = None) -> Job:
         """Insert a code cell at `cell_index` (-1 appends), then run it like `run_cell`.
 
         In the foreground the cell is written once with its outputs when the code finishes within
@@ -53,10 +55,11 @@ class ExecutionService:
         limit = self._timeout(timeout)  # a bad timeout must change nothing: checked before inserting
         if background:
             _, cell = await self._notebooks.insert(user, path, cell_index, "code", source)
-            return await self._run(user, path, source, limit, background, progress, cell_id=cell.id)
+            return await self._run(user, path, source, timeout=limit, background=True, progress=progress,
+                                   cell_id=cell.id)
         async with self._notebooks.lock(user, path):
             cells.insert_position(await self._notebooks.load(user, path), cell_index)  # a bad index runs nothing
-            job = self._jobs.start(user, path, source, limit, progress=progress)
+            job = self._jobs.start(user, path, source, timeout=limit, progress=progress)
             try:
                 await self._jobs.wait(job, within=_ONE_WRITE_WINDOW)
             finally:  # cancelled or not, the cell goes into the notebook, as when it was written first
@@ -91,14 +94,15 @@ class ExecutionService:
         if job.result is not None:
             job.saved_index = saved_at
 
-    async def run_code(self, user: str, path: str, code: str, timeout: float | None, background: bool,
-                       progress: Progress | None = None) -> Job:
+    async def run_code(self, user: str, path: str, code: str, *, timeout: float | None = None,
+                       background: bool = False, progress: Progress | None = None) -> Job:
         """Run code in the notebook's kernel without adding it to the notebook (nor its history)."""
         await self._notebooks.must_exist(user, path)
         limit = self._timeout(timeout)
-        return await self._run(user, path, code, limit, background, progress, store_history=False)
+        return await self._run(user, path, code, timeout=limit, background=background, progress=progress,
+                               store_history=False)
 
-    async def result(self, user: str, execution_id: str, wait: float = 0) -> Job:
+    async def result(self, user: str, execution_id: str, *, wait: float = 0) -> Job:
         """A run by id, after waiting up to `wait` seconds for it to finish."""
         job = self._jobs.get(user, execution_id)
         if wait < 0 or wait > _MAX_WAIT:
@@ -125,9 +129,9 @@ class ExecutionService:
             raise InvalidArgument("timeout", f"at most {self._settings.max_execute_timeout:g} seconds on this server")
         return float(timeout)
 
-    async def _run(self, user: str, path: str, code: str, timeout: float, background: bool,
+    async def _run(self, user: str, path: str, code: str, *, timeout: float, background: bool,
                    progress: Progress | None, cell_id: str | None = None, store_history: bool = True) -> Job:
-        job = self._jobs.start(user, path, code, timeout, cell_id=cell_id, store_history=store_history,
+        job = self._jobs.start(user, path, code, timeout=timeout, cell_id=cell_id, store_history=store_history,
                                background=background, progress=None if background else progress)
         if not background:
             await self._jobs.wait(job)

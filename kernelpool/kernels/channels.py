@@ -25,7 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 from jupyter_client.session import Session
 
@@ -56,7 +56,7 @@ class Inbox:
         self.room = asyncio.Event()
         self.room.set()
 
-    def put(self, channel: str, msg: Message, size: int = 0) -> None:
+    def put(self, channel: str, msg: Message, *, size: int = 0) -> None:
         """Add a message that holds about `size` bytes (messages.read_message says)."""
         self._items.append((channel, msg, size))
         self._bytes += size
@@ -145,7 +145,18 @@ class KernelChannels:
         if inbox is not None:
             inbox.room.set()  # nobody reads it any more: a reader held back by it goes on
 
-    async def request(self, channel: str, msg_type: str, content: dict[str, Any], listen: bool = True) -> tuple[str, Inbox | None]:
+    @overload
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any], *,
+                      listen: Literal[True] = True) -> tuple[str, Inbox]: ...
+    @overload
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any], *,
+                      listen: Literal[False]) -> tuple[str, None]: ...
+    @overload
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any], *,
+                      listen: bool) -> tuple[str, Inbox | None]: ...
+
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any], *,
+                      listen: bool = True) -> tuple[str, Inbox | None]:
         """Send a request; its msg_id and, with `listen`, the inbox of its answers (made before
         the send, so that none is missed). Raises WireError if the connection is gone."""
         msg = self._session.msg(msg_type, content)
@@ -158,7 +169,14 @@ class KernelChannels:
             raise WireError(f"could not send to the kernel's {channel} channel: {exc}") from exc
         return msg_id, inbox
 
-    async def execute(self, code: str, silent: bool = False, store_history: bool = True,
+    @overload
+    async def execute(self, code: str, *, silent: bool = False, store_history: bool = True,
+                      listen: Literal[True] = True) -> tuple[str, Inbox]: ...
+    @overload
+    async def execute(self, code: str, *, silent: bool = False, store_history: bool = True,
+                      listen: Literal[False]) -> tuple[str, None]: ...
+
+    async def execute(self, code: str, *, silent: bool = False, store_history: bool = True,
                       listen: bool = True) -> tuple[str, Inbox | None]:
         """An execute_request (no input is ever allowed); its msg_id and the inbox of its answers."""
         return await self.request("shell", "execute_request", {
@@ -171,7 +189,6 @@ class KernelChannels:
         deadline = time.monotonic() + timeout
         while True:
             msg_id, inbox = await self.request("shell", "kernel_info_request", {})
-            assert inbox is not None
             try:
                 reply = await _reply(inbox, "kernel_info_reply", min(deadline, time.monotonic() + _ATTEMPT_S))
             finally:
@@ -213,7 +230,7 @@ class KernelChannels:
                 if channel == "iopub":
                     self.iopub_seen.set()
                 if msg is not None and isinstance(waiting, Inbox):
-                    waiting.put(channel, msg, size)
+                    waiting.put(channel, msg, size=size)
                     await waiting.room.wait()
                 await asyncio.sleep(0)  # one message at a time: every other task gets the loop between two
         except Misbehaviour as exc:

@@ -27,7 +27,7 @@ def scrubbed_env(python: str, home: str, path_first: str | None = None, **more: 
     }
 
 
-def kernel_env(python: str, account: str, folder: str, runtime: str, user_packages: bool) -> dict[str, str]:
+def kernel_env(python: str, account: str, folder: str, runtime: str, *, user_packages: bool) -> dict[str, str]:
     """A kernel's environment: HOME is the user's `folder`, temporary and runtime files go to
     `runtime`; with `user_packages`, pip installs into the user's folder (`packages.env_vars`)."""
     own = packages.env_vars(python, folder) if user_packages else {}
@@ -44,6 +44,16 @@ def kernel_env(python: str, account: str, folder: str, runtime: str, user_packag
             MPLBACKEND="module://matplotlib_inline.backend_inline",
         ),
     }
+
+
+def other_kernel_env(program: str, spec_env: dict[str, str], account: str, folder: str, runtime: str) -> dict[str, str]:
+    """The environment of a kernel of an allowed kernelspec (`kernels.specs`): the scrubbed one
+    with the spec's `env` (R_HOME, a PATH of its own, ...) on top, but never the variables that
+    say who and where the user is (`specs.PROTECTED_ENV`, refused at start-up already)."""
+    base = scrubbed_env(program, folder, USER=account, LOGNAME=account, TMPDIR=runtime, JUPYTER_RUNTIME_DIR=runtime,
+                        IPYTHONDIR=os.path.join(folder, ".ipython"))
+    own = {k: v for k, v in base.items() if k in ("HOME", "USER", "LOGNAME", "TMPDIR", "JUPYTER_RUNTIME_DIR")}
+    return {**base, **spec_env, **own}
 
 
 def fork_server_env(python: str) -> dict[str, str]:

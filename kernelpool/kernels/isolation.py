@@ -87,7 +87,7 @@ def decide(settings: Settings) -> Isolation:
     host = probe()
     if settings.insecure_no_sandbox:
         log.warning(INSECURE_WARNING)
-        return Isolation(False, None, host, [INSECURE_WARNING])
+        return Isolation(sandboxed=False, cgroups=None, host=host, warnings=[INSECURE_WARNING])
     missing = []
     if not host.get("setuid"):
         missing.append("switching uids (run as root, or with CAP_SETUID/CAP_SETGID)")
@@ -128,7 +128,8 @@ def decide(settings: Settings) -> Isolation:
         warnings.insert(0, fallback.message())
     for warning in warnings:
         log.warning("%s", warning)
-    return Isolation(True, backend, host, warnings, plan, fallback)
+    return Isolation(sandboxed=True, cgroups=backend, host=host, warnings=warnings, network=plan,
+                     network_fallback=fallback)
 
 
 def _network_fallback(settings: Settings, host: dict[str, Any]) -> NetworkFallback | None:
@@ -142,14 +143,14 @@ def _network_fallback(settings: Settings, host: dict[str, Any]) -> NetworkFallba
     return NetworkFallback("egress", "none", reason, fix)
 
 
-def blocked_for_others(path: str, read_last: bool = True) -> str | None:
+def blocked_for_others(path: str, *, read_last: bool = True) -> str | None:
     """Why a uid other than ours could not reach `path` (a folder on the way it may not pass) or,
     with `read_last`, read it; None if it can."""
-    found = _first_blocked(path, read_last)
+    found = _first_blocked(path, read_last=read_last)
     return f"{found[0]} {found[1]}" if found else None
 
 
-def _first_blocked(path: str, read_last: bool) -> tuple[str, str] | None:
+def _first_blocked(path: str, *, read_last: bool) -> tuple[str, str] | None:
     """(the first folder or file on the way to `path` that others may not pass or read, why)."""
     real = os.path.realpath(path)
     parts = real.split("/") if real != "/" else [""]

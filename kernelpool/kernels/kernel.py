@@ -46,7 +46,7 @@ class Kernel:
     memory_limit: int | None
     rundir: KernelRunDir | None = None
     limits: Limits | None = None  # the per-kernel limits it was started with
-    notebook: str | None = None
+    path: str | None = None  # the notebook it serves, relative to the user's folder (None while pooled)
     channels: KernelChannels | None = None  # the server's connections to it (shell, IOPub, control), once it started
     state: KernelState = KernelState.STARTING
     started_at: float = field(default_factory=time.time)
@@ -55,6 +55,7 @@ class Kernel:
     death_cause: str | None = None
     admitted: bool = False  # holds one of its user's kernel slots (KernelRegistry._admit) until stopped
     network_of: Identity | None = None  # whose network namespace this kernel counts in (until stopped)
+    spec: str = "python3"  # its kernelspec's name (kernels.specs)
     uid: int | None = None  # its user's uid when it started: a name added again after a removal has another
     # one execution at a time: the kernel runs them in order anyway, and one reader per channel
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)

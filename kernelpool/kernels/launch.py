@@ -20,11 +20,12 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from kernelpool.config import Settings
 from kernelpool.kernels import packages
 from kernelpool.kernels.channels import KernelChannels
-from kernelpool.kernels.environment import kernel_env
+from kernelpool.kernels.environment import kernel_env, other_kernel_env
 from kernelpool.kernels.kernel import Kernel
 from kernelpool.kernels.manager import KernelpoolManager
 from kernelpool.kernels.messages import ChannelLimits, Misbehaviour, Pace
 from kernelpool.kernels.networks import UserNetworkPolicy
+from kernelpool.kernels.specs import KernelSpecs, Spec
 from kernelpool.kernels.zygote.server import ForkServer, ZygoteProcess
 from kernelpool.metrics import Metrics
 from kernelpool.users.accounts import User, UserService
@@ -60,16 +61,24 @@ class KernelLaunch:
 
 
 class KernelpoolSpecManager(KernelSpecManager):
-    """Serves the one kernel spec kernelpool uses, built from settings rather than found on disk."""
+    """Serves the kernel specs kernelpool starts: its own Python's, built from settings, and the
+    allowed ones read at start-up (`kernels.specs`), each with the sandbox provisioner whatever
+    its kernel.json says. Nothing else: no spec found on disk later is ever started."""
 
-    def __init__(self, python: str, extensions: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(self, python: str, extensions: Sequence[str] = (), specs: KernelSpecs | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.python = python
         self.extensions = list(extensions)  # IPython extensions every kernel loads (kernelpool.kernels.pip_extension)
+        self.specs = specs or KernelSpecs(())
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         if kernel_name != KERNEL_NAME:
-            return super().get_kernel_spec(kernel_name)
+            spec = self.specs.get(kernel_name)
+            return KernelSpec(name=spec.name, display_name=spec.display_name, language=spec.language,
+                              interrupt_mode="signal", argv=list(spec.argv), env=dict(spec.env),
+                              resource_dir=spec.resource_dir,
+                              metadata={"kernel_provisioner": {"provisioner_name": PROVISIONER_NAME}})
         return KernelSpec(
             name=KERNEL_NAME,
             display_name="Python 3 (kernelpool)",
@@ -99,12 +108,13 @@ class KernelLauncher:
 
     def __init__(self, settings: Settings, users: UserService, cgroups: CgroupBackend | None,
                  networks: UserNetworkPolicy, fork_server: ForkServer | None, metrics: Metrics,
-                 on_misbehaviour: Callable[[Kernel, Misbehaviour], None]) -> None:
+                 on_misbehaviour: Callable[[Kernel, Misbehaviour], None], specs: KernelSpecs | None = None) -> None:
         self._settings = settings
         self._users = users
         self.python = settings.kernel_python or sys.executable
         extensions = [packages.EXTENSION] if settings.user_packages else []
-        self._spec_manager = KernelpoolSpecManager(python=self.python, extensions=extensions)
+        self.specs = specs or KernelSpecs(())
+        self._spec_manager = KernelpoolSpecManager(python=self.python, extensions=extensions, specs=self.specs)
         self._cgroups = cgroups
         self._user_cgroups: dict[str, tuple[int, str]] = {}  # user name -> (its uid, the name of its cgroup)
         self._networks = networks
@@ -138,16 +148,16 @@ class KernelLauncher:
             except Exception as exc:
                 log.warning("removing the cgroup of removed user %s: %s", user, exc)
 
-    async def prepare(self, user: User, kid: str) -> Kernel:
-        """A kernel not started yet: its runtime folder, cgroups and manager (nothing is left of
-        them when this raises)."""
+    async def prepare(self, user: User, kid: str, spec: Spec) -> Kernel:
+        """A kernel of `spec` not started yet: its runtime folder, cgroups and manager (nothing is
+        left of them when this raises)."""
         ident = user.identity
         # the connection file and sockets: in a folder of root's (see sandbox.rundir)
         rundir = KernelRunDir(str(self._settings.run_dir), user.uid, kid,
                               ident.uid if ident else None, ident.gid if ident else None)
         rundir.create()
         try:
-            if self._settings.user_packages:
+            if self._settings.user_packages and spec.own:
                 uid, gid = (ident.uid, ident.gid) if ident else (None, None)
                 root = SafeRoot(self._users.folder(user.name), uid, gid)
                 await asyncio.to_thread(packages.ensure_folders, self.python, root)
@@ -156,7 +166,7 @@ class KernelLauncher:
             rundir.remove()
             raise
         manager = KernelpoolManager(
-            kernel_name=KERNEL_NAME,
+            kernel_name=KERNEL_NAME if spec.own else spec.name,
             kernel_spec_manager=self._spec_manager,
             transport="ipc",
             ip=rundir.socket_prefix,
@@ -165,7 +175,8 @@ class KernelLauncher:
         )
         manager.shutdown_wait_time = 2.0
         return Kernel(id=kid, user=user.name, manager=manager, cgroup=cgroup, uid=user.uid,
-                      memory_limit=user.kernel_limits.memory_bytes, rundir=rundir, limits=user.kernel_limits)
+                      memory_limit=user.kernel_limits.memory_bytes, rundir=rundir, limits=user.kernel_limits,
+                      spec=spec.name)
 
     def _create_cgroup(self, user: User) -> Cgroup | None:
         if self._cgroups is None:
@@ -189,13 +200,21 @@ class KernelLauncher:
 
     def _launch(self, kernel: Kernel, user: User, netns: str | None) -> KernelLaunch:
         rundir = kernel.rundir
-        assert rundir is not None
+        if rundir is None:
+            raise RuntimeError(f"kernel {kernel.id} has no run folder (`start` makes it first)")
         folder = self._users.folder(user.name)
         runtime = self._users.runtime_folder(user.uid)
         account = user.identity.name if user.identity else os.environ.get("USER", "kernelpool")
-        fork_server = self._fork_server
+        spec = self.specs.get(kernel.spec)
+        # only the server's own Python is forked from the fork server (which preloads ipykernel)
+        fork_server = self._fork_server if spec.own else None
+        program = self.python if spec.own else spec.argv[0]
+        if spec.own:
+            env = kernel_env(self.python, account, folder, runtime, user_packages=self._settings.user_packages)
+        else:
+            env = other_kernel_env(program, spec.env, account, folder, runtime)
         return KernelLaunch(
-            env=kernel_env(self.python, account, folder, runtime, self._settings.user_packages),
+            env=env,
             cwd=folder,
             identity=user.identity,
             cgroup=kernel.cgroup,
@@ -207,7 +226,8 @@ class KernelLauncher:
             # its own account only: the host's /etc/passwd lists every user, with their folders
             replaced_files=kernel_files(user.identity) if user.identity is not None else {},
             # the interpreter's environment (sys.prefix) may lie below /tmp too, as in a test venv
-            keep_paths=(runtime, os.path.dirname(rundir.connection_file), os.path.dirname(os.path.dirname(self.python))),
+            keep_paths=(runtime, os.path.dirname(rundir.connection_file), os.path.dirname(os.path.dirname(program)),
+                        *((spec.resource_dir,) if spec.resource_dir else ())),
             # other users' volumes (Docker: one per user at DATA/users/NAME): not even their names
             hide_mounts_below=(str(self._settings.users_dir), str(self._settings.run_dir)),
             seccomp=user.identity is not None,
@@ -237,7 +257,7 @@ class KernelLauncher:
             pace = self._paces[user] = Pace(rate)
         return pace
 
-    async def stop(self, kernel: Kernel, now: bool = False) -> None:
+    async def stop(self, kernel: Kernel, *, now: bool = False) -> None:
         """Shut the process down (shutdown request, then SIGKILL to its group), then remove its
         cgroup and runtime folder: the only place either is removed."""
         if kernel.channels is not None:

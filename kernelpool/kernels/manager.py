@@ -14,13 +14,14 @@ from __future__ import annotations
 from jupyter_client.manager import AsyncKernelManager, _ShutdownStatus
 
 
-class KernelpoolManager(AsyncKernelManager):  # type: ignore[misc]
+class KernelpoolManager(AsyncKernelManager):
     def _connect_control_socket(self) -> None:
         """No socket: `KernelChannels` is the server's one connection to the control channel."""
 
-    async def _async_request_shutdown(self, restart: bool = False) -> None:
+    async def _async_request_shutdown(self, restart: bool = False) -> None:  # noqa: FBT001, FBT002 (jupyter_client's signature, which it overrides)
         # the request itself went through KernelChannels.request_shutdown; the provisioner is told
-        assert self.provisioner is not None
+        if self.provisioner is None:
+            raise RuntimeError("no provisioner: the kernel was not started")
         await self.provisioner.shutdown_requested(restart=restart)
         self._shutdown_status = _ShutdownStatus.ShutdownRequest
 

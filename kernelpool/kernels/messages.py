@@ -170,7 +170,7 @@ async def read_message(wire: Wire, session: Session, limits: ChannelLimits, chan
             raise Misbehaviour("malformed", f"it sent a message whose {what} is {_fmt(size)} on its {channel} channel")
         return flags, size
 
-    async def small(what: str, last: bool = False) -> bytearray:
+    async def small(what: str, *, last: bool = False) -> bytearray:
         nonlocal head
         flags, size = await frame(_MAX_HEAD - head, what)
         head += size

@@ -153,7 +153,7 @@ class UserNetworkPolicy:
         return docker_rules(self.plan.comment) if self.plan is not None else []
 
 
-def report(settings: Settings, plan: NetworkPlan | None, sandboxed: bool) -> dict[str, Any]:
+def report(settings: Settings, plan: NetworkPlan | None, *, sandboxed: bool) -> dict[str, Any]:
     """What `kernelpool doctor` says about network isolation: the mode in force and what is live now."""
     import os
 

@@ -47,7 +47,8 @@ def layout(python: str) -> tuple[list[str], str]:
         f"v = {{'base': {_ANCHOR!r}, 'platbase': {_ANCHOR!r}}}\n"
         "print(json.dumps([sysconfig.get_path(k, 'posix_prefix', vars=v) for k in ('purelib', 'platlib', 'scripts')]))"
     )
-    out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd="/")
+    out = subprocess.run([python, "-I", "-c", code],  # noqa: S603 (the configured kernel interpreter, our program)
+                         capture_output=True, text=True, timeout=60, check=True, cwd="/")
     purelib, platlib, scripts = (os.path.relpath(p, _ANCHOR) for p in json.loads(out.stdout))
     sites = [purelib] if platlib == purelib else [purelib, platlib]
     return sites, scripts

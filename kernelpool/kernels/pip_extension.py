@@ -15,6 +15,7 @@ site-packages on `sys.path` from the kernel's start; this module adds what pip a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -73,10 +74,8 @@ def _own_folders() -> list[str]:
 def _entries(folders: list[str]) -> set[str]:
     found: set[str] = set()
     for folder in folders:
-        try:
+        with contextlib.suppress(OSError):
             found.update(os.path.join(folder, name) for name in os.listdir(folder))
-        except OSError:
-            pass
     return found
 
 
@@ -102,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     folders = _own_folders()
     before = _entries(folders)
-    proc = subprocess.Popen([sys.executable, "-m", "pip", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pip", *args],  # noqa: S603 (in the user's kernel, as the user: their arguments)
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
+    if proc.stdout is None:
+        raise RuntimeError("pip's output is not piped")
     tail: deque[str] = deque(maxlen=400)
     for raw in proc.stdout:
         line = raw.decode("utf-8", "replace")

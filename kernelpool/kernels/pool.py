@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from kernelpool.errors import LimitReached
 from kernelpool.kernels.kernel import Kernel
@@ -21,12 +22,18 @@ from kernelpool.users.accounts import User
 log = logging.getLogger(__name__)
 
 
+class StopKernel(Protocol):
+    """The registry's stop: `now` skips the polite shutdown request."""
+
+    def __call__(self, kernel: Kernel, *, now: bool = False) -> Awaitable[None]: ...
+
+
 class WarmPool:
     """Up to `size` warm kernels per active user, started with `start` and stopped with `stop`
     (the registry's: they admit kernels against the limits and give their slots back)."""
 
-    def __init__(self, size: int, start: Callable[[User], Awaitable[Kernel]],
-                 stop: Callable[[Kernel, bool], Awaitable[None]], starting: Callable[[str], int]) -> None:
+    def __init__(self, size: int, start: Callable[[User], Awaitable[Kernel]], stop: StopKernel,
+                 starting: Callable[[str], int]) -> None:
         self._size = size
         self._start = start
         self._stop = stop
@@ -50,12 +57,12 @@ class WarmPool:
             # keep the old ones, and one of a removed user of the same name runs as another uid:
             # it goes, and a kernel of this user with the current limits starts instead
             if kernel.limits != user.kernel_limits or kernel.uid != user.uid:
-                await self._stop(kernel, True)
+                await self._stop(kernel, now=True)
             elif await kernel.is_alive():
                 return kernel
             else:
                 kernel.explain_death()
-                await self._stop(kernel, True)
+                await self._stop(kernel, now=True)
         return None
 
     def discard(self, kernel: Kernel) -> bool:
@@ -86,7 +93,7 @@ class WarmPool:
                 log.warning("pool refill for %s failed: %s", user.name, exc)
                 return
             if self._closed:
-                await self._stop(kernel, False)
+                await self._stop(kernel, now=False)
                 return
             pool.append(kernel)
 
@@ -104,7 +111,7 @@ class WarmPool:
                 while pool:
                     kernel = pool.popleft()
                     log.info("retiring warm kernel %s of inactive user %s", kernel.id, user)
-                    await self._stop(kernel, False)
+                    await self._stop(kernel, now=False)
                     retired += 1
         return retired
 

@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from kernelpool.kernels.launch import KernelLaunch
 from kernelpool.kernels.zygote.server import ZygoteUnavailable
@@ -34,7 +34,7 @@ from sandbox import LaunchSpec, spawn
 log = logging.getLogger(__name__)
 
 
-class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
+class SandboxProvisioner(LocalProvisioner):
     """Starts a kernel with `sandbox.spawn`, or forks it from the fork server."""
 
     _launch: KernelLaunch | None = None
@@ -55,7 +55,8 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         launch = self._launch
-        assert launch is not None
+        if launch is None:
+            raise RuntimeError("no launch given: KernelLauncher passes one to start_kernel(sandbox=...)")
         spec = LaunchSpec(
             argv=cmd,
             env=launch.env,
@@ -99,5 +100,5 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
     def _socket_names(self) -> list[str]:
         info = self.connection_info
         prefix = os.path.basename(str(info["ip"]))
-        return [f"{prefix}-{info[port]}" for port in  # type: ignore[literal-required]
+        return [f"{prefix}-{info[port]}" for port in
                 ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]

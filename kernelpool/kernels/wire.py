@@ -67,12 +67,12 @@ class Wire:
         self.received = 0  # bytes read from the socket so far
 
     @classmethod
-    async def connect(cls, path: str, socket_type: str, subscribe: bool = False) -> Wire:
+    async def connect(cls, path: str, socket_type: str, *, subscribe: bool = False) -> Wire:
         """Connect to the kernel's socket at `path` (in its locked runtime folder) as a
         `socket_type` ("DEALER" or "SUB") and complete the handshake."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.setblocking(False)
+            sock.setblocking(False)  # noqa: FBT003 (the socket module takes no keyword)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHUNK)
             await asyncio.get_running_loop().sock_connect(sock, path)
             wire = cls(sock)

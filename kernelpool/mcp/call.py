@@ -7,6 +7,7 @@ builds the `Call` for each request once it knows who is calling.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,8 @@ from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 
 from kernelpool.errors import NoNotebook
+from kernelpool.mcp.services import Services
 from kernelpool.notebooks.paths import check_notebook_path
-from kernelpool.services import Services
 
 READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 EDIT = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
@@ -53,10 +54,15 @@ ToolFunction = Callable[..., Awaitable[CallToolResult]]
 
 @dataclass(frozen=True)
 class Tool:
-    fn: ToolFunction  # (call, **arguments); its parameters after `call` are the tool's arguments
+    fn: ToolFunction  # (call, **arguments); its keyword-only parameters after `call` are the tool's arguments
     name: str
     description: str
     annotations: ToolAnnotations
+
+    @property
+    def arguments(self) -> list[str]:
+        """The names of the tool's arguments, in order."""
+        return list(inspect.signature(self.fn).parameters)[1:]
 
 
 class Tools(list[Tool]):

@@ -29,20 +29,21 @@ def cell_summary(i: int, cell: NotebookNode) -> dict[str, Any]:
            "For output too long for one reply, pass output_offset (0, then each reply's next_offset) to page "
            "through the outputs' text, max_chars at a time.", READ)
 async def read_cell(
-    call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+    call: Call, *, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
     include_outputs: bool = True, output_offset: int | None = None, max_chars: int | None = None,
 ) -> CallToolResult:
     path = call.notebook(notebook)
     st = call.services.settings
     if output_offset is not None:
         size = st.max_output_chars if max_chars is None else max_chars
-        i, cell, page = await call.services.notebooks.output_page(call.user, path, cell_index, cell_id, output_offset,
-                                                                  size, st.max_output_chars)
+        i, cell, page = await call.services.notebooks.output_page(
+            call.user, path, cell_index=cell_index, cell_id=cell_id, offset=output_offset, size=size,
+            max_size=st.max_output_chars)
         data = cell_summary(i, cell) | {"notebook": path, "source": cell.source}
         data |= {"output_text": page.text, "output_offset": page.offset, "total_chars": page.total,
                  "next_offset": page.next_offset}
         return result(page.text, data)
-    i, cell = await call.services.notebooks.cell(call.user, path, cell_index, cell_id)
+    i, cell = await call.services.notebooks.cell(call.user, path, cell_index=cell_index, cell_id=cell_id)
     data = cell_summary(i, cell) | {"notebook": path, "source": cell.source}
     extra: list[Any] = []
     if include_outputs and cell.cell_type == "code":
@@ -54,7 +55,7 @@ async def read_cell(
 
 @TOOLS.add("insert_cell", "Insert a cell at cell_index (-1 appends). cell_type: code, markdown or raw.", EDIT)
 async def insert_cell(
-    call: Call, cell_index: int, cell_type: Literal["code", "markdown", "raw"], cell_source: str,
+    call: Call, *, cell_index: int, cell_type: Literal["code", "markdown", "raw"], cell_source: str,
     notebook: str | None = None,
 ) -> CallToolResult:
     path = call.notebook(notebook)
@@ -67,13 +68,14 @@ async def _edit(call: Call, notebook: str | None, cell_index: int | None, cell_i
                 apply: Callable[[NotebookNode, int], T]) -> tuple[str, int, str, T]:
     """Change the cell named by index or id: (path, index, id, what `apply(nb, index)` returned)."""
     path = call.notebook(notebook)
-    i, cid, out = await call.services.notebooks.edit_cell(call.user, path, cell_index, cell_id, apply)
+    i, cid, out = await call.services.notebooks.edit_cell(call.user, path, apply, cell_index=cell_index,
+                                                          cell_id=cell_id)
     return path, i, cid, out
 
 
 @TOOLS.add("overwrite_cell_source", "Replace a cell's whole source.", EDIT)
 async def overwrite_cell_source(
-    call: Call, cell_source: str, cell_index: int | None = None, cell_id: str | None = None,
+    call: Call, *, cell_source: str, cell_index: int | None = None, cell_id: str | None = None,
     notebook: str | None = None,
 ) -> CallToolResult:
     path, i, cid, _ = await _edit(call, notebook, cell_index, cell_id,
@@ -83,18 +85,19 @@ async def overwrite_cell_source(
 
 @TOOLS.add("edit_cell_source", "Replace old_string by new_string in a cell's source (old_string must be unique unless replace_all).", EDIT)
 async def edit_cell_source(
-    call: Call, old_string: str, new_string: str, replace_all: bool = False, cell_index: int | None = None,
+    call: Call, *, old_string: str, new_string: str, replace_all: bool = False, cell_index: int | None = None,
     cell_id: str | None = None, notebook: str | None = None,
 ) -> CallToolResult:
     path, i, cid, n = await _edit(call, notebook, cell_index, cell_id,
-                                  lambda nb, i: cells.edit_source(nb.cells[i], old_string, new_string, replace_all))
+                                  lambda nb, i: cells.edit_source(nb.cells[i], old_string, new_string,
+                                                                    replace_all=replace_all))
     return result(f"replaced {n} occurrence(s) in cell {i} (id {cid})",
                   {"notebook": path, "cell_index": i, "cell_id": cid, "replacements": n})
 
 
 @TOOLS.add("delete_cell", "Delete a cell.", DESTRUCTIVE)
 async def delete_cell(
-    call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+    call: Call, *, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
 ) -> CallToolResult:
     path, i, cid, cell = await _edit(call, notebook, cell_index, cell_id, lambda nb, i: nb.cells.pop(i))
     return result(f"deleted {cell.cell_type} cell {i} (id {cid})",
@@ -103,7 +106,7 @@ async def delete_cell(
 
 @TOOLS.add("move_cell", "Move a cell to new_index.", EDIT)
 async def move_cell(
-    call: Call, new_index: int, cell_index: int | None = None, cell_id: str | None = None,
+    call: Call, *, new_index: int, cell_index: int | None = None, cell_id: str | None = None,
     notebook: str | None = None,
 ) -> CallToolResult:
     path, i, cid, j = await _edit(call, notebook, cell_index, cell_id, lambda nb, i: cells.move_cell(nb, i, new_index))
@@ -112,7 +115,7 @@ async def move_cell(
 
 @TOOLS.add("clear_cell_output", "Clear a code cell's outputs and execution count.", EDIT)
 async def clear_cell_output(
-    call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+    call: Call, *, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
 ) -> CallToolResult:
     path, i, cid, _ = await _edit(call, notebook, cell_index, cell_id, lambda nb, i: cells.clear_outputs(nb.cells[i]))
     return result(f"cleared outputs of cell {i} (id {cid})", {"notebook": path, "cell_index": i, "cell_id": cid})

@@ -13,15 +13,17 @@ Kept in memory, not persisted: the SDK keeps sessions in process memory, so afte
 every `Mcp-Session-Id` answers 404 and no stored event could be replayed anyway.
 
 Bounded per session (events, bytes), per user (bytes, all of the user's sessions together)
-and by age; the oldest events go first. Callers: the app (wiring, housekeeping), the notice
-service (usage near the user's bound).
+and by age; the oldest events go first. Callers: the app (wiring, housekeeping, waiting for its
+shutdown notice to be written), the notice service (usage near the user's bound).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections import deque
@@ -29,13 +31,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.streamable_http import EventCallback, EventId, EventMessage, EventStore, StreamId
+from mcp.server.streamable_http import (
+    GET_STREAM_KEY,
+    EventCallback,
+    EventId,
+    EventMessage,
+    EventStore,
+    StreamId,
+)
 from mcp.types import JSONRPCMessage
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
 _SESSION_HEADER = b"mcp-session-id"
+_LAST_EVENT_HEADER = b"last-event-id"
+_EVENT_ID = re.compile(rb"^id: ([0-9a-f]+)-", re.MULTILINE)  # an SSE event's id field, an id of ours
 
 
 @dataclass(eq=False)
@@ -58,6 +69,9 @@ class _Owner:
     events: deque[_Event] = field(default_factory=deque)
     bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    standalone: int = 0  # seq of the newest event stored for the session's standalone (GET) stream
+    written: int = 0  # seq of the newest of those handed to the client's connection
+    listening: int = 0  # open GET responses that carry the standalone stream
 
 
 _CURRENT: contextvars.ContextVar[_Owner | None] = contextvars.ContextVar("kernelpool_event_owner", default=None)
@@ -78,6 +92,7 @@ class SessionEventStore(EventStore):
         self._index: dict[str, tuple[_Owner, _Event]] = {}
         self._user_bytes: dict[str, int] = {}
         self.evicted = 0
+        self.last_seq = 0
 
     # ---- owners (called by EventScope) --------------------------------------------------
 
@@ -101,7 +116,9 @@ class SessionEventStore(EventStore):
         owner = self._current()
         now = time.monotonic()
         size = 64 if message is None else len(message.model_dump_json(by_alias=True, exclude_unset=True)) + 64
-        seq = next(self._seq)
+        seq = self.last_seq = next(self._seq)
+        if stream_id == GET_STREAM_KEY:
+            owner.standalone = seq
         event = _Event(id=f"{seq:x}-{owner.key[:6]}", seq=seq, stream=stream_id, message=message, size=size, at=now)
         self._register(owner)
         owner.events.append(event)
@@ -125,9 +142,26 @@ class SessionEventStore(EventStore):
         after = found[1]
         pending = [e for e in owner.events if e.seq > after.seq and e.stream == after.stream and e.message is not None]
         for event in pending:
-            assert event.message is not None
+            assert event.message is not None  # noqa: S101 (narrows the type: `pending` kept only these)
             await send_callback(EventMessage(event.message, event.id))
         return after.stream
+
+    async def standalone_written(self, session_ids: list[str], after: int, timeout: float) -> int:
+        """Wait until each session's standalone events stored after seq `after` were handed to its open
+        GET stream (a session without one has nothing to wait for), at most `timeout` seconds; returns
+        how many sessions were still behind. Called by the app before the streams end at shutdown."""
+        owners = [o for o in (self._by_session.get(sid) for sid in session_ids) if o is not None]
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [o for o in owners if o.listening and not after < o.standalone <= o.written]
+            if not behind or time.monotonic() >= deadline:
+                return len(behind)
+            await asyncio.sleep(0.01)
+
+    def carries_standalone(self, last_event_id: str | None) -> bool:
+        """Whether a GET with this Last-Event-ID (None: a fresh one) streams a session's standalone events."""
+        found = self._index.get(last_event_id) if last_event_id is not None else None
+        return last_event_id is None or (found is not None and found[1].stream == GET_STREAM_KEY)
 
     # ---- bounds -------------------------------------------------------------------------
 
@@ -215,6 +249,9 @@ class EventScope:
         owner = self.store.owner_for(session_id)
         token = _CURRENT.set(owner)
         try:
+            if session_id is not None and scope.get("method") == "GET":
+                await self._get(scope, receive, send, owner)
+                return
             if session_id is not None:
                 await self.app(scope, receive, send)
                 return
@@ -229,3 +266,23 @@ class EventScope:
             await self.app(scope, receive, send_and_bind)
         finally:
             _CURRENT.reset(token)
+
+    async def _get(self, scope: Scope, receive: Receive, send: Send, owner: _Owner) -> None:
+        """A session's GET: when it carries the standalone stream, note which events reached the
+        connection (the shutdown notice waits for that, `SessionEventStore.standalone_written`)."""
+        last = next((v.decode("latin-1") for k, v in scope["headers"] if k == _LAST_EVENT_HEADER), None)
+        if not self.store.carries_standalone(last):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_and_note(message: Message) -> None:
+            await send(message)
+            found = _EVENT_ID.search(message.get("body", b"")) if message["type"] == "http.response.body" else None
+            if found is not None:
+                owner.written = max(owner.written, int(found.group(1), 16))
+
+        owner.listening += 1
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            owner.listening -= 1

@@ -27,41 +27,44 @@ _BACKGROUND = "background=true returns an execution_id at once (see get_executio
 @TOOLS.add("execute_cell", "Run a code cell in its notebook's kernel; its outputs are saved in the notebook and "
            "returned. " + _BACKGROUND, RUN)
 async def execute_cell(
-    call: Call, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
+    call: Call, *, cell_index: int | None = None, cell_id: str | None = None, notebook: str | None = None,
     timeout: float | None = None, background: bool = False,
 ) -> CallToolResult:
     return await _report(call, await call.services.executions.run_cell(
-        call.user, call.notebook(notebook), cell_index, cell_id, timeout, background, _progress(call.ctx)))
+        call.user, call.notebook(notebook), cell_index=cell_index, cell_id=cell_id, timeout=timeout,
+        background=background, progress=_progress(call.ctx)))
 
 
 @TOOLS.add("insert_execute_code_cell", "Insert a code cell at cell_index (-1 appends), run it, save and return its "
            "outputs. " + _BACKGROUND, RUN)
 async def insert_execute_code_cell(
-    call: Call, cell_index: int, cell_source: str, notebook: str | None = None, timeout: float | None = None,
+    call: Call, *, cell_index: int, cell_source: str, notebook: str | None = None, timeout: float | None = None,
     background: bool = False,
 ) -> CallToolResult:
     return await _report(call, await call.services.executions.run_new_cell(
-        call.user, call.notebook(notebook), cell_index, cell_source, timeout, background, _progress(call.ctx)))
+        call.user, call.notebook(notebook), cell_index, cell_source, timeout=timeout, background=background,
+        progress=_progress(call.ctx)))
 
 
 @TOOLS.add("execute_code", "Run code in a notebook's kernel without adding it to the notebook (for inspection, "
            "installs, quick checks).", RUN)
 async def execute_code(
-    call: Call, code: str, notebook: str | None = None, timeout: float | None = None, background: bool = False,
+    call: Call, *, code: str, notebook: str | None = None, timeout: float | None = None, background: bool = False,
 ) -> CallToolResult:
     return await _report(call, await call.services.executions.run_code(
-        call.user, call.notebook(notebook), code, timeout, background, _progress(call.ctx)))
+        call.user, call.notebook(notebook), code, timeout=timeout, background=background,
+        progress=_progress(call.ctx)))
 
 
 @TOOLS.add("get_execution", "The status, and when finished the outputs, of an execution started with background=true; "
            "wait (seconds) waits for it to finish first.", READ)
-async def get_execution(call: Call, execution_id: str, wait: float = 0) -> CallToolResult:
-    job = await call.services.executions.result(call.user, execution_id, wait)
+async def get_execution(call: Call, *, execution_id: str, wait: float = 0) -> CallToolResult:
+    job = await call.services.executions.result(call.user, execution_id, wait=wait)
     return job_result(call, job)
 
 
 @TOOLS.add("cancel_execution", "Interrupt a running execution (its outputs so far are saved).", EDIT)
-async def cancel_execution(call: Call, execution_id: str) -> CallToolResult:
+async def cancel_execution(call: Call, *, execution_id: str) -> CallToolResult:
     job, running = await call.services.executions.cancel(call.user, execution_id)
     return result(f"execution {job.id} " + ("interrupted" if running else "had already finished"),
                   {"execution_id": job.id, "interrupted": running})
@@ -80,9 +83,9 @@ def _progress(ctx: Context) -> Progress:
 async def _report(call: Call, job: Job) -> CallToolResult:
     if job.background:
         return result(
-            f"started execution {job.id} in {job.notebook}; fetch its result with "
+            f"started execution {job.id} in {job.path}; fetch its result with "
             f"get_execution(execution_id={job.id!r})",
-            {"notebook": job.notebook, "execution_id": job.id, "status": "running", "cell_id": job.cell_id},
+            {"notebook": job.path, "execution_id": job.id, "status": "running", "cell_id": job.cell_id},
         )
     reply = job_result(call, job)
     await _tell_about(call, job, reply)
@@ -93,7 +96,7 @@ def job_result(call: Call, job: Job) -> CallToolResult:
     """A job as a tool result: still running, its error, or its outputs (saved ones linked when large)."""
     if job.error is not None:
         raise ToolError(job.error)
-    base: dict[str, Any] = {"notebook": job.notebook, "execution_id": job.id}
+    base: dict[str, Any] = {"notebook": job.path, "execution_id": job.id}
     if job.cell_id is not None:
         base |= {"cell_id": job.cell_id, "cell_index": job.saved_index, "saved": job.saved_index is not None}
     run = job.result
@@ -120,7 +123,7 @@ def job_result(call: Call, job: Job) -> CallToolResult:
         head.append(TextContent(type="text", text=f"[not saved in the notebook] {job.save_error}"))
     blocks: list[Any] = [*head, *content]
     if job.cell_id is not None and job.saved_index is not None:
-        blocks += output_links(job.notebook, job.cell_id, run.outputs, st.max_output_chars, st.max_image_bytes)
+        blocks += output_links(job.path, job.cell_id, run.outputs, st.max_output_chars, st.max_image_bytes)
     return CallToolResult(content=blocks, structured_content=data, is_error=run.status == "died")
 
 
@@ -129,15 +132,15 @@ async def _tell_about(call: Call, job: Job, reply: CallToolResult) -> None:
     r = job.result
     if r is None:
         return
-    where = {"notebook": job.notebook, "execution_id": job.id}
+    where = {"notebook": job.path, "execution_id": job.id}
     said: list[tuple[Any, str]] = []
     if r.status == "died":
-        said.append(("error", f"the kernel of {job.notebook} died: {r.message}; the next call starts a fresh one"))
+        said.append(("error", f"the kernel of {job.path} died: {r.message}; the next call starts a fresh one"))
     elif r.status == "timeout":
-        said.append(("warning", f"an execution in {job.notebook} hit its timeout: {r.message}"))
+        said.append(("warning", f"an execution in {job.path} hit its timeout: {r.message}"))
     links = [b for b in reply.content if b.type == "resource_link"]
     if links or any(o.get("truncated") for o in (reply.structured_content or {}).get("outputs", [])):
-        said.append(("warning", f"output of the execution in {job.notebook} was truncated in this reply"
+        said.append(("warning", f"output of the execution in {job.path} was truncated in this reply"
                      + (f"; the whole of it: {', '.join(link.uri for link in links)}" if links else
                         "; read_cell pages through it")))
     rc = call.ctx.request_context

@@ -16,8 +16,8 @@ TOOLS = Tools()
 
 @TOOLS.add("list_files", "List files and folders in your folder (or a subfolder), optionally filtered by a glob pattern; "
            "at most 500 entries (the result says when it was cut).", READ)
-async def list_files(call: Call, path: str = "", pattern: str | None = None) -> CallToolResult:
-    found = await call.services.notebooks.list_files(call.user, path, pattern)
+async def list_files(call: Call, *, path: str = "", pattern: str | None = None) -> CallToolResult:
+    found = await call.services.notebooks.list_files(call.user, path, pattern=pattern)
     lines = [f"{e['type']:7} {e['size']:>10}  {e['path']}" for e in found.items] or ["(empty)"]
     if found.note:
         lines.append(f"[{found.note}]")
@@ -36,24 +36,26 @@ async def list_notebooks(call: Call) -> CallToolResult:
 
 
 @TOOLS.add("use_notebook", "Open a notebook (mode='connect') or create it (mode='create'), start its kernel, and make it "
-           "this session's active notebook.", EDIT)
-async def use_notebook(call: Call, notebook: str, mode: Literal["connect", "create"] = "connect") -> CallToolResult:
+           "this session's active notebook. `kernel` names the kernel of a new notebook (list_kernelspecs; default "
+           "python3); an existing notebook opens with the kernel it records.", EDIT)
+async def use_notebook(call: Call, *, notebook: str, mode: Literal["connect", "create"] = "connect",
+                       kernel: str | None = None) -> CallToolResult:
     s = call.services
-    opened = await s.workspace.open(call.user, call.session_id, check_notebook_path(notebook), mode)
+    opened = await s.workspace.open(call.user, call.session_id, check_notebook_path(notebook), mode, kernel)
     await s.notices.usage(call.user, "kernels", opened.kernels, s.settings.max_kernels_per_user, s.settings.near_limit_ratio)
-    path, kernel = opened.notebook, opened.kernel
+    path, started = opened.path, opened.kernel
     if opened.active:
         note = f"{path} is now this session's active notebook"
     else:
         note = f"{path} is ready; this client has no MCP session, so pass notebook={path!r} to every tool"
     verb = "created" if mode == "create" else "connected"
-    return result(f"{verb} {path} (kernel {kernel.id}: {kernel.state.value}). {note}.",
-                  {"notebook": path, "mode": mode, "kernel_id": kernel.id, "active": opened.active})
+    return result(f"{verb} {path} (kernel {started.id}, {started.spec}: {started.state.value}). {note}.",
+                  {"notebook": path, "mode": mode, "kernel_id": started.id, "kernel": started.spec, "active": opened.active})
 
 
 @TOOLS.add("unuse_notebook", "Shut down a notebook's kernel (its variables are lost; the file stays) and make it "
            "no longer this session's active notebook.", DESTRUCTIVE)
-async def unuse_notebook(call: Call, notebook: str | None = None) -> CallToolResult:
+async def unuse_notebook(call: Call, *, notebook: str | None = None) -> CallToolResult:
     path = call.notebook(notebook)
     stopped = await call.services.workspace.close(call.user, call.session_id, path)
     text = f"kernel of {path} shut down" if stopped else f"{path} had no running kernel"
@@ -62,7 +64,7 @@ async def unuse_notebook(call: Call, notebook: str | None = None) -> CallToolRes
 
 @TOOLS.add("read_notebook", "Read a notebook's cells: brief (index, type, id, first line) or detailed (full source and outputs).", READ)
 async def read_notebook(
-    call: Call, notebook: str | None = None, start_index: int = 0, limit: int = 20,
+    call: Call, *, notebook: str | None = None, start_index: int = 0, limit: int = 20,
     response_format: Literal["brief", "detailed"] = "brief",
 ) -> CallToolResult:
     path = call.notebook(notebook)

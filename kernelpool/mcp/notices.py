@@ -94,11 +94,12 @@ class Notices:
                 sent += 1
         return sent
 
-    async def to_everyone(self, level: LoggingLevel, text: str) -> int:
-        sent = 0
-        for entry in list(self._sessions.values()):
+    async def to_everyone(self, level: LoggingLevel, text: str) -> list[str]:
+        """A log message to every session (the app, at shutdown); returns the ids of those it was handed to."""
+        sent = []
+        for (_, sid), entry in list(self._sessions.items()):
             if entry.handle is not None and _passes(level, entry.level) and await self._send_log(entry.handle, level, text, None):
-                sent += 1
+                sent.append(sid)
         return sent
 
     async def resource_updated(self, user: str, uri: str) -> int:
@@ -154,7 +155,8 @@ class Notices:
 
 def _payload(text: str, data: dict[str, Any] | None) -> dict[str, Any]:
     # notifications pass no middleware: made valid Unicode here (kernelpool/mcp/wire.py)
-    return clean({"message": text, **(data or {})})
+    payload: dict[str, Any] = clean({"message": text, **(data or {})})
+    return payload
 
 
 async def send_log(handle: ServerSession, level: LoggingLevel, data: Any, related_request_id: RequestId | None = None) -> None:

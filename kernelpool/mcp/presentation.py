@@ -18,7 +18,8 @@ TITLES = {
     "insert_execute_code_cell": "Insert and run a code cell", "execute_code": "Run code",
     "get_execution": "Get an execution's result", "cancel_execution": "Cancel an execution",
     "list_kernels": "List kernels", "restart_notebook": "Restart a notebook's kernel",
-    "interrupt_kernel": "Interrupt a kernel",
+    "interrupt_kernel": "Interrupt a kernel", "list_kernelspecs": "List the kernels on offer",
+    "read_file": "Read a file", "write_file": "Write a file", "delete_file": "Delete a file",
 }
 
 

@@ -4,6 +4,9 @@ URIs name a path relative to the caller's own folder, percent-encoded (`/` kept)
 
 - `notebook://{path}`: the notebook as JSON (`application/x-ipynb+json`);
   `notebook://{path}?format=markdown`: a markdown rendering with outputs summarised.
+- `file://{path}`: any regular file of the user's, a page at a time (`?offset=N`, a byte offset;
+  the next page's URI in `_meta.next`): text as text, anything else as a blob. `read_file` links
+  to the rest of a file it did not return whole.
 - `output://{notebook}/{cell_id}/{index}`: one saved output of a code cell; text comes in
   pages of `max_output_chars` (`?offset=N`, the next page's URI in `_meta.next`), an image as
   a blob. Tool results link to these (`resource_link`) when an output is too large to inline.
@@ -17,6 +20,7 @@ user. Callers: `server.build_mcp`.
 from __future__ import annotations
 
 import logging
+import mimetypes
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -48,18 +52,19 @@ from mcp.types import (
 from nbformat import NotebookNode
 from nbformat import writes as nb_writes
 
-from kernelpool.errors import KernelpoolError
+from kernelpool.errors import InvalidArgument, KernelpoolError
 from kernelpool.mcp.content import b64_size, output_text, truncate
+from kernelpool.mcp.services import Services
 from kernelpool.mcp.wire import clean_text
 from kernelpool.notebooks.cells import OutputPage
-from kernelpool.notebooks.paths import check_notebook_path
-from kernelpool.services import Services
+from kernelpool.notebooks.paths import check_file_path, check_notebook_path
 
 log = logging.getLogger(__name__)
 
 RESOURCE_NOT_FOUND = -32002  # the code the MCP specification gives "resource not found"
 NOTEBOOK_TEMPLATE = "notebook://{path}{?format}"
 OUTPUT_TEMPLATE = "output://{notebook}/{cell_id}/{index}{?offset}"
+FILE_TEMPLATE = "file://{path}{?offset}"
 NOTEBOOK_MIME = "application/x-ipynb+json"
 _PAGE = 500  # resources per resources/list page
 _COMPLETIONS = 100
@@ -71,6 +76,10 @@ RequestContext = ServerRequestContext[Any, Any]
 def notebook_uri(path: str) -> str:
     # a file name of bytes that are not UTF-8 has surrogate escapes, which quote() cannot encode
     return "notebook://" + quote(clean_text(path), safe="/")
+
+
+def file_uri(path: str) -> str:
+    return "file://" + quote(clean_text(path), safe="/")
 
 
 def output_uri(notebook: str, cell_id: str, index: int) -> str:
@@ -103,7 +112,7 @@ def session_of(ctx: RequestContext) -> str | None:
 
 # ---- rendering ------------------------------------------------------------------------------
 
-def markdown(path: str, nb: NotebookNode, summary_chars: int = 500) -> str:
+def markdown(path: str, nb: NotebookNode, *, summary_chars: int = 500) -> str:
     """The notebook as markdown: markdown cells as they are, code in fences, outputs summarised."""
     parts = [f"# {path}\n"]
     for i, cell in enumerate(nb.cells):
@@ -202,6 +211,9 @@ class _Handlers:
             ResourceTemplate(uri_template=NOTEBOOK_TEMPLATE, name="notebook",
                              description="one of your notebooks, by path relative to your folder: JSON "
                                          f"({NOTEBOOK_MIME}), or format=markdown for text/markdown with outputs summarised"),
+            ResourceTemplate(uri_template=FILE_TEMPLATE, name="file",
+                             description="any file of yours, by path relative to your folder, a page at a time from "
+                                         "byte offset (text as text, other files as blobs; _meta.next is the next page)"),
             ResourceTemplate(uri_template=OUTPUT_TEMPLATE, name="output",
                              description="one saved output of a code cell (index from 0): text in pages "
                                          f"(offset; {self.s.settings.max_output_chars} characters each), images as blobs"),
@@ -222,7 +234,33 @@ class _Handlers:
             return ReadResourceResult(contents=[TextResourceContents(uri=uri, mime_type=NOTEBOOK_MIME, text=nb_writes(nb))])
         if (outref := _split(uri, "output")) is not None:
             return await self._read_output(user, uri, *outref)
-        raise _not_found(uri, "kernelpool serves notebook:// and output:// URIs")
+        if (fileref := _split(uri, "file")) is not None:
+            return await self._read_file(user, uri, *fileref)
+        raise _not_found(uri, "kernelpool serves notebook://, file:// and output:// URIs")
+
+    async def _read_file(self, user: str, uri: str, path: str, query: dict[str, str]) -> ReadResourceResult:
+        offset_text = query.get("offset", "0")
+        if not offset_text.isdigit():
+            raise MCPError(code=-32602, message=f"invalid offset {offset_text!r}: a byte offset, 0 or more", data={"uri": uri})
+        files, offset = self.s.files, int(offset_text)
+        try:
+            checked = check_file_path(unquote(path))
+            page = await files.read(user, checked, offset, self.s.settings.max_output_chars, "auto")
+            if page.encoding == "base64":  # a blob: pages as large as one call may read
+                page = await files.read(user, checked, offset, files.max_bytes, "base64")
+        except InvalidArgument as exc:
+            raise MCPError(code=-32602, message=str(exc), data={"uri": uri}) from None
+        except KernelpoolError as exc:
+            raise _not_found(uri, str(exc)) from None
+        following = page.next_offset
+        meta = {"offset": offset, "size": page.size, "length": page.length,
+                "next": f"{file_uri(checked)}?offset={following}" if following is not None else None}
+        mime = mimetypes.guess_type(checked)[0]
+        if page.encoding == "base64":
+            blob = BlobResourceContents(uri=uri, mime_type=mime or "application/octet-stream", blob=page.text, _meta=meta)
+            return ReadResourceResult(contents=[blob])
+        return ReadResourceResult(contents=[TextResourceContents(uri=uri, mime_type=mime or "text/plain", text=page.text,
+                                                                 _meta=meta)])
 
     async def _read_output(self, user: str, uri: str, rest: str, query: dict[str, str]) -> ReadResourceResult:
         parts = rest.rsplit("/", 2)

@@ -20,16 +20,19 @@ from typing import Annotated, Any
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool as SdkTool
 from mcp.types import CallToolResult, Icon
 
-from kernelpool.errors import KernelpoolError
-from kernelpool.mcp import cells, execution, kernels, notebooks
+from kernelpool import __version__
+from kernelpool.errors import KernelpoolError, UnknownArguments
+from kernelpool.mcp import cells, execution, files, kernels, notebooks
+from kernelpool.mcp.arguments import UNKNOWN, refuse_unknown
 from kernelpool.mcp.call import Call, Tool, ToolFunction
 from kernelpool.mcp.presentation import OUTPUTS, TITLES
 from kernelpool.mcp.resources import register as register_resources
 from kernelpool.mcp.resources import session_of
+from kernelpool.mcp.services import Services
 from kernelpool.mcp.wire import clean_replies, clean_text
-from kernelpool.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +42,28 @@ own kernel. Pass `notebook` (a path relative to your folder, like 'work/analysis
 tool, or call use_notebook once to make a notebook the active one of this session. Cells are
 addressed by `cell_index` (0-based; negative counts from the end) or by `cell_id`."""
 
-TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
+TOOLS: tuple[Tool, ...] = (*notebooks.TOOLS, *files.TOOLS, *cells.TOOLS, *execution.TOOLS, *kernels.TOOLS)
 
 
 def build_mcp(services: Services, token_verifier: Any, auth: Any, *, icon_url: str | None = None) -> MCPServer:
     """The MCP server with every tool, resource handler and the session middleware registered."""
+    # every tool refuses arguments it does not take (kernelpool.mcp.arguments)
+    tools = [refuse_unknown(SdkTool.from_function(_entry(services, tool), name=tool.name, title=TITLES[tool.name],
+                                                  description=tool.description, annotations=tool.annotations))
+             for tool in TOOLS]
     icons = [Icon(src=icon_url, mime_type="image/svg+xml", sizes=["any"])] if icon_url else None
     server: MCPServer = MCPServer(
-        name="kernelpool", title="kernelpool", instructions=INSTRUCTIONS, version="0.1.0", icons=icons,
+        name="kernelpool", title="kernelpool", instructions=INSTRUCTIONS, version=__version__, icons=icons,
+        tools=tools,
         token_verifier=token_verifier, auth=auth,
         # no subscriptions/listen (2026-07-28): its bus is server-wide, not per user, and kernelpool
         # publishes nothing on it; sessions subscribe with resources/subscribe (kernelpool/mcp/notices.py)
         subscriptions=False,
     )
 
-    # issue 12: resources, completion, logging/setLevel on the low-level server (MCPServer has no
-    # per-user resource list), and every request's session handle for notices
+    # resources, completion and logging/setLevel go on the low-level server: MCPServer lists the
+    # same resources to everyone, and each user must see only their own; every request also
+    # leaves its session's handle, so that notices can reach that session later
     def attach(ctx: Any) -> None:
         token, sid = get_access_token(), session_of(ctx)
         if token is not None and sid is not None:
@@ -67,9 +76,6 @@ def build_mcp(services: Services, token_verifier: Any, auth: Any, *, icon_url: s
     server.middleware.append(attach_session)
     server.middleware.append(clean_replies)  # innermost: sees each handler's wire-shaped result first
     register_resources(server._lowlevel_server, services, attach)
-    for tool in TOOLS:
-        server.tool(name=tool.name, title=TITLES[tool.name], description=tool.description,
-                    annotations=tool.annotations)(_entry(services, tool))
     return server
 
 
@@ -95,12 +101,15 @@ async def _run(s: Services, tool: Tool, ctx: Context, arguments: dict[str, Any])
     """Call one tool for the authenticated user, with audit, metrics and the one mapping of our
     errors to tool errors."""
     start = time.monotonic()
+    unknown: list[str] = arguments.pop(UNKNOWN, [])
     token = get_access_token()
     user = token.client_id if token else None
     outcome, detail = "ok", None
     try:
         if user is None:  # the SDK's auth middleware runs first; this is a wiring bug
             raise ToolError("not authenticated")
+        if unknown:
+            raise UnknownArguments(tool.name, unknown, tool.arguments)
         # added by the CLI since we last looked, or removed and added again (another uid)
         await s.users.ensure_known(user, (token.claims or {}).get("uid") if token else None)
         result = await tool.fn(Call(s, user, ctx), **arguments)
@@ -123,6 +132,17 @@ async def _run(s: Services, tool: Tool, ctx: Context, arguments: dict[str, Any])
         notebook = arguments.get("notebook")
         try:
             await s.store.audit(user, tool.name, notebook if isinstance(notebook, str) else None,
-                                outcome, duration, clean_text(detail) if detail is not None else None)
+                                outcome, duration, clean_text(detail) if detail is not None else None,
+                                client=_client_name(ctx))
         except Exception as exc:  # an audit write must not turn a result into a failure
             log.warning("audit write failed: %s", exc)
+
+
+def _client_name(ctx: Context) -> str | None:
+    """The calling client as it named itself (clientInfo, in `initialize` or the request's envelope)."""
+    try:
+        params = ctx.session.client_params
+    except Exception:  # no session on this request (the SDK raises outside a request)
+        return None
+    info = params.client_info if params is not None else None
+    return f"{info.name} {info.version}"[:120] if info is not None else None

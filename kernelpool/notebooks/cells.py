@@ -19,16 +19,19 @@ CELL_TYPES = ("code", "markdown", "raw")
 
 
 def new_cell(cell_type: str, source: str) -> NotebookNode:
+    cell: NotebookNode
     if cell_type == "code":
-        return new_code_cell(source)
-    if cell_type == "markdown":
-        return new_markdown_cell(source)
-    if cell_type == "raw":
-        return new_raw_cell(source)
-    raise InvalidArgument("cell_type", f"{cell_type!r}: use one of {', '.join(CELL_TYPES)}")
+        cell = new_code_cell(source)
+    elif cell_type == "markdown":
+        cell = new_markdown_cell(source)
+    elif cell_type == "raw":
+        cell = new_raw_cell(source)
+    else:
+        raise InvalidArgument("cell_type", f"{cell_type!r}: use one of {', '.join(CELL_TYPES)}")
+    return cell
 
 
-def cell_position(nb: NotebookNode, path: str, cell_index: int | None, cell_id: str | None) -> int:
+def cell_position(nb: NotebookNode, path: str, *, cell_index: int | None = None, cell_id: str | None = None) -> int:
     """The index of the cell named by index (negative counts from the end) or by id."""
     count = len(nb.cells)
     if cell_id is not None:
@@ -76,7 +79,7 @@ def set_source(cell: NotebookNode, source: str) -> None:
     cell.source = source
 
 
-def edit_source(cell: NotebookNode, old: str, new: str, replace_all: bool) -> int:
+def edit_source(cell: NotebookNode, old: str, new: str, *, replace_all: bool = False) -> int:
     """Replace `old` by `new`; unless replace_all, `old` must occur exactly once. Returns the count."""
     if old == "":
         raise InvalidArgument("old_string", "must not be empty")

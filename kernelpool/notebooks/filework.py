@@ -28,7 +28,7 @@ T = TypeVar("T")
 class FileWork:
     """A thread pool of `workers`, of which one user holds at most `per_user` at once."""
 
-    def __init__(self, workers: int = 6, per_user: int = 1) -> None:
+    def __init__(self, *, workers: int = 6, per_user: int = 1) -> None:
         self.workers = workers
         self.per_user = per_user
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kp-files")

@@ -31,7 +31,7 @@ class Listing:
     note: str | None = None  # set when the listing was cut: where, and how to narrow it
 
 
-def files(root: SafeRoot, path: str, pattern: str | None, limit: int = LIST_LIMIT,
+def files(root: SafeRoot, path: str, pattern: str | None, *, limit: int = LIST_LIMIT,
           max_scan: int = SCAN_LIMIT) -> Listing:
     """Entries of one folder (as `list_files` returns them), sorted by name."""
     folder = check_dir_path(path)
@@ -62,7 +62,7 @@ def files(root: SafeRoot, path: str, pattern: str | None, limit: int = LIST_LIMI
     return Listing(items, note)
 
 
-def notebooks(root: SafeRoot, limit: int = NOTEBOOK_LIMIT, max_scan: int = SCAN_LIMIT) -> Listing:
+def notebooks(root: SafeRoot, *, limit: int = NOTEBOOK_LIMIT, max_scan: int = SCAN_LIMIT) -> Listing:
     """The user's notebooks anywhere in their folder (hidden folders skipped), sorted by path."""
     def keep(name: str) -> bool:
         return name.endswith(".ipynb")

@@ -21,15 +21,22 @@ _ABSOLUTE = "absolute paths are not allowed; give a path relative to your folder
 
 def check_notebook_path(path: str) -> str:
     """Normalise and check a client-given notebook path; raises PathRefused."""
+    norm = check_file_path(path)
+    if not norm.endswith(".ipynb"):
+        raise PathRefused(path, "a notebook path must end in .ipynb")
+    return norm
+
+
+def check_file_path(path: str) -> str:
+    """Normalise and check a client-given path of a file (any name: the notebook rules without
+    the ending); raises PathRefused."""
     if not isinstance(path, str) or not path.strip():
         raise PathRefused(str(path), "empty path")
-    if path.startswith("/") or path.startswith("\\"):
+    if path.startswith(("/", "\\")):
         raise PathRefused(path, _ABSOLUTE)
     norm = _normalise(path, path.replace("\\", "/"))
     if not norm:
         raise PathRefused(path, "empty path")
-    if not norm.endswith(".ipynb"):
-        raise PathRefused(path, "a notebook path must end in .ipynb")
     return norm
 
 

@@ -9,7 +9,7 @@ does not bound the server's memory: `parse_cost` is an upper bound of what parsi
 will hold at its peak, from counts taken in C over the bytes (every JSON value but the first
 follows a ',', ':', '[' or '{'; counting those inside strings too only overestimates), and the
 notebook service refuses a file whose cost is over its budget before parsing it, and weighs
-cached notebooks by it. `tests/test_units.py` checks the bound on generated worst cases.
+cached notebooks by it. `tests/test_filework.py` checks the bound on generated worst cases.
 Callers: `kernelpool.notebooks.service`.
 """
 
@@ -59,7 +59,7 @@ def parse(data: bytes | bytearray, path: str) -> NotebookNode:
     invalid: dict[str, Any] = {}
     try:
         text = data.decode("utf-8")
-        nb = nbformat.reads(text, as_version=4, capture_validation_error=invalid)
+        nb: NotebookNode = nbformat.reads(text, as_version=4, capture_validation_error=invalid)
     except (UnicodeDecodeError, json.JSONDecodeError, nbformat.reader.NotJSONError) as exc:
         raise CorruptNotebook(path, f"not JSON: {exc}") from None
     except RecursionError:

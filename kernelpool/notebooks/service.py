@@ -15,7 +15,7 @@ import errno
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import nbformat
@@ -33,10 +33,12 @@ from kernelpool.errors import (
     PathRefused,
 )
 from kernelpool.notebooks import cells, listing
+from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, file_bytes, fingerprint, same
 from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.listing import Listing
 from kernelpool.notebooks.paths import refusing
+from kernelpool.notebooks.quota import DiskQuota
 from kernelpool.notebooks.reading import parse, parse_cost
 from sandbox import FileTooLarge, SafeRoot
 from sandbox.errors import SandboxError
@@ -81,8 +83,10 @@ class NotebookService:
     """Reads and writes one server's notebooks; `roots` gives each user's SafeRoot."""
 
     def __init__(self, roots: Callable[[str], SafeRoot], files: FileWork, max_bytes: int,
-                 disk_check: Callable[[str], None] | None = None) -> None:
+                 disk_check: Callable[[str], None] | None = None, quota: DiskQuota | None = None,
+                 changes: Changes | None = None) -> None:
         self._roots = roots
+        self._quota = quota  # user_disk_quota: a save that grows a file (or a new one) is checked against it
         self._files = files  # every file-system call for a user runs there, in one of the user's turns
         self.max_bytes = max_bytes  # max_notebook_bytes
         self.max_cost = PARSE_FACTOR * max_bytes
@@ -99,8 +103,8 @@ class NotebookService:
         self._validated: dict[int, dict[int, Mark]] = {}
         # and each cached notebook's cells as encoded in its file: a save encodes only changed cells
         self._encoder = CellCachingEncoder()
-        # called with (user, path) after each write: resource subscriptions (kernelpool/mcp/notices.py)
-        self.listeners: list[Callable[[str, str], Awaitable[Any]]] = []
+        # told of each write: resource subscriptions (kernelpool/mcp/notices.py), open pages (kernelpool/web/live.py)
+        self.changes = changes or Changes()
 
     def lock(self, user: str, path: str) -> asyncio.Lock:
         key = (user, path)
@@ -132,6 +136,13 @@ class NotebookService:
             async with self._large:
                 return await self._files.call(self._read, user, path, self.max_bytes, self.max_cost)
 
+    def peek(self, user: str, path: str) -> NotebookNode | None:
+        """The notebook as this server last read or wrote it, from memory only (no disk, no thread):
+        the web view's live updates, right after a change was published. None when it is not kept
+        (then `load`). Read-only, like `load`'s."""
+        cached = self._cache.get((user, path))
+        return cached[1] if cached is not None else None
+
     def _stamp(self, user: str, path: str) -> tuple[int, float] | None:
         """(size, mtime) of the notebook file, without following links; None when it is not a file."""
         try:
@@ -161,7 +172,7 @@ class NotebookService:
                 except FileTooLarge as exc:
                     if max_bytes < self.max_bytes:
                         raise _Larger() from None
-                    raise NotebookTooLarge(path, exc.size, self.max_bytes, exc.grew) from None
+                    raise NotebookTooLarge(path, exc.size, self.max_bytes, grew=exc.grew) from None
         except FileNotFoundError:
             raise NotebookNotFound(path) from None
         except (IsADirectoryError, NotADirectoryError, PermissionError, OSError) as exc:
@@ -195,11 +206,7 @@ class NotebookService:
                 cancelled = True
         if cancelled:
             raise asyncio.CancelledError
-        for listener in self.listeners:
-            try:
-                await listener(user, path)
-            except Exception:  # a listener must not turn a saved change into a failure
-                log.exception("notebook listener failed")
+        self.changes.publish(Change(user, path, "saved"))
 
     def _save(self, user: str, path: str, nb: NotebookNode) -> None:
         # a notebook JupyterLab would refuse is never written: every cell changed since the
@@ -226,14 +233,25 @@ class NotebookService:
         try:
             with refusing(path):
                 root = self._roots(user)
+                growth = len(data)
+                if self._quota is not None:
+                    old = root.stat(path)
+                    growth -= old.size if old is not None and old.kind == "file" else 0
+                    self._quota.check(user, path, growth)
                 parent = path.rpartition("/")[0]
                 if parent:
                     root.makedirs(parent)
                 root.write_bytes_atomic(path, data)
+                if self._quota is not None:
+                    self._quota.changed(user, growth)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise NoSpace(path) from None
+
+    def forget(self, user: str, path: str) -> None:
+        """The file at `path` was written or removed outside this service (`kernelpool.notebooks.files`)."""
+        self._forget(user, path)
 
     def _forget(self, user: str, path: str) -> None:
         with self._guard:
@@ -269,13 +287,15 @@ class NotebookService:
                 _, dropped = self._cache.popitem(last=False)
                 self._drop(dropped)
 
-    async def create(self, user: str, path: str) -> NotebookNode:
+    async def create(self, user: str, path: str, metadata: dict[str, Any] | None = None) -> NotebookNode:
+        """A new notebook whose metadata records its kernel (`kernels.specs.Spec.metadata`; python3's by default)."""
         async with self.lock(user, path):
             if await self.exists(user, path):
                 raise NotebookExists(path)
-            nb = new_notebook()
-            nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-            nb.metadata["language_info"] = {"name": "python"}
+            nb: NotebookNode = new_notebook()
+            nb.metadata.update(nbformat.from_dict(metadata) if metadata else {
+                "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+                "language_info": {"name": "python"}})
             await self.save(user, path, nb)
             return nb
 
@@ -301,10 +321,11 @@ class NotebookService:
         if not await self.exists(user, path):
             await self.load(user, path)
 
-    async def cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None) -> tuple[int, NotebookNode]:
+    async def cell(self, user: str, path: str, *, cell_index: int | None = None,
+                   cell_id: str | None = None) -> tuple[int, NotebookNode]:
         """The cell named by index or id, read-only (see `load`): (index, cell)."""
         nb = await self.load(user, path)
-        i = cells.cell_position(nb, path, cell_index, cell_id)
+        i = cells.cell_position(nb, path, cell_index=cell_index, cell_id=cell_id)
         return i, nb.cells[i]
 
     async def cell_window(self, user: str, path: str, start: int, limit: int) -> tuple[int, list[NotebookNode]]:
@@ -316,22 +337,22 @@ class NotebookService:
         nb = await self.load(user, path)
         return len(nb.cells), nb.cells[start:start + limit]
 
-    async def output_page(self, user: str, path: str, cell_index: int | None, cell_id: str | None, offset: int,
-                          size: int, max_size: int) -> tuple[int, NotebookNode, cells.OutputPage]:
+    async def output_page(self, user: str, path: str, *, cell_index: int | None = None, cell_id: str | None = None,
+                          offset: int, size: int, max_size: int) -> tuple[int, NotebookNode, cells.OutputPage]:
         """A page of one cell's output text (`cells.output_page`): (index, cell, page)."""
-        i, cell = await self.cell(user, path, cell_index, cell_id)
+        i, cell = await self.cell(user, path, cell_index=cell_index, cell_id=cell_id)
         return i, cell, cells.output_page(cell, offset, size, max_size)
 
     async def insert(self, user: str, path: str, cell_index: int, cell_type: str, source: str) -> tuple[int, NotebookNode]:
         """Insert a new cell at `cell_index` (-1 appends) and save: (index, cell)."""
         return await self.edit(user, path, lambda nb: cells.insert_cell(nb, cell_index, cell_type, source))
 
-    async def edit_cell(self, user: str, path: str, cell_index: int | None, cell_id: str | None,
-                        apply: Callable[[NotebookNode, int], T]) -> tuple[int, str, T]:
+    async def edit_cell(self, user: str, path: str, apply: Callable[[NotebookNode, int], T], *,
+                        cell_index: int | None = None, cell_id: str | None = None) -> tuple[int, str, T]:
         """Change the cell named by index or id (`apply(nb, index)`) and save: (index, id, what apply returned)."""
 
         def change(nb: NotebookNode) -> tuple[int, str, T]:
-            i = cells.cell_position(nb, path, cell_index, cell_id)
+            i = cells.cell_position(nb, path, cell_index=cell_index, cell_id=cell_id)
             return i, nb.cells[i].id, apply(nb, i)
 
         return await self.edit(user, path, change)
@@ -340,6 +361,13 @@ class NotebookService:
         """The user's notebooks (paths), bounded: `Listing.note` says when the list was cut."""
         return await self._files.run(user, listing.notebooks, self._roots(user))
 
-    async def list_files(self, user: str, path: str, pattern: str | None) -> Listing:
+    async def modified(self, user: str, paths: list[str]) -> dict[str, float]:
+        """Each notebook's last change (its file's mtime), for the web view's list; gone ones left out."""
+        def stamps() -> dict[str, float]:
+            return {p: stamp[1] for p in paths if (stamp := self._stamp(user, p)) is not None}
+
+        return await self._files.run(user, stamps)
+
+    async def list_files(self, user: str, path: str, *, pattern: str | None = None) -> Listing:
         """Entries of one folder (dicts as list_files returns them), bounded like list_notebooks."""
         return await self._files.run(user, listing.files, self._roots(user), path, pattern)

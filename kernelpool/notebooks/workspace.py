@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kernelpool.errors import InvalidArgument
 from kernelpool.kernels.kernel import Kernel
 from kernelpool.kernels.registry import KernelRegistry
+from kernelpool.kernels.specs import DEFAULT
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.users.accounts import UserService
 from kernelpool.users.sessions import SessionContexts
@@ -20,7 +22,7 @@ from kernelpool.users.sessions import SessionContexts
 
 @dataclass(frozen=True)
 class Opened:
-    notebook: str
+    path: str
     kernel: Kernel
     active: bool  # made the session's active notebook (False: no session the server issued)
     kernels: int  # kernels the user has now
@@ -41,12 +43,22 @@ class Workspace:
         self._users = users
         self._sessions = sessions
 
-    async def open(self, user: str, session_id: str | None, path: str, mode: Literal["connect", "create"]) -> Opened:
+    async def open(self, user: str, session_id: str | None, path: str, mode: Literal["connect", "create"],
+                   kernel_name: str | None = None) -> Opened:
+        """Create (with `kernel_name`'s kernelspec, default python3) or load the notebook, then its
+        kernel, of the kind the notebook records; then the session's active notebook."""
+        specs = self._kernels.specs
         if mode == "create":
-            await self._notebooks.create(user, path)
+            spec = specs.get(kernel_name or DEFAULT)  # KernelNotAllowed before anything is written
+            await self._notebooks.create(user, path, spec.metadata())
         else:
-            await self._notebooks.load(user, path)  # exists and is a valid notebook
-        kernel = await self._kernels.acquire(user, path)
+            nb = await self._notebooks.load(user, path)  # exists and is a valid notebook
+            spec = specs.for_notebook(nb.metadata)
+            if kernel_name is not None and kernel_name != spec.name:
+                specs.get(kernel_name)
+                raise InvalidArgument("kernel", f"{path!r} records kernel {spec.name!r}; an existing notebook opens "
+                                                "with its own kernel (create a new notebook for another)")
+        kernel = await self._kernels.acquire(user, path, spec.name)
         count = len(self._kernels.of_user(user))
         # only for a session id the server issued to this user: a made-up one gets no context
         active = session_id is not None and self._sessions.set_notebook(user, session_id, path)
@@ -75,8 +87,14 @@ class Workspace:
         return self._kernels.of_user(user), len(self._kernels.pooled(user))
 
     async def restart(self, user: str, path: str) -> Kernel:
-        await self._notebooks.load(user, path)
-        return await self._kernels.restart(await self._users.get(user), path)
+        """A fresh kernel of the kind the notebook records."""
+        spec = await self.spec_of(user, path)
+        return await self._kernels.restart(await self._users.get(user), path, spec)
+
+    async def spec_of(self, user: str, path: str) -> str:
+        """The kernelspec the notebook records (KernelNotAllowed when this server does not offer it)."""
+        nb = await self._notebooks.load(user, path)
+        return self._kernels.specs.for_notebook(nb.metadata).name
 
     async def interrupt(self, user: str, path: str) -> bool:
         """Interrupt what the notebook's kernel runs; False when it has none."""

@@ -34,7 +34,8 @@ class MoveFailed(Exception):
 class Mover:
     def __init__(self, settings: Settings, store: Store, users: UserService, kernels: KernelRegistry,
                  end_sessions: Callable[[str, str], Awaitable[int]]) -> None:
-        assert settings.replica is not None
+        if settings.replica is None:
+            raise RuntimeError("a mover belongs to a replica: settings.replica is unset")
         self.me: str = settings.replica
         self._settings, self._store, self._users, self._kernels = settings, store, users, kernels
         self._end_sessions = end_sessions
@@ -91,7 +92,8 @@ class Mover:
         proc = await asyncio.create_subprocess_exec(
             "tar", "--create", "--file=-", "--directory", self._users.folder(user), "--sparse", ".",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_TAR_ENV, cwd="/", **ident)
-        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout is None or proc.stderr is None:
+            raise RuntimeError("tar's output is not piped")
         errors = asyncio.ensure_future(proc.stderr.read())
         seq = size = 0
         while block := await _read_up_to(proc.stdout, CHUNK):
@@ -116,7 +118,8 @@ class Mover:
             "tar", "--extract", "--file=-", "--directory", self._users.folder(user), "--preserve-permissions",
             "--no-same-owner", stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_TAR_ENV, cwd="/",
             **self._tar_as(record))
-        assert proc.stdin is not None and proc.stderr is not None
+        if proc.stdin is None or proc.stderr is None:
+            raise RuntimeError("tar's input is not piped")
         errors = asyncio.ensure_future(proc.stderr.read())
         size = 0
         try:

@@ -32,7 +32,8 @@ _HEARTBEAT = 5.0
 class ReplicaService:
     def __init__(self, settings: Settings, store: Store, users: UserService, kernels: KernelRegistry,
                  end_sessions: Callable[[str, str], Awaitable[int]]) -> None:
-        assert settings.replica is not None
+        if settings.replica is None:
+            raise RuntimeError("a replica service needs settings.replica")
         self.name: str = settings.replica
         self._users, self._kernels = users, kernels
         self.replicas = Replicas(store, settings.replica_timeout)

@@ -18,6 +18,7 @@ from typing import Any
 from kernelpool.config import Settings, memory_limit
 from kernelpool.errors import InvalidArgument, UserNotFound
 from kernelpool.store import Store, UserRow
+from kernelpool.users.removal import UserRemoval
 from sandbox import Identity, Limits, accounts, prepare_dir
 from sandbox.errors import SandboxError
 from sandbox.folders import remove_tree
@@ -44,7 +45,7 @@ class User:
 
 
 class UserService:
-    def __init__(self, settings: Settings, store: Store, isolated: bool) -> None:
+    def __init__(self, settings: Settings, store: Store, *, isolated: bool) -> None:
         self._settings = settings
         self._store = store
         self.isolated = isolated
@@ -127,17 +128,15 @@ class UserService:
         self._known[name] = row
         return row
 
-    async def remove(self, name: str, delete_files: bool = False) -> None:
+    async def remove(self, name: str, *, delete_files: bool = False) -> None:
         """Remove a user, all or nothing (`kernelpool.users.removal.UserRemoval.run`). Called by
         `kernelpool users remove`, also while a server runs."""
-        from kernelpool.users.removal import UserRemoval
-
         check_name(name)
         row = await self._store.get_user(name)
         if row is not None and not self.here(row):
             raise InvalidArgument("replica", f"user {name!r} lives on replica {row.home!r}, whose host runs its kernels "
                                   f"and keeps its files: run this command there")
-        await UserRemoval(self._settings, self._store, self).run(name, delete_files)
+        await UserRemoval(self._settings, self._store, self).run(name, delete_files=delete_files)
 
     async def get(self, name: str) -> User:
         row = await self._store.get_user(name)

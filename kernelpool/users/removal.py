@@ -17,38 +17,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from ipaddress import IPv4Network
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kernelpool.config import Settings
 from kernelpool.errors import RemovalFailed, UserNotFound
 from kernelpool.store import Store, UserRow
-from sandbox import accounts, cgroupkill, ipc, tasks
+from sandbox import Identity, accounts, cgroupkill, ipc, tasks
 from sandbox.errors import SandboxError
 from sandbox.folders import remove_tree
 from sandbox.netplan import NetworkPlan
 from sandbox.network import UserNetworks
 from sandbox.rundir import TMP, user_run_folder
 
-if TYPE_CHECKING:
-    from kernelpool.users.accounts import UserService
-
 log = logging.getLogger(__name__)
 
 KILL_WAIT = 5.0  # seconds each way of ending tasks (cgroups, then uid) may take before the removal stops
 
 
+class Accounts(Protocol):
+    """What a removal asks of the users service (`kernelpool.users.accounts.UserService`, its
+    caller): named here so that this module does not import the one that imports it."""
+
+    def identity(self, row: UserRow) -> Identity | None: ...
+
+    def account_name(self, row: UserRow) -> str: ...
+
+    def forget(self, name: str) -> None: ...
+
+    def prepare(self, row: UserRow) -> None: ...
+
+
 class UserRemoval:
     """One `users remove`: `await UserRemoval(settings, store, users).run(name, delete_files)`."""
 
-    def __init__(self, settings: Settings, store: Store, users: UserService) -> None:
+    def __init__(self, settings: Settings, store: Store, users: Accounts) -> None:
         self._settings = settings
         self._store = store
         self._users = users
 
-    async def run(self, name: str, delete_files: bool) -> None:
+    async def run(self, name: str, *, delete_files: bool) -> None:
         """Remove a user, all or nothing.
 
         1. its tokens stop working (a mark in the store), so no agent starts anything meanwhile;
@@ -70,23 +81,23 @@ class UserRemoval:
             raise UserNotFound(name)
         isolated = self._users.identity(row) is not None
         again = f"run `kernelpool users remove {name}{' --delete-files' if delete_files else ''}` again."
-        await self._store.set_removing(name, True)
+        await self._store.set_removing(name, removing=True)
         try:
             await asyncio.to_thread(self._stop, name, row)
         except tasks.TasksRemain as exc:
-            await self._store.set_removing(name, False)
+            await self._store.set_removing(name, removing=False)
             raise RemovalFailed(name, "stopping its processes", str(exc), "Its other processes were killed; nothing was "
                                 "removed.", "Find out why those tasks cannot end (state D: a task waiting inside the "
                                 "kernel, often on a file system or device that does not answer), then " + again) from None
         except SandboxError as exc:
-            await self._store.set_removing(name, False)
+            await self._store.set_removing(name, removing=False)
             state = "Its processes were stopped; the user still exists." if isolated else "Nothing was removed."
             advice = "Fix the cause (see the message), then " if isolated else "Stop the kernelpool server, then "
             raise RemovalFailed(name, "stopping its processes", str(exc), state, advice + again) from None
         account = self._users.account_name(row) if isolated else None
         if account is not None and accounts.can_manage_accounts():
             await self._remove_account(name, row, account, again)
-        await self._delete_folders(name, row, delete_files, again)
+        await self._delete_folders(name, row, again, delete_files=delete_files)
         if isolated:
             try:
                 # a kernel a server was starting during the steps above (its request came in
@@ -100,18 +111,18 @@ class UserRemoval:
 
     async def _remove_account(self, name: str, row: UserRow, account: str, again: str) -> None:
         try:
-            await asyncio.to_thread(accounts.remove_account, account, True)
+            await asyncio.to_thread(functools.partial(accounts.remove_account, account, force=True))
         except SandboxError as exc:
             # userdel may have gone half way (user gone, group not): put the account back
             with contextlib.suppress(SandboxError, OSError):
                 await asyncio.to_thread(self._users.prepare, row)
-            await self._store.set_removing(name, False)
+            await self._store.set_removing(name, removing=False)
             raise RemovalFailed(name, "removing its Unix account", str(exc), "Its kernels were stopped; nothing was "
                                 "removed.", "Fix the cause (see the message), then " + again) from None
 
-    async def _delete_folders(self, name: str, row: UserRow, delete_files: bool, again: str) -> None:
+    async def _delete_folders(self, name: str, row: UserRow, again: str, *, delete_files: bool) -> None:
         try:
-            await asyncio.to_thread(self._remove_folders, name, row, delete_files)
+            await asyncio.to_thread(functools.partial(self._remove_folders, name, row, delete_files=delete_files))
         except (SandboxError, OSError) as exc:
             undo = ""
             try:
@@ -119,7 +130,7 @@ class UserRemoval:
                 await asyncio.to_thread(self._users.prepare, row)
             except (SandboxError, OSError) as again_exc:
                 undo = f" Restoring its account and folders failed too ({again_exc}); the next server start does it."
-            await self._store.set_removing(name, False)
+            await self._store.set_removing(name, removing=False)
             raise RemovalFailed(name, "deleting its files", str(exc), "Its kernels were stopped and some of its files "
                                 "may be gone; the user still exists." + undo, "Fix the cause (see the message), then "
                                 + again) from None
@@ -164,7 +175,7 @@ class UserRemoval:
         if nets.present(uid):
             nets.remove(uid)
 
-    def _remove_folders(self, name: str, row: UserRow, delete_files: bool) -> None:
+    def _remove_folders(self, name: str, row: UserRow, *, delete_files: bool) -> None:
         if delete_files:
             remove_tree(str(self._settings.users_dir), name)
         remove_tree(str(self._settings.run_dir), str(row.uid))

@@ -38,7 +38,7 @@ def forget_idle(entries: dict[_K, _E], idle_timeout: float) -> int:
 
 @dataclass
 class SessionContext:
-    notebook: str | None = None
+    path: str | None = None  # the active notebook's, relative to the user's folder
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -108,18 +108,18 @@ class SessionContexts:
             ctx.last_used = time.monotonic()
         return ctx
 
-    def set_notebook(self, user: str, session_id: str, notebook: str | None) -> bool:
+    def set_notebook(self, user: str, session_id: str, path: str | None) -> bool:
         """Set the session's active notebook; False (and nothing kept) for an id not issued to `user`."""
         if not self.is_issued(user, session_id):
             return False
         ctx = self._contexts.setdefault((user, session_id), SessionContext())
-        ctx.notebook = notebook
+        ctx.path = path
         ctx.last_used = time.monotonic()
         return True
 
     def active_notebook(self, user: str, session_id: str | None) -> str | None:
         ctx = self.get(user, session_id)
-        return ctx.notebook if ctx else None
+        return ctx.path if ctx else None
 
     def expire(self) -> int:
         """Forget closed sessions and contexts idle past the timeout (housekeeping); returns how many contexts."""

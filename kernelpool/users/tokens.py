@@ -83,7 +83,7 @@ class TokenChecker:
     expired one at once (its expiry is kept with it). Refusals are not remembered.
     """
 
-    def __init__(self, store: Store, recheck: float = 0.5, max_entries: int = 10_000) -> None:
+    def __init__(self, store: Store, *, recheck: float = 0.5, max_entries: int = 10_000) -> None:
         self._store = store
         self._recheck = recheck
         self._max = max_entries

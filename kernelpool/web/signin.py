@@ -13,6 +13,7 @@ user name (429 past `auth_failures_before_backoff`). Every step is audited, neve
 from __future__ import annotations
 
 import math
+import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -48,14 +49,27 @@ class Web:
     oidc_name: str | None = None  # the upstream OpenID provider's button, where one is configured
 
 
+VIEW_HOME = "/view"
+VIEW_NEXT = "view_next"  # the browser's scratch key: the view's page a sign-in without a request leads to
+
+
+def view_target(given: object) -> str:
+    """Where a sign-in without an authorization request goes: a page of the web view named by
+    `next`, else its home; never anywhere else (no open redirect)."""
+    if (isinstance(given, str) and re.fullmatch(r"/view(/[A-Za-z0-9._~%/?=&+-]*)?", given) and "//" not in given
+            and ".." not in given and not re.search(r"%(2e|2f|5c)", given, re.IGNORECASE)):
+        return given
+    return VIEW_HOME
+
+
 def redirect(url: str, cookie: str | None, browsers: Browsers) -> Response:
     response = RedirectResponse(url, status_code=303, headers=HEADERS)
     browsers.set_cookie(response, cookie)
     return response
 
 
-def client_label(pending: Pending) -> str:
-    return pending.client_name or pending.client_id
+def client_label(pending: Pending | None) -> str | None:
+    return None if pending is None else pending.client_name or pending.client_id
 
 
 class SignIn:
@@ -75,6 +89,13 @@ class SignIn:
         web = self.web
         browser, cookie = web.browsers.get(request)
         txn = request.query_params.get("txn", "")
+        if not txn:  # no authorization request: a person opening the web view (`next`)
+            target = view_target(request.query_params.get("next"))
+            if await web.browsers.signed_in(browser):
+                return redirect(target, cookie, web.browsers)
+            browser.scratch[VIEW_NEXT] = target  # where any way of signing in leads, back in this browser
+            return self._page(cookie, "signin.html", title="Sign in", client=None, txn="",
+                              csrf=browser.csrf, error=None, user=None)
         pending = web.pending.claim(txn, browser.key)
         if pending is None:
             return self._page(cookie, "message.html", 400, title="Sign-in request not found", text=UNKNOWN_REQUEST)
@@ -90,8 +111,8 @@ class SignIn:
         if form is None:
             return csrf_refused(web, cookie)
         txn, user, token = (str(form.get(k, "")) for k in ("txn", "user", "token"))
-        pending = web.pending.claim(txn, browser.key)
-        if pending is None:
+        pending = web.pending.claim(txn, browser.key) if txn else None
+        if pending is None and txn:
             return self._page(cookie, "message.html", 400, title="Sign-in request not found", text=UNKNOWN_REQUEST)
         wait = web.user_throttle.retry_after(user)
         if wait > 0:
@@ -109,6 +130,8 @@ class SignIn:
                               error="That user name and token do not match a kernelpool user.")
         web.browsers.sign_in(browser, user, verdict.uid)
         await web.grants.audit(user, "signin", "ok", "token")
+        if pending is None:
+            return self.after_sign_in(browser, cookie, user)
         return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, web.browsers)
 
     async def link_page(self, request: Request) -> Response:
@@ -142,6 +165,8 @@ class SignIn:
         txn = self.web.pending.latest(browser.key)
         if txn is not None:
             return redirect(f"/consent?txn={urllib.parse.quote(txn)}", cookie, self.web.browsers)
+        if self.web.settings.web_view:
+            return redirect(view_target(browser.scratch.pop(VIEW_NEXT, None)), cookie, self.web.browsers)
         return self._page(cookie, "message.html", title="Signed in",
                           text=f"You are signed in to kernelpool as {user}. Go back to your MCP client.")
 

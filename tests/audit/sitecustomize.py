@@ -14,8 +14,9 @@ _EVENTS = {"open", "os.remove", "os.rename", "os.chmod", "os.chown", "os.mkdir",
            "os.link", "os.listdir", "os.scandir", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile"}
 
 if _LOG and _DATA:
-    _out = open(_LOG, "a", buffering=1)  # lives as long as the process
+    _out = open(_LOG, "a", buffering=1)  # noqa: SIM115 (lives as long as the process: no block to close it in)
     _busy = False
+    _UNDER = _DATA.rstrip("/") + "/"
 
     def _hook(event: str, args: tuple) -> None:
         global _busy
@@ -30,7 +31,7 @@ if _LOG and _DATA:
         flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else None
         if not os.path.isabs(path) and dir_fd is None and event != "open":
             path = os.path.abspath(path)
-        if os.path.isabs(path) and not (path + "/").startswith(_DATA.rstrip("/") + "/"):
+        if os.path.isabs(path) and not (path + "/").startswith(_UNDER):
             return
         _busy = True
         try:

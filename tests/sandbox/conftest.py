@@ -6,6 +6,7 @@ to this test run, removed in teardown even when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -36,10 +37,8 @@ def _process_uids() -> set[int]:
     uids: set[int] = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
+            with contextlib.suppress(FileNotFoundError):  # exited meanwhile
                 uids.add(os.stat(f"/proc/{entry}").st_uid)
-            except FileNotFoundError:
-                pass  # exited meanwhile
     return uids
 
 

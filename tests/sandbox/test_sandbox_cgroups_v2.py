@@ -182,7 +182,7 @@ def sleeper(children: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
 
 def recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     written: list[tuple[str, str]] = []
-    real = cgroupkill.write_file
+    real = cgroupfs.write_file  # the function cgroupkill imported by name
 
     def record(path: str, value: str) -> None:
         written.append((os.path.relpath(path, os.path.dirname(os.path.dirname(path))), value))
@@ -230,7 +230,7 @@ def test_a_task_that_left_the_tree_before_it_was_pinned_is_not_signalled(
         threads.write_text(f"{stays.pid}\n")  # `leaves` is gone from the tree by the time it is pinned
         return real_open(pid, flags)
 
-    monkeypatch.setattr(cgroupkill.os, "pidfd_open", pin)
+    monkeypatch.setattr(os, "pidfd_open", pin)  # what cgroupkill calls
     cgroupkill.kill_trees([str(top)], timeout=5)
     assert stays.wait(5) == -signal.SIGKILL
     assert leaves.poll() is None
@@ -249,8 +249,8 @@ def test_kill_trees_reports_what_it_could_not_end(tree: Path, children: list[sub
     # uninterruptible sleep, as tests/test_removal.py makes one) ends in an error naming it, and
     # the tree is thawed and its limit put back
     monkeypatch.setattr(cgroupkill, "FREEZE_WAIT", 0.05)
-    monkeypatch.setattr(cgroupkill.os, "kill", lambda pid, sig: None)
-    monkeypatch.setattr(cgroupkill.signal, "pidfd_send_signal", lambda fd, sig: None)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
+    monkeypatch.setattr(signal, "pidfd_send_signal", lambda fd, sig: None)
     child = sleeper(children)
     top = standin(tree, child.pid)
     with pytest.raises(CgroupError, match=rf"1 task\(s\) still in .*u5 after SIGKILL for 0.3 s: \[{child.pid}\]"):

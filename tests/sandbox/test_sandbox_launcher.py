@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_network_none_has_only_loopback(identity: Identity, user_python: str) ->
         code, out = run(
             LaunchSpec([user_python, "-c", textwrap.dedent(code_text)], dict(ENV), identity.home, identity, network="none")
         )
-        listener.setblocking(False)
+        listener.setblocking(False)  # noqa: FBT003 (the socket module takes no keyword)
         with pytest.raises(BlockingIOError):
             listener.accept()
     finally:
@@ -225,11 +226,11 @@ def test_private_views_and_seccomp(v1: CgroupBackend, identity: Identity, user_p
     assert seen["net"] == ["lo"] and seen["pts"] == ["ptmx"] and seen["netns"] == []
     assert seen["passwd"] == kernel_files(identity)["/etc/passwd"] and seen["group"] == kernel_files(identity)["/etc/group"]
     assert f"{identity.name}:x:{identity.uid}:{identity.gid}::{identity.home}:" in seen["passwd"]
-    assert "hidepid" not in open("/proc/self/mountinfo").read(), "nothing leaked into the host's mounts"
+    assert "hidepid" not in Path("/proc/self/mountinfo").read_text(), "nothing leaked into the host's mounts"
 
 
 def test_failing_view_step_is_named_and_never_execs(v1: CgroupBackend, identity: Identity, user_python: str,
-                                                     tmp_path) -> None:  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path) -> None:
     cg = v1.create("u1/kbad", Limits())
     ran = tmp_path / "ran"
     spec = LaunchSpec([user_python, "-c", f"open({str(ran)!r}, 'w')"], dict(ENV), identity.home, identity, cg,
@@ -262,8 +263,8 @@ def test_cgroup_v2_view_is_rooted_at_the_kernels_cgroup(root_only: None) -> None
                 views.enter_cgroup_namespace()
                 views.private_cgroupfs([os.path.join(leaf, "cgroup.procs")], root=unified)
                 below = [d for d in os.listdir(unified) if os.path.isdir(os.path.join(unified, d))]
-                os.write(w, json.dumps({"below": below, "procs": open(os.path.join(unified, "cgroup.procs")).read().split(),
-                                        "self": open("/proc/self/cgroup").read()}).encode())
+                os.write(w, json.dumps({"below": below, "procs": Path(unified, "cgroup.procs").read_text().split(),
+                                        "self": Path("/proc/self/cgroup").read_text()}).encode())
             finally:
                 os._exit(0)
         os.close(w)

@@ -39,7 +39,7 @@ def test_limits_defaults_are_unlimited() -> None:
 
 def test_limits_cpu_quota() -> None:
     assert Limits(cpus=1.5).cpu_quota_us() == 150_000
-    assert Limits(cpus=0.25).cpu_quota_us(50_000) == 12_500
+    assert Limits(cpus=0.25).cpu_quota_us(period_us=50_000) == 12_500
     assert Limits(cpus=0.001).cpu_quota_us() == 1_000  # the kernel's minimum
 
 

@@ -131,7 +131,7 @@ def _probe_from(netns: str, targets: list[tuple[str, int]]) -> dict[str, str]:
     with os.fdopen(r, "rb") as out:
         text = out.read().decode()
     assert proc.wait(timeout=60) == 0, text
-    return json.loads(text)  # type: ignore[no-any-return]
+    return json.loads(text)
 
 
 @pytest.fixture

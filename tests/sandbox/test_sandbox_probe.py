@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from sandbox import probe
 
@@ -22,7 +23,7 @@ def test_probe_reports_this_host() -> None:
         assert found["mount_namespace"] and found["proc_hidepid"] and found["cgroup_namespace"]
         assert found["ipc_namespace"] and found["private_sysfs"] and found["etc_overlay"]
     # the probe ran in a throwaway child: nothing changed here
-    assert "hidepid" not in open("/proc/self/mountinfo").read()
+    assert "hidepid" not in Path("/proc/self/mountinfo").read_text()
     with open("/proc/sys/net/ipv4/ip_forward") as f:
         assert found["ip_forward"] == (f.read().strip() == "1")
     try:

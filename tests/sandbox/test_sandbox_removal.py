@@ -8,6 +8,7 @@ the reason) unless root; the v1 tests need the writable v1 hierarchies, the v2 o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+import sandbox._cgroupfs as cgroupfs
 from sandbox import (
     CgroupBackend,
     CgroupV1Backend,
@@ -52,9 +54,26 @@ ctypes.CDLL(None).pthread_exit(None)
 """
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
 def start(python: str, code: str, identity: Identity, cgroup: object = None) -> subprocess.Popen[bytes]:
-    return spawn(LaunchSpec(argv=[python, "-c", textwrap.dedent(code)], env={"PATH": "/usr/bin:/bin"},
+    proc = spawn(LaunchSpec(argv=[python, "-c", textwrap.dedent(code)], env={"PATH": "/usr/bin:/bin"},
                             cwd=identity.home, identity=identity, cgroup=cgroup))  # type: ignore[arg-type]
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _reap_started() -> Iterator[None]:
+    """Every process `start` made is waited for after the test (killed first if it runs on), so
+    that none is left unreaped: the test's kills end its tasks, and this collects the exits."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
@@ -68,10 +87,8 @@ def wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
 def ended(identity: Identity) -> Iterator[Identity]:
     """The identity; whatever of its uid still runs after the test is killed."""
     yield identity
-    try:
+    with contextlib.suppress(SandboxError):
         kill_tasks(identity.uid, timeout=10)
-    except SandboxError:
-        pass
 
 
 def test_a_zombie_leader_with_a_live_thread_is_found_and_ended(ended: Identity, user_python: str) -> None:
@@ -104,7 +121,7 @@ def test_a_pid_of_another_uid_is_never_signalled(ended: Identity) -> None:
 
 
 @pytest.fixture
-def v1_trees(v1: CgroupBackend, request: pytest.FixtureRequest) -> CgroupBackend:
+def v1_trees(v1: CgroupBackend, request: pytest.FixtureRequest) -> CgroupV1Backend:
     """The v1 backend with its freezer hierarchy (param True) or one without (False)."""
     assert isinstance(v1, CgroupV1Backend)
     if request.param:
@@ -134,7 +151,7 @@ def _own_paths() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("v1_trees", [True, False], indirect=True, ids=["freezer", "no-freezer"])
-def test_a_fork_hopper_cannot_outrun_the_kill_v1(v1_trees: CgroupBackend, ended: Identity, user_python: str) -> None:
+def test_a_fork_hopper_cannot_outrun_the_kill_v1(v1_trees: CgroupV1Backend, ended: Identity, user_python: str) -> None:
     user = v1_trees.create("u1", Limits(pids=1024))
     kernel = v1_trees.create("u1/k1", Limits(pids=256))
     pids_max = next(os.path.join(d, "pids.max") for d in user.directories() if os.path.exists(os.path.join(d, "pids.max")))
@@ -189,7 +206,7 @@ def test_a_fork_hopper_and_a_zombie_leader_end_through_cgroup_kill_v2(v2_real: C
     wait_for(lambda: any(t.tgid == zombie.pid and t.tid != zombie.pid for t in live_tasks(ended.uid)))
     time.sleep(0.3)
     written: list[tuple[str, str]] = []
-    real_write = cgroupkill.write_file
+    real_write = cgroupfs.write_file  # the function cgroupkill imported by name
 
     def record(path: str, value: str) -> None:
         written.append((os.path.basename(path), value))

@@ -8,6 +8,7 @@ import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ def run_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def as_user(identity: Identity, work: Callable[[], None]) -> int:
+def as_user(identity: Identity, work: Callable[[], object]) -> int:
     """Run `work` in a child that dropped to `identity`; its exit code (0: work returned)."""
     pid = os.fork()
     if pid == 0:
@@ -65,7 +66,7 @@ def test_kernel_folder_life_cycle(run_dir: str, identity: Identity) -> None:
     rundir.share()
     assert mode(rundir.path) == (0, gid, 0o750) and mode(rundir.connection_file)[1:] == (gid, 0o640)
     # the kernel can read its file, not replace it, and not add anything beside it
-    assert as_user(identity, lambda: open(rundir.connection_file).read()) == 0
+    assert as_user(identity, lambda: Path(rundir.connection_file).read_text()) == 0
     assert as_user(identity, lambda: os.unlink(rundir.connection_file)) == 13
     assert as_user(identity, lambda: os.symlink("/etc/shadow", os.path.join(rundir.path, "x"))) == 13
     rundir.open_for_binding()

@@ -31,6 +31,7 @@ died or stopped), the zygote kills its remaining children's process groups and e
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -223,10 +224,8 @@ class _Zygote:
             if pid == 0:
                 return
             self.children.discard(pid)
-            try:
+            with contextlib.suppress(OSError):
                 _send(self.control, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
-            except OSError:
-                pass
 
     def _kill_children(self) -> None:
         # the server is gone: its kernels would be unreachable, so they go too (each leads its
@@ -235,10 +234,8 @@ class _Zygote:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
-                try:
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
 
 
 def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | None) -> None:
@@ -267,7 +264,7 @@ def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | Non
         # as exec would: changing uid made the process undumpable, which hides it from its own
         # subprocesses in a hidepid /proc and roots its /proc/PID files. Safe here, not in the stock
         # start: the zygote's memory holds nothing of the server's or of another user's.
-        _libc.set_dumpable(True)
+        _libc.set_dumpable(dumpable=True)
         os.setsid()
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
@@ -282,10 +279,8 @@ def _child(spec_fd: int, import_env: dict[str, str], filter_program: bytes | Non
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:
         if not reported:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(spec_fd, f"start\0{type(exc).__name__}: {exc}".encode()[:4000])
-            except OSError:
-                pass
     finally:
         os._exit(code)
 
@@ -331,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m kernelpool.kernels.zygote.child --fd N --kernel-path JSON", file=sys.stderr)
         raise SystemExit(2)
     control = socket.socket(fileno=int(args[1]))
-    os.set_inheritable(control.fileno(), False)
+    os.set_inheritable(control.fileno(), False)  # noqa: FBT003 (os takes no keyword here)
     _set_pdeathsig(signal.SIGTERM)
     stock_path = json.loads(args[3])
     os.environ.pop("PYTHONPATH", None)  # found this module; a kernel's own PYTHONPATH comes with its spec

@@ -69,7 +69,7 @@ class ZygoteProcess:
     def __repr__(self) -> str:
         return f"<ZygoteProcess pid={self.pid} returncode={self.returncode}>"
 
-    def _exited(self, returncode: int, unknown: bool = False) -> None:
+    def _exited(self, returncode: int, *, unknown: bool = False) -> None:
         if self.returncode is None:
             self.returncode = returncode
             self.exit_unknown = unknown
@@ -100,7 +100,7 @@ class ZygoteProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
+        while (code := self.poll()) is None:
             fd = self._pidfd
             if fd is not None:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -108,8 +108,7 @@ class ZygoteProcess:
                     _readable(fd, 0.05 if left is None else min(left, 0.05))
             if deadline is not None and time.monotonic() >= deadline and self.poll() is None:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        assert self.returncode is not None
-        return self.returncode
+        return code
 
     def send_signal(self, sig: int) -> None:
         # under the lock: a pidfd closed and its number reused meanwhile would name another process
@@ -140,7 +139,7 @@ class Connection:
     early_exits: dict[int, int] = field(default_factory=dict)
     on_lost: Callable[[Connection], None] | None = None
 
-    def pump(self, timeout: float = 0.0, until: Callable[[], bool] | None = None) -> None:
+    def pump(self, *, timeout: float = 0.0, until: Callable[[], bool] | None = None) -> None:
         """Read and handle what the zygote sent; used by the event loop's reader and by `poll`."""
         deadline = time.monotonic() + timeout
         while self.alive and not self.eof:

@@ -81,7 +81,7 @@ class ForkServer:
         env, kernel_path = await asyncio.to_thread(_zygote_env, self.python)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: S603 (the configured kernel interpreter running our module)
                 [self.python, "-m", "kernelpool.kernels.zygote.child", "--fd", str(theirs.fileno()), "--kernel-path", kernel_path],
                 env=env, cwd="/", pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None, start_new_session=True,
@@ -91,7 +91,7 @@ class ForkServer:
             raise
         finally:
             theirs.close()
-        ours.setblocking(False)
+        ours.setblocking(False)  # noqa: FBT003 (the socket module takes no keyword)
         loop = asyncio.get_running_loop()
         conn = Connection(proc=proc, sock=ours, loop=loop, on_lost=self._on_lost)
         ready: asyncio.Future[None] = loop.create_future()
@@ -176,7 +176,7 @@ class ForkServer:
             else:
                 conn.children[pid] = child
             # the child says "ok" once sandboxed, or what failed; EOF = it died first
-            ours.setblocking(False)
+            ours.setblocking(False)  # noqa: FBT003 (the socket module takes no keyword)
             report = await asyncio.wait_for(loop.sock_recv(ours, 4096), _SPAWN_TIMEOUT)
         if report != b"ok":
             step, _, message = report.decode("utf-8", "replace").partition("\0")
@@ -237,7 +237,8 @@ def _zygote_env(python: str) -> tuple[dict[str, str], str]:
     """
     env = fork_server_env(python)
     ours = os.path.dirname(os.path.realpath(kernelpool.__file__))
-    probe = subprocess.run([python, "-c", _PATH_PROBE], env=env, cwd="/", capture_output=True,
+    probe = subprocess.run([python, "-c", _PATH_PROBE],  # noqa: S603 (the kernel interpreter, our program)
+                           env=env, cwd="/", capture_output=True,
                            text=True, timeout=60, check=False)
     if probe.returncode != 0:
         raise ZygoteUnavailable(f"{python} cannot run: {probe.stderr.strip()[-500:]}")

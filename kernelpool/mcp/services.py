@@ -1,5 +1,9 @@
 """The services one server holds: built by the app (`create_app`), each with its dependencies
-given to its constructor, opened in the app's lifespan, and handed whole to the tool layer."""
+given to its constructor, opened in the app's lifespan, and handed whole to the tool layer.
+
+It lives in the tool layer because it holds the tool layer's own parts too (the notices and the
+session event store): no service below knows of the bag, so none imports up into this layer
+(tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.mcp.events import SessionEventStore
 from kernelpool.mcp.notices import Notices
 from kernelpool.metrics import Metrics
+from kernelpool.notebooks.files import FileService
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
 from kernelpool.store import Store
@@ -25,6 +30,7 @@ class Services:
     store: Store
     users: UserService
     notebooks: NotebookService  # files: read, edit, save
+    files: FileService  # other files: read in pages, write, delete, within the disk quota
     workspace: Workspace  # notebooks with their kernels and the session's active one
     kernels: KernelRegistry
     jobs: JobService  # runs in tasks, their results

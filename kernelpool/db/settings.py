@@ -1,5 +1,6 @@
-"""The settings of a replica among several (part of `kernelpool.config.Settings`, kept here so
-that the one configuration object stays one object while its module stays small)."""
+"""The settings of the store's database and of a replica among several: part of
+`kernelpool.config.Settings`, kept here so that the one configuration object stays one object
+while its module stays small (and in the foundation, with the store, since config.py imports it)."""
 
 from __future__ import annotations
 
