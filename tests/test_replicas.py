@@ -207,6 +207,12 @@ async def test_a_move_packs_as_the_user_so_what_it_cannot_read_fails_the_move_an
     with open(os.path.join(target, "locked.txt")) as f:
         assert _files(target) == before and f.read() == "mine"
     assert await where(cluster, "carol") == "r2"
+    # and back home (the other tests expect her there), the link still a link
+    on_r2 = _files(target)
+    back = cluster.cli("users", "move", "carol", "--to", "r1")
+    assert "moved carol to r1" in back.stderr, back.stderr
+    assert _files(folder) == on_r2 and not os.path.exists(target)
+    assert await where(cluster, "carol") == "r1"
 
 
 async def test_a_replica_that_dies_costs_its_users_their_sessions_only(cluster: Cluster, server_args: list[str]) -> None:
@@ -238,12 +244,17 @@ async def test_a_replica_that_dies_costs_its_users_their_sessions_only(cluster: 
 
 
 def _files(folder: str) -> dict[str, str]:
-    """Every file below `folder` (relative path -> sha256), and folders (-> 'dir')."""
+    """Every file below `folder` (relative path -> sha256), folders (-> 'dir') and symbolic links
+    (-> 'link to TARGET': never followed, so a link is compared as the link it is)."""
     found: dict[str, str] = {}
     for top, dirs, files in os.walk(folder):
-        for d in dirs:
-            found[os.path.relpath(os.path.join(top, d), folder)] = "dir"
-        for f in files:
-            with open(os.path.join(top, f), "rb") as fh:
-                found[os.path.relpath(os.path.join(top, f), folder)] = hashlib.sha256(fh.read()).hexdigest()
+        for name in (*dirs, *files):
+            path = os.path.join(top, name)
+            if os.path.islink(path):
+                found[os.path.relpath(path, folder)] = f"link to {os.readlink(path)}"
+            elif name in dirs:
+                found[os.path.relpath(path, folder)] = "dir"
+            else:
+                with open(path, "rb") as fh:
+                    found[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
     return {k: v for k, v in found.items() if not k.startswith((".ipynb_checkpoints", ".local", ".cache", ".ipython"))}
