@@ -6,10 +6,11 @@ HAProxy 2.6 (testkit/replicas.py), the MCP SDK's client.
 For each configuration: (1) the proxy's cost: a trivial `execute_code` timed directly against a
 user's home replica and through HAProxy, in interleaved rounds on the same kernel; (2) each
 concurrency level: sessions of distinct users (spread over the replicas by placement), closed
-loop for `duration` seconds: cells/s, p50/p99, errors, and cross-talk (each cell prints a marker
-of its own session; a reply with another is cross-talk). On a 2-core machine the replicas share
-the same cores: more replicas cannot add throughput here, so the ratios to the baseline show the
-cost of the extra processes and the proxy, not the gain of more machines.
+loop for `duration` seconds once every session's kernel is up: cells/s, p50/p99, errors, and
+cross-talk (each cell prints a marker of its own session; a reply with another is cross-talk). On
+a 2-core machine the replicas share the same cores: more replicas cannot add throughput here, so
+the ratios to the baseline show the cost of the extra processes and the proxy, not the gain of
+more machines.
 """
 
 from __future__ import annotations
@@ -86,11 +87,16 @@ async def proxy_cost(url: str, direct: str, token: str, calls: int, rounds: int)
             "added_p50_ms": None if a["p50"] is None or b["p50"] is None else round(a["p50"] - b["p50"], 3)}
 
 
-async def _session(url: str, token: str, marker: str, until: float, lat: list[float], bad: dict[str, int]) -> None:
+async def _session(url: str, token: str, marker: str, ready: _Start, lat: list[float], bad: dict[str, int]) -> None:
     nb = f"{marker}.ipynb"
+    waited = False
     try:
         async with mcp_client(url, token, mode="legacy") as c:
+            # its kernel starts before the clock does: the window measures cells, not start-ups
             await c.call_tool("use_notebook", {"notebook": nb, "mode": "create"})
+            await c.call_tool("execute_code", {"notebook": nb, "code": "0"})
+            waited = True
+            until = await ready.wait()
             n = 0
             while time.monotonic() < until:
                 t0 = time.perf_counter()
@@ -104,15 +110,36 @@ async def _session(url: str, token: str, marker: str, until: float, lat: list[fl
                 n += 1
     except Exception:
         bad["errors"] += 1
+    finally:
+        if not waited:  # its start failed: the others do not wait for it
+            await ready.wait()
+
+
+class _Start:
+    """The closed loop's start: when every session's kernel is up (or its start failed), all run
+    for `duration` seconds from the same moment."""
+
+    def __init__(self, sessions: int, duration: float) -> None:
+        self._left, self._duration = sessions, duration
+        self._go = asyncio.Event()
+        self.at = self.until = 0.0
+
+    async def wait(self) -> float:
+        self._left -= 1
+        if self._left == 0:
+            self.at = time.monotonic()
+            self.until = self.at + self._duration
+            self._go.set()
+        await self._go.wait()
+        return self.until
 
 
 async def level(url: str, tokens: dict[str, str], users: list[str], sessions: int, duration: float) -> dict[str, Any]:
     lat: list[float] = []
     bad = {"errors": 0, "cross_talk": 0}
-    until = time.monotonic() + duration
-    t0 = time.monotonic()
-    await asyncio.gather(*(_session(url, tokens[users[i % len(users)]], f"s{i}", until, lat, bad) for i in range(sessions)))
-    took = time.monotonic() - t0
+    start = _Start(sessions, duration)
+    await asyncio.gather(*(_session(url, tokens[users[i % len(users)]], f"s{i}", start, lat, bad) for i in range(sessions)))
+    took = time.monotonic() - start.at
     return {"sessions": sessions, "cells": len(lat), "cells_per_s": round(len(lat) / took, 1), **bad,
             "latency_ms": summary(lat)}
 

@@ -67,6 +67,18 @@ def test_users_are_placed_and_the_map_follows(cluster: Cluster) -> None:
     assert "dave" not in cluster.cli("users", "list").stdout
 
 
+def test_the_web_view_is_off_among_replicas_and_the_log_says_why(cluster: Cluster) -> None:
+    """A browser reaches whichever replica HAProxy's `any` gives it, which holds a person's
+    notebooks only if it is their home: no replica serves the view (docs/scale-out.md), each says
+    why at start, and the sign-in pages (OAuth) are still served, through the proxy too."""
+    for server in cluster.replicas.values():
+        assert httpx2.get(f"{server.base}/view/alice/notebooks", timeout=30).status_code == 404
+        assert "web view off: among several replicas" in server.log()
+    for base in (cluster.replicas["r1"].base, cluster.haproxy.base):
+        r = httpx2.get(f"{base}/signin", timeout=30)
+        assert r.status_code == 200 and 'name="token"' in r.text, r.text[:500]
+
+
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
 async def test_every_call_of_a_user_reaches_its_home(cluster: Cluster, mode: str) -> None:
     for user in ("alice", "bob", "carol"):
