@@ -25,6 +25,8 @@ class Cluster:
         self.database = postgres.new_database()
         ports = {name: free_port() for name in names}
         self.haproxy = HAProxy(ports)
+        # the URL clients use is the proxy's, as in a deployment: OAuth's issuer and resource name it
+        env.setdefault("KERNELPOOL_PUBLIC_URL", self.haproxy.base)
         common = server_env(KERNELPOOL_DATABASE_URL=self.database, KERNELPOOL_HAPROXY_ADMIN=self.haproxy.admin,
                             KERNELPOOL_HAPROXY_MAPS=self.haproxy.maps, **env)
         self.replicas: dict[str, KernelpoolServer] = {}

@@ -20,10 +20,12 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
+from testkit import browser
 from testkit.client import mcp_client, text
 from testkit.haproxy import unavailable as no_haproxy
 from testkit.replicas import Cluster
 from tests.conftest import SANDBOX_SKIP
+from tests.oauth_flow import Person, RawClient, pkce
 
 pytestmark = [pytest.mark.skipif(no_haproxy() is not None, reason=no_haproxy() or ""), pytest.mark.timeout(600)]
 
@@ -137,6 +139,44 @@ async def test_a_token_from_before_user_keys_routes_by_its_id(cluster: Cluster) 
         await asyncio.sleep(0.2)
     for mode in ("legacy", "auto"):
         assert await where(cluster, "bob", old, mode) == "r2"
+
+
+async def test_oauth_works_through_the_proxy_from_the_shared_store_and_its_tokens_route_home(cluster: Cluster) -> None:
+    """A client registers, a person signs in and consents in the browser (kept on one replica by
+    HAProxy's cookie), and the client exchanges the code and refreshes at the other replica: the
+    grant, code and refresh token are in PostgreSQL. The access tokens carry bob's key and reach
+    his home through the proxy."""
+    if browser.missing() is not None:
+        pytest.skip(f"browser: {browser.missing()}")
+    from playwright.async_api import async_playwright
+
+    redirect = "http://127.0.0.1:43112/callback"
+    client = RawClient(cluster.haproxy.base, redirect)
+    async with async_playwright() as playwright:
+        chromium = await browser.launch(playwright)
+        try:
+            await client.register("replicas test client")
+            bob = Person(await (await chromium.new_context()).new_page(), "bob", cluster.tokens["bob"])
+            verifier, challenge = pkce()
+            query = await bob.authorize(client.authorize_url(challenge), redirect)
+            signed_in_on = {c["name"]: c["value"] for c in await bob.page.context.cookies()}["kp_replica"]
+        finally:
+            await chromium.close()
+    other = next(name for name in cluster.replicas if name != signed_in_on)
+    there = RawClient(cluster.replicas[other].base, redirect, client_id=client.client_id)
+    back = RawClient(cluster.replicas[signed_in_on].base, redirect, client_id=client.client_id)
+    try:
+        r = await there.exchange(query["code"], verifier, resource=f"{cluster.haproxy.base}/mcp")
+        assert r.status_code == 200, r.text
+        tokens = r.json()
+        assert tokens["access_token"].split("_")[2] == cluster.tokens["bob"].split("_")[2]  # bob's key: HAProxy's word(3,_)
+        assert await where(cluster, "bob", tokens["access_token"]) == "r2"
+        r = await back.refresh(tokens["refresh_token"])
+        assert r.status_code == 200, r.text
+        assert await where(cluster, "bob", r.json()["access_token"], "legacy") == "r2"
+    finally:
+        for raw in (there, back, client):
+            await raw.http.aclose()
 
 
 async def test_a_revoked_token_is_refused_on_every_replica_within_a_second(cluster: Cluster) -> None:
