@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-kernels", type=int, help="memory: kernels of each kind (default 10; quick 4)")
     p.add_argument("--growth-mb", help="growth: checkpoint sizes in MB (default 0.1,1,5,12; quick 0.1,1)")
     p.add_argument("--payload-kb", type=int, default=20, help="growth: KB each cell prints (20)")
+    p.add_argument("--replicas", help="instead of the scenarios: 1..N replicas behind HAProxy vs the direct server "
+                   "(e.g. 1,2,3; benchmarks/replicas.py); --levels (default 1,10,30), --duration (default 6), --calls (100)")
     p.add_argument("--json", dest="json_path", help="where to write the results (default benchmarks/results/<timestamp>.json)")
     return p
 
@@ -148,10 +150,21 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     return results, problems
 
 
+async def run_replicas(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    from benchmarks import replicas
+
+    levels = [int(x) for x in (args.levels or "1,10,30").split(",")]
+    counts = [int(x) for x in args.replicas.split(",")]
+    found = await replicas.run(counts, levels, args.duration or 6.0, args.calls or 100, args.rounds, log)
+    found |= {"started_at": dt.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:], "machine": machine()}
+    print(replicas.render(found))
+    return found, replicas.problems(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        results, problems = asyncio.run(run(args))
+        results, problems = asyncio.run(run_replicas(args) if args.replicas else run(args))
     except KeyboardInterrupt:
         return 2
     except Exception as exc:
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         log(f"the benchmark could not run: {type(exc).__name__}: {exc}")
         return 2
-    print(render(results))
+    if not args.replicas:
+        print(render(results))
     path = args.json_path or os.path.join(RESULTS, dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -41,6 +41,7 @@ from kernelpool.kernels.zygote.server import ForkServer
 from kernelpool.mcp.auth import StoreTokenVerifier
 from kernelpool.mcp.events import EventScope
 from kernelpool.mcp.guards import AuthGuard, SessionGate
+from kernelpool.mcp.home import HomeGate, end_sessions
 from kernelpool.mcp.hooks import _event_store, _tell_stopped, _to_sessions
 from kernelpool.mcp.notices import Notices
 from kernelpool.mcp.server import build_mcp
@@ -52,6 +53,7 @@ from kernelpool.notebooks.filework import FileWork
 from kernelpool.notebooks.quota import DiskQuota
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.notebooks.workspace import Workspace
+from kernelpool.replicas.service import ReplicaService
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
 from kernelpool.users.grants import GrantStore
@@ -121,13 +123,18 @@ class _Server:
         self.throttle = AuthThrottle(settings.auth_failures_before_backoff, settings.auth_failure_window,
                                      settings.auth_backoff, settings.trusted_proxies)
         self.oauth = OAuthServer(settings, self.services.store, self.services.users, self.throttle, self.url)
+        self.replica: ReplicaService | None = None
+        if settings.replica is not None:
+            self.replica = ReplicaService(settings, self.services.store, self.services.users, self.services.kernels,
+                                          self._end_sessions)
         self.view = self._view()
         self.mcp, self.mcp_app = self._mcp()
         metrics.add_gauges(lambda: _live_gauges(self.services))
 
     def _services(self) -> Services:
         settings = self.settings
-        store = Store(settings.db_path, audit_queue_max=settings.audit_queue_max)
+        store = Store(settings.db_path, audit_queue_max=settings.audit_queue_max, url=settings.database_url,
+                      replica=settings.replica)
         metrics = Metrics()
         users = UserService(settings, store, isolated=self.iso.sandboxed)
 
@@ -189,12 +196,20 @@ class _Server:
         # pinned in requirements.lock); tests/test_starve.py fails if a session's end is not seen here.
         services.sessions.set_live(lambda: manager._server_instances)
         manager.asgi_app = SessionGate(manager.asgi_app, services.sessions)  # type: ignore[assignment]
+        if self.replica is not None:  # before the SDK (and the session count) sees a user homed elsewhere
+            manager.asgi_app = HomeGate(manager.asgi_app, self.replica.name, self.replica.moving)  # type: ignore[assignment]
         return mcp, mcp_app
+
+    async def _end_sessions(self, user: str, text: str) -> int:
+        return await end_sessions(self.mcp.session_manager, self.services.sessions, self.services.notices, user, text)
 
     def _view(self) -> ViewDeps | None:
         """The read-only web view, where it is on (it signs people in with the OAuth server's pages)."""
         s = self.services
         if not (self.settings.oauth and self.settings.web_view):
+            return None
+        if self.settings.replica is not None:  # a browser's replica need not be its person's home
+            log.warning("web view off: among several replicas it is not routed to each person's home yet (docs/scale-out.md)")
             return None
         return ViewDeps(store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
                         jobs=s.jobs, kernels=s.kernels, sessions=s.sessions, users=s.users,
@@ -209,7 +224,7 @@ class _Server:
         services, store = self.services, self.services.store
         space = self.disk.report()
         return JSONResponse({
-            "status": "ok" if not space["low"] else "disk low", "version": __version__,
+            "status": "ok" if not space["low"] else "disk low", "version": __version__, "replica": self.settings.replica,
             "isolation": self.iso.describe() | {"network": {
                 "mode": services.kernels.networks.mode, "namespaces": services.kernels.networks.users_with_namespace(),
                 "fallback": self.iso.fallback()}},
@@ -239,11 +254,15 @@ class _Server:
             housekeeping = asyncio.get_running_loop().create_task(_housekeeping(self.services))
             try:
                 async with self.mcp.session_manager.run():
+                    if self.replica is not None:
+                        await self.replica.start()
                     yield
             finally:
                 housekeeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await housekeeping
+                if self.replica is not None:
+                    await self.replica.close()
                 await self._stop()
                 await self.oauth.close()
         finally:
@@ -251,7 +270,7 @@ class _Server:
 
     async def _start(self) -> None:
         services, users = self.services, self.services.users
-        if not await services.store.list_users():
+        if self.settings.replica is None and not await services.store.list_users():  # replicas: `users add`
             row = await users.add(self.settings.first_user)
             _, token = await create_token(services.store, row.name)
             self.announce(

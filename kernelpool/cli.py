@@ -18,6 +18,7 @@ from kernelpool.commands.common import (
     _command,
     _err,
     _typed,
+    _with_store,
     parse_since,
     parse_when,
 )
@@ -27,6 +28,7 @@ from kernelpool.commands.tokens import _audit, _tokens
 from kernelpool.commands.users import _users
 from kernelpool.config import Settings
 from kernelpool.errors import KernelpoolError
+from kernelpool.replicas import commands as replicas
 from kernelpool.users import admins
 from sandbox.errors import SandboxError
 
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(users, "add", "add a user and print its first token (alone, on stdout)")
     p.add_argument("name")
     p.add_argument("--expires", type=parse_when, help="token expiry: 30d, 12h, or an ISO date")
+    p.add_argument("--replica", help="the replica it lives on (default: the least loaded running one)")
+    replicas.add_arguments(users, sub, _command)
     _command(users, "list", "list users")
     p = _command(users, "remove", "remove a user, its tokens and its Unix account")
     p.add_argument("name")
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = {
             "users": _users, "tokens": _tokens, "audit": _audit, "doctor": _doctor,
+            "replicas": lambda a: _with_store(a, lambda s, store, u: replicas.list_replicas(s, store)),
         }[args.command]
         return asyncio.run(handler(args))
     except (KernelpoolError, ValueError, FileNotFoundError, SandboxError) as exc:

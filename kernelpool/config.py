@@ -29,6 +29,7 @@ from pydantic_settings import (
 from kernelpool.settings.isolation import IsolationSettings, MemoryLimit, memory_limit
 from kernelpool.settings.kernels import KernelSettings
 from kernelpool.settings.limits import LimitSettings
+from kernelpool.settings.replicas import ReplicaSettings
 from kernelpool.settings.server import LEGACY_DATA_DIR, SYSTEM_DATA_DIR, ServerSettings, default_data_dir
 from kernelpool.settings.signin import SignInSettings
 from kernelpool.settings.streams import StreamSettings
@@ -39,7 +40,7 @@ __all__ = ["LEGACY_DATA_DIR", "SYSTEM_DATA_DIR", "MemoryLimit", "Settings", "def
            "memory_limit"]
 
 
-class Settings(SignInSettings, StreamSettings, LimitSettings, KernelSettings, IsolationSettings, ServerSettings,
+class Settings(ReplicaSettings, SignInSettings, StreamSettings, LimitSettings, KernelSettings, IsolationSettings, ServerSettings,
                BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KERNELPOOL_", extra="forbid", validate_default=True,
                                       use_attribute_docstrings=True)
@@ -239,6 +240,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ValueError("oidc_scopes must include openid")
     if settings.oidc_create_users and not (settings.oidc_allowed_domains or settings.oidc_allowed_groups):
         raise ValueError("oidc_create_users needs oidc_allowed_domains or oidc_allowed_groups: who may be created")
+    if settings.replica and not settings.database_url:
+        raise ValueError("replica needs database_url: replicas share one PostgreSQL store")
     if len(f"{settings.network_prefix}{settings.uid_max}") > 15:
         raise ValueError("network_prefix plus the largest uid must fit a 15-character interface name: shorten one")
     return settings

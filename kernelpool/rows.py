@@ -16,6 +16,8 @@ class UserRow:
     created_at: float
     limits: dict[str, Any]
     reissued: bool = False  # the name had an account before: this one is named after its uid
+    home: str | None = None  # the replica that holds the user's kernels and files; None: single node
+    ukey: str | None = None
     admin: bool = False  # an operator: sees the operators' page of the web view (`users set-admin`)
 
 
@@ -29,6 +31,7 @@ class TokenRow:
     uid: int | None = None  # the user's, when looked up to check the token
     grant_id: str | None = None  # an OAuth access token's grant (kernelpool/users/grants.py); None: pasted
     resource: str | None = None  # the MCP resource an OAuth access token is bound to (RFC 8707)
+    home: str | None = None  # the user's home replica, when looked up to check the token
 
 
 @dataclass(frozen=True)

@@ -96,4 +96,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE audit ADD COLUMN client TEXT",
     ),
+    # 6: several replicas behind HAProxy (docs/scale-out.md). Each user has a home replica (`home`;
+    # NULL on a single node) and a stable, opaque key (`ukey`) that its tokens carry, so that the
+    # proxy routes by it; tokens minted before keys existed have `keyed` 0 and route by their id.
+    # Kernel and audit rows carry the replica that wrote them. `replicas` lists those that run
+    # (and how loaded they are); `moves` and `move_chunks` carry a user's folder from one replica
+    # to another through the database; `changes` counts the writes that can end a login (read when
+    # PostgreSQL's LISTEN connection is lost). Keys of existing users are drawn in `Store.open`.
+    (
+        "ALTER TABLE users ADD COLUMN home TEXT",
+        "ALTER TABLE users ADD COLUMN ukey TEXT",
+        "CREATE UNIQUE INDEX users_ukey ON users(ukey)",
+        "ALTER TABLE tokens ADD COLUMN keyed INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE kernels ADD COLUMN replica TEXT",
+        "ALTER TABLE audit ADD COLUMN replica TEXT",
+        "CREATE TABLE replicas (name TEXT PRIMARY KEY, started_at REAL NOT NULL, seen_at REAL NOT NULL,"
+        " kernels INTEGER NOT NULL DEFAULT 0)",
+        "CREATE TABLE moves (user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE, source TEXT NOT NULL,"
+        " target TEXT NOT NULL, state TEXT NOT NULL, started_at REAL NOT NULL, updated_at REAL NOT NULL,"
+        " files BIGINT, bytes BIGINT, error TEXT)",
+        "CREATE TABLE move_chunks (user TEXT NOT NULL REFERENCES moves(user) ON DELETE CASCADE, seq INTEGER NOT NULL,"
+        " data BLOB NOT NULL, PRIMARY KEY (user, seq))",
+        "CREATE TABLE changes (one INTEGER PRIMARY KEY CHECK (one = 1), n BIGINT NOT NULL)",
+        "INSERT INTO changes(one, n) VALUES (1, 0)",
+    ),
 )

@@ -13,6 +13,7 @@ tests/test_readme.py (see /work/shared/DOCKER-NOTES.md for the facts behind each
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
 import shutil
@@ -78,7 +79,10 @@ def running_engine() -> Iterator[None]:
         return
     fd, log_path = tempfile.mkstemp(prefix=f"{RUN}-dockerd-", suffix=".log")
     with open(fd, "wb") as log:
-        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # a private cgroup namespace for every container by default: Compose 1.29 has no `cgroup:`
+        # key, and the image's entry point makes its cgroups writable only in a private namespace
+        started = subprocess.Popen(["dockerd", "--default-cgroupns-mode", "private"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while not engine_answers():
@@ -161,3 +165,54 @@ def import_root(root: Root, tag: str) -> None:
         docker("import", "-c", f"ENV PIP_CERT={CA_BUNDLE}", "-c", f"ENV SSL_CERT_FILE={CA_BUNDLE}", "-", tag,
                stdin=tar.stdout, timeout=600)
     assert tar.returncode == 0
+
+
+# ---- images shared by the container tests of one tree -------------------------------------------
+
+# what the Dockerfile copies (see .dockerignore): the image of a tree is keyed by their contents
+IMAGE_INPUTS = ("Dockerfile", "requirements.lock", "pyproject.toml", "README.md", "kernelpool", "sandbox",
+                "docker/entrypoint.sh")
+
+
+def tree_key(root: str) -> str:
+    """A hash of the files the image is built from (12 hex digits)."""
+    digest = hashlib.sha256()
+    for top in IMAGE_INPUTS:
+        path = os.path.join(root, top)
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, dirs, names in os.walk(path) for f in names
+            if "__pycache__" not in d and not f.endswith(".pyc"))
+        for name in files:
+            digest.update(os.path.relpath(name, root).encode() + b"\0")
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def image_exists(tag: str) -> bool:
+    return docker("image", "inspect", tag, check=False).returncode == 0
+
+
+def base_image() -> str:
+    """The stand-in base (IMAGE_ROOT imported), made once and kept: its id stays the same, so
+    Docker's build cache holds across runs."""
+    tag = "kernelpool-ci-base:bookworm"
+    if not image_exists(tag):
+        import_root(IMAGE_ROOT, tag)
+    return tag
+
+
+def kernelpool_image(root: str) -> str:
+    """The kernelpool image of this tree, built once for every container test of the tree
+    (tests/test_docker_image.py, tests/test_compose.py) and kept under a tag of its hash; the
+    images of other trees are removed when a new one is built."""
+    tag = f"kernelpool-ci:tree-{tree_key(root)}"
+    if image_exists(tag):
+        return tag
+    docker("build", "--build-arg", f"BASE={base_image()}", "-t", tag, root, timeout=900,
+           env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    listed = docker("images", "--format", "{{.Repository}}:{{.Tag}}", "kernelpool-ci").stdout.split()
+    for old in listed:
+        if old.startswith("kernelpool-ci:tree-") and old != tag:
+            docker("rmi", old, check=False)
+    return tag

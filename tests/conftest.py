@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from testkit.postgres import PostgresServer, running_postgres, unavailable
 from testkit.server import KernelpoolServer, make_data_dir, sandbox_reason, server_env
 
 SANDBOX_SKIP = sandbox_reason()
@@ -55,6 +56,27 @@ def docker_engine() -> Iterator[None]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"kernelpool sandbox: {'on' if SANDBOX_SKIP is None else 'OFF (' + SANDBOX_SKIP + ')'}; euid={os.geteuid()}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the test session (testkit/postgres.py); skipped, with the reason,
+    where none can run."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Each store test runs on both backends: None (SQLite in the test's folder) and a new
+    PostgreSQL database of the session's server."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
 
 
 def pytest_terminal_summary(terminalreporter: object) -> None:

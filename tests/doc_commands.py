@@ -115,6 +115,7 @@ INSPECTOR_CLI = "tests/test_docs.py::test_the_inspector_cli_command_lists_the_to
 CLAUDE = "tests/test_docs.py::test_the_claude_code_command_connects_to_a_real_server"
 VOLUME = "tests/test_docs.py::test_the_volume_commands_make_a_filesystem_of_its_own"
 DERIVED = "tests/test_docker_image.py::test_derived_image_gives_kernels_its_package"
+COMPOSE = "tests/test_compose.py::test_twenty_users_are_spread_over_the_replicas"
 
 _RUNS_CLI = "runs the `kernelpool ...` part against a real server, checking what its comment says"
 _RUNS_IN_IMAGE = ("runs the `kernelpool ...` part against a real server, checking what its comment says; "
@@ -210,4 +211,17 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "/opt/kernelpool-venv/bin/python -m pytest tests/unit":
         ("runs the same pytest on tests/unit as nobody, from a copy of the checkout, within 30 s",
          ("tests/test_unit_layer.py::test_the_unit_layer_passes_unprivileged_from_the_source_tree_in_time",)),
+    # docs/scale-out.md: the Compose deployment, brought up by its test (marked docker)
+    "cd deploy/compose": ("runs docker-compose in deploy/compose, on its docker-compose.yml", (COMPOSE,)),
+    "export KERNELPOOL_DB_PASSWORD=$(openssl rand -hex 24)":
+        ("gives docker-compose a random hex KERNELPOOL_DB_PASSWORD (Python's secrets, not openssl)", (COMPOSE,)),
+    "docker-compose up -d":
+        ("runs it (with a project name of the test's, an added file publishing each replica on loopback, and "
+         "--no-build once the HAProxy and PostgreSQL images are built) and waits until all three replicas run",
+         (COMPOSE,)),
+    "TOKEN=$(docker-compose exec -T kp1 kernelpool users add alice)":
+        ("runs `docker-compose exec -T kp1 kernelpool users add` for 20 users: one token on stdout each, and "
+         "each user placed on the least-loaded replica", (COMPOSE,)),
+    "docker-compose exec -T kp1 kernelpool replicas":
+        ("runs it until it lists the three replicas as running; the test's checks read the homes it placed", (COMPOSE,)),
 }

@@ -23,7 +23,7 @@ from tests.conftest import METRICS_TOKEN, SANDBOX_SKIP
 def test_users_and_tokens(fresh_server: KernelpoolServer) -> None:
     kp = fresh_server
     out = kp.cli("users", "add", "dana")
-    assert re.fullmatch(r"kp_[0-9a-f]{8}_[A-Za-z0-9_-]{43}\n", out.stdout), "the token alone on stdout"
+    assert re.fullmatch(r"kp_[0-9a-f]{8}_[0-9a-f]{16}_[A-Za-z0-9_-]{43}\n", out.stdout), "the token (id, user key, secret) alone on stdout"
     assert "created user dana" in out.stderr
     kp.tokens["dana"] = out.stdout.strip()
     assert kp.cli("users", "list").stdout.split("\t")[0] == "dana"

@@ -33,7 +33,7 @@ import pytest
 
 from kernelpool.store import SCHEMA_VERSION
 from testkit.client import mcp_client
-from testkit.docker import IMAGE_ROOT, RUN, V1_REMOUNT, docker, import_root
+from testkit.docker import RUN, V1_REMOUNT, base_image, docker, kernelpool_image
 from testkit.server import ROOT, free_port
 
 pytestmark = [
@@ -52,22 +52,19 @@ def text(result: object) -> str:
 
 @dataclass
 class Images:
-    base: str = f"kernelpool-ci-base:{RUN}"
-    image: str = f"kernelpool-ci:{RUN}"
+    base: str = ""
+    image: str = ""
     derived: str = f"kernelpool-ci-derived:{RUN}"
 
 
 @pytest.fixture(scope="module")
 def images(docker_engine: None) -> Iterator[Images]:
-    names = Images()
+    # the image of this tree is built once and kept for the other container tests (tests/test_compose.py)
+    names = Images(base_image(), kernelpool_image(ROOT))
     try:
-        import_root(IMAGE_ROOT, names.base)
-        docker("build", "--build-arg", f"BASE={names.base}", "-t", names.image, ROOT, timeout=900,
-               env=dict(os.environ, DOCKER_BUILDKIT="0"))
         yield names
     finally:
-        for name in (names.derived, names.image, names.base):
-            docker("rmi", "-f", name, check=False)
+        docker("rmi", "-f", names.derived, check=False)
 
 
 # ---- the documented `docker run` line -----------------------------------------------------------

@@ -105,13 +105,15 @@ LAYERS = (
                    "kernelpool/disk.py"), peers=True),
     # two edges over the same services, at the same height: neither imports the other
     Layer("tool layer and web layer", ("kernelpool/mcp/", "kernelpool/web/")),
+    # one replica among several: placement, moves, HAProxy's maps (over the kernels and users it moves)
+    Layer("replicas", ("kernelpool/replicas/",)),
     Layer("executions", ("kernelpool/executions/",)),
     Layer("notebooks", ("kernelpool/notebooks/",)),
     Layer("kernels", ("kernelpool/kernels/",)),
     Layer("users", ("kernelpool/users/",)),
-    Layer("foundation", ("kernelpool/store.py", "kernelpool/rows.py", "kernelpool/schema.py", "kernelpool/config.py",
-                         "kernelpool/settings/", "kernelpool/errors.py", "kernelpool/metrics.py", "kernelpool/logs.py",
-                         "kernelpool/__init__.py"), peers=True),
+    Layer("foundation", ("kernelpool/store.py", "kernelpool/rows.py", "kernelpool/db/", "kernelpool/schema.py",
+                         "kernelpool/config.py", "kernelpool/settings/", "kernelpool/errors.py", "kernelpool/metrics.py",
+                         "kernelpool/logs.py", "kernelpool/__init__.py"), peers=True),
     Layer("mechanism", ("sandbox/",)),
 )
 

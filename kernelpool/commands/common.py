@@ -108,7 +108,7 @@ async def _with_store(args: argparse.Namespace, work: Callable[[Settings, Store,
     note = check_earlier_data_dir(settings)  # raises before a database is made beside an earlier one
     if note:
         _err(f"kernelpool: {note}")
-    store = await Store(settings.db_path).open()
+    store = await Store(settings.db_path, url=settings.database_url, replica=settings.replica).open()
     try:
         isolated = not settings.insecure_no_sandbox and accounts.can_manage_accounts()
         return await work(settings, store, UserService(settings, store, isolated=isolated))

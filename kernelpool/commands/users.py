@@ -1,4 +1,4 @@
-"""`kernelpool users ...`: add, list, remove, login-link, set-admin, set-limits. Callers:
+"""`kernelpool users ...`: add, list, move, remove, login-link, set-admin, set-limits. Callers:
 `kernelpool.cli.main`."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from kernelpool.commands.common import LIMIT_OPTIONS, _err, _with_store
 from kernelpool.config import Settings
+from kernelpool.replicas import commands as replicas
 from kernelpool.users import admins
 
 if TYPE_CHECKING:  # imported where they are used: `kernelpool --help` stays quick
@@ -22,15 +23,19 @@ async def _users(args: argparse.Namespace) -> int:
 
     async def work(settings: Settings, store: Store, users: UserService) -> int:
         if args.action == "add":
-            row = await users.add(args.name)
+            row = await users.add(args.name, await replicas.place(settings, store, args.replica))
             _, token = await create_token(store, row.name, args.expires)
+            await replicas.route(settings, store)
             account = f", account {users.account_name(row)}" if users.isolated else ""
             _err(f"created user {row.name} (uid {row.uid}{account}); its token follows on stdout")
             print(token)
         elif args.action == "list":
             for row in await store.list_users():
                 limits = " ".join(f"{k}={v}" for k, v in sorted(row.limits.items()))
-                print(f"{row.name}\tuid={row.uid}\t{limits}".rstrip())
+                home = f"\thome={row.home}" if row.home else ""
+                print(f"{row.name}\tuid={row.uid}{home}\t{limits}".rstrip())
+        elif args.action == "move":
+            return await replicas.move(settings, store, args)
         elif args.action == "remove":
             await users.remove(args.name, delete_files=args.delete_files)
             _err(f"removed user {args.name}")

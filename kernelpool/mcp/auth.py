@@ -38,4 +38,4 @@ class StoreTokenVerifier:
         expires = int(verdict.expires_at) if verdict.expires_at is not None else None
         # the uid rides along: the tool wrapper re-reads the users when it is not the one it knows
         return AccessToken(token=token, client_id=verdict.user, subject=verdict.user, scopes=[SCOPE], expires_at=expires,
-                           resource=verdict.resource, claims={"uid": verdict.uid, "grant": verdict.grant_id})
+                           resource=verdict.resource, claims={"uid": verdict.uid, "grant": verdict.grant_id, "home": verdict.home})

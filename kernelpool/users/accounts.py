@@ -56,7 +56,7 @@ class UserService:
         periodically). Users being removed are left out: preparing one would bring back the
         account and folders that `users remove` is taking away."""
         removing = await self._store.removing()
-        rows = [row for row in await self._store.list_users() if row.name not in removing]
+        rows = [row for row in await self._store.list_users() if row.name not in removing and self.here(row)]
         for row in rows:
             # new, or removed and added again meanwhile (another uid): prepare it afresh
             if self._known.get(row.name) != row:
@@ -64,6 +64,11 @@ class UserService:
                 self._known[row.name] = row
         for gone in set(self._known) - {row.name for row in rows}:
             del self._known[gone]
+
+    def here(self, row: UserRow) -> bool:
+        """Whether the user lives on this server: always on a single node; among replicas, when
+        this replica is its home (the others keep no account, folder or kernel of it)."""
+        return self._settings.replica is None or row.home == self._settings.replica
 
     def known(self, name: str) -> bool:
         return name in self._known
@@ -102,12 +107,15 @@ class UserService:
         """The user's own temporary folder (TMPDIR of its kernels): RUN/<uid>/tmp."""
         return os.path.join(user_run_folder(str(self._settings.run_dir), uid), TMP)
 
-    async def add(self, name: str) -> UserRow:
+    async def add(self, name: str, home: str | None = None) -> UserRow:
         """Add a user with a uid never given before (and a Unix account named so that no name is
-        given twice either: `account_name`). Called by `kernelpool users add` and at first start."""
+        given twice either: `account_name`), living on replica `home` (None: a single node). Called
+        by `kernelpool users add` and at first start."""
         check_name(name)
         uids = (self._settings.uid_min, self._settings.uid_max)
-        row = await self._store.add_user(name, uids, self._folder_owners_floor(), accounts.id_in_use)
+        row = await self._store.add_user(name, uids, self._folder_owners_floor(), accounts.id_in_use, home)
+        if not self.here(row):
+            return row  # its home replica makes its account and folder (replicas.service)
         try:
             self.prepare(row)
         except Exception:
@@ -124,6 +132,10 @@ class UserService:
         """Remove a user, all or nothing (`kernelpool.users.removal.UserRemoval.run`). Called by
         `kernelpool users remove`, also while a server runs."""
         check_name(name)
+        row = await self._store.get_user(name)
+        if row is not None and not self.here(row):
+            raise InvalidArgument("replica", f"user {name!r} lives on replica {row.home!r}, whose host runs its kernels "
+                                  f"and keeps its files: run this command there")
         await UserRemoval(self._settings, self._store, self).run(name, delete_files=delete_files)
 
     async def get(self, name: str) -> User:

@@ -12,7 +12,7 @@ from kernelpool.store import Store
 # one query, its filters switched by parameters: the tool calls (`tools`: not the rows of the
 # sign-in pages and the authorization server), rows older than `before`
 _RECENT = ("SELECT id, ts, user, client, tool, notebook, outcome, duration_ms, detail FROM audit"
-           " WHERE user = ? AND (? IS NULL OR id < ?)"
+           " WHERE user = ? AND (CAST(? AS BIGINT) IS NULL OR id < ?)"
            " AND (? = 0 OR (tool NOT IN ('signin', 'consent', 'register', 'token', 'client', 'revoke')"
            " AND tool NOT LIKE 'auth.%' AND tool NOT LIKE 'view.%'))"
            " ORDER BY id DESC LIMIT ?")
@@ -34,8 +34,7 @@ class Row:
 async def recent(store: Store, user: str, *, limit: int = 50, before: int | None = None,
                  tools_only: bool = False) -> list[Row]:
     """`user`'s audit rows, newest first: at most `limit`, older than row `before` when given."""
-    async with store.db.execute(_RECENT, (user, before, before, int(tools_only), limit)) as cur:
-        return [Row(**dict(r)) for r in await cur.fetchall()]
+    return [Row(**dict(r)) for r in await store.rows(_RECENT, user, before, before, int(tools_only), limit)]
 
 
 async def failures(store: Store, since: float) -> dict[str, tuple[int, str | None]]:
@@ -43,10 +42,7 @@ async def failures(store: Store, since: float) -> dict[str, tuple[int, str | Non
     sql = ("SELECT user, COUNT(*) AS n, MAX(id) AS last FROM audit WHERE ts >= ? AND user IS NOT NULL"
            " AND outcome != 'ok' GROUP BY user")
     out: dict[str, tuple[int, str | None]] = {}
-    async with store.db.execute(sql, (since,)) as cur:
-        rows = [dict(r) for r in await cur.fetchall()]
-    for row in rows:
-        async with store.db.execute("SELECT tool FROM audit WHERE id = ?", (row["last"],)) as cur:
-            last = await cur.fetchone()
-        out[row["user"]] = (int(row["n"]), last[0] if last else None)
+    for row in await store.rows(sql, since):
+        last = await store.value("SELECT tool FROM audit WHERE id = ?", row["last"])
+        out[row["user"]] = (int(row["n"]), last)
     return out

@@ -21,9 +21,7 @@ async def is_admin(store: Store, user: str) -> bool:
 
 async def set_admin(store: Store, user: str, *, on: bool) -> str:
     """Set or clear the flag; raises UserNotFound. Returns what changed, in words."""
-    cur = await store.db.execute("UPDATE users SET admin = ? WHERE name = ?", (int(on), user))
-    await store.db.commit()
-    if cur.rowcount == 0:
+    if await store.write("UPDATE users SET admin = ? WHERE name = ?", int(on), user) == 0:
         raise UserNotFound(user)
     return f"{user} is {'now' if on else 'no longer'} an operator (the web view's operators' page)"
 

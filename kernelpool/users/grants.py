@@ -58,7 +58,7 @@ _GRANT_BY_ID = ("SELECT id, user, client_id, client_name, scopes, resource, crea
 _LIVE_GRANT = ("SELECT id, user, client_id, client_name, scopes, resource, created_at, used_at, revoked_at, revoked_why"
                " FROM oauth_grants WHERE id = ? AND revoked_at IS NULL AND user NOT IN (SELECT user FROM removing)")
 _GRANTS = ("SELECT id, user, client_id, client_name, scopes, resource, created_at, used_at, revoked_at, revoked_why"
-           " FROM oauth_grants WHERE ? IS NULL OR user = ? ORDER BY created_at")
+           " FROM oauth_grants WHERE CAST(? AS TEXT) IS NULL OR user = ? ORDER BY created_at")
 _GRANT_BY_HASH = ("SELECT id, user, client_id, client_name, scopes, resource, created_at, used_at, revoked_at, revoked_why"
                    " FROM oauth_grants WHERE revoked_at IS NULL AND id IN"
                    " (SELECT grant_id FROM tokens WHERE hash = ? UNION SELECT grant_id FROM oauth_refresh WHERE hash = ?)")
@@ -77,13 +77,10 @@ class GrantStore:
         self._store = store
 
     async def _rows(self, sql: str, *args: Any) -> list[Any]:
-        async with self._store.db.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        return await self._store.rows(sql, *args)
 
     async def _write(self, sql: str, *args: Any) -> int:
-        cur = await self._store.db.execute(sql, args)
-        await self._store.db.commit()
-        return cur.rowcount
+        return await self._store.write(sql, *args)
 
     # clients registered by DCR (RFC 7591)
     async def add_client(self, client_id: str, metadata: dict[str, Any]) -> None:
@@ -113,11 +110,10 @@ class GrantStore:
     async def revoke_grant(self, grant_id: str, why: str) -> bool:
         """End a grant: its access tokens are refused from the next check on (within a second), its
         refresh tokens and codes are no use. False when there was no standing grant of that id."""
-        changed = await self._write("UPDATE oauth_grants SET revoked_at = ?, revoked_why = ? WHERE id = ? AND revoked_at IS NULL",
-                                    time.time(), why, grant_id)
-        if changed:
-            await self._write("DELETE FROM oauth_refresh WHERE grant_id = ?", grant_id)
-            self._store.access_changed()
+        async with self._store.access_transaction() as tx:
+            changed = await tx.write("UPDATE oauth_grants SET revoked_at = ?, revoked_why = ? WHERE id = ? AND revoked_at IS NULL",
+                                     time.time(), why, grant_id)
+            await tx.write("DELETE FROM oauth_refresh WHERE grant_id = ?", grant_id)
         return changed > 0
 
     # codes
@@ -151,15 +147,17 @@ class GrantStore:
     async def issue_tokens(self, grant: GrantRow, *, access_ttl: float, refresh_ttl: float | None) -> Issued:
         """A new access token (in `tokens`, bound to the grant's resource) and refresh token."""
         now = time.time()
-        access, refresh = mint_token(), mint_token()
+        # the access token carries its user's key, so that a proxy routes it to the user's replica
+        ukey = await self._store.value("SELECT ukey FROM users WHERE name = ?", grant.user)
+        access, refresh = mint_token(ukey), mint_token()
         refresh_expires = now + refresh_ttl if refresh_ttl else None
-        db = self._store.db
-        await db.execute("INSERT INTO tokens(id, user, hash, created_at, expires_at, grant_id, resource) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (access.id, grant.user, access.hash, now, now + access_ttl, grant.id, grant.resource))
-        await db.execute("INSERT INTO oauth_refresh(hash, grant_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-                         (refresh.hash, grant.id, now, refresh_expires))
-        await db.execute("UPDATE oauth_grants SET used_at = ? WHERE id = ?", (now, grant.id))
-        await db.commit()
+        async with self._store.transaction() as tx:
+            await tx.write("INSERT INTO tokens(id, user, hash, created_at, expires_at, grant_id, resource, keyed)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                           access.id, grant.user, access.hash, now, now + access_ttl, grant.id, grant.resource)
+            await tx.write("INSERT INTO oauth_refresh(hash, grant_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                           refresh.hash, grant.id, now, refresh_expires)
+            await tx.write("UPDATE oauth_grants SET used_at = ? WHERE id = ?", now, grant.id)
         return Issued(access, now + access_ttl, refresh, refresh_expires)
 
     async def refresh_grant(self, token: str, client_id: str) -> tuple[GrantRow | None, str | None]:
@@ -190,15 +188,14 @@ class GrantStore:
         """Forget what can no longer be used: expired access tokens, codes and refresh tokens, and
         grants revoked, or never exchanged, a day ago. Called by the app's housekeeping."""
         now = time.time()
-        db = self._store.db
-        await db.execute("DELETE FROM tokens WHERE grant_id IS NOT NULL AND expires_at < ?", (now,))
-        await db.execute("DELETE FROM oauth_codes WHERE expires_at < ?", (now,))
-        # used refresh tokens stay while they would be valid: one presented again revokes its grant
-        await db.execute("DELETE FROM oauth_refresh WHERE expires_at < ?", (now,))
-        await db.execute("DELETE FROM oauth_grants WHERE created_at < ? AND (revoked_at IS NOT NULL OR id NOT IN"
-                         " (SELECT grant_id FROM oauth_refresh))", (now - 86400,))
-        await db.execute("DELETE FROM login_links WHERE expires_at < ?", (now,))
-        await db.commit()
+        async with self._store.transaction() as tx:
+            await tx.write("DELETE FROM tokens WHERE grant_id IS NOT NULL AND expires_at < ?", now)
+            await tx.write("DELETE FROM oauth_codes WHERE expires_at < ?", now)
+            # used refresh tokens stay while they would be valid: one presented again revokes its grant
+            await tx.write("DELETE FROM oauth_refresh WHERE expires_at < ?", now)
+            await tx.write("DELETE FROM oauth_grants WHERE created_at < ? AND (revoked_at IS NOT NULL OR id NOT IN"
+                           " (SELECT grant_id FROM oauth_refresh))", now - 86400)
+            await tx.write("DELETE FROM login_links WHERE expires_at < ?", now)
 
     async def audit(self, user: str | None, event: str, outcome: str = "ok", detail: str | None = None) -> None:
         """One auth event in the audit log (tool `auth.<event>`). Never a token, code or secret."""

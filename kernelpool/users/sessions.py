@@ -78,6 +78,11 @@ class SessionContexts:
     def is_issued(self, user: str, session_id: str | None) -> bool:
         return session_id is not None and session_id in self._issued.get(user, ())
 
+    def issued_to(self, user: str) -> set[str]:
+        """The ids of `user`'s open sessions (closed when the user moves to another replica)."""
+        self._prune(user)
+        return set(self._issued.get(user, ()))
+
     def open_count(self, user: str) -> int:
         self._prune(user)
         return len(self._issued.get(user, ()))

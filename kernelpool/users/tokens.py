@@ -34,17 +34,22 @@ class Minted:
     hash: str
 
 
-def mint_token() -> Minted:
-    """A new opaque `kp_` token. Callers: `create_token` (pasted tokens), `users.grants` (OAuth)."""
+def mint_token(user_key: str | None = None) -> Minted:
+    """A new opaque `kp_` token: `kp_<id>_<user key>_<secret>`, or `kp_<id>_<secret>` without a
+    key (refresh tokens, which only the token endpoint sees). The user key is the third field
+    split on `_`, where a proxy finds it (HAProxy: `word(3,_)`; see docs/scale-out.md); the id
+    stays the second. Callers: `create_token` (pasted tokens), `users.grants` (OAuth)."""
     token_id = secrets.token_hex(4)
-    token = f"kp_{token_id}_{secrets.token_urlsafe(32)}"
+    key = f"{user_key}_" if user_key else ""
+    token = f"kp_{token_id}_{key}{secrets.token_urlsafe(32)}"
     return Minted(token_id, token, hash_token(token))
 
 
 async def create_token(store: Store, user: str, expires_at: float | None = None) -> tuple[str, str]:
-    """Mint a token for `user`; returns (token id, token). The token is never stored."""
-    minted = mint_token()
-    await store.add_token(minted.id, user, minted.hash, expires_at)
+    """Mint a token for `user`, with the user's key; returns (token id, token). The token is never stored."""
+    row = await store.get_user(user)
+    minted = mint_token(row.ukey if row is not None else None)
+    await store.add_token(minted.id, user, minted.hash, expires_at, keyed=bool(row and row.ukey))
     return minted.id, minted.token
 
 
@@ -58,6 +63,7 @@ class Verdict:
     uid: int | None = None  # the user's: a name removed and added again comes back with another
     grant_id: str | None = None  # an OAuth access token's grant; None for a pasted token
     resource: str | None = None  # the resource an OAuth access token was issued for (RFC 8707)
+    home: str | None = None  # the user's home replica (None: not placed, or a single node)
 
 
 async def check_token(store: Store, token: str) -> Verdict:
@@ -69,7 +75,7 @@ async def check_token(store: Store, token: str) -> Verdict:
         return Verdict(None, refused="revoked")
     if row.expires_at is not None and row.expires_at <= time.time():
         return Verdict(None, refused="expired")
-    return Verdict(row.user, row.expires_at, uid=row.uid, grant_id=row.grant_id, resource=row.resource)
+    return Verdict(row.user, row.expires_at, uid=row.uid, grant_id=row.grant_id, resource=row.resource, home=row.home)
 
 
 class TokenChecker:
@@ -86,7 +92,7 @@ class TokenChecker:
         self._recheck = recheck
         self._max = max_entries
         self._known: dict[str, Verdict] = {}
-        self._mark: tuple[int, int] | None = None
+        self._mark: tuple[int, ...] | None = None
         self._checked_at = float("-inf")
         self._generation = 0  # bumped at each forgetting: a lookup that straddled one is not kept
 
