@@ -343,7 +343,7 @@ async def _housekeeping(services: Services) -> None:
             await services.kernels.cull_idle()
             await services.kernels.networks.refresh()
             await services.users.load()  # users that the CLI added or removed while we run
-            await services.kernels.forget_removed(services.users.current())
+            await services.kernels.forget_removed(services.users.current(), services.users.removing)
             await GrantStore(services.store).prune()
         except Exception:
             log.exception("housekeeping failed")

@@ -16,7 +16,7 @@ import logging
 import shlex
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from kernelpool.config import Settings
 from kernelpool.errors import KernelFailed, LimitReached
@@ -301,10 +301,14 @@ class KernelRegistry:
             culled += await pool.retire_inactive(now, timeout)
         return culled
 
-    async def forget_removed(self, current: dict[str, int]) -> int:
+    async def forget_removed(self, current: dict[str, int], removing: Collection[str] = ()) -> int:
         """Stop the kernels (warm ones too) of users who are no longer in `current` (name -> uid),
         or are there with another uid: `users remove` (in the CLI) has ended their processes
-        already; this drops what the server kept of them. Called after each user reload."""
+        already; this drops what the server kept of them. Called after each user reload.
+
+        The cgroup of a user in `removing` stays: `users remove` takes it when it succeeds, and
+        when it stops (a task it cannot kill) the user is back as they were, with new kernels in
+        that cgroup, which taking it apart from here would kill."""
         def stale(kernel: Kernel) -> bool:
             return current.get(kernel.user) != kernel.uid
 
@@ -317,7 +321,8 @@ class KernelRegistry:
                 log.info("kernel %s of %s: dropped (the user was removed)", kernel.id, user)
                 await self._stop(kernel, now=True)
                 stopped += 1
-            await self._launcher.forget(user, current.get(user))
+            if user not in removing:
+                await self._launcher.forget(user, current.get(user))
         return stopped
 
     async def reap_leftovers(self) -> int:

@@ -50,12 +50,13 @@ class UserService:
         self._store = store
         self.isolated = isolated
         self._known: dict[str, UserRow] = {}
+        self.removing: set[str] = set()  # users that `users remove` marked, as of the last load
 
     async def load(self) -> None:
         """Read every user from the store and prepare the new ones (called at start-up and
         periodically). Users being removed are left out: preparing one would bring back the
         account and folders that `users remove` is taking away."""
-        removing = await self._store.removing()
+        removing = self.removing = await self._store.removing()
         rows = [row for row in await self._store.list_users() if row.name not in removing and self.here(row)]
         for row in rows:
             # new, or removed and added again meanwhile (another uid): prepare it afresh
