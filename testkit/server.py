@@ -105,10 +105,14 @@ class KernelpoolServer:
         return self.proc.pid
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        """The CLI on this server's data folder; with `check`, a failure raises with what it said."""
+        done = subprocess.run(
             [*self.command, *args, "--data-dir", self.data_dir],
-            env=self.env, capture_output=True, text=True, timeout=timeout, check=check, cwd=self.cwd,
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=False, cwd=self.cwd,
         )
+        if check and done.returncode != 0:
+            raise AssertionError(f"kernelpool {' '.join(args)} exited with {done.returncode}: {done.stderr[-4000:]}")
+        return done
 
     def add_user(self, name: str) -> str:
         out = self.cli("users", "add", name)
