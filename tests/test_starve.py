@@ -11,6 +11,7 @@ server reads or lists for a user (a folder of 200,000 files, notebooks over max_
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -67,9 +68,16 @@ def health(kp: KernelpoolServer) -> dict[str, Any]:
     return httpx2.get(f"{kp.base}/healthz", timeout=30).json()
 
 
+_SERVERS = itertools.count()
+
+
 @pytest.fixture
 def server(server_args: list[str]) -> Iterator[KernelpoolServer]:
-    kp = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_METRICS_TOKEN=METRICS_TOKEN))
+    # accounts of its own: the module's shared server (conftest `kp`) has an alice and a bob too,
+    # whose kpt<pid>-alice account would make this one's `users add alice` fail
+    prefix = f"kpv{os.getpid() % 100000}x{next(_SERVERS)}-"
+    kp = KernelpoolServer(make_data_dir(), server_env(KERNELPOOL_METRICS_TOKEN=METRICS_TOKEN,
+                                                      KERNELPOOL_ACCOUNT_PREFIX=prefix))
     try:
         yield kp
     finally:
