@@ -90,14 +90,22 @@ class NotebookPages(ViewBase):
         except (NotebookNotFound, KernelpoolError):
             return self.not_found(who)
 
-    async def notebook(self, request: Request) -> Response:
+    async def _owned_notebook(self, request: Request) -> tuple[Person, str, nbformat.NotebookNode] | Response:
+        """The signed-in owner and the notebook the URL names (a page or a 404 otherwise): what
+        `notebook` and `download` both start from."""
         who = await self.owner(request)
         if not isinstance(who, Person):
             return who
         found = await self._notebook(who, request.path_params["path"])
         if isinstance(found, Response):
             return found
-        path, nb = found
+        return who, *found
+
+    async def notebook(self, request: Request) -> Response:
+        found = await self._owned_notebook(request)
+        if isinstance(found, Response):
+            return found
+        who, path, nb = found
         jobs = self.deps.jobs
         running = jobs.running_cells(who.user, path)
         live_outputs = {cid: jobs.live_outputs(who.user, path, cid, LIVE_CHARS) for cid in running}
@@ -109,13 +117,10 @@ class NotebookPages(ViewBase):
                          kernel=kernel.state.value if kernel is not None else "no kernel")
 
     async def download(self, request: Request) -> Response:
-        who = await self.owner(request)
-        if not isinstance(who, Person):
-            return who
-        found = await self._notebook(who, request.path_params["path"])
+        found = await self._owned_notebook(request)
         if isinstance(found, Response):
             return found
-        path, nb = found
+        _, path, nb = found
         body = await asyncio.to_thread(nbformat.writes, nb)
         name = urllib.parse.quote(path.rsplit("/", 1)[-1])
         headers = HEADERS | {"Content-Disposition": f"attachment; filename*=UTF-8''{name}"}
