@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,31 @@ def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings read KERNELPOOL_* variables: the tests' own values only."""
     for key in [k for k in os.environ if k.startswith("KERNELPOOL_")]:
         monkeypatch.delenv(key)
+
+
+class Clock:
+    """A module's `time`, standing still until the test moves it: `time()` and `monotonic()` both
+    advance only by `advance(seconds)`. Expiries measured against the real clock failed on a loaded
+    machine (a 0.12 s sleep that came back 80 ms late expired what the test had just used)."""
+
+    def __init__(self) -> None:
+        self._wall = time.time()
+        self._mono = time.monotonic()
+
+    def time(self) -> float:
+        return self._wall
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        self._wall += seconds
+        self._mono += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture

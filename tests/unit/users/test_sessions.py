@@ -3,15 +3,21 @@ opened included); contexts expire when idle or when the SDK no longer holds the 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from kernelpool.errors import LimitReached
+from kernelpool.users import sessions
 from kernelpool.users.sessions import SessionContexts
+from tests.unit.conftest import Clock
 
 
-def test_session_contexts_are_per_user_and_expire() -> None:
+@pytest.fixture(autouse=True)
+def _still(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle time passes when the test says so (`clock.advance`), not with the machine's load."""
+    monkeypatch.setattr(sessions, "time", clock)
+
+
+def test_session_contexts_are_per_user_and_expire(clock: Clock) -> None:
     live = {"s1", "s2"}
     ctx = SessionContexts(idle_timeout=0.2, max_per_user=2, live=lambda: live)
     ctx.reserve("alice")
@@ -22,7 +28,9 @@ def test_session_contexts_are_per_user_and_expire() -> None:
     assert not ctx.set_notebook("bob", "s1", "b.ipynb"), "an id not issued to bob gets no context"
     assert not ctx.set_notebook("alice", "made-up", "a.ipynb") and len(ctx) == 1
     assert ctx.active_notebook("alice", None) is None
-    time.sleep(0.3)
+    clock.advance(0.19)
+    assert ctx.expire() == 0
+    clock.advance(0.02)
     assert ctx.expire() == 1
     assert ctx.active_notebook("alice", "s1") is None
 
@@ -47,16 +55,16 @@ def test_sessions_per_user_cap_counts_sessions_being_opened() -> None:
     assert not ctx.is_issued("alice", "s1")
 
 
-def test_a_used_context_stays_and_a_closed_session_loses_its_context() -> None:
+def test_a_used_context_stays_and_a_closed_session_loses_its_context(clock: Clock) -> None:
     live = {"s1", "s2"}
     ctx = SessionContexts(idle_timeout=0.2, max_per_user=5, live=lambda: live)
     for sid in ("s1", "s2"):
         ctx.reserve("alice")
         ctx.opened("alice", sid)
         ctx.set_notebook("alice", sid, f"{sid}.ipynb")
-    time.sleep(0.12)
+    clock.advance(0.12)
     assert ctx.active_notebook("alice", "s1") == "s1.ipynb"  # a use keeps it
-    time.sleep(0.12)
+    clock.advance(0.12)
     assert ctx.expire() == 1 and ctx.active_notebook("alice", "s1") == "s1.ipynb"
     assert ctx.active_notebook("alice", "s2") is None
     live.discard("s1")
