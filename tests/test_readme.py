@@ -407,7 +407,9 @@ def test_the_contributing_commands_on_the_fresh_machine(machine: Machine) -> Non
         run = f"{command} tests/unit -q -p no:cacheprovider" if command == "scripts/check" else command
         out = machine.sh(run, check=False, timeout=1200)
         said = out.stdout + out.stderr
-        assert out.returncode == 0, (command, said[-6000:])
+        # pytest's own verdict lines first: a report that keeps only the start of a long message still names the test
+        verdicts = [line for line in said.splitlines() if line.startswith(("FAILED ", "ERROR ", "E   "))]
+        assert out.returncode == 0, (command, verdicts[:40], said[-6000:])
         # pytest's last line: "170 passed in 7.42s" with -q, framed in "=" without it
         assert re.search(r"^(=+ )?\d+ passed", out.stdout, re.M), (command, out.stdout[-3000:])
         if command == "scripts/check":
