@@ -10,6 +10,10 @@ a user's 24 concurrent listings of a folder of 200,000 files kept two threads bu
 that competed with the event loop for the GIL, and another user's p50 for list_files went over 2x
 its idle value in 2 of 6 runs of tests/test_starve.py; with one, it stayed at 0.8-1.6x in 4 runs.
 
+Listings of folders (`scan`) run in the user's turn too, but in a scanner process
+(`kernelpool.notebooks.scanner`) instead of a thread: their loop over thousands of names would
+otherwise hold the interpreter's lock that the event loop needs.
+
 A turn ends when its thread's work ends, not when the caller stops waiting: a cancelled call
 cannot free a turn while its thread still runs. Callers: `kernelpool.notebooks.service`.
 """
@@ -22,16 +26,19 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from kernelpool.notebooks.scanner import Scanners
+
 T = TypeVar("T")
 
 
 class FileWork:
     """A thread pool of `workers`, of which one user holds at most `per_user` at once."""
 
-    def __init__(self, *, workers: int = 6, per_user: int = 1) -> None:
+    def __init__(self, *, workers: int = 6, per_user: int = 1, scanners: int = 2) -> None:
         self.workers = workers
         self.per_user = per_user
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kp-files")
+        self.scanners = Scanners(scanners)  # started at the first listing
         # user -> [semaphore, holders and waiters]: dropped when nobody uses it, so that the
         # table does not grow with every user the server ever saw
         self._turns: dict[str, list[Any]] = {}
@@ -69,6 +76,11 @@ class FileWork:
         async with self.turn(user):
             return await self.call(fn, *args)
 
+    async def scan(self, user: str, kind: str, *args: Any) -> Any:
+        """A listing (`kernelpool.notebooks.listing`'s `kind`) in a scanner process, in one of `user`'s turns."""
+        async with self.turn(user):
+            return await self.scanners.run(kind, *args)
+
     def busy(self, user: str) -> int:
         """How many of `user`'s calls hold or wait for a turn (for tests and metrics)."""
         slot = self._turns.get(user)
@@ -76,3 +88,4 @@ class FileWork:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.scanners.close()

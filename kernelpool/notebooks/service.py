@@ -32,7 +32,7 @@ from kernelpool.errors import (
     NotebookTooLarge,
     PathRefused,
 )
-from kernelpool.notebooks import cells, listing
+from kernelpool.notebooks import cells
 from kernelpool.notebooks.changes import Change, Changes
 from kernelpool.notebooks.encoding import CellCachingEncoder, Mark, file_bytes, fingerprint, same
 from kernelpool.notebooks.filework import FileWork
@@ -359,7 +359,8 @@ class NotebookService:
 
     async def list_notebooks(self, user: str) -> Listing:
         """The user's notebooks (paths), bounded: `Listing.note` says when the list was cut."""
-        return await self._files.run(user, listing.notebooks, self._roots(user))
+        found: Listing = await self._files.scan(user, "notebooks", self._roots(user))
+        return found
 
     async def modified(self, user: str, paths: list[str]) -> dict[str, float]:
         """Each notebook's last change (its file's mtime), for the web view's list; gone ones left out."""
@@ -370,4 +371,5 @@ class NotebookService:
 
     async def list_files(self, user: str, path: str, *, pattern: str | None = None) -> Listing:
         """Entries of one folder (dicts as list_files returns them), bounded like list_notebooks."""
-        return await self._files.run(user, listing.files, self._roots(user), path, pattern)
+        found: Listing = await self._files.scan(user, "files", self._roots(user), path, pattern)
+        return found
