@@ -298,7 +298,7 @@ class _Server:
             log.warning("removing the users' network namespaces: %s", exc)
         if self.fork_server is not None:
             await self.fork_server.close()
-        self.files.close()
+        await self.files.aclose()
 
     async def before_shutdown(self) -> None:
         """Called by `cli` when the server starts to shut down, while clients' streams are still open

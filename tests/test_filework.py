@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 
+from kernelpool.errors import PathRefused
 from kernelpool.notebooks.encoding import file_bytes
-from kernelpool.notebooks.filework import FileWork
+from kernelpool.notebooks.filework import LISTED_PER_SECOND, FileWork
+from kernelpool.notebooks.listing import LIST_LIMIT
 from kernelpool.notebooks.reading import parse_cost
+from kernelpool.notebooks.scanner import ScanFailed
+from sandbox import SafeRoot
 
 # ---- turns ------------------------------------------------------------------------------------
 
@@ -54,6 +62,83 @@ async def test_one_user_holds_at_most_its_turns_and_others_pass() -> None:
     finally:
         gate.set()
         work.close()
+
+
+# ---- listings: in scanner processes, paced per user ------------------------------------------------
+
+
+def _folder(tmp: str, names: list[str]) -> SafeRoot:
+    os.makedirs(os.path.join(tmp, "d"))
+    for name in names:
+        with open(os.path.join(os.fsencode(tmp), b"d", os.fsencode(name)), "wb"):
+            pass
+    return SafeRoot(tmp)
+
+
+async def test_listings_come_from_a_scanner_process_that_is_replaced_when_it_dies(tmp_path: Path) -> None:
+    """A listing runs in a child process (not in the server's interpreter); one killed while it
+    answers fails that listing with a clear error, and the next one gets a new child. Names that are
+    not UTF-8 (surrogate escapes), links and refusals come back as they would in the server."""
+    names = [f"f{i:03d}.txt" for i in range(40)] + ["caf\udce9.txt", "n.ipynb"]
+    root = _folder(str(tmp_path), names)
+    os.symlink("/etc/passwd", tmp_path / "d" / "link")
+    work = FileWork(scanners=1)
+    try:
+        found = await work.scan("alice", "files", root, "d", None)
+        assert sorted(e["path"] for e in found.items) == sorted(f"d/{n}" for n in [*names, "link"])
+        assert {e["type"] for e in found.items if e["path"] == "d/link"} == {"symlink"} and found.note is None
+        found = await work.scan("alice", "files", root, "d", "*.ipynb")
+        assert [e["path"] for e in found.items] == ["d/n.ipynb"]
+        assert (await work.scan("alice", "notebooks", root)).items == ["d/n.ipynb"]
+        with pytest.raises(PathRefused, match="no such folder"):
+            await work.scan("alice", "files", root, "nowhere", None)
+        with pytest.raises(PathRefused, match="link"):
+            await work.scan("alice", "files", root, "d/link", None)
+        (pid,) = work.scanners.pids()
+        assert pid != os.getpid() and psutil.Process(pid).ppid() == os.getpid()
+
+        os.kill(pid, signal.SIGSTOP)  # caught mid-answer: the listing waits for it, then it dies
+        listing = asyncio.create_task(work.scan("alice", "files", root, "d", None))
+        await asyncio.sleep(0.3)
+        assert not listing.done()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ScanFailed, match="scanner process stopped while listing"):
+            await listing
+        found = await work.scan("bob", "files", root, "d", "f00?.txt")
+        assert len(found.items) == 10 and work.scanners.pids() not in ([], [pid])
+    finally:
+        pids = work.scanners.pids()
+        await work.aclose()
+    assert pids and not [p for p in pids if psutil.pid_exists(p)], "a closed FileWork's children are gone"
+
+
+async def test_a_users_listings_are_paced_and_other_users_are_not(tmp_path: Path) -> None:
+    """After a listing, its user's turn stays held for its entries at LISTED_PER_SECOND: the answer
+    comes at once, the same user's next file call waits, another user's does not."""
+    root = _folder(str(tmp_path), [f"f{i:04d}" for i in range(1000)])
+    work = FileWork()
+    hold = LIST_LIMIT / LISTED_PER_SECOND
+    try:
+        await work.scan("warm", "files", root, "d", None)  # the child started
+        await asyncio.sleep(hold)
+        start = time.monotonic()
+        found = await work.scan("alice", "files", root, "d", None)
+        first = time.monotonic() - start
+        assert len(found.items) == LIST_LIMIT and found.note is not None
+        bob = time.monotonic()
+        assert await work.run("bob", lambda: "bob") == "bob"
+        bob = time.monotonic() - bob
+        assert await work.run("alice", lambda: "alice") == "alice"
+        second = time.monotonic() - start
+        assert second >= hold, f"alice's next call came {second:.3f} s after her listing of {LIST_LIMIT} entries"
+        assert bob < hold, f"bob waited {bob:.3f} s"
+        # an empty listing holds nothing
+        start = time.monotonic()
+        await work.scan("carol", "files", root, "d", "*.none")
+        await work.run("carol", lambda: None)
+        assert work.busy("alice") == 0 and first < 5
+    finally:
+        await work.aclose()
 
 
 # ---- what a parse holds ---------------------------------------------------------------------------

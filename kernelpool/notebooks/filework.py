@@ -26,9 +26,20 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from kernelpool.notebooks.listing import Listing
 from kernelpool.notebooks.scanner import Scanners
+from sandbox import SafeRoot
 
 T = TypeVar("T")
+
+# Entries of listings one user gets a second, at most. Each entry costs the event loop that serves
+# every user (the reply's JSON, the SDK's validation and serialization: about 20 us an entry, a
+# page of 500 about 10 ms): a user whose agent lists a 200,000-file folder 24 times at once would
+# otherwise keep the loop busy, and another user's list_files p50 went to 1.5-1.9x idle
+# (tests/test_starve.py), with the scans already out of the server's interpreter. A user's turn
+# is held after a listing for its share of this rate (50 ms after a full page of 500); a single
+# listing is answered at once, and the next of the same user's file calls waits out the rest.
+LISTED_PER_SECOND = 10_000
 
 
 class FileWork:
@@ -46,17 +57,32 @@ class FileWork:
     @contextlib.asynccontextmanager
     async def turn(self, user: str) -> AsyncIterator[None]:
         """Hold one of `user`'s turns; `call` inside it runs work in the pool."""
+        slot = await self._take(user)
+        try:
+            yield
+        finally:
+            self._give_back(user, slot)
+
+    async def _take(self, user: str) -> list[Any]:
         slot = self._turns.get(user)
         if slot is None:
             slot = self._turns[user] = [asyncio.Semaphore(self.per_user), 0]
         slot[1] += 1
         try:
-            async with slot[0]:
-                yield
-        finally:
-            slot[1] -= 1
-            if slot[1] == 0:
-                self._turns.pop(user, None)
+            await slot[0].acquire()
+        except BaseException:
+            self._leave(user, slot)
+            raise
+        return slot
+
+    def _give_back(self, user: str, slot: list[Any]) -> None:
+        slot[0].release()
+        self._leave(user, slot)
+
+    def _leave(self, user: str, slot: list[Any]) -> None:
+        slot[1] -= 1
+        if slot[1] == 0 and self._turns.get(user) is slot:
+            del self._turns[user]
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the pool, for a caller that holds a turn. A cancellation waits for the
@@ -76,10 +102,20 @@ class FileWork:
         async with self.turn(user):
             return await self.call(fn, *args)
 
-    async def scan(self, user: str, kind: str, *args: Any) -> Any:
-        """A listing (`kernelpool.notebooks.listing`'s `kind`) in a scanner process, in one of `user`'s turns."""
-        async with self.turn(user):
-            return await self.scanners.run(kind, *args)
+    async def scan(self, user: str, kind: str, root: SafeRoot, *args: Any) -> Listing:
+        """A listing (`kernelpool.notebooks.listing`'s `kind`) in a scanner process, in one of `user`'s
+        turns, which stays held after the answer for as long as its entries take at `LISTED_PER_SECOND`."""
+        slot = await self._take(user)
+        hold = 0.0
+        try:
+            found = await self.scanners.run(kind, root, *args)
+            hold = len(found.items) / LISTED_PER_SECOND
+            return found
+        finally:
+            if hold > 0:
+                asyncio.get_running_loop().call_later(hold, self._give_back, user, slot)
+            else:
+                self._give_back(user, slot)
 
     def busy(self, user: str) -> int:
         """How many of `user`'s calls hold or wait for a turn (for tests and metrics)."""
@@ -89,3 +125,8 @@ class FileWork:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.scanners.close()
+
+    async def aclose(self) -> None:
+        """`close`, then wait for the scanner processes to exit."""
+        self.close()
+        await self.scanners.wait_closed()

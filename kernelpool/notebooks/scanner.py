@@ -103,6 +103,10 @@ class Scanners:
         for child in self._all:
             child.close()
 
+    async def wait_closed(self) -> None:
+        """After `close`: wait for the children to exit (killed after 5 s), their pipes closed."""
+        await asyncio.gather(*(child.stop() for child in self._all))
+
 
 class _Child:
     def __init__(self, python: str) -> None:
@@ -128,18 +132,17 @@ class _Child:
         return json.loads(await self.proc.stdout.readexactly(size))
 
     def close(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None and proc.stdin is not None:
-            proc.stdin.close()
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()  # its loop ends at the end of its input
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
         if proc.stdin is not None:
-            proc.stdin.close()  # its loop ends at the end of its input
+            proc.stdin.close()
         try:
-            await asyncio.wait_for(proc.wait(), 2)
+            await asyncio.wait_for(proc.wait(), 5)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

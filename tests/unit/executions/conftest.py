@@ -69,7 +69,7 @@ async def make_world(make_settings: Callable[..., Settings], store: Store,
     for world, files in made:
         await world.jobs.close()
         await world.kernels.close()
-        files.close()
+        await files.aclose()
 
 
 @pytest.fixture

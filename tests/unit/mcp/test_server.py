@@ -110,7 +110,7 @@ async def tools(make_settings: Callable[..., Settings], store: Store, users: Use
     finally:
         await jobs.close()
         await kernels.close()
-        files.close()
+        await files.aclose()
 
 
 async def test_each_tool_lists_the_arguments_of_its_function(tools: Tools) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import functools
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -22,10 +21,10 @@ from sandbox import SafeRoot
 
 
 @pytest.fixture
-def files() -> Iterator[FileWork]:
+async def files() -> AsyncIterator[FileWork]:
     work = FileWork()
     yield work
-    work.close()
+    await work.aclose()
 
 
 async def test_incremental_validation_still_refuses_an_invalid_change(tmp_path: Path, files: FileWork) -> None:
