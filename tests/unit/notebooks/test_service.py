@@ -7,7 +7,7 @@ import asyncio
 import functools
 import os
 import threading
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nbformat
 import pytest
