@@ -8,6 +8,7 @@ import functools
 import os
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nbformat
 import pytest
