@@ -3,15 +3,17 @@
 Playwright cannot download its own browsers here, so it launches /usr/bin/chromium. The flags
 keep a headless Chromium from trying the network (closed here), which otherwise floods refused
 connections; Playwright gives each browser a fresh profile folder of its own. As root Chromium
-needs --no-sandbox. Used by tests/test_oauth*.py and by tests/oauth_browser.py (the browser
+needs --no-sandbox. Used by tests/test_oauth*.py, tests/test_web_view.py and by tests/oauth_browser.py (the browser
 command that mcp-remote runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any
 
 CHROMIUM = os.environ.get("KERNELPOOL_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -35,6 +37,19 @@ def missing() -> str | None:
 async def launch(playwright: Any) -> Any:
     """A headless Chromium (async Playwright)."""
     return await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    """Playwright and a headless Chromium for the time of the block (a module's fixture)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        b = await launch(playwright)
+        try:
+            yield b
+        finally:
+            await b.close()
 
 
 async def sign_in_with_token(page: Any, url: str, user: str, token: str) -> None:

@@ -59,14 +59,8 @@ def oauth_kp(server_args: list[str], documents: DocumentHost) -> Iterator[Kernel
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def chromium() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        b = await browser.launch(playwright)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with browser.chromium() as b:
+        yield b
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -101,14 +101,8 @@ def view_kp(server_args: list[str]) -> Iterator[KernelpoolServer]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def chromium() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        b = await browser.launch(playwright)
-        try:
-            yield b
-        finally:
-            await b.close()
+    async with browser.chromium() as b:
+        yield b
 
 
 class Viewer:
