@@ -208,12 +208,11 @@ class _Server:
         s = self.services
         if not (self.settings.oauth and self.settings.web_view):
             return None
-        if self.settings.replica is not None:  # a browser's replica need not be its person's home
-            log.warning("web view off: among several replicas it is not routed to each person's home yet (docs/scale-out.md)")
-            return None
+        # among replicas, a person's pages are sent to their home replica (kernelpool.web.home)
         return ViewDeps(store=s.store, browsers=self.oauth.web.browsers, notebooks=s.notebooks,
                         jobs=s.jobs, kernels=s.kernels, sessions=s.sessions, users=s.users,
-                        hub=LiveHub(s.notebooks.changes, s.notebooks, s.jobs))
+                        hub=LiveHub(s.notebooks.changes, s.notebooks, s.jobs), grants=self.oauth.web.grants,
+                        replica=self.settings.replica)
 
     def auth_routes(self) -> list[BaseRoute]:
         """The authorization server, its pages, the web view and the protected-resource metadata at the root path."""

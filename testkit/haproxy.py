@@ -49,7 +49,7 @@ class HAProxy:
         for name, port in self.replicas.items():
             lines += [f"backend {name}", "    option httpchk GET /healthz", f"    server {name} 127.0.0.1:{port} check inter 1s"]
         lines += ["backend any", "    balance roundrobin", "    option httpchk GET /healthz",
-                  "    cookie kp_replica insert indirect nocache httponly"]
+                  "    cookie kp_replica insert indirect nocache httponly preserve"]
         lines += [f"    server {n} 127.0.0.1:{p} check inter 1s cookie {n}" for n, p in self.replicas.items()]
         return "\n".join(lines) + "\n"
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import secrets
 import signal
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import httpx2
@@ -24,6 +26,7 @@ from testkit import browser
 from testkit.client import mcp_client, text
 from testkit.haproxy import unavailable as no_haproxy
 from testkit.replicas import Cluster
+from testkit.server import ROOT
 from tests.conftest import SANDBOX_SKIP
 from tests.oauth_flow import Person, RawClient, pkce
 
@@ -69,16 +72,76 @@ def test_users_are_placed_and_the_map_follows(cluster: Cluster) -> None:
     assert "dave" not in cluster.cli("users", "list").stdout
 
 
-def test_the_web_view_is_off_among_replicas_and_the_log_says_why(cluster: Cluster) -> None:
-    """A browser reaches whichever replica HAProxy's `any` gives it, which holds a person's
-    notebooks only if it is their home: no replica serves the view (docs/scale-out.md), each says
-    why at start, and the sign-in pages (OAuth) are still served, through the proxy too."""
-    for server in cluster.replicas.values():
-        assert httpx2.get(f"{server.base}/view/alice/notebooks", timeout=30).status_code == 404
-        assert "web view off: among several replicas" in server.log()
-    for base in (cluster.replicas["r1"].base, cluster.haproxy.base):
-        r = httpx2.get(f"{base}/signin", timeout=30)
-        assert r.status_code == 200 and 'name="token"' in r.text, r.text[:500]
+def _sign_in_by_link(cluster: Cluster, http: httpx2.Client, user: str) -> httpx2.Response:
+    """The sign-in link's page and its button, through the proxy; the response to the button (a
+    redirect, not followed)."""
+    link = cluster.cli("users", "login-link", user).stdout.strip()
+    path = urllib.parse.urlsplit(link).path
+    r = http.get(path)
+    assert r.status_code == 200, r.text[:500]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', r.text)
+    assert csrf, r.text[:1000]
+    return http.post(path, data={"csrf": csrf.group(1)})
+
+
+def test_the_web_view_sends_a_browser_to_its_persons_home_replica(cluster: Cluster) -> None:
+    """bob's notebooks live on r2. His browser, kept on r1 by HAProxy's sticky cookie, signs in
+    there with a one-time link; r1 sends it home: HAProxy's cookie now names r2, and the sign-in is
+    handed over through the store with a ticket whose secret is half in the URL and half in a
+    cookie. On r2 the view shows his notebook, which r1 does not have. A ticket is used once; a
+    URL without its cookie signs nobody in; a ticket that reaches a replica not the person's home
+    (HAProxy could not reach it) gets a page saying so, not another redirect."""
+    for cfg in ("compose/haproxy/haproxy.cfg", "kubernetes/base/haproxy.cfg"):  # the deployments keep the server's cookie
+        with open(os.path.join(ROOT, "deploy", cfg)) as f:
+            assert "cookie kp_replica insert indirect nocache httponly preserve" in f.read(), cfg
+    async def a_cell() -> None:  # bob's notebook, with a cell, on r2 only
+        async with mcp_client(cluster.url, cluster.tokens["bob"], mode="auto") as c:
+            r = await c.call_tool("use_notebook", {"notebook": "where.ipynb", "mode": "create"})
+            assert not r.is_error or "already exists" in text(r), text(r)
+            r = await c.call_tool("insert_execute_code_cell", {"notebook": "where.ipynb", "cell_index": -1,
+                                                               "cell_source": "print('bob at home')"})
+            assert not r.is_error, text(r)
+
+    asyncio.run(a_cell())
+    assert not os.path.exists(os.path.join(cluster.replicas["r1"].data_dir, "users", "bob", "where.ipynb"))
+    assert os.path.exists(os.path.join(cluster.replicas["r2"].data_dir, "users", "bob", "where.ipynb"))
+    def browser_on_r1() -> httpx2.Client:
+        http = httpx2.Client(base_url=cluster.haproxy.base, timeout=30)
+        http.cookies.set("kp_replica", "r1", domain="127.0.0.1")  # HAProxy's sticky cookie: kept on r1
+        return http
+
+    with browser_on_r1() as http:
+        r = _sign_in_by_link(cluster, http, "bob")
+        assert r.status_code == 303 and r.headers["location"] == "/view", r.text[:500]
+        r = http.get("/view/bob/notebooks/where.ipynb")  # on r1: not bob's home
+        assert r.status_code == 303 and r.headers["location"].startswith("/view/handoff/"), (r.status_code, r.text[:300])
+        handoff, half = r.headers["location"], http.cookies.get("kp_handoff")
+        assert http.cookies.get("kp_replica") == "r2" and half and half not in handoff
+        # the URL alone (as in a log or a Referer) signs nobody in, and does not spend the ticket
+        assert httpx2.get(f"{cluster.replicas['r2'].base}{handoff}", timeout=30).status_code == 401
+        r = http.get(handoff)  # through the proxy, now to r2
+        assert r.status_code == 303 and r.headers["location"] == "/view/bob/notebooks/where.ipynb", (r.status_code, r.text[:300])
+        assert "kp_handoff" not in http.cookies, "the hand-off's half is dropped once used"
+        r = http.get("/view/bob/notebooks/where.ipynb")
+        assert r.status_code == 200 and "bob at home" in r.text, (r.status_code, r.text[:500])
+        r = http.get("/view/bob/notebooks")
+        assert r.status_code == 200 and "where.ipynb" in r.text
+        # used once
+        r = httpx2.get(f"{cluster.replicas['r2'].base}{handoff}", cookies={"kp_handoff": half}, timeout=30)
+        assert r.status_code == 401, "a ticket is used once"
+    with browser_on_r1() as http:
+        assert _sign_in_by_link(cluster, http, "bob").status_code == 303
+        r = http.get("/view")
+        handoff, half = r.headers["location"], http.cookies.get("kp_handoff")
+        assert r.status_code == 303 and handoff.startswith("/view/handoff/") and half
+        # reaching r1 (HAProxy could not reach r2): a page that says so, not another redirect
+        r = httpx2.get(f"{cluster.replicas['r1'].base}{handoff}", cookies={"kp_handoff": half}, timeout=30)
+        assert r.status_code == 503 and "replica r2" in r.text and "not reachable" in r.text, r.text[:500]
+    # alice, at home on r1 from the start, is never handed over
+    with browser_on_r1() as http:
+        assert _sign_in_by_link(cluster, http, "alice").status_code == 303
+        r = http.get("/view/alice/notebooks")
+        assert r.status_code == 200 and http.cookies.get("kp_replica") == "r1", r.status_code
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])

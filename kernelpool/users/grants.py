@@ -202,8 +202,9 @@ class GrantStore:
         await self._store.audit(user, f"auth.{event}", None, outcome, 0.0, detail)
 
     # one-time sign-in links
-    async def create_link(self, user: str, ttl: float) -> str:
-        secret = secrets.token_urlsafe(32)
+    async def create_link(self, user: str, ttl: float, *, secret: str | None = None) -> str:
+        """A one-time sign-in link's secret (random, unless the caller made it: the view's hand-off)."""
+        secret = secret or secrets.token_urlsafe(32)
         now = time.time()
         await self._write("INSERT INTO login_links(hash, user, created_at, expires_at) VALUES (?, ?, ?, ?)",
                           hash_token(secret), user, now, now + ttl)

@@ -24,6 +24,7 @@ from kernelpool.errors import CorruptNotebook, KernelpoolError, NotebookNotFound
 from kernelpool.notebooks.paths import check_notebook_path
 from kernelpool.users import activity
 from kernelpool.web import render
+from kernelpool.web.home import HANDOFF_PATH, take_handoff
 from kernelpool.web.kernels import KernelPages
 from kernelpool.web.live import LIVE_CHARS
 from kernelpool.web.pages import HEADERS
@@ -51,6 +52,10 @@ def render_page(cells: list[nbformat.NotebookNode], running: set[str],
 
 
 class NotebookPages(ViewBase):
+    async def handoff(self, request: Request) -> Response:
+        d = self.deps
+        return await take_handoff(d.store, d.grants, d.browsers, d.replica, request)
+
     async def home(self, request: Request) -> Response:
         who = await self.person(request)
         if not isinstance(who, Person):
@@ -156,6 +161,7 @@ def view_routes(deps: ViewDeps) -> list[BaseRoute]:
     pages, kernels = NotebookPages(deps), KernelPages(deps)
     return [
         Route("/view", pages.home, methods=["GET"]),
+        Route(HANDOFF_PATH + "/{ticket}", pages.handoff, methods=["GET"]),
         Route("/view/operators", kernels.operators, methods=["GET"]),
         Route("/view/events/{page}", pages.events, methods=["GET"]),
         Route("/view/{user}/notebooks", pages.notebooks, methods=["GET"]),

@@ -1,6 +1,6 @@
 """What every page of the read-only view shares: the signed-in person (`Person`), what the pages
 read (`ViewDeps`), and `ViewBase`, which finds the person and answers 404 for anything not
-theirs. Callers: `kernelpool.web.view` (notebooks, activity) and `kernelpool.web.kernels`.
+theirs (or, among replicas, sends the browser to the person's home: `kernelpool.web.home`). Callers: `kernelpool.web.view` (notebooks, activity) and `kernelpool.web.kernels`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from kernelpool.notebooks.service import NotebookService
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
 from kernelpool.users.admins import is_admin
+from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.web.browser import Browser, Browsers
+from kernelpool.web.home import send_home
 from kernelpool.web.live import LiveHub
 from kernelpool.web.pages import HEADERS, page
 
@@ -53,6 +55,8 @@ class ViewDeps:
     sessions: SessionContexts
     users: UserService
     hub: LiveHub
+    grants: GrantStore
+    replica: str | None = None  # this server's name among replicas: pages are sent to each person's home
 
 
 def when(ts: float | None) -> str:
@@ -84,6 +88,10 @@ class ViewBase:
                                         headers=HEADERS)
             self.deps.browsers.set_cookie(response, cookie)
             return response
+        if self.deps.replica is not None:
+            row = await self.deps.store.get_user(user)
+            if row is not None and row.home is not None and row.home != self.deps.replica:
+                return await send_home(self.deps.grants, self.deps.browsers, request, user, row.home)
         return Person(user, browser, cookie, await is_admin(self.deps.store, user))
 
     async def owner(self, request: Request) -> Person | Response:
