@@ -87,15 +87,7 @@ class FileWork:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the pool, for a caller that holds a turn. A cancellation waits for the
         thread to finish (it cannot be stopped) and then goes on."""
-        work = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # the thread goes on: the caller's turn lasts until it ends, then the cancellation goes on
-            while not work.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([work])
-            raise
+        return await _outlasting(asyncio.get_running_loop().run_in_executor(self._pool, fn, *args))
 
     async def run(self, user: str, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the pool, in one of `user`'s turns."""
@@ -108,7 +100,7 @@ class FileWork:
         slot = await self._take(user)
         hold = 0.0
         try:
-            found = await self.scanners.run(kind, root, *args)
+            found = await _outlasting(asyncio.ensure_future(self.scanners.run(kind, root, *args)))
             hold = len(found.items) / LISTED_PER_SECOND
             return found
         finally:
@@ -130,3 +122,15 @@ class FileWork:
         """`close`, then wait for the scanner processes to exit."""
         self.close()
         await self.scanners.wait_closed()
+
+
+async def _outlasting(work: asyncio.Future[T]) -> T:
+    """`work`'s result; a cancelled caller waits for `work` to end (a thread cannot be stopped; a
+    scanner's answer is read whole) and then is cancelled: its turn lasts as long as its work."""
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([work])
+        raise

@@ -50,42 +50,33 @@ class Scanners:
 
     def __init__(self, count: int = 2, python: str = sys.executable) -> None:
         self.count = count
-        self._python = python
-        self._idle: asyncio.Queue[_Child] | None = None
-        self._all: list[_Child] = []
+        self._children = [_Child(python) for _ in range(count)]  # each started at its first request
+        self._idle: asyncio.Queue[_Child] | None = None  # made in the running loop, at the first request
         self._closed = False
 
     async def run(self, kind: str, root: SafeRoot, *args: Any) -> Listing:
         """`kind`(root, *args) (a function of `kernelpool.notebooks.listing`), from a child; its
-        PathRefused and OSError are raised here as they were there."""
+        PathRefused and OSError are raised here as they were there. A caller cancelled mid-answer
+        costs its child (killed: its answer would reach the next request), not the next caller."""
         if self._closed:
             raise ScanFailed("the server is shutting down")
         if self._idle is None:
             self._idle = asyncio.Queue()
-            for _ in range(self.count):
-                self._idle.put_nowait(_Child(self._python))
+            for child in self._children:
+                self._idle.put_nowait(child)
         child = await self._idle.get()
-        # the exchange is not cut short by a cancelled caller: the child's answer is read before the
-        # child takes another request (as FileWork.call waits for its thread)
-        request = json.dumps([kind, [root.root, root.uid, root.gid], list(args)]).encode()
-        exchange = asyncio.ensure_future(self._exchange(child, request))
         try:
-            answer = await asyncio.shield(exchange)
+            answer = await self._exchange(child, json.dumps([kind, [root.root, root.uid, root.gid], list(args)]).encode())
         except asyncio.CancelledError:
-            while not exchange.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([exchange])
+            child.kill()
             raise
         finally:
-            if exchange.done():
-                self._idle.put_nowait(child)
+            self._idle.put_nowait(child)
         return _unpack(answer)
 
     async def _exchange(self, child: _Child, request: bytes) -> Any:
         if child.proc is None or child.proc.returncode is not None:
             await child.start()
-            if child not in self._all:
-                self._all.append(child)
         try:
             return await child.ask(request)
         except (OSError, ValueError, asyncio.IncompleteReadError, ScanFailed) as exc:
@@ -95,17 +86,17 @@ class Scanners:
 
     def pids(self) -> list[int]:
         """The running children's pids (for tests and diagnostics)."""
-        return [c.proc.pid for c in self._all if c.proc is not None and c.proc.returncode is None]
+        return [c.proc.pid for c in self._children if c.proc is not None and c.proc.returncode is None]
 
     def close(self) -> None:
         """Close the children's input: each ends its loop and exits (a running scan is bounded)."""
         self._closed = True
-        for child in self._all:
+        for child in self._children:
             child.close()
 
     async def wait_closed(self) -> None:
         """After `close`: wait for the children to exit (killed after 5 s), their pipes closed."""
-        await asyncio.gather(*(child.stop() for child in self._all))
+        await asyncio.gather(*(child.stop() for child in self._children))
 
 
 class _Child:
@@ -134,6 +125,13 @@ class _Child:
     def close(self) -> None:
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()  # its loop ends at the end of its input
+
+    def kill(self) -> None:
+        """Now, without waiting (the loop reaps it): the next request starts a new process."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -359,8 +359,7 @@ class NotebookService:
 
     async def list_notebooks(self, user: str) -> Listing:
         """The user's notebooks (paths), bounded: `Listing.note` says when the list was cut."""
-        found: Listing = await self._files.scan(user, "notebooks", self._roots(user))
-        return found
+        return await self._files.scan(user, "notebooks", self._roots(user))
 
     async def modified(self, user: str, paths: list[str]) -> dict[str, float]:
         """Each notebook's last change (its file's mtime), for the web view's list; gone ones left out."""
@@ -371,5 +370,4 @@ class NotebookService:
 
     async def list_files(self, user: str, path: str, *, pattern: str | None = None) -> Listing:
         """Entries of one folder (dicts as list_files returns them), bounded like list_notebooks."""
-        found: Listing = await self._files.scan(user, "files", self._roots(user), path, pattern)
-        return found
+        return await self._files.scan(user, "files", self._roots(user), path, pattern)

@@ -18,7 +18,6 @@ from kernelpool.kernels.registry import KernelRegistry
 from kernelpool.notebooks.service import NotebookService
 from kernelpool.store import Store
 from kernelpool.users.accounts import UserService
-from kernelpool.users.admins import is_admin
 from kernelpool.users.grants import GrantStore
 from kernelpool.users.sessions import SessionContexts
 from kernelpool.web.browser import Browser, Browsers
@@ -88,11 +87,10 @@ class ViewBase:
                                         headers=HEADERS)
             self.deps.browsers.set_cookie(response, cookie)
             return response
-        if self.deps.replica is not None:
-            row = await self.deps.store.get_user(user)
-            if row is not None and row.home is not None and row.home != self.deps.replica:
-                return await send_home(self.deps.grants, self.deps.browsers, request, user, row.home)
-        return Person(user, browser, cookie, await is_admin(self.deps.store, user))
+        row = await self.deps.store.get_user(user)  # the operator flag, and among replicas the home
+        if self.deps.replica is not None and row is not None and row.home not in (None, self.deps.replica):
+            return await send_home(self.deps.grants, self.deps.browsers, request, user, row.home)
+        return Person(user, browser, cookie, row is not None and row.admin)
 
     async def owner(self, request: Request) -> Person | Response:
         """`person`, when the URL's `<user>` is that person; 404 otherwise."""
