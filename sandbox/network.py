@@ -275,13 +275,16 @@ class UserNetworks:
                     try:
                         ipr.link("del", index=found[0])
                     except Exception as exc:
-                        problems.append(f"link {link}: {_describe(exc)}")
+                        if ipr.link_lookup(ifname=link):  # else removed meanwhile by another teardown
+                            problems.append(f"link {link}: {_describe(exc)}")
             with contextlib.suppress(_nft.NftError):  # absent element or table: nothing to remove
                 _nft.run(f'delete element inet {plan.table} kernel_links {{ "{link}" }}')
             _docker.change_rules("-D", link, plan.comment, missing_ok=True)
         if os.path.exists(path):
             try:
                 _remove_nsfs(path)
+            except FileNotFoundError:
+                pass  # removed meanwhile: the server's teardown and `users remove` can race to it
             except OSError as exc:
                 problems.append(f"{path}: {_describe(exc)}")
         if problems:
